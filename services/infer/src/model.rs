@@ -1,0 +1,221 @@
+//! One ONNX model, loaded once per worker after checking it against its manifest.
+
+use std::path::PathBuf;
+
+use ndarray::{ArrayD, IxDyn};
+use ort::session::Session;
+use ort::value::TensorRef;
+use panscreen_shared::manifest::ModelManifest;
+
+use crate::runtime::{self, file_sha256, RuntimeError};
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda { device_id: i32 },
+    TensorRt { device_id: i32 },
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `cpu`, `cuda`, `cuda:1`, `tensorrt`, `tensorrt:0`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (kind, id) = match text.split_once(':') {
+            Some((kind, id)) => (kind, id.parse::<i32>().map_err(|_| format!("device id in {text:?} is not a number"))?),
+            None => (text, 0),
+        };
+        match kind.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda { device_id: id }),
+            "tensorrt" | "trt" => Ok(Device::TensorRt { device_id: id }),
+            _ => Err(format!("unknown device {text:?}: use cpu, cuda[:N] or tensorrt[:N]")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda { device_id } => write!(f, "cuda:{device_id}"),
+            Device::TensorRt { device_id } => write!(f, "tensorrt:{device_id}"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("model file {path} has sha256 {actual}, but its manifest says {expected}")]
+    Checksum { path: PathBuf, actual: String, expected: String },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("device {device} is not available: {detail}")]
+    Device { device: Device, detail: String },
+    #[error("ONNX Runtime cannot load {path}: {detail}")]
+    Session { path: PathBuf, detail: String },
+    #[error("model {path} has no {kind} named {name:?} (it has: {available}); fix the manifest or the model")]
+    Name { path: PathBuf, kind: &'static str, name: String, available: String },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// Model outputs for a batch.
+#[derive(Debug)]
+pub struct BatchOutput {
+    /// One probability per study.
+    pub probabilities: Vec<f32>,
+    /// `[batch, 1, depth, height, width]` when the model returns a mask.
+    pub mask: Option<ArrayD<f32>>,
+}
+
+pub struct Model {
+    pub manifest: ModelManifest,
+    pub device: Device,
+    session: Session,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("name", &self.manifest.name).field("device", &self.device).finish()
+    }
+}
+
+fn execution_provider(device: Device) -> Result<Option<ort::ep::ExecutionProviderDispatch>, ModelError> {
+    match device {
+        Device::Cpu => Ok(None),
+        #[cfg(feature = "cuda")]
+        Device::Cuda { device_id } => {
+            use ort::ep::ExecutionProvider;
+            let available = ort::ep::CUDA::is_available().map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
+            if !available {
+                return Err(ModelError::Device {
+                    device,
+                    detail: "this ONNX Runtime library was built without the CUDA execution provider; \
+                             install the CUDA build (PyPI onnxruntime-gpu), point PANSCREEN_ORT_DYLIB at its \
+                             libonnxruntime.so and PANSCREEN_ORT_SHA256 at its checksum (docs/operations.md)"
+                        .to_string(),
+                });
+            }
+            Ok(Some(ort::ep::CUDA::default().with_device_id(device_id).build().error_on_failure()))
+        }
+        #[cfg(feature = "tensorrt")]
+        Device::TensorRt { device_id } => {
+            use ort::ep::ExecutionProvider;
+            let available = ort::ep::TensorRT::is_available().map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
+            if !available {
+                return Err(ModelError::Device {
+                    device,
+                    detail: "this ONNX Runtime library was built without the TensorRT execution provider".to_string(),
+                });
+            }
+            Ok(Some(ort::ep::TensorRT::default().with_device_id(device_id).build().error_on_failure()))
+        }
+        #[allow(unreachable_patterns)]
+        other => Err(ModelError::Device {
+            device: other,
+            detail: "this panscreen was built without that execution provider (cargo features `cuda`, `tensorrt`)".to_string(),
+        }),
+    }
+}
+
+impl Model {
+    /// Checks the model file against the manifest, then builds the session.
+    pub fn load(manifest: &ModelManifest, device: Device, threads: usize) -> Result<Model, ModelError> {
+        let path = manifest.onnx_path();
+        if !path.is_file() {
+            return Err(ModelError::Missing(path));
+        }
+        let actual = file_sha256(&path)?;
+        if !actual.eq_ignore_ascii_case(&manifest.sha256) {
+            return Err(ModelError::Checksum { path, actual, expected: manifest.sha256.clone() });
+        }
+        let provider = execution_provider(device)?;
+        let (_, environment) = runtime::environment()?;
+        let session_error = |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
+        let mut builder = Session::builder(environment).map_err(session_error)?;
+        builder = builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;
+        if let Some(provider) = provider {
+            builder = builder
+                .with_execution_providers([provider])
+                .map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
+        }
+        let session = builder.commit_from_file(&path).map_err(session_error)?;
+
+        let check = |kind: &'static str, name: &str, names: Vec<String>| -> Result<(), ModelError> {
+            if names.iter().any(|n| n == name) {
+                return Ok(());
+            }
+            Err(ModelError::Name { path: path.clone(), kind, name: name.to_string(), available: names.join(", ") })
+        };
+        let inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
+        check("input", &manifest.input.name, inputs)?;
+        check("output", &manifest.outputs.probability, outputs.clone())?;
+        if let Some(mask) = &manifest.outputs.mask {
+            check("output", mask, outputs)?;
+        }
+        Ok(Model { manifest: manifest.clone(), device, session })
+    }
+
+    /// Runs a batch: `volumes` are `depth × height × width` tensors, already normalized.
+    pub fn run(&mut self, volumes: &[Vec<f32>]) -> Result<BatchOutput, ModelError> {
+        let [depth, height, width] = self.manifest.volume_shape();
+        let per_volume = depth * height * width;
+        let mut stacked = Vec::with_capacity(per_volume * volumes.len());
+        for volume in volumes {
+            if volume.len() != per_volume {
+                return Err(ModelError::Run(format!("a tensor has {} values, the model takes {per_volume}", volume.len())));
+            }
+            stacked.extend_from_slice(volume);
+        }
+        let input = ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, depth, height, width]), stacked)
+            .map_err(|e| ModelError::Run(e.to_string()))?;
+        let tensor = TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.manifest.input.name.as_str() => tensor])
+            .map_err(|e| ModelError::Run(e.to_string()))?;
+        let probability_name = &self.manifest.outputs.probability;
+        let probabilities = outputs
+            .get(probability_name)
+            .ok_or_else(|| ModelError::Run(format!("output {probability_name} missing")))?
+            .try_extract_array::<f32>()
+            .map_err(|e| ModelError::Run(e.to_string()))?
+            .iter()
+            .copied()
+            .collect::<Vec<f32>>();
+        if probabilities.len() != volumes.len() {
+            return Err(ModelError::Run(format!("{} probabilities for {} studies", probabilities.len(), volumes.len())));
+        }
+        let mask = match &self.manifest.outputs.mask {
+            Some(name) => Some(
+                outputs
+                    .get(name)
+                    .ok_or_else(|| ModelError::Run(format!("output {name} missing")))?
+                    .try_extract_array::<f32>()
+                    .map_err(|e| ModelError::Run(e.to_string()))?
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(BatchOutput { probabilities, mask })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
+        assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda { device_id: 1 });
+        assert_eq!("tensorrt".parse::<Device>().unwrap(), Device::TensorRt { device_id: 0 });
+        assert!("tpu".parse::<Device>().unwrap_err().contains("unknown device"));
+        assert!("cuda:x".parse::<Device>().is_err());
+    }
+}

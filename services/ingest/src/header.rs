@@ -1,0 +1,241 @@
+//! Reading one object's DICOM header, never its pixel data.
+//!
+//! Only the first `header_bytes` of an object are fetched (the whole object only when
+//! the header is longer). The parser stops at Pixel Data. A separate check reads the
+//! Pixel Data element's declared length from the raw bytes and compares it with the
+//! object size, so a truncated file is caught here, before any decoding.
+
+use std::io::Cursor;
+
+use dicom_core::Tag;
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::file::ReadPreamble;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+
+/// The header fields ingest uses. Patient identifiers are read only to be pseudonymized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceHeader {
+    pub key: String,
+    pub size: u64,
+    pub transfer_syntax: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub modality: String,
+    pub patient_id: String,
+    pub issuer_of_patient_id: String,
+    pub patient_birth_date: String,
+    pub patient_sex: String,
+    pub patient_age: String,
+    pub study_date: String,
+    pub institution_name: String,
+    pub series_number: Option<i32>,
+    pub instance_number: Option<i32>,
+    pub image_type: Vec<String>,
+    pub image_position: Option<[f64; 3]>,
+    pub image_orientation: Option<[f64; 6]>,
+    pub pixel_spacing: Option<[f64; 2]>,
+    pub slice_thickness: Option<f64>,
+    pub rows: u32,
+    pub columns: u32,
+    pub bits_allocated: u32,
+    pub number_of_frames: u32,
+    pub contrast_bolus_agent: Option<String>,
+}
+
+/// Why an object is not a usable DICOM instance.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HeaderProblem {
+    /// Not DICOM at all: quarantine (someone put it where studies go).
+    NotDicom(String),
+    /// DICOM, but cut short.
+    Truncated(String),
+    /// DICOM, but a required attribute is missing or malformed.
+    Invalid(String),
+}
+
+impl HeaderProblem {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HeaderProblem::NotDicom(_) => "not a DICOM file",
+            HeaderProblem::Truncated(_) => "DICOM file is truncated",
+            HeaderProblem::Invalid(_) => "DICOM header is missing required attributes",
+        }
+    }
+
+    pub fn detail(&self) -> &str {
+        match self {
+            HeaderProblem::NotDicom(detail) | HeaderProblem::Truncated(detail) | HeaderProblem::Invalid(detail) => {
+                detail
+            }
+        }
+    }
+}
+
+/// Does this look like a DICOM Part 10 file (preamble + "DICM")?
+pub fn has_dicom_magic(bytes: &[u8]) -> bool {
+    bytes.len() >= 132 && &bytes[128..132] == b"DICM"
+}
+
+/// Parses the header in `bytes` (a prefix of the object, or all of it).
+pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, HeaderProblem> {
+    if !has_dicom_magic(bytes) {
+        let what = if size < 132 { format!("{size} bytes, too short for a DICOM preamble") } else { "no DICM marker at byte 128".to_string() };
+        return Err(HeaderProblem::NotDicom(what));
+    }
+    let object = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .read_preamble(ReadPreamble::Never)
+        .from_reader(Cursor::new(&bytes[128..]))
+        .map_err(|error| classify_parse_error(size, bytes.len() as u64, error.to_string()))?;
+    check_pixel_extent(&object, size, bytes)?;
+    header_from_object(key, size, &object)
+}
+
+/// A parse error on a prefix may only mean the header is longer than the prefix.
+fn classify_parse_error(size: u64, available: u64, message: String) -> HeaderProblem {
+    let ran_out = message.contains("failed to fill whole buffer") || message.contains("UnexpectedEof") || message.to_lowercase().contains("end of file");
+    if ran_out && available >= size {
+        HeaderProblem::Truncated(format!("the header ends early ({size} bytes): {message}"))
+    } else if ran_out {
+        HeaderProblem::Truncated(format!("need more than {available} bytes: {message}"))
+    } else {
+        HeaderProblem::Invalid(message)
+    }
+}
+
+/// Is a prefix-parse failure one that more bytes could cure?
+pub fn needs_more_bytes(problem: &HeaderProblem) -> bool {
+    matches!(problem, HeaderProblem::Truncated(detail) if detail.starts_with("need more than"))
+}
+
+fn check_pixel_extent(object: &DefaultDicomObject, size: u64, bytes: &[u8]) -> Result<(), HeaderProblem> {
+    let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
+    let big_endian = transfer_syntax == "1.2.840.10008.1.2.2";
+    let implicit = transfer_syntax == uids::IMPLICIT_VR_LITTLE_ENDIAN;
+    if transfer_syntax == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
+        return Ok(()); // the length is inside the compressed stream; checked when decoded
+    }
+    let Some((offset, length)) = find_pixel_data(bytes, big_endian, implicit) else {
+        if (bytes.len() as u64) < size {
+            return Ok(()); // Pixel Data lies beyond the prefix; nothing to judge here
+        }
+        return Err(HeaderProblem::Truncated(format!("no Pixel Data element in {size} bytes")));
+    };
+    match length {
+        Some(length) => {
+            let end = offset + length;
+            if end > size {
+                return Err(HeaderProblem::Truncated(format!(
+                    "Pixel Data declares {length} bytes but the file has only {} after it",
+                    size.saturating_sub(offset)
+                )));
+            }
+            Ok(())
+        }
+        // Encapsulated (compressed): the sequence delimiter is checked when decoding.
+        None => Ok(()),
+    }
+}
+
+/// Byte offset of the Pixel Data value and its declared length (None when undefined).
+fn find_pixel_data(bytes: &[u8], big_endian: bool, implicit: bool) -> Option<(u64, Option<u64>)> {
+    let tag: [u8; 4] = if big_endian { [0x7f, 0xe0, 0x00, 0x10] } else { [0xe0, 0x7f, 0x10, 0x00] };
+    let read_u32 = |slice: &[u8]| {
+        let array = [slice[0], slice[1], slice[2], slice[3]];
+        if big_endian { u32::from_be_bytes(array) } else { u32::from_le_bytes(array) }
+    };
+    // Search from the end of the file meta group so values earlier cannot match.
+    let start = 132;
+    let position = bytes.get(start..)?.windows(4).rposition(|window| window == tag)? + start;
+    let (length, value_offset) = if implicit {
+        (read_u32(bytes.get(position + 4..position + 8)?), position + 8)
+    } else {
+        let vr = bytes.get(position + 4..position + 6)?;
+        if vr != b"OW" && vr != b"OB" {
+            return None;
+        }
+        (read_u32(bytes.get(position + 8..position + 12)?), position + 12)
+    };
+    let length = (length != u32::MAX).then_some(length as u64);
+    Some((value_offset as u64, length))
+}
+
+fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Result<InstanceHeader, HeaderProblem> {
+    let text = |tag: Tag| -> String {
+        object
+            .element_opt(tag)
+            .ok()
+            .flatten()
+            .and_then(|element| element.to_str().ok().map(|value| value.trim().trim_end_matches('\0').to_string()))
+            .unwrap_or_default()
+    };
+    let floats = |tag: Tag| -> Option<Vec<f64>> {
+        object.element_opt(tag).ok().flatten().and_then(|element| element.to_multi_float64().ok())
+    };
+    let integer = |tag: Tag| -> Option<i64> { object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok()) };
+    let required = |tag: Tag, name: &str| -> Result<String, HeaderProblem> {
+        let value = text(tag);
+        if value.is_empty() {
+            return Err(HeaderProblem::Invalid(format!("{name} is missing")));
+        }
+        Ok(value)
+    };
+    let image_type = text(tags::IMAGE_TYPE).split('\\').map(|part| part.trim().to_uppercase()).filter(|p| !p.is_empty()).collect();
+    Ok(InstanceHeader {
+        key: key.to_string(),
+        size,
+        transfer_syntax: object.meta().transfer_syntax().trim_end_matches('\0').to_string(),
+        sop_class_uid: required(tags::SOP_CLASS_UID, "SOPClassUID")?,
+        sop_instance_uid: required(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
+        study_instance_uid: required(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
+        series_instance_uid: required(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
+        modality: text(tags::MODALITY).to_uppercase(),
+        patient_id: text(tags::PATIENT_ID),
+        issuer_of_patient_id: text(tags::ISSUER_OF_PATIENT_ID),
+        patient_birth_date: text(tags::PATIENT_BIRTH_DATE),
+        patient_sex: text(tags::PATIENT_SEX).to_uppercase(),
+        patient_age: text(tags::PATIENT_AGE),
+        study_date: text(tags::STUDY_DATE),
+        institution_name: text(tags::INSTITUTION_NAME),
+        series_number: integer(tags::SERIES_NUMBER).map(|v| v as i32),
+        instance_number: integer(tags::INSTANCE_NUMBER).map(|v| v as i32),
+        image_type,
+        image_position: floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| v.try_into().ok()),
+        image_orientation: floats(tags::IMAGE_ORIENTATION_PATIENT).and_then(|v| v.try_into().ok()),
+        pixel_spacing: floats(tags::PIXEL_SPACING).and_then(|v| v.try_into().ok()),
+        slice_thickness: floats(tags::SLICE_THICKNESS).and_then(|v| v.first().copied()),
+        rows: integer(tags::ROWS).unwrap_or(0) as u32,
+        columns: integer(tags::COLUMNS).unwrap_or(0) as u32,
+        bits_allocated: integer(tags::BITS_ALLOCATED).unwrap_or(0) as u32,
+        number_of_frames: integer(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
+        contrast_bolus_agent: Some(text(tags::CONTRAST_BOLUS_AGENT)).filter(|value| !value.is_empty()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_files_are_not_dicom() {
+        let problem = parse("notes.txt", 11, b"hello world").unwrap_err();
+        assert_eq!(problem.reason(), "not a DICOM file");
+        assert!(problem.detail().contains("too short"));
+        let mut long = vec![b'x'; 300];
+        long[0] = 0;
+        assert_eq!(parse("x.bin", 300, &long).unwrap_err().reason(), "not a DICOM file");
+    }
+
+    #[test]
+    fn finds_explicit_little_endian_pixel_data() {
+        let mut bytes = vec![0u8; 132];
+        bytes.extend_from_slice(&[0xe0, 0x7f, 0x10, 0x00, b'O', b'W', 0, 0]);
+        bytes.extend_from_slice(&100u32.to_le_bytes());
+        assert_eq!(find_pixel_data(&bytes, false, false), Some((144, Some(100))));
+        bytes.truncate(132 + 8);
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(find_pixel_data(&bytes, false, false), Some((144, None)));
+    }
+}

@@ -1,0 +1,262 @@
+//! ingest: finds CT studies in object storage and hands each one, de-identified, to
+//! preprocess.
+//!
+//! - [`header`]: one object's DICOM header, read without pixel data; truncation and
+//!   non-DICOM input are caught here.
+//! - [`select`]: instances grouped into series; the series to screen chosen and its
+//!   geometry checked (orientation, size, spacing, missing or duplicate slices).
+//! - [`deidentify`]: pseudonyms, age band, site and region.
+//!
+//! Every listed object ends in exactly one place: part of a screened series, quarantined
+//! with a reason, or ignored with a reason. [`IngestReport`] counts them.
+
+pub mod deidentify;
+pub mod header;
+pub mod select;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use panscreen_shared::contracts::{
+    message_id, subjects, IgnoredInput, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
+};
+use panscreen_shared::pseudonym::Pseudonymizer;
+use panscreen_shared::queue::{Queue, QueueError};
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::{Store, StoreError};
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use crate::header::{needs_more_bytes, InstanceHeader};
+use crate::select::{choose_series, group_series, SelectionRules};
+
+/// Settings of the ingest stage.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub campaign: String,
+    /// Only objects under this key prefix are read ("" for all).
+    pub prefix: String,
+    /// Bytes fetched first for a header; the whole object only if the header is longer.
+    pub header_bytes: u64,
+    /// Objects read at once.
+    pub concurrency: usize,
+    pub rules: SelectionRules,
+}
+
+impl IngestConfig {
+    pub fn new(campaign: &str) -> Self {
+        IngestConfig {
+            campaign: campaign.to_string(),
+            prefix: String::new(),
+            header_bytes: 64 * 1024,
+            concurrency: 16,
+            rules: SelectionRules::default(),
+        }
+    }
+}
+
+/// What ingest made of every listed object.
+#[derive(Debug, Default)]
+pub struct IngestReport {
+    pub objects_listed: usize,
+    pub studies: Vec<StudyIngested>,
+    pub quarantined: Vec<QuarantineRecord>,
+    pub ignored: Vec<IgnoredInput>,
+    /// Objects in screened series.
+    pub objects_screened: usize,
+    /// Objects behind the quarantine records (a quarantined study counts all its files).
+    pub objects_quarantined: usize,
+}
+
+impl IngestReport {
+    /// Every listed object is accounted for exactly once.
+    pub fn balanced(&self) -> bool {
+        self.objects_screened + self.objects_quarantined + self.ignored.len() == self.objects_listed
+    }
+}
+
+fn quarantine(campaign: &str, input: &str, study_key: Option<String>, site_id: Option<String>, reason: &str, detail: &str) -> QuarantineRecord {
+    QuarantineRecord {
+        campaign: campaign.to_string(),
+        stage: Stage::Ingest,
+        input: input.to_string(),
+        study_key,
+        site_id,
+        reason: reason.to_string(),
+        detail: detail.to_string(),
+        attempts: 1,
+        at: OffsetDateTime::now_utc(),
+    }
+}
+
+enum ObjectOutcome {
+    Instance(Box<InstanceHeader>),
+    Quarantined(QuarantineRecord),
+    Ignored(IgnoredInput),
+}
+
+async fn read_object(store: &Store, config: &IngestConfig, key: String, size: u64) -> Result<ObjectOutcome, StoreError> {
+    if key.rsplit('/').next().is_some_and(|name| name.eq_ignore_ascii_case("DICOMDIR")) {
+        return Ok(ObjectOutcome::Ignored(IgnoredInput { input: key, reason: "DICOMDIR index file, not an image".into() }));
+    }
+    if size == 0 {
+        return Ok(ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, "empty file", "0 bytes")));
+    }
+    let prefix_end = size.min(config.header_bytes);
+    let prefix = store.get_range(&key, 0, prefix_end).await?;
+    let parsed = match header::parse(&key, size, &prefix) {
+        Err(problem) if needs_more_bytes(&problem) => {
+            let whole = store.get(&key).await?;
+            header::parse(&key, size, &whole)
+        }
+        other => other,
+    };
+    Ok(match parsed {
+        Ok(instance) => ObjectOutcome::Instance(Box::new(instance)),
+        Err(problem) => {
+            ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, problem.reason(), problem.detail()))
+        }
+    })
+}
+
+fn common_prefix(keys: &[&str]) -> String {
+    let Some(first) = keys.first() else { return String::new() };
+    let mut end = first.len();
+    for key in keys {
+        end = end.min(first.bytes().zip(key.bytes()).take_while(|(a, b)| a == b).count());
+    }
+    let prefix = &first[..end];
+    match prefix.rfind('/') {
+        Some(slash) => prefix[..=slash].to_string(),
+        None => prefix.to_string(),
+    }
+}
+
+/// Lists the input, reads every header, and decides every study.
+pub async fn scan(
+    store: &Store,
+    config: &IngestConfig,
+    pseudonymizer: &Pseudonymizer,
+    sites: &SiteRegistry,
+) -> Result<IngestReport, StoreError> {
+    let objects = store.list(&config.prefix).await?;
+    let mut report = IngestReport { objects_listed: objects.len(), ..IngestReport::default() };
+    let outcomes: Vec<Result<ObjectOutcome, StoreError>> = futures::stream::iter(objects)
+        .map(|meta| read_object(store, config, meta.location.to_string(), meta.size))
+        .buffer_unordered(config.concurrency.max(1))
+        .collect()
+        .await;
+
+    let mut studies: BTreeMap<String, Vec<InstanceHeader>> = BTreeMap::new();
+    for outcome in outcomes {
+        match outcome? {
+            ObjectOutcome::Instance(instance) => {
+                studies.entry(instance.study_instance_uid.clone()).or_default().push(*instance)
+            }
+            ObjectOutcome::Quarantined(record) => {
+                report.objects_quarantined += 1;
+                report.quarantined.push(record);
+            }
+            ObjectOutcome::Ignored(ignored) => report.ignored.push(ignored),
+        }
+    }
+
+    for instances in studies.into_values() {
+        let context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
+        let study_files = instances.len();
+        let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
+        let series = group_series(instances);
+        match choose_series(&series, &config.rules) {
+            Ok(chosen) => {
+                let first = &chosen.group.instances[0];
+                for other in series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid) {
+                    for key in other.keys() {
+                        report.ignored.push(IgnoredInput {
+                            input: key.to_string(),
+                            reason: format!("not the series chosen for screening (modality {})", other.modality()),
+                        });
+                    }
+                }
+                let series_choice = SeriesChoice {
+                    series_key: pseudonymizer.series(&chosen.group.series_instance_uid),
+                    series_number: first.series_number,
+                    reason: chosen.reason.clone(),
+                    candidates: series.len() as u32,
+                    slices: chosen.group.instances.len() as u32,
+                    rows: first.rows,
+                    columns: first.columns,
+                    pixel_spacing_mm: first.pixel_spacing.unwrap_or([1.0, 1.0]),
+                    slice_spacing_mm: chosen.slice_spacing_mm,
+                    slice_thickness_mm: first.slice_thickness,
+                };
+                report.objects_screened += chosen.group.instances.len();
+                info!(study = %context.study_key, slices = series_choice.slices, "study accepted");
+                report.studies.push(StudyIngested {
+                    context,
+                    series: series_choice,
+                    image_orientation: first.image_orientation.expect("checked by choose_series"),
+                    slices: chosen
+                        .group
+                        .instances
+                        .iter()
+                        .map(|i| SliceRef { key: i.key.clone(), position_mm: i.image_position.expect("checked by choose_series") })
+                        .collect(),
+                });
+            }
+            Err(rejection) => {
+                let keys: Vec<&str> = all_keys.iter().map(String::as_str).collect();
+                warn!(study = %context.study_key, reason = %rejection.reason, "study quarantined");
+                report.objects_quarantined += study_files;
+                report.quarantined.push(quarantine(
+                    &config.campaign,
+                    &common_prefix(&keys),
+                    Some(context.study_key.clone()),
+                    Some(context.site_id.clone()),
+                    &rejection.reason,
+                    &format!("{} ({study_files} files)", rejection.detail),
+                ));
+            }
+        }
+    }
+    debug_assert!(report.balanced(), "every object accounted for once");
+    Ok(report)
+}
+
+/// Publishes what a scan found: one message per study, one per quarantined input.
+pub async fn publish(queue: &dyn Queue, campaign: &str, report: &IngestReport) -> Result<(), QueueError> {
+    for study in &report.studies {
+        let payload = Bytes::from(serde_json::to_vec(study).expect("contracts serialize"));
+        queue.publish(&subjects::ingested(campaign), &message_id(&study.context.study_key, Stage::Ingest), payload).await?;
+    }
+    for record in &report.quarantined {
+        let payload = Bytes::from(serde_json::to_vec(record).expect("contracts serialize"));
+        queue.publish(&subjects::quarantine(campaign), &record.message_id(), payload).await?;
+    }
+    Ok(())
+}
+
+/// Scans once and publishes: the embedded ingest.
+pub async fn run_once(
+    queue: Arc<dyn Queue>,
+    store: &Store,
+    config: &IngestConfig,
+    pseudonymizer: &Pseudonymizer,
+    sites: &SiteRegistry,
+) -> anyhow::Result<IngestReport> {
+    let report = scan(store, config, pseudonymizer, sites).await?;
+    publish(&*queue, &config.campaign, &report).await?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_prefix_stops_at_a_folder() {
+        assert_eq!(common_prefix(&["a/b/c1.dcm", "a/b/c2.dcm"]), "a/b/");
+        assert_eq!(common_prefix(&["a/x.dcm"]), "a/");
+    }
+}

@@ -1,0 +1,188 @@
+//! Subcommands and flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use panscreen_infer::Device;
+use panscreen_shared::pseudonym::{Pseudonymizer, KEY_ENV};
+use panscreen_shared::sites::SiteRegistry;
+
+use crate::pipeline::{self, EmbeddedOptions};
+use crate::synth::{self, Size, SynthOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "panscreen", version, about = "Population-scale screening for pancreatic lesions on routine non-contrast CT")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a cohort of synthetic non-contrast abdominal CT studies as DICOM.
+    Synth(SynthArgs),
+    /// Run ingest, preprocess, infer and aggregate in one process (no servers).
+    Run(RunArgs),
+    /// Compare a run's results with the labels of a synthetic cohort.
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output directory; studies go to OUT/studies/, ground truth to OUT/labels.parquet.
+    #[arg(long, env = "PANSCREEN_SYNTH_OUT")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 20, env = "PANSCREEN_SYNTH_STUDIES")]
+    pub studies: usize,
+    #[arg(long, default_value_t = 1, env = "PANSCREEN_SYNTH_SEED")]
+    pub seed: u64,
+    /// Fraction of studies with a pancreatic lesion.
+    #[arg(long, default_value_t = 0.1, env = "PANSCREEN_SYNTH_PREVALENCE")]
+    pub prevalence: f64,
+    #[arg(long, value_enum, default_value_t = Size::Small, env = "PANSCREEN_SYNTH_SIZE")]
+    pub size: Size,
+    /// Site registry (TOML); the built-in one when absent.
+    #[arg(long, env = "PANSCREEN_SITES")]
+    pub sites: Option<PathBuf>,
+    /// Threads writing studies (default: all cores).
+    #[arg(long, env = "PANSCREEN_SYNTH_THREADS")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Directory holding the DICOM files to screen (any layout).
+    #[arg(long, env = "PANSCREEN_INPUT")]
+    pub input: PathBuf,
+    /// Output directory for the Parquet tables and logs.
+    #[arg(long, env = "PANSCREEN_OUT")]
+    pub out: PathBuf,
+    /// Model directory holding manifest.toml.
+    #[arg(long, default_value = "models/tiny-panda", env = "PANSCREEN_MODEL")]
+    pub model: PathBuf,
+    /// Campaign id: scopes subjects and outputs.
+    #[arg(long, default_value = "default", env = "PANSCREEN_CAMPAIGN")]
+    pub campaign: String,
+    /// File holding the pseudonym key (at least 32 bytes). Without it (and without
+    /// PANSCREEN_PSEUDONYM_KEY) a throwaway key is used.
+    #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    /// Site registry (TOML); the built-in one when absent.
+    #[arg(long, env = "PANSCREEN_SITES")]
+    pub sites: Option<PathBuf>,
+    /// Where the model runs: cpu, cuda[:N], tensorrt[:N].
+    #[arg(long, default_value = "cpu", env = "PANSCREEN_DEVICE")]
+    pub device: Device,
+    /// Studies per inference batch.
+    #[arg(long, default_value_t = 4, env = "PANSCREEN_BATCH_SIZE")]
+    pub batch_size: usize,
+    /// Studies preprocessed at once.
+    #[arg(long, default_value_t = 2, env = "PANSCREEN_PREPROCESS_WORKERS")]
+    pub preprocess_workers: usize,
+    /// ONNX Runtime threads.
+    #[arg(long, default_value_t = 2, env = "PANSCREEN_INFER_THREADS")]
+    pub infer_threads: usize,
+    /// Smallest series that is screened.
+    #[arg(long, default_value_t = 20, env = "PANSCREEN_MIN_SLICES")]
+    pub min_slices: usize,
+    /// Keep the model-ready tensors under OUT/work/.
+    #[arg(long, env = "PANSCREEN_KEEP_WORK")]
+    pub keep_work: bool,
+    /// Replace the tables of an earlier run in OUT.
+    #[arg(long, env = "PANSCREEN_OVERWRITE")]
+    pub overwrite: bool,
+    /// No progress bars.
+    #[arg(long, env = "PANSCREEN_NO_PROGRESS")]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// labels.parquet written by `panscreen synth`.
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// Output directory of `panscreen run`.
+    #[arg(long)]
+    pub results: PathBuf,
+    /// The pseudonym key file the run used.
+    #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
+    pub key_file: PathBuf,
+}
+
+fn load_sites(path: &Option<PathBuf>) -> anyhow::Result<SiteRegistry> {
+    Ok(match path {
+        Some(path) => SiteRegistry::load(path)?,
+        None => SiteRegistry::builtin(),
+    })
+}
+
+/// The pseudonym key: file, then environment, else a throwaway key (said aloud).
+pub fn load_pseudonymizer(key_file: &Option<PathBuf>) -> anyhow::Result<(Pseudonymizer, bool)> {
+    if let Some(path) = key_file {
+        return Ok((Pseudonymizer::from_file(path)?, false));
+    }
+    if let Ok(key) = std::env::var(KEY_ENV) {
+        return Ok((Pseudonymizer::new(key.into_bytes()).with_context(|| format!("{KEY_ENV} is not usable"))?, false));
+    }
+    Ok((Pseudonymizer::ephemeral(), true))
+}
+
+pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Synth(args) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let options = SynthOptions {
+                out: args.out.clone(),
+                studies: args.studies,
+                seed: args.seed,
+                prevalence: args.prevalence,
+                size: args.size,
+                sites: load_sites(&args.sites)?,
+                threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+            };
+            let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
+            let truths = synth::synthesize(&options, &|_| bar.inc(1))?;
+            bar.finish_and_clear();
+            let lesions = truths.iter().filter(|t| t.lesion.is_some()).count();
+            println!(
+                "wrote {} studies ({} with a lesion) to {}; ground truth in {}",
+                truths.len(),
+                lesions,
+                args.out.join("studies").display(),
+                args.out.join("labels.parquet").display()
+            );
+            Ok(())
+        }
+        Command::Run(args) => {
+            let (pseudonymizer, ephemeral) = load_pseudonymizer(&args.key_file)?;
+            let options = EmbeddedOptions {
+                input: args.input,
+                out: args.out,
+                model: args.model,
+                campaign: args.campaign,
+                sites: load_sites(&args.sites)?,
+                pseudonymizer,
+                ephemeral_key: ephemeral,
+                device: args.device,
+                batch_size: args.batch_size,
+                preprocess_workers: args.preprocess_workers,
+                infer_threads: args.infer_threads,
+                min_slices: args.min_slices,
+                keep_work: args.keep_work,
+                overwrite: args.overwrite,
+                progress: !args.no_progress,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let summary = runtime.block_on(pipeline::run_embedded(options))?;
+            print!("{}", summary.render());
+            Ok(())
+        }
+        Command::Evaluate(args) => {
+            let pseudonymizer = Pseudonymizer::from_file(&args.key_file)?;
+            let evaluation = crate::evaluate::evaluate(&args.labels, &args.results, &pseudonymizer)?;
+            print!("{}", evaluation.render());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The panscreen command line and the embedded pipeline.
+//!
+//! - [`cli`]: the subcommands (`synth`, `run`, `evaluate`) and their flags; every flag
+//!   has a `PANSCREEN_…` environment twin.
+//! - [`synth`]: synthetic non-contrast abdominal CT cohorts written as DICOM.
+//! - [`pipeline`]: the four stages in one process over the in-memory queue and the
+//!   local filesystem, with nothing to install: the embedded default.
+//! - [`evaluate`]: sensitivity, specificity and AUC of a run against synthetic labels.
+
+pub mod cli;
+pub mod evaluate;
+pub mod pipeline;
+pub mod synth;

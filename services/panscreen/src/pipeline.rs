@@ -1,0 +1,294 @@
+//! The embedded pipeline: ingest, preprocess, infer and aggregate in one process, over
+//! the in-memory queue and the local filesystem. The stage code is the same the
+//! distributed services run; only the queue and the store differ.
+//!
+//! Completion: ingest scans once and closes its subject; each stage's workers end when
+//! their input subject is closed and drained, and then its output subjects are closed.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use panscreen_aggregate::tables::RegionCounts;
+use panscreen_aggregate::{AggregateConfig, Aggregator};
+use panscreen_infer::{Device, InferHandler, Model};
+use panscreen_ingest::{IngestConfig, IngestReport};
+use panscreen_preprocess::PreprocessHandler;
+use panscreen_shared::contracts::{subjects, Stage};
+use panscreen_shared::manifest::ModelManifest;
+use panscreen_shared::pseudonym::Pseudonymizer;
+use panscreen_shared::queue::{MemoryQueue, Queue};
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::{OpenMode, Store};
+use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
+use tracing::{info, warn};
+
+#[derive(Debug)]
+pub struct EmbeddedOptions {
+    pub input: PathBuf,
+    pub out: PathBuf,
+    pub model: PathBuf,
+    pub campaign: String,
+    pub sites: SiteRegistry,
+    pub pseudonymizer: Pseudonymizer,
+    pub ephemeral_key: bool,
+    pub device: Device,
+    pub batch_size: usize,
+    pub preprocess_workers: usize,
+    pub infer_threads: usize,
+    pub min_slices: usize,
+    pub keep_work: bool,
+    pub overwrite: bool,
+    pub progress: bool,
+}
+
+/// What a run did, for the closing table.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub objects_listed: usize,
+    pub objects_screened: usize,
+    pub objects_quarantined: usize,
+    pub objects_ignored: usize,
+    pub studies_accepted: usize,
+    pub results_written: usize,
+    pub flagged: usize,
+    pub quarantined_by_stage: Vec<(Stage, u64)>,
+    pub regions: Vec<RegionCounts>,
+    pub elapsed: Duration,
+    pub ephemeral_key: bool,
+}
+
+impl RunSummary {
+    pub fn quarantined_total(&self) -> u64 {
+        self.quarantined_by_stage.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The closing table.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        let line = |text: &mut String, s: String| {
+            text.push_str(&s);
+            text.push('\n');
+        };
+        line(&mut text, format!("\npanscreen run finished in {:.1} s", self.elapsed.as_secs_f64()));
+        line(&mut text, "\ninput objects".to_string());
+        line(&mut text, format!("  listed       {:>8}", self.objects_listed));
+        line(&mut text, format!("  screened     {:>8}   (files of the series screened)", self.objects_screened));
+        line(&mut text, format!("  quarantined  {:>8}", self.objects_quarantined));
+        line(&mut text, format!("  ignored      {:>8}", self.objects_ignored));
+        line(&mut text, "\nstudies".to_string());
+        line(&mut text, format!("  accepted by ingest  {:>6}", self.studies_accepted));
+        line(&mut text, format!("  results written     {:>6}", self.results_written));
+        line(&mut text, format!("  flagged for recall  {:>6}", self.flagged));
+        for (stage, count) in &self.quarantined_by_stage {
+            line(&mut text, format!("  quarantined at {:<10}{:>6}", stage.as_str(), count));
+        }
+        line(&mut text, "\nregion     name          screened  flagged  flag rate  quarantined".to_string());
+        for region in &self.regions {
+            let rate = if region.screened > 0 { region.flagged as f64 / region.screened as f64 * 100.0 } else { 0.0 };
+            line(
+                &mut text,
+                format!(
+                    "{:<10} {:<13} {:>8}  {:>7}  {:>8.1}%  {:>11}",
+                    region.region_code, region.region_name, region.screened, region.flagged, rate, region.quarantined
+                ),
+            );
+        }
+        line(&mut text, format!("\nresults     {}", self.out.join("results").display()));
+        line(&mut text, format!("summary     {}", self.out.join("summary/summary.parquet").display()));
+        line(&mut text, format!("worklist    {}", self.out.join("worklist/worklist.parquet").display()));
+        line(&mut text, format!("quarantine  {}", self.out.join("quarantine").display()));
+        line(&mut text, format!("logs        {}", self.out.join("logs/panscreen.jsonl").display()));
+        if self.quarantined_total() > 0 {
+            line(&mut text, format!("\n{} input(s) quarantined; reasons in the quarantine table", self.quarantined_total()));
+        }
+        if self.ephemeral_key {
+            line(&mut text, "\nnote: a throwaway pseudonym key was used; these pseudonyms match no other run".to_string());
+        }
+        text
+    }
+}
+
+/// A progress bar (hidden when asked, or when stderr is not a terminal).
+pub fn progress_bar(length: u64, stage: &str, hidden: bool) -> ProgressBar {
+    let bar = ProgressBar::new(length);
+    if hidden {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg} ({elapsed})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(stage.to_string());
+    bar
+}
+
+const RESULT_DIRECTORIES: [&str; 5] = ["results", "quarantine", "ignored", "summary", "worklist"];
+
+fn prepare_out(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
+    for directory in RESULT_DIRECTORIES {
+        let path = out.join(directory);
+        if path.exists() {
+            anyhow::ensure!(
+                overwrite,
+                "{} already holds tables of an earlier run; choose another --out, or pass --overwrite",
+                out.display()
+            );
+            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the four stages over `options.input` and writes the tables to `options.out`.
+pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary> {
+    let started = Instant::now();
+    let input = Store::open(&options.input.to_string_lossy(), OpenMode::Existing).context("input")?;
+    let manifest = Arc::new(ModelManifest::load(&options.model)?);
+    prepare_out(&options.out, options.overwrite)?;
+    let out = Store::open(&options.out.to_string_lossy(), OpenMode::Create)?;
+    let work_dir = options.out.join("work");
+    let work = Store::open(&work_dir.to_string_lossy(), OpenMode::Create)?;
+    let run_id = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+    panscreen_shared::telemetry::init_file_and_stderr(&options.out.join("logs/panscreen.jsonl"), "info")?;
+    if options.ephemeral_key {
+        warn!("no pseudonym key given (--key-file or PANSCREEN_PSEUDONYM_KEY): using a throwaway key for this run");
+    }
+
+    let model = {
+        let manifest = (*manifest).clone();
+        let (device, threads) = (options.device, options.infer_threads);
+        tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??
+    };
+    info!(model = %manifest.name, version = %manifest.version, device = %options.device, "model loaded");
+
+    let queue = MemoryQueue::new();
+    let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+    let campaign = options.campaign.clone();
+    let counters: Vec<Arc<StageCounters>> = (0..3).map(|_| Arc::new(StageCounters::default())).collect();
+    let (preprocess_counters, infer_counters, aggregate_counters) = (counters[0].clone(), counters[1].clone(), counters[2].clone());
+
+    let mut aggregator = Aggregator::new(
+        AggregateConfig::new(&campaign, &format!("run{run_id}")),
+        out.clone(),
+        options.sites.clone(),
+        aggregate_counters.clone(),
+    );
+    let aggregate_task = {
+        let queue = dyn_queue.clone();
+        tokio::spawn(async move {
+            let result = aggregator.run(queue, std::future::pending()).await;
+            (aggregator, result)
+        })
+    };
+    let preprocess_task = {
+        let handler = Arc::new(PreprocessHandler {
+            campaign: campaign.clone(),
+            input: input.clone(),
+            work: work.clone(),
+            manifest: manifest.clone(),
+            fetch_ahead: 4,
+        });
+        let mut config = WorkerConfig::new(&campaign, Stage::Preprocess);
+        config.concurrency = options.preprocess_workers.max(1);
+        let (queue, counters, subject) = (dyn_queue.clone(), preprocess_counters.clone(), subjects::ingested(&campaign));
+        tokio::spawn(async move { run_worker(queue, &subject, handler, config, counters, std::future::pending()).await })
+    };
+    let infer_task = {
+        let handler = Arc::new(InferHandler {
+            campaign: campaign.clone(),
+            work: work.clone(),
+            model: Arc::new(Mutex::new(model)),
+            batch_size: options.batch_size,
+        });
+        let config = WorkerConfig::new(&campaign, Stage::Infer);
+        let (queue, counters, subject) = (dyn_queue.clone(), infer_counters.clone(), subjects::preprocessed(&campaign));
+        tokio::spawn(async move { run_worker(queue, &subject, handler, config, counters, std::future::pending()).await })
+    };
+
+    let bars = MultiProgress::new();
+    let hidden = !options.progress;
+    let ingest_bar = bars.add(progress_bar(0, "ingest", hidden));
+    ingest_bar.set_message("reading headers");
+    ingest_bar.enable_steady_tick(Duration::from_millis(200));
+    let mut ingest_config = IngestConfig::new(&campaign);
+    ingest_config.rules.min_slices = options.min_slices;
+    let report: IngestReport =
+        panscreen_ingest::run_once(dyn_queue.clone(), &input, &ingest_config, &options.pseudonymizer, &options.sites).await?;
+    queue.close(&subjects::ingested(&campaign)).await;
+    ingest_bar.set_length(report.objects_listed as u64);
+    ingest_bar.set_position(report.objects_listed as u64);
+    ingest_bar.finish_with_message(format!("{} studies, {} quarantined, {} ignored", report.studies.len(), report.quarantined.len(), report.ignored.len()));
+    info!(objects = report.objects_listed, studies = report.studies.len(), quarantined = report.quarantined.len(), "ingest finished");
+
+    let studies = report.studies.len() as u64;
+    let stage_bars = [
+        (bars.add(progress_bar(studies, "preprocess", hidden)), preprocess_counters.clone()),
+        (bars.add(progress_bar(studies, "infer", hidden)), infer_counters.clone()),
+        (bars.add(progress_bar(studies + report.quarantined.len() as u64, "aggregate", hidden)), aggregate_counters.clone()),
+    ];
+    let ticker = {
+        let stage_bars = stage_bars.clone();
+        tokio::spawn(async move {
+            loop {
+                for (bar, counters) in &stage_bars {
+                    let (processed, quarantined, retried) = counters.snapshot();
+                    bar.set_position(processed + quarantined);
+                    bar.set_message(format!("{quarantined} quarantined, {retried} retried"));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    preprocess_task.await??;
+    queue.close(&subjects::preprocessed(&campaign)).await;
+    infer_task.await??;
+    queue.close(&subjects::scored(&campaign)).await;
+    queue.close(&subjects::quarantine(&campaign)).await;
+    let (mut aggregator, aggregate_result) = aggregate_task.await?;
+    aggregate_result?;
+    aggregator.write_ignored(&report.ignored).await?;
+    ticker.abort();
+    for (bar, counters) in &stage_bars {
+        let (processed, quarantined, _) = counters.snapshot();
+        bar.set_position(processed + quarantined);
+        bar.finish();
+    }
+    if !options.keep_work {
+        let _ = std::fs::remove_dir_all(&work_dir);
+    }
+
+    let aggregate_report = aggregator.report().clone();
+    let summary = RunSummary {
+        out: options.out.clone(),
+        objects_listed: report.objects_listed,
+        objects_screened: report.objects_screened,
+        objects_quarantined: report.objects_quarantined,
+        objects_ignored: report.ignored.len(),
+        studies_accepted: report.studies.len(),
+        results_written: aggregate_report.results_written,
+        flagged: aggregate_report.flagged,
+        quarantined_by_stage: vec![
+            (Stage::Ingest, report.quarantined.len() as u64),
+            (Stage::Preprocess, preprocess_counters.quarantined.load(Ordering::Relaxed)),
+            (Stage::Infer, infer_counters.quarantined.load(Ordering::Relaxed)),
+        ],
+        regions: aggregate_report.regions,
+        elapsed: started.elapsed(),
+        ephemeral_key: options.ephemeral_key,
+    };
+    info!(
+        results = summary.results_written,
+        flagged = summary.flagged,
+        quarantined = summary.quarantined_total(),
+        elapsed_s = summary.elapsed.as_secs_f64(),
+        "run finished"
+    );
+    Ok(summary)
+}

@@ -1,0 +1,210 @@
+//! Writes one synthetic slice as a CT Image Storage file, Explicit VR Little Endian.
+
+use dicom_core::smallvec::SmallVec;
+use dicom_core::value::PrimitiveValue;
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::{FileMetaTableBuilder, InMemDicomObject};
+
+/// What is the same for every slice of a series.
+#[derive(Debug, Clone)]
+pub struct SeriesHeader {
+    pub patient_name: String,
+    pub patient_id: String,
+    pub issuer_of_patient_id: String,
+    pub patient_birth_date: String,
+    pub patient_sex: String,
+    pub patient_age: String,
+    pub accession_number: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub frame_of_reference_uid: String,
+    pub study_date: String,
+    pub study_time: String,
+    pub institution_name: String,
+    pub modality: String,
+    pub series_number: i32,
+    pub series_description: String,
+    pub rows: u16,
+    pub columns: u16,
+    pub pixel_spacing: [f64; 2],
+    pub slice_thickness: f64,
+    /// Unsigned with intercept -1024, or signed with intercept 0, as scanners differ.
+    pub signed_pixels: bool,
+    pub bits_stored: u16,
+    pub rescale_slope: f64,
+    pub rescale_intercept: f64,
+}
+
+/// One slice: its identity, position and noisy HU.
+pub struct Slice<'a> {
+    pub sop_instance_uid: &'a str,
+    pub instance_number: i32,
+    pub position: [f64; 3],
+    pub hu: &'a [f32],
+}
+
+/// Formats a decimal string (VR DS, at most 16 characters).
+pub fn ds(value: f64) -> String {
+    for decimals in (0..=6).rev() {
+        let text = format!("{value:.decimals$}");
+        let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_string() } else { text };
+        if text.len() <= 16 {
+            return text;
+        }
+    }
+    format!("{value:.0}")
+}
+
+fn text(tag: dicom_core::Tag, vr: VR, value: &str) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, PrimitiveValue::from(value))
+}
+
+fn multi(tag: dicom_core::Tag, vr: VR, values: &[String]) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, PrimitiveValue::Strs(values.iter().cloned().collect()))
+}
+
+fn u16_value(tag: dicom_core::Tag, value: u16) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::US, PrimitiveValue::from(value))
+}
+
+/// Stored pixel values for `hu` under the header's rescale and pixel representation.
+pub fn stored_values(header: &SeriesHeader, hu: &[f32]) -> Vec<u16> {
+    let max_unsigned = ((1u32 << header.bits_stored) - 1) as f64;
+    let (low, high) = if header.signed_pixels {
+        (-(max_unsigned + 1.0) / 2.0, (max_unsigned - 1.0) / 2.0)
+    } else {
+        (0.0, max_unsigned)
+    };
+    hu.iter()
+        .map(|value| {
+            let stored = ((*value as f64 - header.rescale_intercept) / header.rescale_slope).round().clamp(low, high);
+            if header.signed_pixels {
+                stored as i16 as u16
+            } else {
+                stored as u16
+            }
+        })
+        .collect()
+}
+
+/// Encodes one slice as a DICOM Part 10 file.
+pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<Vec<u8>> {
+    let mut object = InMemDicomObject::new_empty();
+    let put = |object: &mut InMemDicomObject, element| {
+        object.put(element);
+    };
+    put(&mut object, text(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"));
+    put(&mut object, multi(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()]));
+    put(&mut object, text(tags::SOP_CLASS_UID, VR::UI, uids::CT_IMAGE_STORAGE));
+    put(&mut object, text(tags::SOP_INSTANCE_UID, VR::UI, slice.sop_instance_uid));
+    put(&mut object, text(tags::STUDY_DATE, VR::DA, &header.study_date));
+    put(&mut object, text(tags::SERIES_DATE, VR::DA, &header.study_date));
+    put(&mut object, text(tags::STUDY_TIME, VR::TM, &header.study_time));
+    put(&mut object, text(tags::ACCESSION_NUMBER, VR::SH, &header.accession_number));
+    put(&mut object, text(tags::MODALITY, VR::CS, &header.modality));
+    put(&mut object, text(tags::MANUFACTURER, VR::LO, "panscreen synth"));
+    put(&mut object, text(tags::INSTITUTION_NAME, VR::LO, &header.institution_name));
+    put(&mut object, text(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""));
+    put(&mut object, text(tags::STUDY_DESCRIPTION, VR::LO, "CT ABDOMEN WITHOUT CONTRAST"));
+    put(&mut object, text(tags::SERIES_DESCRIPTION, VR::LO, &header.series_description));
+    put(&mut object, text(tags::PATIENT_NAME, VR::PN, &header.patient_name));
+    put(&mut object, text(tags::PATIENT_ID, VR::LO, &header.patient_id));
+    put(&mut object, text(tags::ISSUER_OF_PATIENT_ID, VR::LO, &header.issuer_of_patient_id));
+    put(&mut object, text(tags::PATIENT_BIRTH_DATE, VR::DA, &header.patient_birth_date));
+    put(&mut object, text(tags::PATIENT_SEX, VR::CS, &header.patient_sex));
+    put(&mut object, text(tags::PATIENT_AGE, VR::AS, &header.patient_age));
+    put(&mut object, text(tags::BODY_PART_EXAMINED, VR::CS, "ABDOMEN"));
+    put(&mut object, text(tags::SLICE_THICKNESS, VR::DS, &ds(header.slice_thickness)));
+    put(&mut object, text(tags::KVP, VR::DS, "120"));
+    put(&mut object, text(tags::PATIENT_POSITION, VR::CS, "FFS"));
+    put(&mut object, text(tags::STUDY_INSTANCE_UID, VR::UI, &header.study_instance_uid));
+    put(&mut object, text(tags::SERIES_INSTANCE_UID, VR::UI, &header.series_instance_uid));
+    put(&mut object, text(tags::STUDY_ID, VR::SH, "1"));
+    put(&mut object, DataElement::new(tags::SERIES_NUMBER, VR::IS, PrimitiveValue::from(header.series_number.to_string())));
+    put(&mut object, DataElement::new(tags::INSTANCE_NUMBER, VR::IS, PrimitiveValue::from(slice.instance_number.to_string())));
+    put(&mut object, multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds)));
+    let orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0].map(ds);
+    put(&mut object, multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &orientation));
+    put(&mut object, text(tags::FRAME_OF_REFERENCE_UID, VR::UI, &header.frame_of_reference_uid));
+    put(&mut object, text(tags::SLICE_LOCATION, VR::DS, &ds(slice.position[2])));
+    put(&mut object, u16_value(tags::SAMPLES_PER_PIXEL, 1));
+    put(&mut object, text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"));
+    put(&mut object, u16_value(tags::ROWS, header.rows));
+    put(&mut object, u16_value(tags::COLUMNS, header.columns));
+    put(&mut object, multi(tags::PIXEL_SPACING, VR::DS, &header.pixel_spacing.map(ds)));
+    put(&mut object, u16_value(tags::BITS_ALLOCATED, 16));
+    put(&mut object, u16_value(tags::BITS_STORED, header.bits_stored));
+    put(&mut object, u16_value(tags::HIGH_BIT, header.bits_stored - 1));
+    put(&mut object, u16_value(tags::PIXEL_REPRESENTATION, u16::from(header.signed_pixels)));
+    put(&mut object, text(tags::WINDOW_CENTER, VR::DS, "40"));
+    put(&mut object, text(tags::WINDOW_WIDTH, VR::DS, "400"));
+    put(&mut object, text(tags::RESCALE_INTERCEPT, VR::DS, &ds(header.rescale_intercept)));
+    put(&mut object, text(tags::RESCALE_SLOPE, VR::DS, &ds(header.rescale_slope)));
+    put(&mut object, text(tags::RESCALE_TYPE, VR::LO, "HU"));
+    let pixels: SmallVec<[u16; 2]> = stored_values(header, slice.hu).into_iter().collect();
+    put(&mut object, DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)));
+
+    let file = object.with_meta(
+        FileMetaTableBuilder::new()
+            .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+            .implementation_class_uid("2.25.137038128445412413927304766385618823463")
+            .implementation_version_name("PANSCREEN_SYNTH"),
+    )?;
+    let mut bytes = Vec::with_capacity(slice.hu.len() * 2 + 4096);
+    file.write_all(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_strings_fit_sixteen_characters() {
+        assert_eq!(ds(1.5), "1.5");
+        assert_eq!(ds(-1024.0), "-1024");
+        assert_eq!(ds(0.703125), "0.703125");
+        assert!(ds(-123456.123456789).len() <= 16);
+    }
+
+    #[test]
+    fn stored_values_invert_the_rescale() {
+        let mut header = test_header();
+        header.signed_pixels = false;
+        header.rescale_intercept = -1024.0;
+        assert_eq!(stored_values(&header, &[-1024.0, 0.0, 40.4]), vec![0, 1024, 1064]);
+        header.signed_pixels = true;
+        header.rescale_intercept = 0.0;
+        assert_eq!(stored_values(&header, &[-1000.0])[0] as i16, -1000);
+    }
+
+    pub(crate) fn test_header() -> SeriesHeader {
+        SeriesHeader {
+            patient_name: "TEST^PATIENT".into(),
+            patient_id: "PID0001".into(),
+            issuer_of_patient_id: "HOSP".into(),
+            patient_birth_date: "19600101".into(),
+            patient_sex: "F".into(),
+            patient_age: "065Y".into(),
+            accession_number: "ACC1".into(),
+            study_instance_uid: "2.25.1".into(),
+            series_instance_uid: "2.25.2".into(),
+            frame_of_reference_uid: "2.25.3".into(),
+            study_date: "20250101".into(),
+            study_time: "101010".into(),
+            institution_name: "Somewhere".into(),
+            modality: "CT".into(),
+            series_number: 2,
+            series_description: "ABD 2.5mm".into(),
+            rows: 2,
+            columns: 2,
+            pixel_spacing: [0.7, 0.7],
+            slice_thickness: 2.5,
+            signed_pixels: false,
+            bits_stored: 12,
+            rescale_slope: 1.0,
+            rescale_intercept: -1024.0,
+        }
+    }
+}

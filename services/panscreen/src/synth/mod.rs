@@ -1,0 +1,279 @@
+//! `panscreen synth`: a cohort of synthetic non-contrast abdominal CT studies, written
+//! as real DICOM files (one file per slice), with the ground truth kept apart in
+//! `labels.parquet`. The same seed gives the same bytes.
+
+mod anatomy;
+mod dicom;
+mod rng;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int32Array, StringArray};
+use arrow::datatypes::{Field, Schema};
+use arrow::record_batch::RecordBatch;
+use panscreen_shared::sites::{Site, SiteRegistry};
+use sha2::{Digest, Sha256};
+use time::{Date, Duration, Month};
+
+pub use anatomy::{Lesion, Phantom};
+pub use dicom::{encode_slice, SeriesHeader, Slice};
+pub use rng::Rng;
+
+/// Study size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Size {
+    /// About 256×256×60 at 1.4 mm in-plane and 2.5 mm slices: for tests.
+    Small,
+    /// 512×512, 150–300 slices, 0.6–0.8 mm in-plane, 1–2.5 mm slices: realistic load.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub out: PathBuf,
+    pub studies: usize,
+    pub seed: u64,
+    pub prevalence: f64,
+    pub size: Size,
+    pub sites: SiteRegistry,
+    pub threads: usize,
+}
+
+/// Ground truth of one synthetic study.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudyTruth {
+    pub index: usize,
+    /// Folder of the study under `studies/`.
+    pub directory: String,
+    pub study_instance_uid: String,
+    pub site_id: String,
+    pub region_code: String,
+    pub lesion: Option<Lesion>,
+    pub noise_sigma_hu: f64,
+    pub age: i32,
+    pub sex: String,
+    pub slices: usize,
+    pub rows: usize,
+    pub columns: usize,
+    /// The identifiers written into the DICOM, kept so tests can check none leaks.
+    pub patient_name: String,
+    pub patient_id: String,
+    pub patient_birth_date: String,
+    pub accession_number: String,
+}
+
+/// Writes the cohort and `labels.parquet`; `on_study` is called after each study.
+pub fn synthesize(options: &SynthOptions, on_study: &(dyn Fn(&StudyTruth) + Sync)) -> anyhow::Result<Vec<StudyTruth>> {
+    anyhow::ensure!(options.studies > 0, "--studies must be at least 1");
+    anyhow::ensure!((0.0..=1.0).contains(&options.prevalence), "--prevalence must be within [0, 1]");
+    let studies_dir = options.out.join("studies");
+    std::fs::create_dir_all(&studies_dir).with_context(|| format!("cannot create {}", studies_dir.display()))?;
+    let lesion_studies = choose_lesion_studies(options.studies, options.prevalence, options.seed);
+
+    let next = AtomicUsize::new(0);
+    let truths = Mutex::new(Vec::with_capacity(options.studies));
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let lesion_studies = Arc::new(lesion_studies);
+    std::thread::scope(|scope| {
+        for _ in 0..options.threads.max(1) {
+            scope.spawn(|| loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= options.studies || first_error.lock().unwrap().is_some() {
+                    return;
+                }
+                match write_study(options, index, lesion_studies[index], &studies_dir) {
+                    Ok(truth) => {
+                        on_study(&truth);
+                        truths.lock().unwrap().push(truth);
+                    }
+                    Err(error) => *first_error.lock().unwrap() = Some(error),
+                }
+            });
+        }
+    });
+    if let Some(error) = first_error.into_inner().unwrap() {
+        return Err(error);
+    }
+    let mut truths = truths.into_inner().unwrap();
+    truths.sort_by_key(|truth| truth.index);
+    write_labels(&options.out.join("labels.parquet"), &truths)?;
+    Ok(truths)
+}
+
+/// Exactly round(n·p) lesion studies, at seeded positions.
+fn choose_lesion_studies(studies: usize, prevalence: f64, seed: u64) -> Vec<bool> {
+    let count = (studies as f64 * prevalence).round() as usize;
+    let mut order: Vec<usize> = (0..studies).collect();
+    let mut rng = Rng::derive(seed, &[0x1e51_0000]);
+    for i in (1..order.len()).rev() {
+        let j = rng.range(0, i as i64) as usize;
+        order.swap(i, j);
+    }
+    let mut chosen = vec![false; studies];
+    for index in order.into_iter().take(count) {
+        chosen[index] = true;
+    }
+    chosen
+}
+
+const FAMILY_NAMES: &[&str] = &["WANG", "LI", "ZHANG", "LIU", "CHEN", "YANG", "HUANG", "ZHAO", "WU", "ZHOU", "XU", "SUN"];
+const GIVEN_NAMES: &[&str] = &["WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "HUI", "XIN", "TAO"];
+
+fn date_text(date: Date) -> String {
+    format!("{:04}{:02}{:02}", date.year(), date.month() as u8, date.day())
+}
+
+fn write_study(options: &SynthOptions, index: usize, with_lesion: bool, studies_dir: &Path) -> anyhow::Result<StudyTruth> {
+    let mut rng = Rng::derive(options.seed, &[index as u64]);
+    let site: &Site = rng.pick(&options.sites.sites);
+    let sex = if rng.chance(0.5) { "F" } else { "M" };
+    let age = rng.range(40, 85) as i32;
+    let first_day = Date::from_calendar_date(2025, Month::January, 1).expect("valid date");
+    let scan_date = first_day + Duration::days(rng.range(0, 600));
+    let birth_date = scan_date - Duration::days(age as i64 * 365 + age as i64 / 4 + rng.range(1, 360));
+    let patient_name = format!(
+        "{}^{}^{}",
+        rng.pick(FAMILY_NAMES),
+        rng.pick(GIVEN_NAMES),
+        rng.pick(GIVEN_NAMES)
+    );
+    let patient_id = format!("P{:08}", rng.range(0, 99_999_999));
+    let accession_number = format!("A{:010}", rng.range(0, 9_999_999_999));
+
+    let (rows, slices, pixel_spacing, slice_spacing) = match options.size {
+        Size::Small => (256usize, 60usize, 1.40625, 2.5),
+        Size::Full => {
+            let spacing = [1.0, 1.25, 1.5, 2.0, 2.5][rng.range(0, 4) as usize];
+            let slices = ((rng.uniform(220.0, 400.0) / spacing).round() as usize).clamp(150, 300);
+            (512usize, slices, (rng.uniform(0.6, 0.8) * 1000.0).round() / 1000.0, spacing)
+        }
+    };
+    let signed_pixels = rng.chance(0.5);
+    let header = SeriesHeader {
+        patient_name: patient_name.clone(),
+        patient_id: patient_id.clone(),
+        issuer_of_patient_id: site.id.clone(),
+        patient_birth_date: date_text(birth_date),
+        patient_sex: sex.to_string(),
+        patient_age: format!("{age:03}Y"),
+        accession_number: accession_number.clone(),
+        study_instance_uid: rng.uid(),
+        series_instance_uid: rng.uid(),
+        frame_of_reference_uid: rng.uid(),
+        study_date: date_text(scan_date),
+        study_time: format!("{:02}{:02}{:02}", rng.range(7, 19), rng.range(0, 59), rng.range(0, 59)),
+        institution_name: site.institution_name.clone(),
+        modality: "CT".to_string(),
+        series_number: 2,
+        series_description: format!("ABDOMEN PLAIN {slice_spacing}mm"),
+        rows: rows as u16,
+        columns: rows as u16,
+        pixel_spacing: [pixel_spacing, pixel_spacing],
+        slice_thickness: slice_spacing,
+        signed_pixels,
+        bits_stored: if signed_pixels { 16 } else { 12 },
+        rescale_slope: 1.0,
+        rescale_intercept: if signed_pixels { 0.0 } else { -1024.0 },
+    };
+    let noise_sigma = rng.uniform(10.0, 20.0);
+    let phantom = Phantom::random(&mut rng, with_lesion);
+    let field_of_view = rows as f64 * pixel_spacing;
+    let scan_center_z = rng.uniform(-15.0, 15.0);
+    let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
+    let origin_xy = [-field_of_view / 2.0 + pixel_spacing / 2.0, -field_of_view / 2.0 + pixel_spacing / 2.0];
+
+    let directory = format!("study-{index:05}");
+    let series_dir = studies_dir.join(&directory).join(format!("series-{}", header.series_number));
+    std::fs::create_dir_all(&series_dir).with_context(|| format!("cannot create {}", series_dir.display()))?;
+    for slice_index in 0..slices {
+        let z = first_z + slice_index as f64 * slice_spacing;
+        let position = [origin_xy[0], origin_xy[1], z];
+        let mut hu = phantom.slice_hu(position, header.pixel_spacing, rows, rows);
+        let mut noise = Rng::derive(options.seed, &[index as u64, 1 + slice_index as u64]);
+        for value in hu.iter_mut() {
+            *value += (noise.normal() * noise_sigma) as f32;
+        }
+        let sop_instance_uid = noise.uid();
+        // Scanners number from the head down; file names follow neither order.
+        let slice = Slice {
+            sop_instance_uid: &sop_instance_uid,
+            instance_number: (slices - slice_index) as i32,
+            position,
+            hu: &hu,
+        };
+        let bytes = encode_slice(&header, &slice)?;
+        let name = hex::encode(&Sha256::digest(sop_instance_uid.as_bytes())[..6]);
+        let path = series_dir.join(format!("IM_{name}.dcm"));
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(StudyTruth {
+        index,
+        directory,
+        study_instance_uid: header.study_instance_uid,
+        site_id: site.id.clone(),
+        region_code: site.region_code.clone(),
+        lesion: phantom.lesion().cloned(),
+        noise_sigma_hu: noise_sigma,
+        age,
+        sex: sex.to_string(),
+        slices,
+        rows,
+        columns: rows,
+        patient_name,
+        patient_id,
+        patient_birth_date: header.patient_birth_date,
+        accession_number,
+    })
+}
+
+fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
+    let lesion_field = |pick: fn(&Lesion) -> f64| -> ArrayRef {
+        Arc::new(truths.iter().map(|t| t.lesion.as_ref().map(pick)).collect::<Float64Array>())
+    };
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("study_dir", Arc::new(truths.iter().map(|t| Some(t.directory.as_str())).collect::<StringArray>())),
+        (
+            "study_instance_uid",
+            Arc::new(truths.iter().map(|t| Some(t.study_instance_uid.as_str())).collect::<StringArray>()),
+        ),
+        ("site_id", Arc::new(truths.iter().map(|t| Some(t.site_id.as_str())).collect::<StringArray>())),
+        ("region_code", Arc::new(truths.iter().map(|t| Some(t.region_code.as_str())).collect::<StringArray>())),
+        ("lesion_present", Arc::new(truths.iter().map(|t| Some(t.lesion.is_some())).collect::<BooleanArray>())),
+        ("lesion_center_x_mm", lesion_field(|l| l.center_mm[0])),
+        ("lesion_center_y_mm", lesion_field(|l| l.center_mm[1])),
+        ("lesion_center_z_mm", lesion_field(|l| l.center_mm[2])),
+        ("lesion_diameter_mm", lesion_field(|l| l.diameter_mm)),
+        ("lesion_hu_below_pancreas", lesion_field(|l| l.hu_delta)),
+        ("noise_sigma_hu", Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>())),
+        ("age", Arc::new(truths.iter().map(|t| Some(t.age)).collect::<Int32Array>())),
+        ("sex", Arc::new(truths.iter().map(|t| Some(t.sex.as_str())).collect::<StringArray>())),
+        ("slices", Arc::new(truths.iter().map(|t| Some(t.slices as i32)).collect::<Int32Array>())),
+    ];
+    let schema = Schema::new(
+        columns
+            .iter()
+            .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+            .collect::<Vec<_>>(),
+    );
+    let batch = RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, array)| array).collect())?;
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
+    writer.write(&batch)?;
+    writer.close()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lesion_count_follows_prevalence() {
+        let chosen = choose_lesion_studies(20, 0.3, 7);
+        assert_eq!(chosen.iter().filter(|c| **c).count(), 6);
+        assert_eq!(chosen, choose_lesion_studies(20, 0.3, 7));
+    }
+}

@@ -1,0 +1,177 @@
+//! preprocess: decodes the chosen series, converts it to HU, resamples it onto the
+//! grid the model's manifest asks for, normalizes it, and stores the tensor.
+//!
+//! - [`hu`]: stored values to Hounsfield units.
+//! - [`resample`]: separable, memory-bounded resampling onto the model grid.
+//! - [`decode`]: one DICOM slice to HU.
+//!
+//! [`PreprocessHandler`] is the stage: one `StudyIngested` in, one `StudyPreprocessed`
+//! out (or a classified error). It holds at most one decoded slice at a time.
+
+pub mod decode;
+pub mod hu;
+pub mod resample;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use panscreen_shared::contracts::{message_id, subjects, Stage, StudyIngested, StudyPreprocessed, TensorGeometry};
+use panscreen_shared::error::StageError;
+use panscreen_shared::manifest::ModelManifest;
+use panscreen_shared::npy;
+use panscreen_shared::store::Store;
+use panscreen_shared::worker::{Handler, Outcome};
+use time::OffsetDateTime;
+use tracing::info;
+
+use crate::resample::{axis_weights, centred_positions, resample_plane, SliceAccumulator};
+
+/// Key of a study's tensor in the work store.
+pub fn tensor_key(study_key: &str) -> String {
+    format!("tensors/{study_key}.npy")
+}
+
+pub struct PreprocessHandler {
+    pub campaign: String,
+    pub input: Store,
+    pub work: Store,
+    pub manifest: Arc<ModelManifest>,
+    /// Slices fetched ahead of the decoder.
+    pub fetch_ahead: usize,
+}
+
+fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+}
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn unit(v: [f64; 3]) -> [f64; 3] {
+    let length = dot(v, v).sqrt();
+    [v[0] / length, v[1] / length, v[2] / length]
+}
+
+impl PreprocessHandler {
+    /// Decodes, resamples and normalizes; returns the tensor and where it sits.
+    pub async fn build_tensor(&self, study: &StudyIngested) -> Result<(TensorGeometry, Vec<f32>), StageError> {
+        let manifest = &self.manifest;
+        let fill = manifest.input.intensity.fill_hu as f32;
+        let row_direction = unit([study.image_orientation[0], study.image_orientation[1], study.image_orientation[2]]);
+        let column_direction = unit([study.image_orientation[3], study.image_orientation[4], study.image_orientation[5]]);
+        let slice_direction = unit(cross(row_direction, column_direction));
+        let Some(first) = study.slices.first() else {
+            return Err(StageError::permanent("study has no slices", ""));
+        };
+        let origin = first.position_mm;
+        let slice_positions: Vec<f64> = study.slices.iter().map(|s| dot(s.position_mm, slice_direction)).collect();
+        if slice_positions.windows(2).any(|pair| pair[1] <= pair[0]) {
+            return Err(StageError::permanent("slices are not sorted along the slice normal", "ingest sorts them; the message is inconsistent"));
+        }
+        let [row_spacing, column_spacing] = study.series.pixel_spacing_mm;
+        let (rows, columns) = (study.series.rows as usize, study.series.columns as usize);
+        let row_positions: Vec<f64> = (0..rows).map(|i| i as f64 * row_spacing).collect();
+        let column_positions: Vec<f64> = (0..columns).map(|j| j as f64 * column_spacing).collect();
+        let [depth, height, width] = manifest.volume_shape();
+        let [target_dz, target_dy, target_dx] = manifest.input.spacing_mm;
+        let slice_centre = (slice_positions[0] + slice_positions[slice_positions.len() - 1]) / 2.0;
+        let target_slices = centred_positions(slice_centre, depth, target_dz);
+        let target_rows = centred_positions((rows as f64 - 1.0) * row_spacing / 2.0, height, target_dy);
+        let target_columns = centred_positions((columns as f64 - 1.0) * column_spacing / 2.0, width, target_dx);
+        let slice_weights = axis_weights(&slice_positions, study.series.slice_spacing_mm, &target_slices, target_dz);
+        let row_weights = Arc::new(axis_weights(&row_positions, row_spacing, &target_rows, target_dy));
+        let column_weights = Arc::new(axis_weights(&column_positions, column_spacing, &target_columns, target_dx));
+        let mut accumulator = SliceAccumulator::new(&slice_weights, study.slices.len(), height * width, fill);
+
+        let needed = accumulator.needed_slices();
+        let mut fetched = futures::stream::iter(needed.into_iter().map(|index| {
+            let slice = study.slices[index].clone();
+            let input = self.input.clone();
+            async move { (index, slice.clone(), input.get(&slice.key).await) }
+        }))
+        .buffered(self.fetch_ahead.max(1));
+        while let Some((index, slice, bytes)) = fetched.next().await {
+            let bytes = bytes?;
+            let (row_weights, column_weights) = (row_weights.clone(), column_weights.clone());
+            let plane = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, StageError> {
+                let decoded = decode::decode_slice(&slice.key, &bytes, fill)?;
+                if decoded.rows != rows || decoded.columns != columns {
+                    return Err(StageError::permanent(
+                        "slice size differs from its series",
+                        format!("{}: {}×{} where the series is {rows}×{columns}", slice.key, decoded.rows, decoded.columns),
+                    ));
+                }
+                if decoded.position.iter().zip(slice.position_mm).any(|(a, b)| (a - b).abs() > 1e-3) {
+                    return Err(StageError::permanent("slice position changed since ingest", slice.key.clone()));
+                }
+                Ok(resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill))
+            })
+            .await
+            .map_err(|error| StageError::retryable("decoder task failed", error.to_string()))??;
+            accumulator.add(index, &plane);
+        }
+        let mut volume = accumulator.finish();
+        for value in volume.iter_mut() {
+            *value = manifest.normalize(*value);
+        }
+        let mut geometry_origin = origin;
+        for axis in 0..3 {
+            geometry_origin[axis] += target_columns[0] * row_direction[axis]
+                + target_rows[0] * column_direction[axis]
+                + (target_slices[0] - slice_positions[0]) * slice_direction[axis];
+        }
+        let geometry = TensorGeometry {
+            shape: vec![1, 1, depth, height, width],
+            spacing_mm: manifest.input.spacing_mm,
+            origin_mm: geometry_origin,
+            row_direction,
+            column_direction,
+            slice_direction,
+        };
+        Ok((geometry, volume))
+    }
+
+    async fn handle_one(&self, payload: Bytes) -> Result<Outcome, StageError> {
+        let started = Instant::now();
+        let mut study: StudyIngested = serde_json::from_slice(&payload)
+            .map_err(|error| StageError::permanent("unreadable ingest message", error.to_string()))?;
+        let (geometry, volume) = self.build_tensor(&study).await?;
+        let key = tensor_key(&study.context.study_key);
+        self.work.put(&key, npy::encode_f32(&geometry.shape, &volume)).await?;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        study.context.timings.preprocessed_at = Some(OffsetDateTime::now_utc());
+        study.context.timings.preprocess_ms = Some(elapsed_ms);
+        info!(study = %study.context.study_key, elapsed_ms, "tensor stored");
+        let message = StudyPreprocessed {
+            context: study.context,
+            series: study.series,
+            tensor_key: key,
+            geometry,
+            model_name: self.manifest.name.clone(),
+        };
+        Ok(Outcome::Publish {
+            subject: subjects::preprocessed(&self.campaign),
+            message_id: message_id(&message.context.study_key, Stage::Preprocess),
+            payload: Bytes::from(serde_json::to_vec(&message).expect("contracts serialize")),
+        })
+    }
+}
+
+#[async_trait]
+impl Handler for PreprocessHandler {
+    fn stage(&self) -> Stage {
+        Stage::Preprocess
+    }
+
+    async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+        let mut results = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            results.push(self.handle_one(payload).await);
+        }
+        results
+    }
+}

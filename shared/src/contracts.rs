@@ -1,0 +1,278 @@
+//! Cross-service messages and the subjects they travel on.
+//!
+//! Every fact that crosses a service boundary is a type here. Messages carry object
+//! keys and small metadata, never pixel data, and never patient identifiers: only the
+//! keyed pseudonyms made by ingest ([`crate::pseudonym`]).
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// A pipeline stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Ingest,
+    Preprocess,
+    Infer,
+    Aggregate,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Ingest, Stage::Preprocess, Stage::Infer, Stage::Aggregate];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Ingest => "ingest",
+            Stage::Preprocess => "preprocess",
+            Stage::Infer => "infer",
+            Stage::Aggregate => "aggregate",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Subject names, in one place. A campaign id scopes every subject.
+pub mod subjects {
+    /// Studies ingest accepted, for preprocess.
+    pub fn ingested(campaign: &str) -> String {
+        format!("panscreen.{campaign}.ingested")
+    }
+    /// Model-ready tensors, for infer.
+    pub fn preprocessed(campaign: &str) -> String {
+        format!("panscreen.{campaign}.preprocessed")
+    }
+    /// Scored studies, for aggregate.
+    pub fn scored(campaign: &str) -> String {
+        format!("panscreen.{campaign}.scored")
+    }
+    /// Inputs that did not make it, from any stage, for aggregate.
+    pub fn quarantine(campaign: &str) -> String {
+        format!("panscreen.{campaign}.quarantine")
+    }
+}
+
+/// Deterministic message id: the same study at the same stage always gets the same id,
+/// so a retried publish is dropped as a duplicate.
+pub fn message_id(study_key: &str, stage: Stage) -> String {
+    format!("{study_key}:{stage}")
+}
+
+/// What every stage knows about a study: pseudonymous ids and the de-identified
+/// attributes epidemiologists need. Built by ingest, carried unchanged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyContext {
+    pub campaign: String,
+    /// Keyed pseudonym of the StudyInstanceUID.
+    pub study_key: String,
+    /// Keyed pseudonym of the patient (PatientID and its issuer), for recall.
+    pub patient_key: String,
+    pub site_id: String,
+    pub region_code: String,
+    pub region_name: String,
+    pub province: String,
+    /// Five-year age band at the scan, e.g. "55-59"; "unknown" when absent.
+    pub age_band: String,
+    /// "F", "M", "O" or "U" (unknown).
+    pub sex: String,
+    /// Scan date, ISO 8601 (YYYY-MM-DD).
+    pub scan_date: String,
+    pub timings: StageTimes,
+}
+
+impl StudyContext {
+    /// "YYYY-MM" of the scan, the partition key of the results.
+    pub fn scan_month(&self) -> &str {
+        self.scan_date.get(..7).unwrap_or("unknown")
+    }
+}
+
+/// When each stage finished with the study (UTC).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StageTimes {
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub ingested_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub preprocessed_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub scored_at: Option<OffsetDateTime>,
+    /// Wall time spent inside each stage's handler, in milliseconds.
+    #[serde(default)]
+    pub preprocess_ms: Option<f64>,
+    #[serde(default)]
+    pub infer_ms: Option<f64>,
+}
+
+/// The series ingest chose to screen, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesChoice {
+    /// Keyed pseudonym of the SeriesInstanceUID.
+    pub series_key: String,
+    pub series_number: Option<i32>,
+    /// Why this series, in words.
+    pub reason: String,
+    /// How many series the study had.
+    pub candidates: u32,
+    pub slices: u32,
+    pub rows: u32,
+    pub columns: u32,
+    /// Row and column spacing in mm.
+    pub pixel_spacing_mm: [f64; 2],
+    /// Distance between consecutive slice centres along the normal, in mm.
+    pub slice_spacing_mm: f64,
+    pub slice_thickness_mm: Option<f64>,
+}
+
+/// One slice of the chosen series.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SliceRef {
+    /// Object key in the input store.
+    pub key: String,
+    /// ImagePositionPatient: centre of the first pixel, patient coordinates (mm).
+    pub position_mm: [f64; 3],
+}
+
+/// ingest → preprocess: a study ready to decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyIngested {
+    pub context: StudyContext,
+    pub series: SeriesChoice,
+    /// ImageOrientationPatient shared by all slices: row then column direction cosines.
+    pub image_orientation: [f64; 6],
+    /// The slices, sorted along the slice normal (ascending).
+    pub slices: Vec<SliceRef>,
+}
+
+/// Where a tensor sits in patient coordinates (LPS, mm).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorGeometry {
+    /// Tensor shape, `[1, 1, depth, height, width]`.
+    pub shape: Vec<usize>,
+    /// Voxel spacing along (depth, height, width), in mm.
+    pub spacing_mm: [f64; 3],
+    /// Patient coordinates of the centre of voxel (0, 0, 0).
+    pub origin_mm: [f64; 3],
+    /// Unit vectors of the width (row), height (column) and depth (slice) axes.
+    pub row_direction: [f64; 3],
+    pub column_direction: [f64; 3],
+    pub slice_direction: [f64; 3],
+}
+
+impl TensorGeometry {
+    /// Patient coordinates of a (depth, height, width) index, fractional allowed.
+    pub fn to_patient(&self, index: [f64; 3]) -> [f64; 3] {
+        let [dz, dy, dx] = self.spacing_mm;
+        let mut point = self.origin_mm;
+        for axis in 0..3 {
+            point[axis] += index[2] * dx * self.row_direction[axis]
+                + index[1] * dy * self.column_direction[axis]
+                + index[0] * dz * self.slice_direction[axis];
+        }
+        point
+    }
+
+    pub fn voxel_volume_mm3(&self) -> f64 {
+        self.spacing_mm.iter().product()
+    }
+}
+
+/// preprocess → infer: the model-ready tensor is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyPreprocessed {
+    pub context: StudyContext,
+    pub series: SeriesChoice,
+    /// Key of the `.npy` tensor in the work store.
+    pub tensor_key: String,
+    pub geometry: TensorGeometry,
+    /// Name of the model manifest the tensor was made for.
+    pub model_name: String,
+}
+
+/// The model that scored a study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelIdentity {
+    pub name: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+/// What the model said about one study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub lesion_probability: f64,
+    pub flagged: bool,
+    pub threshold: f64,
+    /// Present when the model returns a mask and the mask is not empty.
+    pub lesion_volume_mm3: Option<f64>,
+    pub lesion_centroid_mm: Option<[f64; 3]>,
+    pub model: ModelIdentity,
+}
+
+/// infer → aggregate: a scored study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyScored {
+    pub context: StudyContext,
+    pub series: SeriesChoice,
+    pub prediction: Prediction,
+}
+
+/// Any stage → aggregate: an input that did not make it, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub campaign: String,
+    pub stage: Stage,
+    /// What failed: the input object key (ingest) or the study pseudonym (later stages).
+    pub input: String,
+    pub study_key: Option<String>,
+    pub site_id: Option<String>,
+    /// A reason a person understands.
+    pub reason: String,
+    pub detail: String,
+    pub attempts: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl QuarantineRecord {
+    /// Message id for the quarantine subject: one record per input per stage.
+    pub fn message_id(&self) -> String {
+        format!("quarantine:{}:{}", self.stage, self.study_key.as_deref().unwrap_or(&self.input))
+    }
+}
+
+/// An input object that is not screened and is not an error either
+/// (e.g. a DICOMDIR, a dose report next to the CT). Counted, never silent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IgnoredInput {
+    pub input: String,
+    pub reason: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_maps_index_to_patient_coordinates() {
+        let geometry = TensorGeometry {
+            shape: vec![1, 1, 4, 4, 4],
+            spacing_mm: [3.0, 2.0, 1.0],
+            origin_mm: [10.0, 20.0, 30.0],
+            row_direction: [1.0, 0.0, 0.0],
+            column_direction: [0.0, 1.0, 0.0],
+            slice_direction: [0.0, 0.0, 1.0],
+        };
+        assert_eq!(geometry.to_patient([1.0, 2.0, 3.0]), [13.0, 24.0, 33.0]);
+        assert_eq!(geometry.voxel_volume_mm3(), 6.0);
+    }
+
+    #[test]
+    fn message_ids_are_deterministic() {
+        assert_eq!(message_id("abc", Stage::Infer), message_id("abc", Stage::Infer));
+        assert_ne!(message_id("abc", Stage::Infer), message_id("abc", Stage::Preprocess));
+    }
+}

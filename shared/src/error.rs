@@ -1,0 +1,63 @@
+//! Error classes shared by every stage.
+//!
+//! A stage error knows whether trying again can help. The worker loop turns the class
+//! into a queue action in one place: retryable → nak with backoff (until the delivery
+//! limit, then quarantine), permanent → quarantine and terminate.
+
+use std::fmt;
+
+/// Whether an error may go away on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Transient: storage or broker unavailable, a timeout. Try again later.
+    Retryable,
+    /// The input itself is wrong. Trying again gives the same answer.
+    Permanent,
+}
+
+/// An error from a stage handler: a class, a reason a person understands, and detail.
+#[derive(Debug, Clone)]
+pub struct StageError {
+    pub class: ErrorClass,
+    /// Short, stable, human-readable reason, e.g. "series has a missing slice".
+    pub reason: String,
+    /// Specifics for the operator (never patient data).
+    pub detail: String,
+}
+
+impl StageError {
+    pub fn permanent(reason: impl Into<String>, detail: impl Into<String>) -> Self {
+        StageError { class: ErrorClass::Permanent, reason: reason.into(), detail: detail.into() }
+    }
+
+    pub fn retryable(reason: impl Into<String>, detail: impl Into<String>) -> Self {
+        StageError { class: ErrorClass::Retryable, reason: reason.into(), detail: detail.into() }
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.class == ErrorClass::Retryable
+    }
+}
+
+impl fmt::Display for StageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.detail.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.reason, self.detail)
+        }
+    }
+}
+
+impl std::error::Error for StageError {}
+
+impl From<object_store::Error> for StageError {
+    fn from(error: object_store::Error) -> Self {
+        match error {
+            object_store::Error::NotFound { path, .. } => {
+                StageError::permanent("object not found in the store", path)
+            }
+            other => StageError::retryable("object store error", other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! Everything the four panscreen services share.
+//!
+//! - [`contracts`]: the messages that cross a service boundary, the subjects they are
+//!   published on, and the quarantine record. Pure serde types, no I/O.
+//! - [`queue`]: the work-queue abstraction (publish with a deterministic message id,
+//!   pull, ack / nak / term) and its in-process implementation, the embedded default.
+//! - [`worker`]: the loop that pulls a message, runs a stage handler, publishes the
+//!   outcome and only then acks; errors are classified once, in [`error`].
+//! - [`store`]: object storage (`file://` or a local path) through `object_store`.
+//! - [`pseudonym`]: keyed HMAC-SHA256 pseudonyms; the only identifiers that leave ingest.
+//! - [`manifest`]: the model manifest (`models/<name>/manifest.toml`).
+//! - [`npy`]: the model-ready tensor format (NumPy `.npy`, little-endian f32).
+//! - [`sites`]: the site registry (site id → region, province).
+//! - [`telemetry`]: logging set-up.
+//!
+//! Bulky data (DICOM, volumes, masks) stays in the object store; messages carry keys.
+
+pub mod contracts;
+pub mod error;
+pub mod manifest;
+pub mod npy;
+pub mod pseudonym;
+pub mod queue;
+pub mod sites;
+pub mod store;
+pub mod telemetry;
+pub mod worker;
+
+/// The software version written next to every result.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,360 @@
+//! The loop every queue-driven stage runs.
+//!
+//! Pull a message, hand it to the stage's [`Handler`] (no queue types inside, so the
+//! handler is unit-testable), publish the outcome and wait for the queue to hold it,
+//! and only then ack. What to do with an error is decided here, once, from its class:
+//!
+//! | outcome                                | queue action                      |
+//! |----------------------------------------|-----------------------------------|
+//! | next message published                 | ack                               |
+//! | handler says quarantine / permanent    | quarantine record, then term      |
+//! | retryable, attempts left               | nak with backoff                  |
+//! | retryable, `max_deliver` reached       | quarantine "gave up after N attempts: …", term |
+//! | publishing the outcome failed          | nak with backoff                  |
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use time::OffsetDateTime;
+use tokio::sync::Semaphore;
+use tracing::{info_span, warn, Instrument};
+
+use crate::contracts::{subjects, QuarantineRecord, Stage};
+use crate::error::StageError;
+use crate::queue::{Delivery, Queue, QueueError};
+
+/// What a handler made of one input.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Publish this message for the next stage.
+    Publish { subject: String, message_id: String, payload: Bytes },
+    /// The input cannot be screened; record why.
+    Quarantine(QuarantineRecord),
+}
+
+/// One stage's work on messages. Implementations do their blocking work on
+/// `spawn_blocking`, never on the async workers.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    fn stage(&self) -> Stage;
+
+    /// How many messages are handled together (infer batches; others take one).
+    fn batch_size(&self) -> usize {
+        1
+    }
+
+    /// One result per payload, in order.
+    async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>>;
+}
+
+/// Settings chosen on purpose for every stage worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub campaign: String,
+    /// Durable consumer name.
+    pub consumer: String,
+    /// Messages (or batches) handled at once by this process.
+    pub concurrency: usize,
+    /// Deliveries before a retryable failure is quarantined.
+    pub max_deliver: u32,
+    /// Delay before redelivery, by attempt (the last entry repeats).
+    pub backoff: Vec<Duration>,
+    /// How long to wait for a batch to fill.
+    pub batch_linger: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(campaign: &str, stage: Stage) -> Self {
+        WorkerConfig {
+            campaign: campaign.to_string(),
+            consumer: format!("panscreen-{stage}"),
+            concurrency: 1,
+            max_deliver: 5,
+            backoff: vec![
+                Duration::from_millis(500),
+                Duration::from_secs(2),
+                Duration::from_secs(10),
+                Duration::from_secs(30),
+            ],
+            batch_linger: Duration::from_millis(50),
+        }
+    }
+
+    fn backoff_for(&self, attempt: u32) -> Duration {
+        let index = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
+        self.backoff.get(index).copied().unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// Live counters of one stage, read by progress bars and metrics.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    pub processed: AtomicU64,
+    pub quarantined: AtomicU64,
+    pub retried: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
+impl StageCounters {
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.processed.load(Ordering::Relaxed),
+            self.quarantined.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Runs `handler` on `input_subject` until the subscription ends or `shutdown` fires;
+/// then waits for the work in flight to be settled.
+pub async fn run_worker<H: Handler>(
+    queue: Arc<dyn Queue>,
+    input_subject: &str,
+    handler: Arc<H>,
+    config: WorkerConfig,
+    counters: Arc<StageCounters>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), QueueError> {
+    let mut subscription = queue.subscribe(input_subject, &config.consumer).await?;
+    let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    let config = Arc::new(config);
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+        };
+        let first = tokio::select! {
+            _ = &mut shutdown => break,
+            next = subscription.next() => next,
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first?];
+        while batch.len() < handler.batch_size() {
+            match tokio::time::timeout(config.batch_linger, subscription.next()).await {
+                Ok(Some(next)) => batch.push(next?),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        counters.in_flight.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (queue, handler, config, counters) = (queue.clone(), handler.clone(), config.clone(), counters.clone());
+        tokio::spawn(async move {
+            handle_batch(&*queue, &*handler, &config, &counters, batch).await;
+            drop(permit);
+        });
+    }
+    // Drain: every permit back means nothing is in flight.
+    let _all = permits.acquire_many(config.concurrency.max(1) as u32).await;
+    Ok(())
+}
+
+async fn handle_batch<H: Handler>(
+    queue: &dyn Queue,
+    handler: &H,
+    config: &WorkerConfig,
+    counters: &StageCounters,
+    batch: Vec<Delivery>,
+) {
+    let stage = handler.stage();
+    let payloads: Vec<Bytes> = batch.iter().map(|delivery| delivery.payload.clone()).collect();
+    let results = handler.handle_batch(payloads).await;
+    debug_assert_eq!(results.len(), batch.len(), "one result per payload");
+    for (delivery, result) in batch.into_iter().zip(results) {
+        let envelope = Envelope::peek(&delivery.payload);
+        let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
+        settle(queue, stage, config, counters, delivery, envelope, result).instrument(span).await;
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn settle(
+    queue: &dyn Queue,
+    stage: Stage,
+    config: &WorkerConfig,
+    counters: &StageCounters,
+    delivery: Delivery,
+    envelope: Envelope,
+    result: Result<Outcome, StageError>,
+) {
+    let attempt = delivery.attempt;
+    let quarantine = match result {
+        Ok(Outcome::Publish { subject, message_id, payload }) => {
+            match queue.publish(&subject, &message_id, payload).await {
+                Ok(()) => {
+                    counters.processed.fetch_add(1, Ordering::Relaxed);
+                    log_settle_error(delivery.ack().await);
+                }
+                Err(error) => {
+                    warn!(%error, "publishing the outcome failed, will retry");
+                    counters.retried.fetch_add(1, Ordering::Relaxed);
+                    log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
+                }
+            }
+            return;
+        }
+        Ok(Outcome::Quarantine(record)) => record,
+        Err(error) if error.is_retryable() && attempt < config.max_deliver => {
+            warn!(reason = %error.reason, detail = %error.detail, "retryable failure, will retry");
+            counters.retried.fetch_add(1, Ordering::Relaxed);
+            log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
+            return;
+        }
+        Err(error) => {
+            let reason = if error.is_retryable() {
+                format!("gave up after {attempt} attempts: {}", error.reason)
+            } else {
+                error.reason.clone()
+            };
+            envelope.quarantine_record(&config.campaign, stage, reason, error.detail, attempt)
+        }
+    };
+    warn!(reason = %quarantine.reason, "quarantined");
+    let message_id = quarantine.message_id();
+    let payload = Bytes::from(serde_json::to_vec(&quarantine).expect("quarantine record serializes"));
+    match queue.publish(&subjects::quarantine(&config.campaign), &message_id, payload).await {
+        Ok(()) => {
+            counters.quarantined.fetch_add(1, Ordering::Relaxed);
+            log_settle_error(delivery.term().await);
+        }
+        Err(error) => {
+            warn!(%error, "recording the quarantine failed, will retry");
+            log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
+        }
+    }
+}
+
+fn log_settle_error(result: Result<(), QueueError>) {
+    if let Err(error) = result {
+        warn!(%error, "settling a message failed; it will be redelivered");
+    }
+}
+
+/// The few fields every stage message has, read without knowing its type, so that
+/// even an unreadable message can be quarantined under its study.
+#[derive(Debug, Default)]
+struct Envelope {
+    study_key: Option<String>,
+    site_id: Option<String>,
+}
+
+impl Envelope {
+    fn peek(payload: &[u8]) -> Envelope {
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
+            return Envelope::default();
+        };
+        let field = |name: &str| value.pointer(&format!("/context/{name}")).and_then(|v| v.as_str()).map(str::to_string);
+        Envelope { study_key: field("study_key"), site_id: field("site_id") }
+    }
+
+    fn quarantine_record(
+        &self,
+        campaign: &str,
+        stage: Stage,
+        reason: String,
+        detail: String,
+        attempts: u32,
+    ) -> QuarantineRecord {
+        QuarantineRecord {
+            campaign: campaign.to_string(),
+            stage,
+            input: self.study_key.clone().unwrap_or_else(|| "unreadable message".to_string()),
+            study_key: self.study_key.clone(),
+            site_id: self.site_id.clone(),
+            reason,
+            detail,
+            attempts,
+            at: OffsetDateTime::now_utc(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::MemoryQueue;
+    use std::sync::atomic::AtomicU32;
+
+    /// Fails with a retryable error a set number of times per message, then publishes.
+    struct Flaky {
+        failures_before_success: u32,
+        calls: AtomicU32,
+        permanent_for: &'static str,
+    }
+
+    #[async_trait]
+    impl Handler for Flaky {
+        fn stage(&self) -> Stage {
+            Stage::Preprocess
+        }
+
+        async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+            payloads
+                .into_iter()
+                .map(|payload| {
+                    let text = String::from_utf8_lossy(&payload).to_string();
+                    if text.contains(self.permanent_for) {
+                        return Err(StageError::permanent("bad input", "the test said so"));
+                    }
+                    let call = self.calls.fetch_add(1, Ordering::SeqCst);
+                    if call < self.failures_before_success {
+                        return Err(StageError::retryable("store unavailable", "try later"));
+                    }
+                    Ok(Outcome::Publish { subject: "out".into(), message_id: text.clone(), payload })
+                })
+                .collect()
+        }
+    }
+
+    async fn run(handler: Flaky, inputs: &[&str], max_deliver: u32) -> (MemoryQueue, Arc<StageCounters>) {
+        let queue = MemoryQueue::new();
+        for input in inputs {
+            let payload = format!(r#"{{"context":{{"study_key":"{input}","site_id":"S1"}}}}"#);
+            queue.publish("in", input, Bytes::from(payload)).await.unwrap();
+        }
+        queue.close("in").await;
+        let mut config = WorkerConfig::new("c", Stage::Preprocess);
+        config.max_deliver = max_deliver;
+        config.backoff = vec![Duration::from_millis(1)];
+        let counters = Arc::new(StageCounters::default());
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        run_worker(dyn_queue, "in", Arc::new(handler), config, counters.clone(), std::future::pending())
+            .await
+            .unwrap();
+        (queue, counters)
+    }
+
+    #[tokio::test]
+    async fn retryable_errors_are_retried_then_published() {
+        let handler = Flaky { failures_before_success: 2, calls: AtomicU32::new(0), permanent_for: "never" };
+        let (queue, counters) = run(handler, &["a"], 5).await;
+        assert_eq!(queue.stats("out").published, 1);
+        assert_eq!(counters.snapshot(), (1, 0, 2));
+    }
+
+    #[tokio::test]
+    async fn exhausted_retries_are_quarantined_with_the_attempt_count() {
+        let handler = Flaky { failures_before_success: 100, calls: AtomicU32::new(0), permanent_for: "never" };
+        let (queue, counters) = run(handler, &["a"], 3).await;
+        assert_eq!(queue.stats("out").published, 0);
+        assert_eq!(counters.snapshot(), (0, 1, 2));
+        let mut quarantine = queue.subscribe(&subjects::quarantine("c"), "t").await.unwrap();
+        let delivery = quarantine.next().await.unwrap().unwrap();
+        let record: QuarantineRecord = serde_json::from_slice(&delivery.payload).unwrap();
+        assert_eq!(record.reason, "gave up after 3 attempts: store unavailable");
+        assert_eq!(record.study_key.as_deref(), Some("a"));
+        assert_eq!(record.attempts, 3);
+    }
+
+    #[tokio::test]
+    async fn permanent_errors_are_quarantined_at_once_and_others_go_on() {
+        let handler = Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "poison" };
+        let (queue, counters) = run(handler, &["a", "poison", "b"], 5).await;
+        assert_eq!(queue.stats("out").published, 2);
+        assert_eq!(counters.snapshot(), (2, 1, 0));
+    }
+}
