@@ -99,7 +99,8 @@ fn default_mask_threshold() -> f64 {
 impl ModelManifest {
     /// Reads and checks a manifest. `path` is the manifest file or its directory.
     pub fn load(path: &Path) -> Result<ModelManifest, ManifestError> {
-        let file = if path.is_dir() { path.join("manifest.toml") } else { path.to_path_buf() };
+        let names_a_file = path.extension().is_some_and(|extension| extension == "toml");
+        let file = if names_a_file { path.to_path_buf() } else { path.join("manifest.toml") };
         if !file.exists() {
             return Err(ManifestError::Missing(file));
         }

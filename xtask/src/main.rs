@@ -1,1 +1,194 @@
-fn main(){}
+//! `cargo xtask …`: everything panscreen needs on a fresh machine with Rust and pip.
+//!
+//! - `fetch-ort`     the pinned ONNX Runtime library from PyPI's wheel, checksum-verified
+//! - `setup-python`  .panscreen/venv with the pinned packages of tests/requirements.txt
+//! - `demo`          build, synthesize a small cohort, run the embedded pipeline, evaluate
+//! - `test`          all of the above that tests need, then every test
+//! - `bench`         the benchmarks recorded in docs/benchmarks.md (long)
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use sha2::{Digest, Sha256};
+
+const ORT_VERSION: &str = "1.31.1";
+const ORT_WHEEL: &str = "onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl";
+const ORT_WHEEL_SHA256: &str = "5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f";
+const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+const ORT_LIBRARY_SHA256: &str = "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+fn run(command: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {command:?}");
+    let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex::encode(Sha256::digest(&bytes)))
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+fn fetch_ort() -> anyhow::Result<PathBuf> {
+    let directory = root().join(".panscreen/onnxruntime");
+    let library = directory.join(ORT_LIBRARY);
+    if library.is_file() && sha256_file(&library)? == ORT_LIBRARY_SHA256 {
+        return Ok(library);
+    }
+    let wheels = root().join(".panscreen/wheels");
+    let wheel = wheels.join(ORT_WHEEL);
+    if !wheel.is_file() {
+        run(Command::new(python()).args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]).args([
+            "--python-version",
+            "3.11",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "-d",
+        ])
+        .arg(&wheels)
+        .arg(format!("onnxruntime=={ORT_VERSION}")))
+        .context("downloading the onnxruntime wheel from PyPI (pip must reach PyPI)")?;
+    }
+    let wheel_sha = sha256_file(&wheel)?;
+    if wheel_sha != ORT_WHEEL_SHA256 {
+        bail!("{} has sha256 {wheel_sha}, expected {ORT_WHEEL_SHA256}; delete it and try again", wheel.display());
+    }
+    std::fs::create_dir_all(&directory)?;
+    let script = format!(
+        "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('onnxruntime/capi/{ORT_LIBRARY}'))"
+    );
+    run(Command::new(python()).args(["-c", &script]).arg(&wheel).arg(&library))?;
+    let library_sha = sha256_file(&library)?;
+    if library_sha != ORT_LIBRARY_SHA256 {
+        bail!("{} has sha256 {library_sha}, expected {ORT_LIBRARY_SHA256}", library.display());
+    }
+    eprintln!("xtask: ONNX Runtime {ORT_VERSION} ready at {}", library.display());
+    Ok(library)
+}
+
+fn venv_python() -> PathBuf {
+    root().join(".panscreen/venv/bin/python")
+}
+
+fn setup_python() -> anyhow::Result<PathBuf> {
+    let venv = root().join(".panscreen/venv");
+    let interpreter = venv_python();
+    if !interpreter.is_file() {
+        run(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
+    }
+    let requirements = root().join("tests/requirements.txt");
+    let stamp = venv.join(".requirements.sha256");
+    let wanted = sha256_file(&requirements)?;
+    if std::fs::read_to_string(&stamp).unwrap_or_default() != wanted {
+        run(Command::new(&interpreter).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements))?;
+        std::fs::write(&stamp, &wanted)?;
+    }
+    Ok(interpreter)
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+}
+
+fn build_release() -> anyhow::Result<PathBuf> {
+    run(cargo().current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
+    Ok(root().join("target/release/panscreen"))
+}
+
+/// The model file must be what its script writes, byte for byte.
+fn check_model_reproducible(interpreter: &Path) -> anyhow::Result<()> {
+    let model_dir = root().join("models/tiny-panda");
+    let scratch = std::env::temp_dir().join(format!("panscreen-model-{}.onnx", std::process::id()));
+    run(Command::new(interpreter).arg(model_dir.join("build_model.py")).arg("--out").arg(&scratch))?;
+    let rebuilt = sha256_file(&scratch)?;
+    let _ = std::fs::remove_file(&scratch);
+    let shipped = sha256_file(&model_dir.join("tiny-panda.onnx"))?;
+    if rebuilt != shipped {
+        bail!("models/tiny-panda/build_model.py writes sha256 {rebuilt}, but tiny-panda.onnx is {shipped}");
+    }
+    eprintln!("xtask: models/tiny-panda/tiny-panda.onnx is reproduced by build_model.py ({shipped})");
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    fetch_ort()?;
+    let binary = build_release()?;
+    let out = root().join("demo-out");
+    let cohort = out.join("cohort");
+    let results = out.join("results");
+    let key = out.join("pseudonym.key");
+    if cohort.exists() {
+        std::fs::remove_dir_all(&cohort)?;
+    }
+    std::fs::create_dir_all(&out)?;
+    if !key.is_file() {
+        let bytes: Vec<u8> = (0..4).flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec()).collect();
+        std::fs::write(&key, hex::encode(bytes))?;
+        eprintln!("xtask: wrote a demo pseudonym key to {}", key.display());
+    }
+    run(Command::new(&binary).current_dir(root()).args(["synth", "--studies", "24", "--seed", "7", "--prevalence", "0.25", "--out"]).arg(&cohort))?;
+    run(Command::new(&binary)
+        .current_dir(root())
+        .args(["run", "--overwrite", "--input"])
+        .arg(cohort.join("studies"))
+        .arg("--out")
+        .arg(&results)
+        .arg("--key-file")
+        .arg(&key))?;
+    println!("\nHow the demonstration model did on this synthetic cohort:");
+    run(Command::new(&binary)
+        .args(["evaluate", "--labels"])
+        .arg(cohort.join("labels.parquet"))
+        .arg("--results")
+        .arg(&results)
+        .arg("--key-file")
+        .arg(&key))?;
+    println!("\nParquet tables are under {}; query them with DuckDB, Polars, pandas or Spark.", results.display());
+    Ok(())
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    fetch_ort()?;
+    let interpreter = setup_python()?;
+    check_model_reproducible(&interpreter)?;
+    let binary = build_release()?;
+    run(cargo()
+        .current_dir(root())
+        .args(["test", "--release", "--workspace"])
+        .args(extra)
+        .env("PANSCREEN_BIN", &binary)
+        .env("PANSCREEN_PYTHON", &interpreter))
+}
+
+fn bench() -> anyhow::Result<()> {
+    fetch_ort()?;
+    setup_python()?;
+    build_release()?;
+    run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("fetch-ort") => fetch_ort().map(|_| ()),
+        Some("setup-python") => setup_python().map(|_| ()),
+        Some("demo") => demo(),
+        Some("test") => test(&args[1..]),
+        Some("bench") => bench(),
+        _ => {
+            eprintln!("usage: cargo xtask <fetch-ort | setup-python | demo | test [cargo test args] | bench>");
+            std::process::exit(2);
+        }
+    }
+}

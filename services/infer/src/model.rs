@@ -133,8 +133,9 @@ impl Model {
         if !actual.eq_ignore_ascii_case(&manifest.sha256) {
             return Err(ModelError::Checksum { path, actual, expected: manifest.sha256.clone() });
         }
-        let provider = execution_provider(device)?;
+        // The library must be loaded before anything asks it about providers.
         let (_, environment) = runtime::environment()?;
+        let provider = execution_provider(device)?;
         let session_error = |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
         let mut builder = Session::builder(environment).map_err(session_error)?;
         builder = builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;

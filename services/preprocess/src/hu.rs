@@ -109,8 +109,8 @@ mod tests {
 
     #[test]
     fn signed_twelve_bits_ignores_high_bits() {
-        // 0xF800 carries garbage above bit 11; 0x0FFF is -1 in 12-bit two's complement.
-        let hu = frame_to_hu(&bytes(&[0x0fff, 0xf800 | 0x0010]), 2, &format(12, true, 1.0, 0.0), 0.0).unwrap();
+        // 0xF000 carries garbage above bit 11; 0x0FFF is -1 in 12-bit two's complement.
+        let hu = frame_to_hu(&bytes(&[0x0fff, 0xf000 | 0x0010]), 2, &format(12, true, 1.0, 0.0), 0.0).unwrap();
         assert_eq!(hu, [-1.0, 16.0]);
     }
 

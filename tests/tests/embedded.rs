@@ -1,0 +1,307 @@
+//! The whole pipeline on the embedded default, through the `panscreen` command, on a
+//! synthetic cohort with known lesions and deliberately bad inputs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsStr;
+use std::path::Path;
+
+use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
+use panscreen::synth::{encode_slice, synthesize, SeriesHeader, Size, Slice, StudyTruth, SynthOptions};
+use panscreen_ingest::header;
+use panscreen_shared::pseudonym::Pseudonymizer;
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_tests::{files_below, panscreen, parquet_files, python, read_batches};
+
+const KEY: &str = "0123456789abcdef0123456789abcdef-test-key";
+
+/// The series files of a study, sorted along z.
+fn slices_by_position(study_dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut slices: Vec<(f64, std::path::PathBuf)> = files_below(study_dir)
+        .into_iter()
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap();
+            let parsed = header::parse("x", bytes.len() as u64, &bytes).unwrap();
+            (parsed.image_position.unwrap()[2], path)
+        })
+        .collect();
+    slices.sort_by(|a, b| a.0.total_cmp(&b.0));
+    slices.into_iter().map(|(_, path)| path).collect()
+}
+
+/// A 25-slice MR series: a study with nothing to screen.
+fn write_mr_study(directory: &Path) -> SeriesHeader {
+    let header = SeriesHeader {
+        patient_name: "MRONLY^PATIENT^X".into(),
+        patient_id: "MR0000777".into(),
+        issuer_of_patient_id: "NB-J01".into(),
+        patient_birth_date: "19581203".into(),
+        patient_sex: "M".into(),
+        patient_age: "066Y".into(),
+        accession_number: "ACCMR99001".into(),
+        study_instance_uid: "2.25.1111111111111111111".into(),
+        series_instance_uid: "2.25.2222222222222222222".into(),
+        frame_of_reference_uid: "2.25.3333333333333333333".into(),
+        study_date: "20250505".into(),
+        study_time: "101010".into(),
+        institution_name: "Jiangbei District Hospital".into(),
+        modality: "MR".into(),
+        series_number: 1,
+        series_description: "T1 AXIAL".into(),
+        rows: 32,
+        columns: 32,
+        pixel_spacing: [4.0, 4.0],
+        slice_thickness: 5.0,
+        signed_pixels: true,
+        bits_stored: 16,
+        rescale_slope: 1.0,
+        rescale_intercept: 0.0,
+    };
+    std::fs::create_dir_all(directory).unwrap();
+    let pixels = vec![100.0f32; 32 * 32];
+    for index in 0..25 {
+        let uid = format!("2.25.44444444{index}");
+        let slice = Slice { sop_instance_uid: &uid, instance_number: index + 1, position: [0.0, 0.0, index as f64 * 5.0], hu: &pixels };
+        std::fs::write(directory.join(format!("mr{index:02}.dcm")), encode_slice(&header, &slice).unwrap()).unwrap();
+    }
+    header
+}
+
+fn strings_of(column: &dyn Array) -> Vec<String> {
+    column.as_any().downcast_ref::<StringArray>().map(|a| a.iter().flatten().map(str::to_string).collect()).unwrap_or_default()
+}
+
+#[test]
+fn embedded_run_screens_every_study_once_and_leaks_nothing() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = scratch.path().join("cohort");
+    let options = SynthOptions {
+        out: cohort.clone(),
+        studies: 20,
+        seed: 42,
+        prevalence: 0.3,
+        size: Size::Small,
+        sites: SiteRegistry::builtin(),
+        threads: 2,
+    };
+    let truths: Vec<StudyTruth> = synthesize(&options, &|_| {}).unwrap();
+    let studies = cohort.join("studies");
+
+    // Bad input, each of a different kind, in studies without a lesion.
+    let plain: Vec<&StudyTruth> = truths.iter().filter(|t| t.lesion.is_none()).collect();
+    let (truncated_study, gap_study) = (plain[0], plain[1]);
+    std::fs::write(studies.join("notes.txt"), "referral letter, not an image").unwrap();
+    std::fs::write(studies.join("DICOMDIR"), vec![0u8; 400]).unwrap();
+    let truncated_slices = slices_by_position(&studies.join(&truncated_study.directory));
+    let truncated_file = &truncated_slices[30];
+    let full = std::fs::read(truncated_file).unwrap();
+    std::fs::write(truncated_file, &full[..full.len() / 2]).unwrap();
+    let gap_slices = slices_by_position(&studies.join(&gap_study.directory));
+    std::fs::remove_file(&gap_slices[20]).unwrap();
+    let mr = write_mr_study(&studies.join("mr-study/series-1"));
+    let objects_listed = files_below(&studies).len();
+
+    let key_file = scratch.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let out = scratch.path().join("out");
+    let output = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--no-progress"),
+        OsStr::new("--input"),
+        studies.as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        key_file.as_os_str(),
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(output.status.success(), "run failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("5 input(s) quarantined"), "{stdout}");
+    assert!(stdout.contains(&format!("listed       {objects_listed:>8}")), "{stdout}");
+
+    // Every study is in the results exactly once, or quarantined.
+    let pseudonymizer = Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
+    let mut probability: BTreeMap<String, f64> = BTreeMap::new();
+    let mut flagged = 0;
+    for file in parquet_files(&out.join("results")).unwrap() {
+        let relative = file.strip_prefix(&out).unwrap().to_string_lossy().to_string();
+        assert!(relative.starts_with("results/region_code="), "{relative}");
+        assert!(relative.contains("/scan_month=2025-") || relative.contains("/scan_month=2026-"), "{relative}");
+        for batch in read_batches(&file).unwrap() {
+            let keys = batch.column_by_name("study_key").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let p = batch.column_by_name("lesion_probability").unwrap().as_any().downcast_ref::<Float64Array>().unwrap().clone();
+            let f = batch.column_by_name("flagged").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap().clone();
+            for row in 0..batch.num_rows() {
+                assert!(probability.insert(keys.value(row).to_string(), p.value(row)).is_none(), "study twice in results");
+                flagged += usize::from(f.value(row));
+            }
+        }
+    }
+    let mut quarantined_studies = HashSet::new();
+    let mut quarantine_reasons = Vec::new();
+    for file in parquet_files(&out.join("quarantine")).unwrap() {
+        for batch in read_batches(&file).unwrap() {
+            quarantined_studies.extend(strings_of(batch.column_by_name("study_key").unwrap().as_ref()));
+            quarantine_reasons.extend(strings_of(batch.column_by_name("reason").unwrap().as_ref()));
+        }
+    }
+    quarantine_reasons.sort();
+    assert_eq!(
+        quarantine_reasons,
+        [
+            "DICOM file is truncated",
+            "not a DICOM file",
+            "series has missing slices",
+            "series has missing slices",
+            "study has no CT image series to screen",
+        ]
+    );
+    for truth in &truths {
+        let key = pseudonymizer.study(&truth.study_instance_uid);
+        let broken = truth.index == truncated_study.index || truth.index == gap_study.index;
+        assert_eq!(probability.contains_key(&key), !broken, "study {} in results", truth.index);
+        assert_eq!(quarantined_studies.contains(&key), broken, "study {} in quarantine", truth.index);
+    }
+    assert!(quarantined_studies.contains(&pseudonymizer.study(&mr.study_instance_uid)));
+    assert_eq!(probability.len(), 18);
+
+    // Lesion studies score higher on average.
+    let scores = |lesion: bool| -> Vec<f64> {
+        truths
+            .iter()
+            .filter(|t| t.lesion.is_some() == lesion)
+            .filter_map(|t| probability.get(&pseudonymizer.study(&t.study_instance_uid)).copied())
+            .collect()
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (with, without) = (scores(true), scores(false));
+    assert!(with.len() >= 3 && without.len() >= 8);
+    assert!(mean(&with) > mean(&without), "mean probability with lesion {} <= without {}", mean(&with), mean(&without));
+
+    // No name, id, birth date or accession number anywhere: files, Parquet strings, output.
+    let mut identifiers: Vec<String> = truths
+        .iter()
+        .flat_map(|t| [t.patient_name.clone(), t.patient_id.clone(), t.patient_birth_date.clone(), t.accession_number.clone()])
+        .collect();
+    identifiers.extend([mr.patient_name, mr.patient_id, mr.patient_birth_date, mr.accession_number]);
+    let written = files_below(&out);
+    assert!(written.iter().any(|p| p.ends_with("logs/panscreen.jsonl")), "the run writes a log");
+    let mut texts = vec![stdout.clone(), stderr.clone()];
+    for file in &written {
+        texts.push(String::from_utf8_lossy(&std::fs::read(file).unwrap()).to_string());
+        if file.extension().is_some_and(|e| e == "parquet") {
+            for batch in read_batches(file).unwrap() {
+                for column in batch.columns() {
+                    texts.extend(strings_of(column.as_ref()));
+                }
+            }
+        }
+    }
+    for identifier in &identifiers {
+        for text in &texts {
+            assert!(!text.contains(identifier.as_str()), "{identifier} leaked");
+        }
+    }
+
+    // An epidemiologist's view: DuckDB and pyarrow read the same tables.
+    let query = std::process::Command::new(python())
+        .arg(panscreen_tests::workspace_root().join("tests/query_parquet.py"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(query.status.success(), "{}", String::from_utf8_lossy(&query.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&query.stdout).unwrap();
+    assert_eq!(seen["results"], 18);
+    assert_eq!(seen["pyarrow_rows"], 18);
+    assert_eq!(seen["flagged"], flagged);
+    assert_eq!(seen["worklist"], flagged);
+    assert_eq!(seen["summary_screened"], 18);
+    assert_eq!(seen["quarantine_reasons"]["series has missing slices"], 2);
+    let columns: Vec<String> = serde_json::from_value(seen["pyarrow_columns"].clone()).unwrap();
+    assert!(columns.contains(&"region_code".to_string()) && columns.contains(&"scan_month".to_string()));
+}
+
+#[test]
+fn a_missing_input_directory_is_one_line_naming_it() {
+    let output = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        OsStr::new("/nonexistent/panscreen-input"),
+        OsStr::new("--out"),
+        tempfile::tempdir().unwrap().path().as_os_str(),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/panscreen-input does not exist"), "{stderr}");
+}
+
+#[test]
+fn a_missing_model_is_one_line_naming_it() {
+    let input = tempfile::tempdir().unwrap();
+    let output = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        input.path().as_os_str(),
+        OsStr::new("--out"),
+        tempfile::tempdir().unwrap().path().as_os_str(),
+        OsStr::new("--model"),
+        OsStr::new("/nonexistent/model"),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("model manifest /nonexistent/model/manifest.toml does not exist"), "{stderr}");
+}
+
+#[test]
+fn cuda_on_a_cpu_runtime_fails_and_says_how_to_fix_it() {
+    let input = tempfile::tempdir().unwrap();
+    let output = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        input.path().as_os_str(),
+        OsStr::new("--out"),
+        tempfile::tempdir().unwrap().path().as_os_str(),
+        OsStr::new("--device"),
+        OsStr::new("cuda:0"),
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("device cuda:0 is not available"), "{stderr}");
+    assert!(stderr.contains("onnxruntime-gpu"), "{stderr}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_bytes() {
+    let digest = |directory: &Path| -> Vec<(String, String)> {
+        use sha2::Digest;
+        files_below(directory)
+            .into_iter()
+            .map(|path| {
+                let name = path.strip_prefix(directory).unwrap().to_string_lossy().to_string();
+                (name, hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap())))
+            })
+            .collect()
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let mut digests = Vec::new();
+    for (attempt, threads) in [(0, "1"), (1, "2")] {
+        let out = scratch.path().join(format!("cohort{attempt}"));
+        let output = panscreen(&[
+            OsStr::new("synth"),
+            OsStr::new("--studies"),
+            OsStr::new("3"),
+            OsStr::new("--seed"),
+            OsStr::new("9"),
+            OsStr::new("--threads"),
+            OsStr::new(threads),
+            OsStr::new("--out"),
+            out.as_os_str(),
+        ]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        digests.push(digest(&out));
+    }
+    assert_eq!(digests[0].len(), 3 * 60 + 1);
+    assert_eq!(digests[0], digests[1]);
+}
