@@ -18,7 +18,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Ingest, Stage::Preprocess, Stage::Infer, Stage::Aggregate];
+    pub const ALL: [Stage; 4] = [
+        Stage::Ingest,
+        Stage::Preprocess,
+        Stage::Infer,
+        Stage::Aggregate,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -166,13 +171,12 @@ impl TensorGeometry {
     /// Patient coordinates of a (depth, height, width) index, fractional allowed.
     pub fn to_patient(&self, index: [f64; 3]) -> [f64; 3] {
         let [dz, dy, dx] = self.spacing_mm;
-        let mut point = self.origin_mm;
-        for axis in 0..3 {
-            point[axis] += index[2] * dx * self.row_direction[axis]
+        std::array::from_fn(|axis| {
+            self.origin_mm[axis]
+                + index[2] * dx * self.row_direction[axis]
                 + index[1] * dy * self.column_direction[axis]
-                + index[0] * dz * self.slice_direction[axis];
-        }
-        point
+                + index[0] * dz * self.slice_direction[axis]
+        })
     }
 
     pub fn voxel_volume_mm3(&self) -> f64 {
@@ -240,7 +244,11 @@ pub struct QuarantineRecord {
 impl QuarantineRecord {
     /// Message id for the quarantine subject: one record per input per stage.
     pub fn message_id(&self) -> String {
-        format!("quarantine:{}:{}", self.stage, self.study_key.as_deref().unwrap_or(&self.input))
+        format!(
+            "quarantine:{}:{}",
+            self.stage,
+            self.study_key.as_deref().unwrap_or(&self.input)
+        )
     }
 }
 
@@ -272,7 +280,13 @@ mod tests {
 
     #[test]
     fn message_ids_are_deterministic() {
-        assert_eq!(message_id("abc", Stage::Infer), message_id("abc", Stage::Infer));
-        assert_ne!(message_id("abc", Stage::Infer), message_id("abc", Stage::Preprocess));
+        assert_eq!(
+            message_id("abc", Stage::Infer),
+            message_id("abc", Stage::Infer)
+        );
+        assert_ne!(
+            message_id("abc", Stage::Infer),
+            message_id("abc", Stage::Preprocess)
+        );
     }
 }

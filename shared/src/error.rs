@@ -27,11 +27,19 @@ pub struct StageError {
 
 impl StageError {
     pub fn permanent(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        StageError { class: ErrorClass::Permanent, reason: reason.into(), detail: detail.into() }
+        StageError {
+            class: ErrorClass::Permanent,
+            reason: reason.into(),
+            detail: detail.into(),
+        }
     }
 
     pub fn retryable(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        StageError { class: ErrorClass::Retryable, reason: reason.into(), detail: detail.into() }
+        StageError {
+            class: ErrorClass::Retryable,
+            reason: reason.into(),
+            detail: detail.into(),
+        }
     }
 
     pub fn is_retryable(&self) -> bool {

@@ -7,7 +7,10 @@ use std::process::{Command, Output};
 pub use panscreen::evaluate::{parquet_files, read_batches};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// The `panscreen` binary: `PANSCREEN_BIN`, else target/release or target/debug.
@@ -16,7 +19,10 @@ pub fn binary() -> PathBuf {
         return PathBuf::from(path);
     }
     for profile in ["release", "debug"] {
-        let path = workspace_root().join("target").join(profile).join("panscreen");
+        let path = workspace_root()
+            .join("target")
+            .join(profile)
+            .join("panscreen");
         if path.is_file() {
             return path;
         }
@@ -30,13 +36,21 @@ pub fn python() -> PathBuf {
         return PathBuf::from(path);
     }
     let path = workspace_root().join(".panscreen/venv/bin/python");
-    assert!(path.is_file(), "{} is missing; run `cargo xtask setup-python` (or `cargo xtask test`)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing; run `cargo xtask setup-python` (or `cargo xtask test`)",
+        path.display()
+    );
     path
 }
 
 /// Runs `panscreen ARGS` from the workspace root; returns the output.
 pub fn panscreen(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(binary()).current_dir(workspace_root()).args(args).output().expect("panscreen starts")
+    Command::new(binary())
+        .current_dir(workspace_root())
+        .args(args)
+        .output()
+        .expect("panscreen starts")
 }
 
 /// Every file below `directory`.
@@ -44,7 +58,9 @@ pub fn files_below(directory: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut pending = vec![directory.to_path_buf()];
     while let Some(folder) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
