@@ -18,12 +18,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [
-        Stage::Ingest,
-        Stage::Preprocess,
-        Stage::Infer,
-        Stage::Aggregate,
-    ];
+    pub const ALL: [Stage; 4] = [Stage::Ingest, Stage::Preprocess, Stage::Infer, Stage::Aggregate];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -244,11 +239,7 @@ pub struct QuarantineRecord {
 impl QuarantineRecord {
     /// Message id for the quarantine subject: one record per input per stage.
     pub fn message_id(&self) -> String {
-        format!(
-            "quarantine:{}:{}",
-            self.stage,
-            self.study_key.as_deref().unwrap_or(&self.input)
-        )
+        format!("quarantine:{}:{}", self.stage, self.study_key.as_deref().unwrap_or(&self.input))
     }
 }
 
@@ -280,13 +271,7 @@ mod tests {
 
     #[test]
     fn message_ids_are_deterministic() {
-        assert_eq!(
-            message_id("abc", Stage::Infer),
-            message_id("abc", Stage::Infer)
-        );
-        assert_ne!(
-            message_id("abc", Stage::Infer),
-            message_id("abc", Stage::Preprocess)
-        );
+        assert_eq!(message_id("abc", Stage::Infer), message_id("abc", Stage::Infer));
+        assert_ne!(message_id("abc", Stage::Infer), message_id("abc", Stage::Preprocess));
     }
 }

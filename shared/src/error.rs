@@ -27,19 +27,11 @@ pub struct StageError {
 
 impl StageError {
     pub fn permanent(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        StageError {
-            class: ErrorClass::Permanent,
-            reason: reason.into(),
-            detail: detail.into(),
-        }
+        StageError { class: ErrorClass::Permanent, reason: reason.into(), detail: detail.into() }
     }
 
     pub fn retryable(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        StageError {
-            class: ErrorClass::Retryable,
-            reason: reason.into(),
-            detail: detail.into(),
-        }
+        StageError { class: ErrorClass::Retryable, reason: reason.into(), detail: detail.into() }
     }
 
     pub fn is_retryable(&self) -> bool {
@@ -62,9 +54,7 @@ impl std::error::Error for StageError {}
 impl From<object_store::Error> for StageError {
     fn from(error: object_store::Error) -> Self {
         match error {
-            object_store::Error::NotFound { path, .. } => {
-                StageError::permanent("object not found in the store", path)
-            }
+            object_store::Error::NotFound { path, .. } => StageError::permanent("object not found in the store", path),
             other => StageError::retryable("object store error", other.to_string()),
         }
     }

@@ -14,10 +14,7 @@ pub enum ManifestError {
     #[error("model manifest {0} does not exist")]
     Missing(PathBuf),
     #[error("cannot read model manifest {path}: {source}")]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreadable { path: PathBuf, source: std::io::Error },
     #[error("model manifest {path} is not valid: {detail}")]
     Invalid { path: PathBuf, detail: String },
 }
@@ -102,68 +99,37 @@ fn default_mask_threshold() -> f64 {
 impl ModelManifest {
     /// Reads and checks a manifest. `path` is the manifest file or its directory.
     pub fn load(path: &Path) -> Result<ModelManifest, ManifestError> {
-        let names_a_file = path
-            .extension()
-            .is_some_and(|extension| extension == "toml");
-        let file = if names_a_file {
-            path.to_path_buf()
-        } else {
-            path.join("manifest.toml")
-        };
+        let names_a_file = path.extension().is_some_and(|extension| extension == "toml");
+        let file = if names_a_file { path.to_path_buf() } else { path.join("manifest.toml") };
         if !file.exists() {
             return Err(ManifestError::Missing(file));
         }
-        let text = std::fs::read_to_string(&file).map_err(|source| ManifestError::Unreadable {
-            path: file.clone(),
-            source,
-        })?;
-        let mut manifest: ModelManifest =
-            toml::from_str(&text).map_err(|error| ManifestError::Invalid {
-                path: file.clone(),
-                detail: error.message().to_string(),
-            })?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(|source| ManifestError::Unreadable { path: file.clone(), source })?;
+        let mut manifest: ModelManifest = toml::from_str(&text)
+            .map_err(|error| ManifestError::Invalid { path: file.clone(), detail: error.message().to_string() })?;
         manifest.directory = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        manifest
-            .validate()
-            .map_err(|detail| ManifestError::Invalid { path: file, detail })?;
+        manifest.validate().map_err(|detail| ManifestError::Invalid { path: file, detail })?;
         Ok(manifest)
     }
 
     fn validate(&self) -> Result<(), String> {
         let [batch, channels, depth, height, width] = self.input.shape;
         if batch != -1 && batch < 1 {
-            return Err(format!(
-                "input batch dimension must be -1 or positive, not {batch}"
-            ));
+            return Err(format!("input batch dimension must be -1 or positive, not {batch}"));
         }
         if channels != 1 || depth < 1 || height < 1 || width < 1 {
-            return Err(format!(
-                "input shape must be [batch, 1, depth, height, width], not {:?}",
-                self.input.shape
-            ));
+            return Err(format!("input shape must be [batch, 1, depth, height, width], not {:?}", self.input.shape));
         }
-        if self
-            .input
-            .spacing_mm
-            .iter()
-            .any(|s| !(s.is_finite() && *s > 0.0))
-        {
-            return Err(format!(
-                "input spacing must be positive, not {:?}",
-                self.input.spacing_mm
-            ));
+        if self.input.spacing_mm.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(format!("input spacing must be positive, not {:?}", self.input.spacing_mm));
         }
         let [low, high] = self.input.intensity.window_hu;
         if low.partial_cmp(&high) != Some(std::cmp::Ordering::Less) {
-            return Err(format!(
-                "intensity window must be increasing, not [{low}, {high}]"
-            ));
+            return Err(format!("intensity window must be increasing, not [{low}, {high}]"));
         }
         if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(format!(
-                "threshold must be within [0, 1], not {}",
-                self.threshold
-            ));
+            return Err(format!("threshold must be within [0, 1], not {}", self.threshold));
         }
         if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex characters".to_string());
@@ -242,28 +208,15 @@ mask = "m"
     #[test]
     fn rejects_bad_values_with_the_reason() {
         let directory = tempfile::tempdir().unwrap();
-        std::fs::write(
-            directory.path().join("manifest.toml"),
-            EXAMPLE.replace("threshold = 0.5", "threshold = 5.0"),
-        )
-        .unwrap();
-        let error = ModelManifest::load(directory.path())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("threshold must be within [0, 1], not 5"),
-            "{error}"
-        );
+        std::fs::write(directory.path().join("manifest.toml"), EXAMPLE.replace("threshold = 0.5", "threshold = 5.0"))
+            .unwrap();
+        let error = ModelManifest::load(directory.path()).unwrap_err().to_string();
+        assert!(error.contains("threshold must be within [0, 1], not 5"), "{error}");
     }
 
     #[test]
     fn missing_manifest_names_the_path() {
-        let error = ModelManifest::load(Path::new("/nowhere/manifest.toml"))
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            error,
-            "model manifest /nowhere/manifest.toml does not exist"
-        );
+        let error = ModelManifest::load(Path::new("/nowhere/manifest.toml")).unwrap_err().to_string();
+        assert_eq!(error, "model manifest /nowhere/manifest.toml does not exist");
     }
 }

@@ -17,17 +17,9 @@ pub enum NpyError {
 
 /// Encodes `data` with `shape` as a `.npy` file.
 pub fn encode_f32(shape: &[usize], data: &[f32]) -> Bytes {
-    debug_assert_eq!(
-        shape.iter().product::<usize>(),
-        data.len(),
-        "shape matches data"
-    );
+    debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "shape matches data");
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
     let unpadded = MAGIC.len() + 4 + header.len() + 1;
@@ -55,34 +47,20 @@ pub fn decode_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
     if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
         return Err(NpyError::Unsupported(header.trim().to_string()));
     }
-    let shape_start = header
-        .find("'shape': (")
-        .ok_or_else(|| NpyError::Unsupported(header.to_string()))?
-        + 10;
-    let shape_end = header[shape_start..]
-        .find(')')
-        .ok_or_else(|| NpyError::Unsupported(header.to_string()))?;
+    let shape_start = header.find("'shape': (").ok_or_else(|| NpyError::Unsupported(header.to_string()))? + 10;
+    let shape_end = header[shape_start..].find(')').ok_or_else(|| NpyError::Unsupported(header.to_string()))?;
     let shape: Vec<usize> = header[shape_start..shape_start + shape_end]
         .split(',')
         .map(str::trim)
         .filter(|part| !part.is_empty())
-        .map(|part| {
-            part.parse()
-                .map_err(|_| NpyError::Unsupported(header.to_string()))
-        })
+        .map(|part| part.parse().map_err(|_| NpyError::Unsupported(header.to_string())))
         .collect::<Result<_, _>>()?;
     let body = &bytes[10 + header_len..];
     let expected = shape.iter().product::<usize>() * 4;
     if body.len() != expected {
-        return Err(NpyError::Truncated {
-            expected,
-            actual: body.len(),
-        });
+        return Err(NpyError::Truncated { expected, actual: body.len() });
     }
-    let data = body
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
+    let data = body.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok((shape, data))
 }
 
@@ -101,13 +79,7 @@ mod tests {
     #[test]
     fn truncated_is_an_error() {
         let encoded = encode_f32(&[4], &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(
-            decode_f32(&encoded[..encoded.len() - 4]),
-            Err(NpyError::Truncated {
-                expected: 16,
-                actual: 12
-            })
-        );
+        assert_eq!(decode_f32(&encoded[..encoded.len() - 4]), Err(NpyError::Truncated { expected: 16, actual: 12 }));
         assert_eq!(decode_f32(b"garbage garbage"), Err(NpyError::NotNpy));
     }
 }

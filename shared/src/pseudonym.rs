@@ -21,10 +21,7 @@ pub enum KeyError {
     #[error("pseudonym key is {0} bytes, at least {MIN_KEY_BYTES} are needed")]
     TooShort(usize),
     #[error("cannot read pseudonym key file {path}: {source}")]
-    Unreadable {
-        path: String,
-        source: std::io::Error,
-    },
+    Unreadable { path: String, source: std::io::Error },
 }
 
 /// Makes pseudonyms under one secret key. The key is never logged or displayed.
@@ -50,10 +47,8 @@ impl Pseudonymizer {
 
     /// Reads a key file: surrounding whitespace is ignored.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let text = std::fs::read(path).map_err(|source| KeyError::Unreadable {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text =
+            std::fs::read(path).map_err(|source| KeyError::Unreadable { path: path.display().to_string(), source })?;
         let trimmed = String::from_utf8_lossy(&text).trim().as_bytes().to_vec();
         Self::new(trimmed)
     }
@@ -130,26 +125,17 @@ mod tests {
 
     #[test]
     fn rejects_short_keys() {
-        assert!(matches!(
-            Pseudonymizer::new(b"short".to_vec()),
-            Err(KeyError::TooShort(5))
-        ));
+        assert!(matches!(Pseudonymizer::new(b"short".to_vec()), Err(KeyError::TooShort(5))));
     }
 
     #[test]
     fn ephemeral_keys_differ() {
-        assert_ne!(
-            Pseudonymizer::ephemeral().study("x"),
-            Pseudonymizer::ephemeral().study("x")
-        );
+        assert_ne!(Pseudonymizer::ephemeral().study("x"), Pseudonymizer::ephemeral().study("x"));
     }
 
     #[test]
     fn debug_does_not_print_the_key() {
-        let text = format!(
-            "{:?}",
-            Pseudonymizer::new(b"supersecretkeysupersecretkey12345".to_vec()).unwrap()
-        );
+        let text = format!("{:?}", Pseudonymizer::new(b"supersecretkeysupersecretkey12345".to_vec()).unwrap());
         assert!(!text.contains("supersecret"));
     }
 }

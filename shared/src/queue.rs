@@ -38,20 +38,13 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
-            .field("bytes", &self.payload.len())
-            .field("attempt", &self.attempt)
-            .finish()
+        f.debug_struct("Delivery").field("bytes", &self.payload.len()).field("attempt", &self.attempt).finish()
     }
 }
 
 impl Delivery {
     pub fn new(payload: Bytes, attempt: u32, settle: Box<dyn Settle>) -> Self {
-        Delivery {
-            payload,
-            attempt,
-            settle,
-        }
+        Delivery { payload, attempt, settle }
     }
 
     /// The side effect is durable: never deliver again.
@@ -98,19 +91,10 @@ pub trait Subscription: Send {
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Publishes and waits until the queue holds the message. Duplicate ids are dropped.
-    async fn publish(
-        &self,
-        subject: &str,
-        message_id: &str,
-        payload: Bytes,
-    ) -> Result<(), QueueError>;
+    async fn publish(&self, subject: &str, message_id: &str, payload: Bytes) -> Result<(), QueueError>;
 
     /// Joins the shared consumer `consumer` on `subject`.
-    async fn subscribe(
-        &self,
-        subject: &str,
-        consumer: &str,
-    ) -> Result<Box<dyn Subscription>, QueueError>;
+    async fn subscribe(&self, subject: &str, consumer: &str) -> Result<Box<dyn Subscription>, QueueError>;
 
     /// Tells the queue no more messages will be published on `subject` (embedded runs).
     /// Queues that run forever (JetStream) ignore it.
@@ -159,22 +143,13 @@ impl MemoryQueue {
     pub fn stats(&self, subject: &str) -> SubjectStats {
         let state = self.subject(subject);
         let inner = state.inner.lock().expect("queue lock poisoned");
-        SubjectStats {
-            published: inner.published,
-            pending: inner.pending.len(),
-            in_flight: inner.in_flight,
-        }
+        SubjectStats { published: inner.published, pending: inner.pending.len(), in_flight: inner.in_flight }
     }
 }
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn publish(
-        &self,
-        subject: &str,
-        message_id: &str,
-        payload: Bytes,
-    ) -> Result<(), QueueError> {
+    async fn publish(&self, subject: &str, message_id: &str, payload: Bytes) -> Result<(), QueueError> {
         let state = self.subject(subject);
         {
             let mut inner = state.inner.lock().expect("queue lock poisoned");
@@ -194,14 +169,8 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn subscribe(
-        &self,
-        subject: &str,
-        _consumer: &str,
-    ) -> Result<Box<dyn Subscription>, QueueError> {
-        Ok(Box::new(MemorySubscription {
-            state: self.subject(subject),
-        }))
+    async fn subscribe(&self, subject: &str, _consumer: &str) -> Result<Box<dyn Subscription>, QueueError> {
+        Ok(Box::new(MemorySubscription { state: self.subject(subject) }))
     }
 
     async fn close(&self, subject: &str) {
@@ -226,11 +195,7 @@ impl Subscription for MemorySubscription {
                 let mut inner = self.state.inner.lock().expect("queue lock poisoned");
                 if let Some((payload, attempt)) = inner.pending.pop_front() {
                     inner.in_flight += 1;
-                    let settle = MemorySettle {
-                        state: self.state.clone(),
-                        payload: payload.clone(),
-                        attempt,
-                    };
+                    let settle = MemorySettle { state: self.state.clone(), payload: payload.clone(), attempt };
                     return Some(Ok(Delivery::new(payload, attempt, Box::new(settle))));
                 }
                 if inner.closed && inner.in_flight == 0 {
@@ -253,21 +218,13 @@ impl Settle for MemorySettle {
     async fn settle(self: Box<Self>, settlement: Settlement) -> Result<(), QueueError> {
         match settlement {
             Settlement::Ack | Settlement::Term => {
-                self.state
-                    .inner
-                    .lock()
-                    .expect("queue lock poisoned")
-                    .in_flight -= 1;
+                self.state.inner.lock().expect("queue lock poisoned").in_flight -= 1;
                 self.state.changed.notify_waiters();
             }
             Settlement::Nak(delay) => {
                 // Stays in flight until it is back in the pending queue, so a closed
                 // subject does not end while a redelivery is waiting.
-                let MemorySettle {
-                    state,
-                    payload,
-                    attempt,
-                } = *self;
+                let MemorySettle { state, payload, attempt } = *self;
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     {
@@ -294,28 +251,16 @@ mod tests {
     #[tokio::test]
     async fn duplicate_ids_are_dropped() {
         let queue = MemoryQueue::new();
-        queue
-            .publish("s", "a", Bytes::from_static(b"1"))
-            .await
-            .unwrap();
-        queue
-            .publish("s", "a", Bytes::from_static(b"1"))
-            .await
-            .unwrap();
-        queue
-            .publish("s", "b", Bytes::from_static(b"2"))
-            .await
-            .unwrap();
+        queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
+        queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
+        queue.publish("s", "b", Bytes::from_static(b"2")).await.unwrap();
         assert_eq!(queue.stats("s").pending, 2);
     }
 
     #[tokio::test]
     async fn closed_subject_ends_after_drain() {
         let queue = MemoryQueue::new();
-        queue
-            .publish("s", "a", Bytes::from_static(b"1"))
-            .await
-            .unwrap();
+        queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
         queue.close("s").await;
         let mut subscription = queue.subscribe("s", "c").await.unwrap();
         let delivery = subscription.next().await.unwrap().unwrap();
@@ -327,10 +272,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn nak_redelivers_with_a_higher_attempt() {
         let queue = MemoryQueue::new();
-        queue
-            .publish("s", "a", Bytes::from_static(b"1"))
-            .await
-            .unwrap();
+        queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
         queue.close("s").await;
         let mut subscription = queue.subscribe("s", "c").await.unwrap();
         let first = subscription.next().await.unwrap().unwrap();

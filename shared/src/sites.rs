@@ -35,10 +35,7 @@ pub struct SiteRegistry {
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
     #[error("cannot read site registry {path}: {source}")]
-    Unreadable {
-        path: String,
-        source: std::io::Error,
-    },
+    Unreadable { path: String, source: std::io::Error },
     #[error("site registry {path} is not valid: {detail}")]
     Invalid { path: String, detail: String },
 }
@@ -55,26 +52,11 @@ impl SiteRegistry {
         };
         SiteRegistry {
             sites: vec![
-                site(
-                    "NB-H01",
-                    "Haishu District People's Hospital",
-                    "330203",
-                    "Haishu",
-                ),
-                site(
-                    "NB-H02",
-                    "Haishu Community Health Centre",
-                    "330203",
-                    "Haishu",
-                ),
+                site("NB-H01", "Haishu District People's Hospital", "330203", "Haishu"),
+                site("NB-H02", "Haishu Community Health Centre", "330203", "Haishu"),
                 site("NB-J01", "Jiangbei District Hospital", "330205", "Jiangbei"),
                 site("NB-Y01", "Yinzhou Second Hospital", "330212", "Yinzhou"),
-                site(
-                    "NB-Y02",
-                    "Yinzhou Traditional Medicine Hospital",
-                    "330212",
-                    "Yinzhou",
-                ),
+                site("NB-Y02", "Yinzhou Traditional Medicine Hospital", "330212", "Yinzhou"),
                 site("NB-B01", "Beilun People's Hospital", "330206", "Beilun"),
             ],
         }
@@ -82,19 +64,12 @@ impl SiteRegistry {
 
     pub fn load(path: &Path) -> Result<SiteRegistry, SiteError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SiteError::Unreadable {
-            path: display.clone(),
-            source,
-        })?;
-        let registry: SiteRegistry = toml::from_str(&text).map_err(|error| SiteError::Invalid {
-            path: display.clone(),
-            detail: error.message().to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SiteError::Unreadable { path: display.clone(), source })?;
+        let registry: SiteRegistry = toml::from_str(&text)
+            .map_err(|error| SiteError::Invalid { path: display.clone(), detail: error.message().to_string() })?;
         if registry.sites.is_empty() {
-            return Err(SiteError::Invalid {
-                path: display,
-                detail: "no [[site]] entries".to_string(),
-            });
+            return Err(SiteError::Invalid { path: display, detail: "no [[site]] entries".to_string() });
         }
         Ok(registry)
     }
@@ -102,9 +77,7 @@ impl SiteRegistry {
     /// The site whose institution name matches (case and surrounding space ignored).
     pub fn by_institution(&self, institution_name: &str) -> Option<&Site> {
         let wanted = institution_name.trim();
-        self.sites
-            .iter()
-            .find(|site| site.institution_name.eq_ignore_ascii_case(wanted))
+        self.sites.iter().find(|site| site.institution_name.eq_ignore_ascii_case(wanted))
     }
 }
 
@@ -115,13 +88,7 @@ mod tests {
     #[test]
     fn builtin_matches_by_institution() {
         let registry = SiteRegistry::builtin();
-        assert_eq!(
-            registry
-                .by_institution(" jiangbei district hospital ")
-                .unwrap()
-                .region_code,
-            "330205"
-        );
+        assert_eq!(registry.by_institution(" jiangbei district hospital ").unwrap().region_code, "330205");
         assert!(registry.by_institution("Elsewhere").is_none());
     }
 

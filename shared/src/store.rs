@@ -20,10 +20,7 @@ pub enum StoreError {
     #[error("unsupported store location {location}: {why}")]
     Unsupported { location: String, why: String },
     #[error("cannot create directory {path}: {source}")]
-    CreateDirectory {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    CreateDirectory { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     ObjectStore(#[from] object_store::Error),
 }
@@ -59,33 +56,21 @@ impl Store {
         Self::open_directory(Path::new(location), mode, location)
     }
 
-    fn open_directory(
-        directory: &Path,
-        mode: OpenMode,
-        location: &str,
-    ) -> Result<Store, StoreError> {
+    fn open_directory(directory: &Path, mode: OpenMode, location: &str) -> Result<Store, StoreError> {
         if !directory.is_dir() {
             if mode == OpenMode::Existing {
                 return Err(StoreError::MissingDirectory(directory.to_path_buf()));
             }
-            std::fs::create_dir_all(directory).map_err(|source| StoreError::CreateDirectory {
-                path: directory.to_path_buf(),
-                source,
-            })?;
+            std::fs::create_dir_all(directory)
+                .map_err(|source| StoreError::CreateDirectory { path: directory.to_path_buf(), source })?;
         }
         let local = LocalFileSystem::new_with_prefix(directory)?.with_automatic_cleanup(true);
-        Ok(Store {
-            inner: Arc::new(local),
-            location: location.to_string(),
-        })
+        Ok(Store { inner: Arc::new(local), location: location.to_string() })
     }
 
     /// Wraps any `object_store` implementation (tests, other backends).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, location: impl Into<String>) -> Store {
-        Store {
-            inner,
-            location: location.into(),
-        }
+        Store { inner, location: location.into() }
     }
 
     pub fn location(&self) -> &str {
@@ -109,22 +94,12 @@ impl Store {
     }
 
     /// Bytes `start..end` of an object (end is clamped by the caller to the size).
-    pub async fn get_range(
-        &self,
-        key: &str,
-        start: u64,
-        end: u64,
-    ) -> Result<Bytes, object_store::Error> {
-        self.inner
-            .get_range(&ObjectPath::from(key), start..end)
-            .await
+    pub async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<Bytes, object_store::Error> {
+        self.inner.get_range(&ObjectPath::from(key), start..end).await
     }
 
     pub async fn put(&self, key: &str, bytes: Bytes) -> Result<(), object_store::Error> {
-        self.inner
-            .put(&ObjectPath::from(key), PutPayload::from(bytes))
-            .await
-            .map(|_| ())
+        self.inner.put(&ObjectPath::from(key), PutPayload::from(bytes)).await.map(|_| ())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), object_store::Error> {
@@ -140,21 +115,9 @@ mod tests {
     async fn put_list_get_round_trip() {
         let directory = tempfile::tempdir().unwrap();
         let store = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
-        store
-            .put("a/b.bin", Bytes::from_static(b"hello"))
-            .await
-            .unwrap();
-        store
-            .put("a/c.bin", Bytes::from_static(b"world"))
-            .await
-            .unwrap();
-        let keys: Vec<String> = store
-            .list("a")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|m| m.location.to_string())
-            .collect();
+        store.put("a/b.bin", Bytes::from_static(b"hello")).await.unwrap();
+        store.put("a/c.bin", Bytes::from_static(b"world")).await.unwrap();
+        let keys: Vec<String> = store.list("a").await.unwrap().into_iter().map(|m| m.location.to_string()).collect();
         assert_eq!(keys, ["a/b.bin", "a/c.bin"]);
         assert_eq!(&store.get("a/b.bin").await.unwrap()[..], b"hello");
         assert_eq!(&store.get_range("a/c.bin", 1, 3).await.unwrap()[..], b"or");
@@ -163,10 +126,7 @@ mod tests {
     #[test]
     fn missing_input_directory_is_named() {
         let error = Store::open("/definitely/not/here", OpenMode::Existing).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "directory /definitely/not/here does not exist"
-        );
+        assert_eq!(error.to_string(), "directory /definitely/not/here does not exist");
     }
 
     #[test]

@@ -12,14 +12,8 @@ pub const LOG_ENV: &str = "PANSCREEN_LOG";
 /// Logs to stderr at `default_level` (or `PANSCREEN_LOG`).
 pub fn init_stderr(default_level: &str, json: bool) {
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
 /// Logs everything at `file_level` as JSON lines to `file`, and warnings and errors to
@@ -28,16 +22,9 @@ pub fn init_file_and_stderr(file: &Path, file_level: &str) -> std::io::Result<()
     if let Some(parent) = file.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)?;
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(file)?;
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(file_level));
     let writer = Mutex::new(log_file).and(std::io::stderr.with_max_level(tracing::Level::WARN));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .try_init();
+    let _ = tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(writer).try_init();
     Ok(())
 }

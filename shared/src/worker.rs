@@ -31,11 +31,7 @@ use crate::queue::{Delivery, Queue, QueueError};
 #[derive(Debug)]
 pub enum Outcome {
     /// Publish this message for the next stage.
-    Publish {
-        subject: String,
-        message_id: String,
-        payload: Bytes,
-    },
+    Publish { subject: String, message_id: String, payload: Bytes },
     /// The input cannot be screened; record why.
     Quarantine(QuarantineRecord),
 }
@@ -90,10 +86,7 @@ impl WorkerConfig {
 
     fn backoff_for(&self, attempt: u32) -> Duration {
         let index = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
-        self.backoff
-            .get(index)
-            .copied()
-            .unwrap_or(Duration::from_secs(1))
+        self.backoff.get(index).copied().unwrap_or(Duration::from_secs(1))
     }
 }
 
@@ -148,15 +141,8 @@ pub async fn run_worker<H: Handler>(
                 Ok(None) | Err(_) => break,
             }
         }
-        counters
-            .in_flight
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (queue, handler, config, counters) = (
-            queue.clone(),
-            handler.clone(),
-            config.clone(),
-            counters.clone(),
-        );
+        counters.in_flight.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (queue, handler, config, counters) = (queue.clone(), handler.clone(), config.clone(), counters.clone());
         tokio::spawn(async move {
             handle_batch(&*queue, &*handler, &config, &counters, batch).await;
             drop(permit);
@@ -175,18 +161,13 @@ async fn handle_batch<H: Handler>(
     batch: Vec<Delivery>,
 ) {
     let stage = handler.stage();
-    let payloads: Vec<Bytes> = batch
-        .iter()
-        .map(|delivery| delivery.payload.clone())
-        .collect();
+    let payloads: Vec<Bytes> = batch.iter().map(|delivery| delivery.payload.clone()).collect();
     let results = handler.handle_batch(payloads).await;
     debug_assert_eq!(results.len(), batch.len(), "one result per payload");
     for (delivery, result) in batch.into_iter().zip(results) {
         let envelope = Envelope::peek(&delivery.payload);
         let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-        settle(queue, stage, config, counters, delivery, envelope, result)
-            .instrument(span)
-            .await;
+        settle(queue, stage, config, counters, delivery, envelope, result).instrument(span).await;
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -202,11 +183,7 @@ async fn settle(
 ) {
     let attempt = delivery.attempt;
     let quarantine = match result {
-        Ok(Outcome::Publish {
-            subject,
-            message_id,
-            payload,
-        }) => {
+        Ok(Outcome::Publish { subject, message_id, payload }) => {
             match queue.publish(&subject, &message_id, payload).await {
                 Ok(()) => {
                     counters.processed.fetch_add(1, Ordering::Relaxed);
@@ -238,16 +215,8 @@ async fn settle(
     };
     warn!(reason = %quarantine.reason, "quarantined");
     let message_id = quarantine.message_id();
-    let payload =
-        Bytes::from(serde_json::to_vec(&quarantine).expect("quarantine record serializes"));
-    match queue
-        .publish(
-            &subjects::quarantine(&config.campaign),
-            &message_id,
-            payload,
-        )
-        .await
-    {
+    let payload = Bytes::from(serde_json::to_vec(&quarantine).expect("quarantine record serializes"));
+    match queue.publish(&subjects::quarantine(&config.campaign), &message_id, payload).await {
         Ok(()) => {
             counters.quarantined.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.term().await);
@@ -278,16 +247,9 @@ impl Envelope {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
             return Envelope::default();
         };
-        let field = |name: &str| {
-            value
-                .pointer(&format!("/context/{name}"))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
-        Envelope {
-            study_key: field("study_key"),
-            site_id: field("site_id"),
-        }
+        let field =
+            |name: &str| value.pointer(&format!("/context/{name}")).and_then(|v| v.as_str()).map(str::to_string);
+        Envelope { study_key: field("study_key"), site_id: field("site_id") }
     }
 
     fn quarantine_record(
@@ -301,10 +263,7 @@ impl Envelope {
         QuarantineRecord {
             campaign: campaign.to_string(),
             stage,
-            input: self
-                .study_key
-                .clone()
-                .unwrap_or_else(|| "unreadable message".to_string()),
+            input: self.study_key.clone().unwrap_or_else(|| "unreadable message".to_string()),
             study_key: self.study_key.clone(),
             site_id: self.site_id.clone(),
             reason,
@@ -346,28 +305,17 @@ mod tests {
                     if call < self.failures_before_success {
                         return Err(StageError::retryable("store unavailable", "try later"));
                     }
-                    Ok(Outcome::Publish {
-                        subject: "out".into(),
-                        message_id: text.clone(),
-                        payload,
-                    })
+                    Ok(Outcome::Publish { subject: "out".into(), message_id: text.clone(), payload })
                 })
                 .collect()
         }
     }
 
-    async fn run(
-        handler: Flaky,
-        inputs: &[&str],
-        max_deliver: u32,
-    ) -> (MemoryQueue, Arc<StageCounters>) {
+    async fn run(handler: Flaky, inputs: &[&str], max_deliver: u32) -> (MemoryQueue, Arc<StageCounters>) {
         let queue = MemoryQueue::new();
         for input in inputs {
             let payload = format!(r#"{{"context":{{"study_key":"{input}","site_id":"S1"}}}}"#);
-            queue
-                .publish("in", input, Bytes::from(payload))
-                .await
-                .unwrap();
+            queue.publish("in", input, Bytes::from(payload)).await.unwrap();
         }
         queue.close("in").await;
         let mut config = WorkerConfig::new("c", Stage::Preprocess);
@@ -375,26 +323,13 @@ mod tests {
         config.backoff = vec![Duration::from_millis(1)];
         let counters = Arc::new(StageCounters::default());
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
-        run_worker(
-            dyn_queue,
-            "in",
-            Arc::new(handler),
-            config,
-            counters.clone(),
-            std::future::pending(),
-        )
-        .await
-        .unwrap();
+        run_worker(dyn_queue, "in", Arc::new(handler), config, counters.clone(), std::future::pending()).await.unwrap();
         (queue, counters)
     }
 
     #[tokio::test]
     async fn retryable_errors_are_retried_then_published() {
-        let handler = Flaky {
-            failures_before_success: 2,
-            calls: AtomicU32::new(0),
-            permanent_for: "never",
-        };
+        let handler = Flaky { failures_before_success: 2, calls: AtomicU32::new(0), permanent_for: "never" };
         let (queue, counters) = run(handler, &["a"], 5).await;
         assert_eq!(queue.stats("out").published, 1);
         assert_eq!(counters.snapshot(), (1, 0, 2));
@@ -402,18 +337,11 @@ mod tests {
 
     #[tokio::test]
     async fn exhausted_retries_are_quarantined_with_the_attempt_count() {
-        let handler = Flaky {
-            failures_before_success: 100,
-            calls: AtomicU32::new(0),
-            permanent_for: "never",
-        };
+        let handler = Flaky { failures_before_success: 100, calls: AtomicU32::new(0), permanent_for: "never" };
         let (queue, counters) = run(handler, &["a"], 3).await;
         assert_eq!(queue.stats("out").published, 0);
         assert_eq!(counters.snapshot(), (0, 1, 2));
-        let mut quarantine = queue
-            .subscribe(&subjects::quarantine("c"), "t")
-            .await
-            .unwrap();
+        let mut quarantine = queue.subscribe(&subjects::quarantine("c"), "t").await.unwrap();
         let delivery = quarantine.next().await.unwrap().unwrap();
         let record: QuarantineRecord = serde_json::from_slice(&delivery.payload).unwrap();
         assert_eq!(record.reason, "gave up after 3 attempts: store unavailable");
@@ -423,11 +351,7 @@ mod tests {
 
     #[tokio::test]
     async fn permanent_errors_are_quarantined_at_once_and_others_go_on() {
-        let handler = Flaky {
-            failures_before_success: 0,
-            calls: AtomicU32::new(0),
-            permanent_for: "poison",
-        };
+        let handler = Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "poison" };
         let (queue, counters) = run(handler, &["a", "poison", "b"], 5).await;
         assert_eq!(queue.stats("out").published, 2);
         assert_eq!(counters.snapshot(), (2, 1, 0));

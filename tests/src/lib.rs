@@ -7,10 +7,7 @@ use std::process::{Command, Output};
 pub use panscreen::evaluate::{parquet_files, read_batches};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ sits in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
 }
 
 /// The `panscreen` binary: `PANSCREEN_BIN`, else target/release or target/debug.
@@ -19,10 +16,7 @@ pub fn binary() -> PathBuf {
         return PathBuf::from(path);
     }
     for profile in ["release", "debug"] {
-        let path = workspace_root()
-            .join("target")
-            .join(profile)
-            .join("panscreen");
+        let path = workspace_root().join("target").join(profile).join("panscreen");
         if path.is_file() {
             return path;
         }
@@ -36,21 +30,13 @@ pub fn python() -> PathBuf {
         return PathBuf::from(path);
     }
     let path = workspace_root().join(".panscreen/venv/bin/python");
-    assert!(
-        path.is_file(),
-        "{} is missing; run `cargo xtask setup-python` (or `cargo xtask test`)",
-        path.display()
-    );
+    assert!(path.is_file(), "{} is missing; run `cargo xtask setup-python` (or `cargo xtask test`)", path.display());
     path
 }
 
 /// Runs `panscreen ARGS` from the workspace root; returns the output.
 pub fn panscreen(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(binary())
-        .current_dir(workspace_root())
-        .args(args)
-        .output()
-        .expect("panscreen starts")
+    Command::new(binary()).current_dir(workspace_root()).args(args).output().expect("panscreen starts")
 }
 
 /// Every file below `directory`.

@@ -6,9 +6,7 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
-use panscreen::synth::{
-    encode_slice, synthesize, SeriesHeader, Size, Slice, StudyTruth, SynthOptions,
-};
+use panscreen::synth::{encode_slice, synthesize, SeriesHeader, Size, Slice, StudyTruth, SynthOptions};
 use panscreen_ingest::header;
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::sites::SiteRegistry;
@@ -68,11 +66,7 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
             position: [0.0, 0.0, index as f64 * 5.0],
             hu: &pixels,
         };
-        std::fs::write(
-            directory.join(format!("mr{index:02}.dcm")),
-            encode_slice(&header, &slice).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(directory.join(format!("mr{index:02}.dcm")), encode_slice(&header, &slice).unwrap()).unwrap();
     }
     header
 }
@@ -130,39 +124,21 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     ]);
     let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert!(
-        output.status.success(),
-        "run failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    assert!(output.status.success(), "run failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("5 input(s) quarantined"), "{stdout}");
-    assert!(
-        stdout.contains(&format!("listed       {objects_listed:>8}")),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("listed       {objects_listed:>8}")), "{stdout}");
 
     // Every study is in the results exactly once, or quarantined.
     let pseudonymizer = Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
     let mut probability: BTreeMap<String, f64> = BTreeMap::new();
     let mut flagged = 0;
     for file in parquet_files(&out.join("results")).unwrap() {
-        let relative = file
-            .strip_prefix(&out)
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
+        let relative = file.strip_prefix(&out).unwrap().to_string_lossy().to_string();
         assert!(relative.starts_with("results/region_code="), "{relative}");
-        assert!(
-            relative.contains("/scan_month=2025-") || relative.contains("/scan_month=2026-"),
-            "{relative}"
-        );
+        assert!(relative.contains("/scan_month=2025-") || relative.contains("/scan_month=2026-"), "{relative}");
         for batch in read_batches(&file).unwrap() {
-            let keys = batch
-                .column_by_name("study_key")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .unwrap()
-                .clone();
+            let keys =
+                batch.column_by_name("study_key").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
             let p = batch
                 .column_by_name("lesion_probability")
                 .unwrap()
@@ -170,18 +146,10 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
                 .downcast_ref::<Float64Array>()
                 .unwrap()
                 .clone();
-            let f = batch
-                .column_by_name("flagged")
-                .unwrap()
-                .as_any()
-                .downcast_ref::<BooleanArray>()
-                .unwrap()
-                .clone();
+            let f = batch.column_by_name("flagged").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap().clone();
             for row in 0..batch.num_rows() {
                 assert!(
-                    probability
-                        .insert(keys.value(row).to_string(), p.value(row))
-                        .is_none(),
+                    probability.insert(keys.value(row).to_string(), p.value(row)).is_none(),
                     "study twice in results"
                 );
                 flagged += usize::from(f.value(row));
@@ -192,9 +160,7 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     let mut quarantine_reasons = Vec::new();
     for file in parquet_files(&out.join("quarantine")).unwrap() {
         for batch in read_batches(&file).unwrap() {
-            quarantined_studies.extend(strings_of(
-                batch.column_by_name("study_key").unwrap().as_ref(),
-            ));
+            quarantined_studies.extend(strings_of(batch.column_by_name("study_key").unwrap().as_ref()));
             quarantine_reasons.extend(strings_of(batch.column_by_name("reason").unwrap().as_ref()));
         }
     }
@@ -212,18 +178,8 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     for truth in &truths {
         let key = pseudonymizer.study(&truth.study_instance_uid);
         let broken = truth.index == truncated_study.index || truth.index == gap_study.index;
-        assert_eq!(
-            probability.contains_key(&key),
-            !broken,
-            "study {} in results",
-            truth.index
-        );
-        assert_eq!(
-            quarantined_studies.contains(&key),
-            broken,
-            "study {} in quarantine",
-            truth.index
-        );
+        assert_eq!(probability.contains_key(&key), !broken, "study {} in results", truth.index);
+        assert_eq!(quarantined_studies.contains(&key), broken, "study {} in quarantine", truth.index);
     }
     assert!(quarantined_studies.contains(&pseudonymizer.study(&mr.study_instance_uid)));
     assert_eq!(probability.len(), 18);
@@ -233,46 +189,24 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
         truths
             .iter()
             .filter(|t| t.lesion.is_some() == lesion)
-            .filter_map(|t| {
-                probability
-                    .get(&pseudonymizer.study(&t.study_instance_uid))
-                    .copied()
-            })
+            .filter_map(|t| probability.get(&pseudonymizer.study(&t.study_instance_uid)).copied())
             .collect()
     };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (with, without) = (scores(true), scores(false));
     assert!(with.len() >= 3 && without.len() >= 8);
-    assert!(
-        mean(&with) > mean(&without),
-        "mean probability with lesion {} <= without {}",
-        mean(&with),
-        mean(&without)
-    );
+    assert!(mean(&with) > mean(&without), "mean probability with lesion {} <= without {}", mean(&with), mean(&without));
 
     // No name, id, birth date or accession number anywhere: files, Parquet strings, output.
     let mut identifiers: Vec<String> = truths
         .iter()
         .flat_map(|t| {
-            [
-                t.patient_name.clone(),
-                t.patient_id.clone(),
-                t.patient_birth_date.clone(),
-                t.accession_number.clone(),
-            ]
+            [t.patient_name.clone(), t.patient_id.clone(), t.patient_birth_date.clone(), t.accession_number.clone()]
         })
         .collect();
-    identifiers.extend([
-        mr.patient_name,
-        mr.patient_id,
-        mr.patient_birth_date,
-        mr.accession_number,
-    ]);
+    identifiers.extend([mr.patient_name, mr.patient_id, mr.patient_birth_date, mr.accession_number]);
     let written = files_below(&out);
-    assert!(
-        written.iter().any(|p| p.ends_with("logs/panscreen.jsonl")),
-        "the run writes a log"
-    );
+    assert!(written.iter().any(|p| p.ends_with("logs/panscreen.jsonl")), "the run writes a log");
     let mut texts = vec![stdout.clone(), stderr.clone()];
     for file in &written {
         texts.push(String::from_utf8_lossy(&std::fs::read(file).unwrap()).to_string());
@@ -296,11 +230,7 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(
-        query.status.success(),
-        "{}",
-        String::from_utf8_lossy(&query.stderr)
-    );
+    assert!(query.status.success(), "{}", String::from_utf8_lossy(&query.stderr));
     let seen: serde_json::Value = serde_json::from_slice(&query.stdout).unwrap();
     assert_eq!(seen["results"], 18);
     assert_eq!(seen["pyarrow_rows"], 18);
@@ -309,9 +239,7 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     assert_eq!(seen["summary_screened"], 18);
     assert_eq!(seen["quarantine_reasons"]["series has missing slices"], 2);
     let columns: Vec<String> = serde_json::from_value(seen["pyarrow_columns"].clone()).unwrap();
-    assert!(
-        columns.contains(&"region_code".to_string()) && columns.contains(&"scan_month".to_string())
-    );
+    assert!(columns.contains(&"region_code".to_string()) && columns.contains(&"scan_month".to_string()));
 }
 
 /// `panscreen run` on an empty input with `extra` flags; returns (success, stderr).
@@ -327,10 +255,7 @@ fn run_with(extra: &[&str]) -> (bool, String) {
     ];
     args.extend(extra.iter().map(OsStr::new));
     let output = panscreen(&args);
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stderr).to_string(),
-    )
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).to_string())
 }
 
 #[test]
@@ -345,10 +270,7 @@ fn a_missing_input_directory_is_one_line_naming_it() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("/nonexistent/panscreen-input does not exist"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("/nonexistent/panscreen-input does not exist"), "{stderr}");
 }
 
 #[test]
@@ -356,20 +278,14 @@ fn a_missing_model_is_one_line_naming_it() {
     let (success, stderr) = run_with(&["--model", "/nonexistent/model"]);
     assert!(!success);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("model manifest /nonexistent/model/manifest.toml does not exist"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("model manifest /nonexistent/model/manifest.toml does not exist"), "{stderr}");
 }
 
 #[test]
 fn cuda_on_a_cpu_runtime_fails_and_says_how_to_fix_it() {
     let (success, stderr) = run_with(&["--device", "cuda:0"]);
     assert!(!success);
-    assert!(
-        stderr.contains("device cuda:0 is not available"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("device cuda:0 is not available"), "{stderr}");
     assert!(stderr.contains("onnxruntime-gpu"), "{stderr}");
 }
 
@@ -380,15 +296,8 @@ fn the_same_seed_gives_the_same_bytes() {
         files_below(directory)
             .into_iter()
             .map(|path| {
-                let name = path
-                    .strip_prefix(directory)
-                    .unwrap()
-                    .to_string_lossy()
-                    .to_string();
-                (
-                    name,
-                    hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap())),
-                )
+                let name = path.strip_prefix(directory).unwrap().to_string_lossy().to_string();
+                (name, hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap())))
             })
             .collect()
     };
@@ -407,11 +316,7 @@ fn the_same_seed_gives_the_same_bytes() {
             OsStr::new("--out"),
             out.as_os_str(),
         ]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         digests.push(digest(&out));
     }
     assert_eq!(digests[0].len(), 3 * 60 + 1);

@@ -19,17 +19,12 @@ const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 const ORT_LIBRARY_SHA256: &str = "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask sits in the workspace")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {command:?}");
-    let status = command
-        .status()
-        .with_context(|| format!("cannot start {command:?}"))?;
+    let status = command.status().with_context(|| format!("cannot start {command:?}"))?;
     if !status.success() {
         bail!("{command:?} failed with {status}");
     }
@@ -55,51 +50,26 @@ fn fetch_ort() -> anyhow::Result<PathBuf> {
     let wheel = wheels.join(ORT_WHEEL);
     if !wheel.is_file() {
         run(Command::new(python())
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--only-binary=:all:",
-            ])
-            .args([
-                "--python-version",
-                "3.11",
-                "--platform",
-                "manylinux_2_28_x86_64",
-                "-d",
-            ])
+            .args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"])
+            .args(["--python-version", "3.11", "--platform", "manylinux_2_28_x86_64", "-d"])
             .arg(&wheels)
             .arg(format!("onnxruntime=={ORT_VERSION}")))
         .context("downloading the onnxruntime wheel from PyPI (pip must reach PyPI)")?;
     }
     let wheel_sha = sha256_file(&wheel)?;
     if wheel_sha != ORT_WHEEL_SHA256 {
-        bail!(
-            "{} has sha256 {wheel_sha}, expected {ORT_WHEEL_SHA256}; delete it and try again",
-            wheel.display()
-        );
+        bail!("{} has sha256 {wheel_sha}, expected {ORT_WHEEL_SHA256}; delete it and try again", wheel.display());
     }
     std::fs::create_dir_all(&directory)?;
     let script = format!(
         "import zipfile,sys; z=zipfile.ZipFile(sys.argv[1]); open(sys.argv[2],'wb').write(z.read('onnxruntime/capi/{ORT_LIBRARY}'))"
     );
-    run(Command::new(python())
-        .args(["-c", &script])
-        .arg(&wheel)
-        .arg(&library))?;
+    run(Command::new(python()).args(["-c", &script]).arg(&wheel).arg(&library))?;
     let library_sha = sha256_file(&library)?;
     if library_sha != ORT_LIBRARY_SHA256 {
-        bail!(
-            "{} has sha256 {library_sha}, expected {ORT_LIBRARY_SHA256}",
-            library.display()
-        );
+        bail!("{} has sha256 {library_sha}, expected {ORT_LIBRARY_SHA256}", library.display());
     }
-    eprintln!(
-        "xtask: ONNX Runtime {ORT_VERSION} ready at {}",
-        library.display()
-    );
+    eprintln!("xtask: ONNX Runtime {ORT_VERSION} ready at {}", library.display());
     Ok(library)
 }
 
@@ -117,9 +87,7 @@ fn setup_python() -> anyhow::Result<PathBuf> {
     let stamp = venv.join(".requirements.sha256");
     let wanted = sha256_file(&requirements)?;
     if std::fs::read_to_string(&stamp).unwrap_or_default() != wanted {
-        run(Command::new(&interpreter)
-            .args(["-m", "pip", "install", "--quiet", "-r"])
-            .arg(&requirements))?;
+        run(Command::new(&interpreter).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements))?;
         std::fs::write(&stamp, &wanted)?;
     }
     Ok(interpreter)
@@ -130,9 +98,7 @@ fn cargo() -> Command {
 }
 
 fn build_release() -> anyhow::Result<PathBuf> {
-    run(cargo()
-        .current_dir(root())
-        .args(["build", "--release", "-p", "panscreen"]))?;
+    run(cargo().current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
     Ok(root().join("target/release/panscreen"))
 }
 
@@ -140,19 +106,14 @@ fn build_release() -> anyhow::Result<PathBuf> {
 fn check_model_reproducible(interpreter: &Path) -> anyhow::Result<()> {
     let model_dir = root().join("models/tiny-panda");
     let scratch = std::env::temp_dir().join(format!("panscreen-model-{}.onnx", std::process::id()));
-    run(Command::new(interpreter)
-        .arg(model_dir.join("build_model.py"))
-        .arg("--out")
-        .arg(&scratch))?;
+    run(Command::new(interpreter).arg(model_dir.join("build_model.py")).arg("--out").arg(&scratch))?;
     let rebuilt = sha256_file(&scratch)?;
     let _ = std::fs::remove_file(&scratch);
     let shipped = sha256_file(&model_dir.join("tiny-panda.onnx"))?;
     if rebuilt != shipped {
         bail!("models/tiny-panda/build_model.py writes sha256 {rebuilt}, but tiny-panda.onnx is {shipped}");
     }
-    eprintln!(
-        "xtask: models/tiny-panda/tiny-panda.onnx is reproduced by build_model.py ({shipped})"
-    );
+    eprintln!("xtask: models/tiny-panda/tiny-panda.onnx is reproduced by build_model.py ({shipped})");
     Ok(())
 }
 
@@ -168,24 +129,14 @@ fn demo() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out)?;
     if !key.is_file() {
-        let bytes: Vec<u8> = (0..4)
-            .flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec())
-            .collect();
+        let bytes: Vec<u8> =
+            (0..4).flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec()).collect();
         std::fs::write(&key, hex::encode(bytes))?;
         eprintln!("xtask: wrote a demo pseudonym key to {}", key.display());
     }
     run(Command::new(&binary)
         .current_dir(root())
-        .args([
-            "synth",
-            "--studies",
-            "24",
-            "--seed",
-            "7",
-            "--prevalence",
-            "0.25",
-            "--out",
-        ])
+        .args(["synth", "--studies", "24", "--seed", "7", "--prevalence", "0.25", "--out"])
         .arg(&cohort))?;
     run(Command::new(&binary)
         .current_dir(root())
@@ -203,10 +154,7 @@ fn demo() -> anyhow::Result<()> {
         .arg(&results)
         .arg("--key-file")
         .arg(&key))?;
-    println!(
-        "\nParquet tables are under {}; query them with DuckDB, Polars, pandas or Spark.",
-        results.display()
-    );
+    println!("\nParquet tables are under {}; query them with DuckDB, Polars, pandas or Spark.", results.display());
     Ok(())
 }
 
@@ -227,9 +175,7 @@ fn bench() -> anyhow::Result<()> {
     fetch_ort()?;
     setup_python()?;
     build_release()?;
-    run(Command::new("bash")
-        .current_dir(root())
-        .arg("load-tests/embedded-bench.sh"))
+    run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))
 }
 
 fn main() -> anyhow::Result<()> {

@@ -35,10 +35,7 @@ pub enum AggregateError {
     #[error("cannot build a Parquet table: {0}")]
     Table(String),
     #[error("cannot write {key}: {source}")]
-    Write {
-        key: String,
-        source: object_store::Error,
-    },
+    Write { key: String, source: object_store::Error },
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
@@ -67,33 +64,19 @@ impl AggregateConfig {
 
 /// Encodes a record batch as a Parquet file (Snappy).
 pub fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, AggregateError> {
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::SNAPPY)
-        .build();
+    let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();
     let mut buffer = Vec::new();
     let mut writer = ArrowWriter::try_new(&mut buffer, batch.schema(), Some(properties))
         .map_err(|error| AggregateError::Table(error.to_string()))?;
-    writer
-        .write(batch)
-        .map_err(|error| AggregateError::Table(error.to_string()))?;
-    writer
-        .close()
-        .map_err(|error| AggregateError::Table(error.to_string()))?;
+    writer.write(batch).map_err(|error| AggregateError::Table(error.to_string()))?;
+    writer.close().map_err(|error| AggregateError::Table(error.to_string()))?;
     Ok(Bytes::from(buffer))
 }
 
 /// Hive-style partition value: keeps letters, digits, '-' and '_'.
 fn partition_value(value: &str) -> String {
-    let cleaned: String = value
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let cleaned: String =
+        value.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     if cleaned.is_empty() {
         "unknown".to_string()
     } else {
@@ -129,12 +112,7 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn new(
-        config: AggregateConfig,
-        out: Store,
-        sites: SiteRegistry,
-        counters: Arc<StageCounters>,
-    ) -> Self {
+    pub fn new(config: AggregateConfig, out: Store, sites: SiteRegistry, counters: Arc<StageCounters>) -> Self {
         Aggregator {
             config,
             out,
@@ -194,13 +172,7 @@ impl Aggregator {
 
     async fn put(&mut self, key: String, batch: RecordBatch) -> Result<(), AggregateError> {
         let bytes = parquet_bytes(&batch)?;
-        self.out
-            .put(&key, bytes)
-            .await
-            .map_err(|source| AggregateError::Write {
-                key: key.clone(),
-                source,
-            })?;
+        self.out.put(&key, bytes).await.map_err(|source| AggregateError::Write { key: key.clone(), source })?;
         self.report.files_written.push(key);
         Ok(())
     }
@@ -209,10 +181,7 @@ impl Aggregator {
         let now = OffsetDateTime::now_utc();
         let mut partitions: BTreeMap<(String, String), Vec<StudyScored>> = BTreeMap::new();
         for row in &self.pending_results {
-            let key = (
-                partition_value(&row.context.region_code),
-                partition_value(row.context.scan_month()),
-            );
+            let key = (partition_value(&row.context.region_code), partition_value(row.context.scan_month()));
             partitions.entry(key).or_default().push(row.clone());
         }
         self.sequence += 1;
@@ -226,26 +195,21 @@ impl Aggregator {
             self.put(key, batch).await?;
         }
         if !self.pending_quarantine.is_empty() {
-            let batch = tables::quarantine_batch(&self.pending_quarantine)
-                .map_err(|e| AggregateError::Table(e.to_string()))?;
-            let key = format!(
-                "quarantine/part-{}-{:05}.parquet",
-                self.config.writer_id, self.sequence
-            );
+            let batch =
+                tables::quarantine_batch(&self.pending_quarantine).map_err(|e| AggregateError::Table(e.to_string()))?;
+            let key = format!("quarantine/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
             self.put(key, batch).await?;
         }
         Ok(())
     }
 
     fn region_entry(&mut self, code: &str, name: &str, province: &str) -> &mut RegionCounts {
-        self.regions
-            .entry(code.to_string())
-            .or_insert_with(|| RegionCounts {
-                region_code: code.to_string(),
-                region_name: name.to_string(),
-                province: province.to_string(),
-                ..RegionCounts::default()
-            })
+        self.regions.entry(code.to_string()).or_insert_with(|| RegionCounts {
+            region_code: code.to_string(),
+            region_name: name.to_string(),
+            province: province.to_string(),
+            ..RegionCounts::default()
+        })
     }
 
     /// Writes what is pending, then settles it: ack when written, nak when not.
@@ -257,11 +221,8 @@ impl Aggregator {
         match self.write_pending().await {
             Ok(()) => {
                 for row in std::mem::take(&mut self.pending_results) {
-                    let region = self.region_entry(
-                        &row.context.region_code,
-                        &row.context.region_name,
-                        &row.context.province,
-                    );
+                    let region =
+                        self.region_entry(&row.context.region_code, &row.context.region_name, &row.context.province);
                     region.screened += 1;
                     region.flagged += i64::from(row.prediction.flagged);
                     self.report.results_written += 1;
@@ -271,17 +232,10 @@ impl Aggregator {
                     self.counters.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 for record in std::mem::take(&mut self.pending_quarantine) {
-                    let site = record
-                        .site_id
-                        .as_deref()
-                        .and_then(|id| self.sites.sites.iter().find(|s| s.id == id))
-                        .cloned();
+                    let site =
+                        record.site_id.as_deref().and_then(|id| self.sites.sites.iter().find(|s| s.id == id)).cloned();
                     let (code, name, province) = match &site {
-                        Some(site) => (
-                            site.region_code.as_str(),
-                            site.region_name.as_str(),
-                            site.province.as_str(),
-                        ),
+                        Some(site) => (site.region_code.as_str(), site.region_name.as_str(), site.province.as_str()),
                         None => ("unknown", "unknown", "unknown"),
                     };
                     self.region_entry(code, name, province).quarantined += 1;
@@ -315,14 +269,11 @@ impl Aggregator {
     /// Writes the regional summary and the recall worklist for everything flushed.
     pub async fn write_summary_and_worklist(&mut self) -> Result<(), AggregateError> {
         let regions: Vec<RegionCounts> = self.regions.values().cloned().collect();
-        let summary = tables::summary_batch(&regions, &self.config.campaign)
-            .map_err(|e| AggregateError::Table(e.to_string()))?;
-        self.put("summary/summary.parquet".to_string(), summary)
-            .await?;
-        let worklist = tables::worklist_batch(&self.flagged)
-            .map_err(|e| AggregateError::Table(e.to_string()))?;
-        self.put("worklist/worklist.parquet".to_string(), worklist)
-            .await?;
+        let summary =
+            tables::summary_batch(&regions, &self.config.campaign).map_err(|e| AggregateError::Table(e.to_string()))?;
+        self.put("summary/summary.parquet".to_string(), summary).await?;
+        let worklist = tables::worklist_batch(&self.flagged).map_err(|e| AggregateError::Table(e.to_string()))?;
+        self.put("worklist/worklist.parquet".to_string(), worklist).await?;
         self.report.regions = regions;
         self.report.flagged = self.flagged.len();
         Ok(())
@@ -333,13 +284,8 @@ impl Aggregator {
         if ignored.is_empty() {
             return Ok(());
         }
-        let batch =
-            tables::ignored_batch(ignored).map_err(|e| AggregateError::Table(e.to_string()))?;
-        self.put(
-            format!("ignored/part-{}.parquet", self.config.writer_id),
-            batch,
-        )
-        .await
+        let batch = tables::ignored_batch(ignored).map_err(|e| AggregateError::Table(e.to_string()))?;
+        self.put(format!("ignored/part-{}.parquet", self.config.writer_id), batch).await
     }
 
     pub fn report(&self) -> &AggregateReport {
@@ -355,12 +301,8 @@ impl Aggregator {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AggregateError> {
         let consumer = "panscreen-aggregate";
-        let mut scored = queue
-            .subscribe(&subjects::scored(&self.config.campaign), consumer)
-            .await?;
-        let mut quarantine = queue
-            .subscribe(&subjects::quarantine(&self.config.campaign), consumer)
-            .await?;
+        let mut scored = queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
+        let mut quarantine = queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
         let (mut scored_open, mut quarantine_open) = (true, true);
         let mut next_flush = tokio::time::Instant::now() + self.config.flush_interval;
         tokio::pin!(shutdown);

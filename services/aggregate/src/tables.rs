@@ -14,8 +14,7 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, StringArray,
-    TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{Field, Schema};
 use arrow::error::ArrowError;
@@ -33,33 +32,19 @@ fn floats(values: impl Iterator<Item = Option<f64>>) -> ArrayRef {
 
 fn timestamps(values: impl Iterator<Item = Option<OffsetDateTime>>) -> ArrayRef {
     let micros = values.map(|v| v.map(|t| (t.unix_timestamp_nanos() / 1000) as i64));
-    Arc::new(
-        micros
-            .collect::<TimestampMicrosecondArray>()
-            .with_timezone("UTC"),
-    )
+    Arc::new(micros.collect::<TimestampMicrosecondArray>().with_timezone("UTC"))
 }
 
 fn days_since_epoch(iso: &str) -> Option<i32> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     let date = Date::parse(iso, &format).ok()?;
-    Some(
-        date.to_julian_day()
-            - Date::from_calendar_date(1970, time::Month::January, 1)
-                .ok()?
-                .to_julian_day(),
-    )
+    Some(date.to_julian_day() - Date::from_calendar_date(1970, time::Month::January, 1).ok()?.to_julian_day())
 }
 
 fn batch(columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, ArrowError> {
-    let fields: Vec<Field> = columns
-        .iter()
-        .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
-        .collect();
-    RecordBatch::try_new(
-        Arc::new(Schema::new(fields)),
-        columns.into_iter().map(|(_, a)| a).collect(),
-    )
+    let fields: Vec<Field> =
+        columns.iter().map(|(name, array)| Field::new(*name, array.data_type().clone(), true)).collect();
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns.into_iter().map(|(_, a)| a).collect())
 }
 
 /// Results rows (without the partition keys).
@@ -68,217 +53,62 @@ pub fn results_batch(
     software_version: &str,
     aggregated_at: OffsetDateTime,
 ) -> Result<RecordBatch, ArrowError> {
-    let centroid = |axis: usize| {
-        floats(
-            rows.iter()
-                .map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])),
-        )
-    };
+    let centroid = |axis: usize| floats(rows.iter().map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])));
     batch(vec![
-        (
-            "study_key",
-            strings(rows.iter().map(|r| Some(r.context.study_key.as_str()))),
-        ),
-        (
-            "patient_key",
-            strings(rows.iter().map(|r| Some(r.context.patient_key.as_str()))),
-        ),
-        (
-            "campaign",
-            strings(rows.iter().map(|r| Some(r.context.campaign.as_str()))),
-        ),
-        (
-            "site_id",
-            strings(rows.iter().map(|r| Some(r.context.site_id.as_str()))),
-        ),
-        (
-            "region_name",
-            strings(rows.iter().map(|r| Some(r.context.region_name.as_str()))),
-        ),
-        (
-            "province",
-            strings(rows.iter().map(|r| Some(r.context.province.as_str()))),
-        ),
-        (
-            "age_band",
-            strings(rows.iter().map(|r| Some(r.context.age_band.as_str()))),
-        ),
-        (
-            "sex",
-            strings(rows.iter().map(|r| Some(r.context.sex.as_str()))),
-        ),
-        (
-            "scan_date",
-            Arc::new(
-                rows.iter()
-                    .map(|r| days_since_epoch(&r.context.scan_date))
-                    .collect::<Date32Array>(),
-            ),
-        ),
-        (
-            "series_key",
-            strings(rows.iter().map(|r| Some(r.series.series_key.as_str()))),
-        ),
-        (
-            "series_number",
-            Arc::new(
-                rows.iter()
-                    .map(|r| r.series.series_number)
-                    .collect::<Int32Array>(),
-            ),
-        ),
-        (
-            "series_reason",
-            strings(rows.iter().map(|r| Some(r.series.reason.as_str()))),
-        ),
-        (
-            "series_candidates",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.series.candidates as i32))
-                    .collect::<Int32Array>(),
-            ),
-        ),
-        (
-            "slices",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.series.slices as i32))
-                    .collect::<Int32Array>(),
-            ),
-        ),
-        (
-            "slice_spacing_mm",
-            floats(rows.iter().map(|r| Some(r.series.slice_spacing_mm))),
-        ),
-        (
-            "pixel_spacing_mm",
-            floats(rows.iter().map(|r| Some(r.series.pixel_spacing_mm[0]))),
-        ),
-        (
-            "lesion_probability",
-            floats(rows.iter().map(|r| Some(r.prediction.lesion_probability))),
-        ),
-        (
-            "flagged",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.prediction.flagged))
-                    .collect::<BooleanArray>(),
-            ),
-        ),
-        (
-            "threshold",
-            floats(rows.iter().map(|r| Some(r.prediction.threshold))),
-        ),
-        (
-            "lesion_volume_mm3",
-            floats(rows.iter().map(|r| r.prediction.lesion_volume_mm3)),
-        ),
+        ("study_key", strings(rows.iter().map(|r| Some(r.context.study_key.as_str())))),
+        ("patient_key", strings(rows.iter().map(|r| Some(r.context.patient_key.as_str())))),
+        ("campaign", strings(rows.iter().map(|r| Some(r.context.campaign.as_str())))),
+        ("site_id", strings(rows.iter().map(|r| Some(r.context.site_id.as_str())))),
+        ("region_name", strings(rows.iter().map(|r| Some(r.context.region_name.as_str())))),
+        ("province", strings(rows.iter().map(|r| Some(r.context.province.as_str())))),
+        ("age_band", strings(rows.iter().map(|r| Some(r.context.age_band.as_str())))),
+        ("sex", strings(rows.iter().map(|r| Some(r.context.sex.as_str())))),
+        ("scan_date", Arc::new(rows.iter().map(|r| days_since_epoch(&r.context.scan_date)).collect::<Date32Array>())),
+        ("series_key", strings(rows.iter().map(|r| Some(r.series.series_key.as_str())))),
+        ("series_number", Arc::new(rows.iter().map(|r| r.series.series_number).collect::<Int32Array>())),
+        ("series_reason", strings(rows.iter().map(|r| Some(r.series.reason.as_str())))),
+        ("series_candidates", Arc::new(rows.iter().map(|r| Some(r.series.candidates as i32)).collect::<Int32Array>())),
+        ("slices", Arc::new(rows.iter().map(|r| Some(r.series.slices as i32)).collect::<Int32Array>())),
+        ("slice_spacing_mm", floats(rows.iter().map(|r| Some(r.series.slice_spacing_mm)))),
+        ("pixel_spacing_mm", floats(rows.iter().map(|r| Some(r.series.pixel_spacing_mm[0])))),
+        ("lesion_probability", floats(rows.iter().map(|r| Some(r.prediction.lesion_probability)))),
+        ("flagged", Arc::new(rows.iter().map(|r| Some(r.prediction.flagged)).collect::<BooleanArray>())),
+        ("threshold", floats(rows.iter().map(|r| Some(r.prediction.threshold)))),
+        ("lesion_volume_mm3", floats(rows.iter().map(|r| r.prediction.lesion_volume_mm3))),
         ("lesion_centroid_x_mm", centroid(0)),
         ("lesion_centroid_y_mm", centroid(1)),
         ("lesion_centroid_z_mm", centroid(2)),
-        (
-            "model_name",
-            strings(rows.iter().map(|r| Some(r.prediction.model.name.as_str()))),
-        ),
-        (
-            "model_version",
-            strings(
-                rows.iter()
-                    .map(|r| Some(r.prediction.model.version.as_str())),
-            ),
-        ),
-        (
-            "model_sha256",
-            strings(
-                rows.iter()
-                    .map(|r| Some(r.prediction.model.sha256.as_str())),
-            ),
-        ),
-        (
-            "software_version",
-            strings(rows.iter().map(|_| Some(software_version))),
-        ),
-        (
-            "ingested_at",
-            timestamps(rows.iter().map(|r| r.context.timings.ingested_at)),
-        ),
-        (
-            "preprocessed_at",
-            timestamps(rows.iter().map(|r| r.context.timings.preprocessed_at)),
-        ),
-        (
-            "scored_at",
-            timestamps(rows.iter().map(|r| r.context.timings.scored_at)),
-        ),
-        (
-            "aggregated_at",
-            timestamps(rows.iter().map(|_| Some(aggregated_at))),
-        ),
-        (
-            "preprocess_ms",
-            floats(rows.iter().map(|r| r.context.timings.preprocess_ms)),
-        ),
-        (
-            "infer_ms",
-            floats(rows.iter().map(|r| r.context.timings.infer_ms)),
-        ),
+        ("model_name", strings(rows.iter().map(|r| Some(r.prediction.model.name.as_str())))),
+        ("model_version", strings(rows.iter().map(|r| Some(r.prediction.model.version.as_str())))),
+        ("model_sha256", strings(rows.iter().map(|r| Some(r.prediction.model.sha256.as_str())))),
+        ("software_version", strings(rows.iter().map(|_| Some(software_version)))),
+        ("ingested_at", timestamps(rows.iter().map(|r| r.context.timings.ingested_at))),
+        ("preprocessed_at", timestamps(rows.iter().map(|r| r.context.timings.preprocessed_at))),
+        ("scored_at", timestamps(rows.iter().map(|r| r.context.timings.scored_at))),
+        ("aggregated_at", timestamps(rows.iter().map(|_| Some(aggregated_at)))),
+        ("preprocess_ms", floats(rows.iter().map(|r| r.context.timings.preprocess_ms))),
+        ("infer_ms", floats(rows.iter().map(|r| r.context.timings.infer_ms))),
     ])
 }
 
 pub fn quarantine_batch(rows: &[QuarantineRecord]) -> Result<RecordBatch, ArrowError> {
     batch(vec![
-        (
-            "campaign",
-            strings(rows.iter().map(|r| Some(r.campaign.as_str()))),
-        ),
-        (
-            "stage",
-            strings(rows.iter().map(|r| Some(r.stage.as_str()))),
-        ),
-        (
-            "input",
-            strings(rows.iter().map(|r| Some(r.input.as_str()))),
-        ),
-        (
-            "study_key",
-            strings(rows.iter().map(|r| r.study_key.as_deref())),
-        ),
-        (
-            "site_id",
-            strings(rows.iter().map(|r| r.site_id.as_deref())),
-        ),
-        (
-            "reason",
-            strings(rows.iter().map(|r| Some(r.reason.as_str()))),
-        ),
-        (
-            "detail",
-            strings(rows.iter().map(|r| Some(r.detail.as_str()))),
-        ),
-        (
-            "attempts",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.attempts as i32))
-                    .collect::<Int32Array>(),
-            ),
-        ),
+        ("campaign", strings(rows.iter().map(|r| Some(r.campaign.as_str())))),
+        ("stage", strings(rows.iter().map(|r| Some(r.stage.as_str())))),
+        ("input", strings(rows.iter().map(|r| Some(r.input.as_str())))),
+        ("study_key", strings(rows.iter().map(|r| r.study_key.as_deref()))),
+        ("site_id", strings(rows.iter().map(|r| r.site_id.as_deref()))),
+        ("reason", strings(rows.iter().map(|r| Some(r.reason.as_str())))),
+        ("detail", strings(rows.iter().map(|r| Some(r.detail.as_str())))),
+        ("attempts", Arc::new(rows.iter().map(|r| Some(r.attempts as i32)).collect::<Int32Array>())),
         ("at", timestamps(rows.iter().map(|r| Some(r.at)))),
     ])
 }
 
 pub fn ignored_batch(rows: &[IgnoredInput]) -> Result<RecordBatch, ArrowError> {
     batch(vec![
-        (
-            "input",
-            strings(rows.iter().map(|r| Some(r.input.as_str()))),
-        ),
-        (
-            "reason",
-            strings(rows.iter().map(|r| Some(r.reason.as_str()))),
-        ),
+        ("input", strings(rows.iter().map(|r| Some(r.input.as_str())))),
+        ("reason", strings(rows.iter().map(|r| Some(r.reason.as_str())))),
     ])
 }
 
@@ -296,45 +126,13 @@ pub struct RegionCounts {
 pub fn summary_batch(rows: &[RegionCounts], campaign: &str) -> Result<RecordBatch, ArrowError> {
     batch(vec![
         ("campaign", strings(rows.iter().map(|_| Some(campaign)))),
-        (
-            "region_code",
-            strings(rows.iter().map(|r| Some(r.region_code.as_str()))),
-        ),
-        (
-            "region_name",
-            strings(rows.iter().map(|r| Some(r.region_name.as_str()))),
-        ),
-        (
-            "province",
-            strings(rows.iter().map(|r| Some(r.province.as_str()))),
-        ),
-        (
-            "screened",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.screened))
-                    .collect::<Int64Array>(),
-            ),
-        ),
-        (
-            "flagged",
-            Arc::new(rows.iter().map(|r| Some(r.flagged)).collect::<Int64Array>()),
-        ),
-        (
-            "flag_rate",
-            floats(
-                rows.iter()
-                    .map(|r| (r.screened > 0).then(|| r.flagged as f64 / r.screened as f64)),
-            ),
-        ),
-        (
-            "quarantined",
-            Arc::new(
-                rows.iter()
-                    .map(|r| Some(r.quarantined))
-                    .collect::<Int64Array>(),
-            ),
-        ),
+        ("region_code", strings(rows.iter().map(|r| Some(r.region_code.as_str())))),
+        ("region_name", strings(rows.iter().map(|r| Some(r.region_name.as_str())))),
+        ("province", strings(rows.iter().map(|r| Some(r.province.as_str())))),
+        ("screened", Arc::new(rows.iter().map(|r| Some(r.screened)).collect::<Int64Array>())),
+        ("flagged", Arc::new(rows.iter().map(|r| Some(r.flagged)).collect::<Int64Array>())),
+        ("flag_rate", floats(rows.iter().map(|r| (r.screened > 0).then(|| r.flagged as f64 / r.screened as f64)))),
+        ("quarantined", Arc::new(rows.iter().map(|r| Some(r.quarantined)).collect::<Int64Array>())),
     ])
 }
 
@@ -345,11 +143,7 @@ pub fn worklist_batch(rows: &[StudyScored]) -> Result<RecordBatch, ArrowError> {
         a.context
             .site_id
             .cmp(&b.context.site_id)
-            .then(
-                b.prediction
-                    .lesion_probability
-                    .total_cmp(&a.prediction.lesion_probability),
-            )
+            .then(b.prediction.lesion_probability.total_cmp(&a.prediction.lesion_probability))
             .then(a.context.study_key.cmp(&b.context.study_key))
     });
     let mut rank = Vec::with_capacity(sorted.len());
@@ -358,74 +152,22 @@ pub fn worklist_batch(rows: &[StudyScored]) -> Result<RecordBatch, ArrowError> {
         let previous = if first_of_site { 0 } else { rank[index - 1] };
         rank.push(previous + 1);
     }
-    let centroid = |axis: usize| {
-        floats(
-            sorted
-                .iter()
-                .map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])),
-        )
-    };
+    let centroid = |axis: usize| floats(sorted.iter().map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])));
     batch(vec![
-        (
-            "site_id",
-            strings(sorted.iter().map(|r| Some(r.context.site_id.as_str()))),
-        ),
-        (
-            "priority",
-            Arc::new(rank.into_iter().map(Some).collect::<Int32Array>()),
-        ),
-        (
-            "patient_key",
-            strings(sorted.iter().map(|r| Some(r.context.patient_key.as_str()))),
-        ),
-        (
-            "study_key",
-            strings(sorted.iter().map(|r| Some(r.context.study_key.as_str()))),
-        ),
-        (
-            "series_key",
-            strings(sorted.iter().map(|r| Some(r.series.series_key.as_str()))),
-        ),
-        (
-            "scan_date",
-            Arc::new(
-                sorted
-                    .iter()
-                    .map(|r| days_since_epoch(&r.context.scan_date))
-                    .collect::<Date32Array>(),
-            ),
-        ),
-        (
-            "region_code",
-            strings(sorted.iter().map(|r| Some(r.context.region_code.as_str()))),
-        ),
-        (
-            "lesion_probability",
-            floats(sorted.iter().map(|r| Some(r.prediction.lesion_probability))),
-        ),
-        (
-            "lesion_volume_mm3",
-            floats(sorted.iter().map(|r| r.prediction.lesion_volume_mm3)),
-        ),
+        ("site_id", strings(sorted.iter().map(|r| Some(r.context.site_id.as_str())))),
+        ("priority", Arc::new(rank.into_iter().map(Some).collect::<Int32Array>())),
+        ("patient_key", strings(sorted.iter().map(|r| Some(r.context.patient_key.as_str())))),
+        ("study_key", strings(sorted.iter().map(|r| Some(r.context.study_key.as_str())))),
+        ("series_key", strings(sorted.iter().map(|r| Some(r.series.series_key.as_str())))),
+        ("scan_date", Arc::new(sorted.iter().map(|r| days_since_epoch(&r.context.scan_date)).collect::<Date32Array>())),
+        ("region_code", strings(sorted.iter().map(|r| Some(r.context.region_code.as_str())))),
+        ("lesion_probability", floats(sorted.iter().map(|r| Some(r.prediction.lesion_probability)))),
+        ("lesion_volume_mm3", floats(sorted.iter().map(|r| r.prediction.lesion_volume_mm3))),
         ("lesion_centroid_x_mm", centroid(0)),
         ("lesion_centroid_y_mm", centroid(1)),
         ("lesion_centroid_z_mm", centroid(2)),
-        (
-            "model_name",
-            strings(
-                sorted
-                    .iter()
-                    .map(|r| Some(r.prediction.model.name.as_str())),
-            ),
-        ),
-        (
-            "model_version",
-            strings(
-                sorted
-                    .iter()
-                    .map(|r| Some(r.prediction.model.version.as_str())),
-            ),
-        ),
+        ("model_name", strings(sorted.iter().map(|r| Some(r.prediction.model.name.as_str())))),
+        ("model_version", strings(sorted.iter().map(|r| Some(r.prediction.model.version.as_str())))),
     ])
 }
 

@@ -23,20 +23,16 @@ impl std::str::FromStr for Device {
     /// `cpu`, `cuda`, `cuda:1`, `tensorrt`, `tensorrt:0`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (kind, id) = match text.split_once(':') {
-            Some((kind, id)) => (
-                kind,
-                id.parse::<i32>()
-                    .map_err(|_| format!("device id in {text:?} is not a number"))?,
-            ),
+            Some((kind, id)) => {
+                (kind, id.parse::<i32>().map_err(|_| format!("device id in {text:?} is not a number"))?)
+            }
             None => (text, 0),
         };
         match kind.to_ascii_lowercase().as_str() {
             "cpu" => Ok(Device::Cpu),
             "cuda" | "gpu" => Ok(Device::Cuda { device_id: id }),
             "tensorrt" | "trt" => Ok(Device::TensorRt { device_id: id }),
-            _ => Err(format!(
-                "unknown device {text:?}: use cpu, cuda[:N] or tensorrt[:N]"
-            )),
+            _ => Err(format!("unknown device {text:?}: use cpu, cuda[:N] or tensorrt[:N]")),
         }
     }
 }
@@ -56,11 +52,7 @@ pub enum ModelError {
     #[error("model file {0} does not exist")]
     Missing(PathBuf),
     #[error("model file {path} has sha256 {actual}, but its manifest says {expected}")]
-    Checksum {
-        path: PathBuf,
-        actual: String,
-        expected: String,
-    },
+    Checksum { path: PathBuf, actual: String, expected: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("device {device} is not available: {detail}")]
@@ -68,12 +60,7 @@ pub enum ModelError {
     #[error("ONNX Runtime cannot load {path}: {detail}")]
     Session { path: PathBuf, detail: String },
     #[error("model {path} has no {kind} named {name:?} (it has: {available}); fix the manifest or the model")]
-    Name {
-        path: PathBuf,
-        kind: &'static str,
-        name: String,
-        available: String,
-    },
+    Name { path: PathBuf, kind: &'static str, name: String, available: String },
     #[error("inference failed: {0}")]
     Run(String),
 }
@@ -95,22 +82,18 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model")
-            .field("name", &self.manifest.name)
-            .field("device", &self.device)
-            .finish()
+        f.debug_struct("Model").field("name", &self.manifest.name).field("device", &self.device).finish()
     }
 }
 
-fn execution_provider(
-    device: Device,
-) -> Result<Option<ort::ep::ExecutionProviderDispatch>, ModelError> {
+fn execution_provider(device: Device) -> Result<Option<ort::ep::ExecutionProviderDispatch>, ModelError> {
     match device {
         Device::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
         Device::Cuda { device_id } => {
             use ort::ep::ExecutionProvider;
-            let available = ort::ep::CUDA::is_available().map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
+            let available =
+                ort::ep::CUDA::is_available().map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
             if !available {
                 return Err(ModelError::Device {
                     device,
@@ -125,7 +108,8 @@ fn execution_provider(
         #[cfg(feature = "tensorrt")]
         Device::TensorRt { device_id } => {
             use ort::ep::ExecutionProvider;
-            let available = ort::ep::TensorRT::is_available().map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
+            let available =
+                ort::ep::TensorRT::is_available().map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
             if !available {
                 return Err(ModelError::Device {
                     device,
@@ -137,84 +121,50 @@ fn execution_provider(
         #[allow(unreachable_patterns)]
         other => Err(ModelError::Device {
             device: other,
-            detail: "this panscreen was built without that execution provider (cargo features `cuda`, `tensorrt`)".to_string(),
+            detail: "this panscreen was built without that execution provider (cargo features `cuda`, `tensorrt`)"
+                .to_string(),
         }),
     }
 }
 
 impl Model {
     /// Checks the model file against the manifest, then builds the session.
-    pub fn load(
-        manifest: &ModelManifest,
-        device: Device,
-        threads: usize,
-    ) -> Result<Model, ModelError> {
+    pub fn load(manifest: &ModelManifest, device: Device, threads: usize) -> Result<Model, ModelError> {
         let path = manifest.onnx_path();
         if !path.is_file() {
             return Err(ModelError::Missing(path));
         }
         let actual = file_sha256(&path)?;
         if !actual.eq_ignore_ascii_case(&manifest.sha256) {
-            return Err(ModelError::Checksum {
-                path,
-                actual,
-                expected: manifest.sha256.clone(),
-            });
+            return Err(ModelError::Checksum { path, actual, expected: manifest.sha256.clone() });
         }
         // The library must be loaded before anything asks it about providers.
         let (_, environment) = runtime::environment()?;
         let provider = execution_provider(device)?;
-        let session_error = |e: ort::Error| ModelError::Session {
-            path: path.clone(),
-            detail: e.to_string(),
-        };
+        let session_error = |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
         let mut builder = Session::builder(environment).map_err(session_error)?;
-        builder = builder
-            .with_intra_threads(threads.max(1))
-            .map_err(|e| session_error(e.into()))?;
+        builder = builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;
         if let Some(provider) = provider {
-            builder =
-                builder
-                    .with_execution_providers([provider])
-                    .map_err(|e| ModelError::Device {
-                        device,
-                        detail: e.to_string(),
-                    })?;
+            builder = builder
+                .with_execution_providers([provider])
+                .map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
         }
         let session = builder.commit_from_file(&path).map_err(session_error)?;
 
-        let check =
-            |kind: &'static str, name: &str, names: Vec<String>| -> Result<(), ModelError> {
-                if names.iter().any(|n| n == name) {
-                    return Ok(());
-                }
-                Err(ModelError::Name {
-                    path: path.clone(),
-                    kind,
-                    name: name.to_string(),
-                    available: names.join(", "),
-                })
-            };
-        let inputs: Vec<String> = session
-            .inputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
-        let outputs: Vec<String> = session
-            .outputs()
-            .iter()
-            .map(|o| o.name().to_string())
-            .collect();
+        let check = |kind: &'static str, name: &str, names: Vec<String>| -> Result<(), ModelError> {
+            if names.iter().any(|n| n == name) {
+                return Ok(());
+            }
+            Err(ModelError::Name { path: path.clone(), kind, name: name.to_string(), available: names.join(", ") })
+        };
+        let inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
+        let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
         check("input", &manifest.input.name, inputs)?;
         check("output", &manifest.outputs.probability, outputs.clone())?;
         if let Some(mask) = &manifest.outputs.mask {
             check("output", mask, outputs)?;
         }
-        Ok(Model {
-            manifest: manifest.clone(),
-            device,
-            session,
-        })
+        Ok(Model { manifest: manifest.clone(), device, session })
     }
 
     /// Runs a batch: `volumes` are `depth × height × width` tensors, already normalized.
@@ -231,11 +181,9 @@ impl Model {
             }
             stacked.extend_from_slice(volume);
         }
-        let input =
-            ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, depth, height, width]), stacked)
-                .map_err(|e| ModelError::Run(e.to_string()))?;
-        let tensor =
-            TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
+        let input = ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, depth, height, width]), stacked)
+            .map_err(|e| ModelError::Run(e.to_string()))?;
+        let tensor = TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
         let outputs = self
             .session
             .run(ort::inputs![self.manifest.input.name.as_str() => tensor])
@@ -267,10 +215,7 @@ impl Model {
             ),
             None => None,
         };
-        Ok(BatchOutput {
-            probabilities,
-            mask,
-        })
+        Ok(BatchOutput { probabilities, mask })
     }
 }
 
@@ -281,18 +226,9 @@ mod tests {
     #[test]
     fn devices_parse() {
         assert_eq!("cpu".parse::<Device>().unwrap(), Device::Cpu);
-        assert_eq!(
-            "cuda:1".parse::<Device>().unwrap(),
-            Device::Cuda { device_id: 1 }
-        );
-        assert_eq!(
-            "tensorrt".parse::<Device>().unwrap(),
-            Device::TensorRt { device_id: 0 }
-        );
-        assert!("tpu"
-            .parse::<Device>()
-            .unwrap_err()
-            .contains("unknown device"));
+        assert_eq!("cuda:1".parse::<Device>().unwrap(), Device::Cuda { device_id: 1 });
+        assert_eq!("tensorrt".parse::<Device>().unwrap(), Device::TensorRt { device_id: 0 });
+        assert!("tpu".parse::<Device>().unwrap_err().contains("unknown device"));
         assert!("cuda:x".parse::<Device>().is_err());
     }
 }

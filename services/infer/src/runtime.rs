@@ -24,8 +24,7 @@ pub const ORT_VERSION: &str = "1.31.1";
 /// File name inside the wheel (`onnxruntime/capi/`).
 pub const ORT_LIBRARY_FILE: &str = "libonnxruntime.so.1.31.1";
 /// sha256 of `libonnxruntime.so.1.31.1` from `onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl`.
-pub const ORT_LIBRARY_SHA256: &str =
-    "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
+pub const ORT_LIBRARY_SHA256: &str = "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
 
 pub const DYLIB_ENV: &str = "PANSCREEN_ORT_DYLIB";
 pub const SHA256_ENV: &str = "PANSCREEN_ORT_SHA256";
@@ -43,16 +42,9 @@ pub enum RuntimeError {
         "ONNX Runtime at {path} has sha256 {actual}, expected {expected}; \
          run `cargo xtask fetch-ort` again, or set {SHA256_ENV}={actual} to accept this build"
     )]
-    Checksum {
-        path: PathBuf,
-        actual: String,
-        expected: String,
-    },
+    Checksum { path: PathBuf, actual: String, expected: String },
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("cannot load ONNX Runtime from {path}: {detail}")]
     Load { path: PathBuf, detail: String },
     /// The first attempt in this process failed; the same reason, again.
@@ -62,17 +54,11 @@ pub enum RuntimeError {
 
 /// sha256 of a file, as lowercase hex.
 pub fn file_sha256(path: &Path) -> Result<String, RuntimeError> {
-    let mut file = std::fs::File::open(path).map_err(|source| RuntimeError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let mut file = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let read = file.read(&mut buffer).map_err(|source| RuntimeError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let read = file.read(&mut buffer).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
         if read == 0 {
             break;
         }
@@ -82,26 +68,17 @@ pub fn file_sha256(path: &Path) -> Result<String, RuntimeError> {
 }
 
 fn candidates() -> Vec<PathBuf> {
-    let relative = Path::new(".panscreen")
-        .join("onnxruntime")
-        .join(ORT_LIBRARY_FILE);
+    let relative = Path::new(".panscreen").join("onnxruntime").join(ORT_LIBRARY_FILE);
     let mut roots: Vec<PathBuf> = Vec::new();
     if let Ok(directory) = std::env::current_dir() {
         roots.extend(directory.ancestors().map(Path::to_path_buf));
     }
-    if let Some(directory) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf))
-    {
+    if let Some(directory) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
         roots.extend(directory.ancestors().map(Path::to_path_buf));
     }
     let mut paths: Vec<PathBuf> = roots.into_iter().map(|root| root.join(&relative)).collect();
     if let Some(home) = std::env::var_os("HOME") {
-        paths.push(
-            PathBuf::from(home)
-                .join(".local/share/panscreen/onnxruntime")
-                .join(ORT_LIBRARY_FILE),
-        );
+        paths.push(PathBuf::from(home).join(".local/share/panscreen/onnxruntime").join(ORT_LIBRARY_FILE));
     }
     paths.dedup();
     paths
@@ -112,67 +89,39 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
     for variable in [DYLIB_ENV, "ORT_DYLIB_PATH"] {
         if let Some(value) = std::env::var_os(variable).filter(|v| !v.is_empty()) {
             let path = PathBuf::from(value);
-            return if path.is_file() {
-                Ok(path)
-            } else {
-                Err(RuntimeError::Missing(path))
-            };
+            return if path.is_file() { Ok(path) } else { Err(RuntimeError::Missing(path)) };
         }
     }
     let candidates = candidates();
-    candidates
-        .iter()
-        .find(|path| path.is_file())
-        .cloned()
-        .ok_or_else(|| RuntimeError::NotFound {
-            searched: candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+    candidates.iter().find(|path| path.is_file()).cloned().ok_or_else(|| RuntimeError::NotFound {
+        searched: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+    })
 }
 
 /// Checks the library against the pinned checksum (or `PANSCREEN_ORT_SHA256`).
 pub fn verify(path: &Path) -> Result<(), RuntimeError> {
     let actual = file_sha256(path)?;
-    let expected = std::env::var(SHA256_ENV)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| ORT_LIBRARY_SHA256.to_string());
+    let expected =
+        std::env::var(SHA256_ENV).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| ORT_LIBRARY_SHA256.to_string());
     if actual.eq_ignore_ascii_case(&expected) {
         return Ok(());
     }
-    Err(RuntimeError::Checksum {
-        path: path.to_path_buf(),
-        actual,
-        expected,
-    })
+    Err(RuntimeError::Checksum { path: path.to_path_buf(), actual, expected })
 }
 
-static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> =
-    OnceLock::new();
+static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
 /// The process-wide ONNX Runtime environment, loaded once from the verified library.
-pub fn environment() -> Result<(&'static Path, &'static ort::environment::Environment), RuntimeError>
-{
+pub fn environment() -> Result<(&'static Path, &'static ort::environment::Environment), RuntimeError> {
     let loaded = ENVIRONMENT.get_or_init(|| {
         let path = locate().map_err(|e| e.to_string())?;
         verify(&path).map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&path).map_err(|e| {
-            RuntimeError::Load {
-                path: path.clone(),
-                detail: e.to_string(),
-            }
-            .to_string()
-        })?;
-        let environment = builder.with_name("panscreen").build().map_err(|e| {
-            RuntimeError::Load {
-                path: path.clone(),
-                detail: e.to_string(),
-            }
-            .to_string()
-        })?;
+        let builder = ort::init_from(&path)
+            .map_err(|e| RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string())?;
+        let environment = builder
+            .with_name("panscreen")
+            .build()
+            .map_err(|e| RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string())?;
         Ok((path, environment))
     });
     match loaded {

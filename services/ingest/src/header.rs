@@ -66,9 +66,9 @@ impl HeaderProblem {
 
     pub fn detail(&self) -> &str {
         match self {
-            HeaderProblem::NotDicom(detail)
-            | HeaderProblem::Truncated(detail)
-            | HeaderProblem::Invalid(detail) => detail,
+            HeaderProblem::NotDicom(detail) | HeaderProblem::Truncated(detail) | HeaderProblem::Invalid(detail) => {
+                detail
+            }
         }
     }
 }
@@ -116,11 +116,7 @@ pub fn needs_more_bytes(problem: &HeaderProblem) -> bool {
     matches!(problem, HeaderProblem::Truncated(detail) if detail.starts_with("need more than"))
 }
 
-fn check_pixel_extent(
-    object: &DefaultDicomObject,
-    size: u64,
-    bytes: &[u8],
-) -> Result<(), HeaderProblem> {
+fn check_pixel_extent(object: &DefaultDicomObject, size: u64, bytes: &[u8]) -> Result<(), HeaderProblem> {
     let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
     let big_endian = transfer_syntax == "1.2.840.10008.1.2.2";
     let implicit = transfer_syntax == uids::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -131,9 +127,7 @@ fn check_pixel_extent(
         if (bytes.len() as u64) < size {
             return Ok(()); // Pixel Data lies beyond the prefix; nothing to judge here
         }
-        return Err(HeaderProblem::Truncated(format!(
-            "no Pixel Data element in {size} bytes"
-        )));
+        return Err(HeaderProblem::Truncated(format!("no Pixel Data element in {size} bytes")));
     };
     match length {
         Some(length) => {
@@ -153,11 +147,7 @@ fn check_pixel_extent(
 
 /// Byte offset of the Pixel Data value and its declared length (None when undefined).
 fn find_pixel_data(bytes: &[u8], big_endian: bool, implicit: bool) -> Option<(u64, Option<u64>)> {
-    let tag: [u8; 4] = if big_endian {
-        [0x7f, 0xe0, 0x00, 0x10]
-    } else {
-        [0xe0, 0x7f, 0x10, 0x00]
-    };
+    let tag: [u8; 4] = if big_endian { [0x7f, 0xe0, 0x00, 0x10] } else { [0xe0, 0x7f, 0x10, 0x00] };
     let read_u32 = |slice: &[u8]| {
         let array = [slice[0], slice[1], slice[2], slice[3]];
         if big_endian {
@@ -168,61 +158,34 @@ fn find_pixel_data(bytes: &[u8], big_endian: bool, implicit: bool) -> Option<(u6
     };
     // Search from the end of the file meta group so values earlier cannot match.
     let start = 132;
-    let position = bytes
-        .get(start..)?
-        .windows(4)
-        .rposition(|window| window == tag)?
-        + start;
+    let position = bytes.get(start..)?.windows(4).rposition(|window| window == tag)? + start;
     let (length, value_offset) = if implicit {
-        (
-            read_u32(bytes.get(position + 4..position + 8)?),
-            position + 8,
-        )
+        (read_u32(bytes.get(position + 4..position + 8)?), position + 8)
     } else {
         let vr = bytes.get(position + 4..position + 6)?;
         if vr != b"OW" && vr != b"OB" {
             return None;
         }
-        (
-            read_u32(bytes.get(position + 8..position + 12)?),
-            position + 12,
-        )
+        (read_u32(bytes.get(position + 8..position + 12)?), position + 12)
     };
     let length = (length != u32::MAX).then_some(length as u64);
     Some((value_offset as u64, length))
 }
 
-fn header_from_object(
-    key: &str,
-    size: u64,
-    object: &DefaultDicomObject,
-) -> Result<InstanceHeader, HeaderProblem> {
+fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Result<InstanceHeader, HeaderProblem> {
     let text = |tag: Tag| -> String {
         object
             .element_opt(tag)
             .ok()
             .flatten()
-            .and_then(|element| {
-                element
-                    .to_str()
-                    .ok()
-                    .map(|value| value.trim().trim_end_matches('\0').to_string())
-            })
+            .and_then(|element| element.to_str().ok().map(|value| value.trim().trim_end_matches('\0').to_string()))
             .unwrap_or_default()
     };
     let floats = |tag: Tag| -> Option<Vec<f64>> {
-        object
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|element| element.to_multi_float64().ok())
+        object.element_opt(tag).ok().flatten().and_then(|element| element.to_multi_float64().ok())
     };
     let integer = |tag: Tag| -> Option<i64> {
-        object
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|element| element.to_int::<i64>().ok())
+        object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok())
     };
     let required = |tag: Tag, name: &str| -> Result<String, HeaderProblem> {
         let value = text(tag);
@@ -231,19 +194,12 @@ fn header_from_object(
         }
         Ok(value)
     };
-    let image_type = text(tags::IMAGE_TYPE)
-        .split('\\')
-        .map(|part| part.trim().to_uppercase())
-        .filter(|p| !p.is_empty())
-        .collect();
+    let image_type =
+        text(tags::IMAGE_TYPE).split('\\').map(|part| part.trim().to_uppercase()).filter(|p| !p.is_empty()).collect();
     Ok(InstanceHeader {
         key: key.to_string(),
         size,
-        transfer_syntax: object
-            .meta()
-            .transfer_syntax()
-            .trim_end_matches('\0')
-            .to_string(),
+        transfer_syntax: object.meta().transfer_syntax().trim_end_matches('\0').to_string(),
         sop_class_uid: required(tags::SOP_CLASS_UID, "SOPClassUID")?,
         sop_instance_uid: required(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
         study_instance_uid: required(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
@@ -267,8 +223,7 @@ fn header_from_object(
         columns: integer(tags::COLUMNS).unwrap_or(0) as u32,
         bits_allocated: integer(tags::BITS_ALLOCATED).unwrap_or(0) as u32,
         number_of_frames: integer(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
-        contrast_bolus_agent: Some(text(tags::CONTRAST_BOLUS_AGENT))
-            .filter(|value| !value.is_empty()),
+        contrast_bolus_agent: Some(text(tags::CONTRAST_BOLUS_AGENT)).filter(|value| !value.is_empty()),
     })
 }
 
@@ -283,10 +238,7 @@ mod tests {
         assert!(problem.detail().contains("too short"));
         let mut long = vec![b'x'; 300];
         long[0] = 0;
-        assert_eq!(
-            parse("x.bin", 300, &long).unwrap_err().reason(),
-            "not a DICOM file"
-        );
+        assert_eq!(parse("x.bin", 300, &long).unwrap_err().reason(), "not a DICOM file");
     }
 
     #[test]
@@ -294,10 +246,7 @@ mod tests {
         let mut bytes = vec![0u8; 132];
         bytes.extend_from_slice(&[0xe0, 0x7f, 0x10, 0x00, b'O', b'W', 0, 0]);
         bytes.extend_from_slice(&100u32.to_le_bytes());
-        assert_eq!(
-            find_pixel_data(&bytes, false, false),
-            Some((144, Some(100)))
-        );
+        assert_eq!(find_pixel_data(&bytes, false, false), Some((144, Some(100))));
         bytes.truncate(132 + 8);
         bytes.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(find_pixel_data(&bytes, false, false), Some((144, None)));

@@ -20,8 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use panscreen_shared::contracts::{
-    message_id, subjects, IgnoredInput, QuarantineRecord, SeriesChoice, SliceRef, Stage,
-    StudyIngested,
+    message_id, subjects, IgnoredInput, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
 };
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
@@ -111,25 +110,14 @@ async fn read_object(
     key: String,
     size: u64,
 ) -> Result<ObjectOutcome, StoreError> {
-    if key
-        .rsplit('/')
-        .next()
-        .is_some_and(|name| name.eq_ignore_ascii_case("DICOMDIR"))
-    {
+    if key.rsplit('/').next().is_some_and(|name| name.eq_ignore_ascii_case("DICOMDIR")) {
         return Ok(ObjectOutcome::Ignored(IgnoredInput {
             input: key,
             reason: "DICOMDIR index file, not an image".into(),
         }));
     }
     if size == 0 {
-        return Ok(ObjectOutcome::Quarantined(quarantine(
-            &config.campaign,
-            &key,
-            None,
-            None,
-            "empty file",
-            "0 bytes",
-        )));
+        return Ok(ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, "empty file", "0 bytes")));
     }
     let prefix_end = size.min(config.header_bytes);
     let prefix = store.get_range(&key, 0, prefix_end).await?;
@@ -159,13 +147,7 @@ fn common_prefix(keys: &[&str]) -> String {
     };
     let mut end = first.len();
     for key in keys {
-        end = end.min(
-            first
-                .bytes()
-                .zip(key.bytes())
-                .take_while(|(a, b)| a == b)
-                .count(),
-        );
+        end = end.min(first.bytes().zip(key.bytes()).take_while(|(a, b)| a == b).count());
     }
     let prefix = &first[..end];
     match prefix.rfind('/') {
@@ -182,10 +164,7 @@ pub async fn scan(
     sites: &SiteRegistry,
 ) -> Result<IngestReport, StoreError> {
     let objects = store.list(&config.prefix).await?;
-    let mut report = IngestReport {
-        objects_listed: objects.len(),
-        ..IngestReport::default()
-    };
+    let mut report = IngestReport { objects_listed: objects.len(), ..IngestReport::default() };
     let outcomes: Vec<Result<ObjectOutcome, StoreError>> = futures::stream::iter(objects)
         .map(|meta| read_object(store, config, meta.location.to_string(), meta.size))
         .buffer_unordered(config.concurrency.max(1))
@@ -195,10 +174,9 @@ pub async fn scan(
     let mut studies: BTreeMap<String, Vec<InstanceHeader>> = BTreeMap::new();
     for outcome in outcomes {
         match outcome? {
-            ObjectOutcome::Instance(instance) => studies
-                .entry(instance.study_instance_uid.clone())
-                .or_default()
-                .push(*instance),
+            ObjectOutcome::Instance(instance) => {
+                studies.entry(instance.study_instance_uid.clone()).or_default().push(*instance)
+            }
             ObjectOutcome::Quarantined(record) => {
                 report.objects_quarantined += 1;
                 report.quarantined.push(record);
@@ -208,25 +186,18 @@ pub async fn scan(
     }
 
     for instances in studies.into_values() {
-        let context =
-            deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
+        let context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
         let study_files = instances.len();
         let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
         let series = group_series(instances);
         match choose_series(&series, &config.rules) {
             Ok(chosen) => {
                 let first = &chosen.group.instances[0];
-                for other in series
-                    .iter()
-                    .filter(|g| g.series_instance_uid != chosen.group.series_instance_uid)
-                {
+                for other in series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid) {
                     for key in other.keys() {
                         report.ignored.push(IgnoredInput {
                             input: key.to_string(),
-                            reason: format!(
-                                "not the series chosen for screening (modality {})",
-                                other.modality()
-                            ),
+                            reason: format!("not the series chosen for screening (modality {})", other.modality()),
                         });
                     }
                 }
@@ -279,30 +250,16 @@ pub async fn scan(
 }
 
 /// Publishes what a scan found: one message per study, one per quarantined input.
-pub async fn publish(
-    queue: &dyn Queue,
-    campaign: &str,
-    report: &IngestReport,
-) -> Result<(), QueueError> {
+pub async fn publish(queue: &dyn Queue, campaign: &str, report: &IngestReport) -> Result<(), QueueError> {
     for study in &report.studies {
         let payload = Bytes::from(serde_json::to_vec(study).expect("contracts serialize"));
         queue
-            .publish(
-                &subjects::ingested(campaign),
-                &message_id(&study.context.study_key, Stage::Ingest),
-                payload,
-            )
+            .publish(&subjects::ingested(campaign), &message_id(&study.context.study_key, Stage::Ingest), payload)
             .await?;
     }
     for record in &report.quarantined {
         let payload = Bytes::from(serde_json::to_vec(record).expect("contracts serialize"));
-        queue
-            .publish(
-                &subjects::quarantine(campaign),
-                &record.message_id(),
-                payload,
-            )
-            .await?;
+        queue.publish(&subjects::quarantine(campaign), &record.message_id(), payload).await?;
     }
     Ok(())
 }

@@ -42,10 +42,7 @@ pub struct SelectionRules {
 
 impl Default for SelectionRules {
     fn default() -> Self {
-        SelectionRules {
-            min_slices: 20,
-            spacing_tolerance: 0.1,
-        }
+        SelectionRules { min_slices: 20, spacing_tolerance: 0.1 }
     }
 }
 
@@ -66,10 +63,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        Rejection {
-            reason: reason.into(),
-            detail: detail.into(),
-        }
+        Rejection { reason: reason.into(), detail: detail.into() }
     }
 }
 
@@ -77,18 +71,9 @@ impl Rejection {
 pub fn group_series(instances: Vec<InstanceHeader>) -> Vec<SeriesGroup> {
     let mut groups: BTreeMap<String, Vec<InstanceHeader>> = BTreeMap::new();
     for instance in instances {
-        groups
-            .entry(instance.series_instance_uid.clone())
-            .or_default()
-            .push(instance);
+        groups.entry(instance.series_instance_uid.clone()).or_default().push(instance);
     }
-    groups
-        .into_iter()
-        .map(|(series_instance_uid, instances)| SeriesGroup {
-            series_instance_uid,
-            instances,
-        })
-        .collect()
+    groups.into_iter().map(|(series_instance_uid, instances)| SeriesGroup { series_instance_uid, instances }).collect()
 }
 
 fn is_ct_image(group: &SeriesGroup) -> bool {
@@ -103,98 +88,50 @@ fn is_original_axial(group: &SeriesGroup) -> bool {
 }
 
 /// Picks the series to screen and checks it.
-pub fn choose_series(
-    series: &[SeriesGroup],
-    rules: &SelectionRules,
-) -> Result<ChosenSeries, Rejection> {
+pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<ChosenSeries, Rejection> {
     let ct: Vec<&SeriesGroup> = series.iter().filter(|group| is_ct_image(group)).collect();
     if ct.is_empty() {
-        let mut found: Vec<String> = series
-            .iter()
-            .map(|group| group.modality().to_string())
-            .collect();
+        let mut found: Vec<String> = series.iter().map(|group| group.modality().to_string()).collect();
         found.sort();
         found.dedup();
-        let found = found
-            .iter()
-            .map(|m| {
-                if m.is_empty() {
-                    "no modality"
-                } else {
-                    m.as_str()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        return Err(Rejection::new(
-            "study has no CT image series to screen",
-            format!("modalities found: {found}"),
-        ));
+        let found =
+            found.iter().map(|m| if m.is_empty() { "no modality" } else { m.as_str() }).collect::<Vec<_>>().join(", ");
+        return Err(Rejection::new("study has no CT image series to screen", format!("modalities found: {found}")));
     }
-    let plain: Vec<&SeriesGroup> = ct
-        .iter()
-        .copied()
-        .filter(|group| group.first().contrast_bolus_agent.is_none())
-        .collect();
+    let plain: Vec<&SeriesGroup> =
+        ct.iter().copied().filter(|group| group.first().contrast_bolus_agent.is_none()).collect();
     if plain.is_empty() {
         return Err(Rejection::new(
             "study has only contrast-enhanced CT series",
             format!("{} CT series, all with a contrast agent", ct.len()),
         ));
     }
-    let axial: Vec<&SeriesGroup> = plain
-        .iter()
-        .copied()
-        .filter(|group| is_original_axial(group))
-        .collect();
+    let axial: Vec<&SeriesGroup> = plain.iter().copied().filter(|group| is_original_axial(group)).collect();
     if axial.is_empty() {
         return Err(Rejection::new(
             "study has no original axial non-contrast CT series",
-            format!(
-                "{} non-contrast CT series, none ORIGINAL/AXIAL",
-                plain.len()
-            ),
+            format!("{} non-contrast CT series, none ORIGINAL/AXIAL", plain.len()),
         ));
     }
-    let best = axial
-        .iter()
-        .copied()
-        .max_by_key(|group| group.instances.len())
-        .expect("not empty");
+    let best = axial.iter().copied().max_by_key(|group| group.instances.len()).expect("not empty");
     if best.instances.len() < rules.min_slices {
         return Err(Rejection::new(
             "series has too few slices to screen",
-            format!(
-                "{} slices, at least {} needed",
-                best.instances.len(),
-                rules.min_slices
-            ),
+            format!("{} slices, at least {} needed", best.instances.len(), rules.min_slices),
         ));
     }
     let (sorted, slice_spacing_mm) = check_geometry(best, rules)?;
     let reason = format!(
         "original axial non-contrast CT with the most slices ({} of {} series; {} slices)",
-        series
-            .iter()
-            .position(|g| g.series_instance_uid == best.series_instance_uid)
-            .map(|i| i + 1)
-            .unwrap_or(0),
+        series.iter().position(|g| g.series_instance_uid == best.series_instance_uid).map(|i| i + 1).unwrap_or(0),
         series.len(),
         best.instances.len()
     );
-    Ok(ChosenSeries {
-        group: sorted,
-        reason,
-        slice_spacing_mm,
-    })
+    Ok(ChosenSeries { group: sorted, reason, slice_spacing_mm })
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [
-        a[1] * b[2] - a[2] * b[1],
-        a[2] * b[0] - a[0] * b[2],
-        a[0] * b[1] - a[1] * b[0],
-    ]
+    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
 fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
@@ -211,51 +148,29 @@ pub fn slice_normal(orientation: [f64; 6]) -> [f64; 3] {
 }
 
 /// Sorts the slices along the normal and checks spacing; returns the median interval.
-fn check_geometry(
-    group: &SeriesGroup,
-    rules: &SelectionRules,
-) -> Result<(SeriesGroup, f64), Rejection> {
+fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(SeriesGroup, f64), Rejection> {
     let first = group.first();
     let Some(orientation) = first.image_orientation else {
-        return Err(Rejection::new(
-            "series has no image orientation",
-            "ImageOrientationPatient is missing",
-        ));
+        return Err(Rejection::new("series has no image orientation", "ImageOrientationPatient is missing"));
     };
     for instance in &group.instances {
         if instance.rows != first.rows || instance.columns != first.columns {
             return Err(Rejection::new(
                 "series mixes image sizes",
-                format!(
-                    "{}×{} and {}×{}",
-                    first.rows, first.columns, instance.rows, instance.columns
-                ),
+                format!("{}×{} and {}×{}", first.rows, first.columns, instance.rows, instance.columns),
             ));
         }
         let Some(other) = instance.image_orientation else {
-            return Err(Rejection::new(
-                "series has a slice without image orientation",
-                "",
-            ));
+            return Err(Rejection::new("series has a slice without image orientation", ""));
         };
-        if orientation
-            .iter()
-            .zip(other)
-            .any(|(a, b)| (a - b).abs() > 1e-3)
-        {
+        if orientation.iter().zip(other).any(|(a, b)| (a - b).abs() > 1e-3) {
             return Err(Rejection::new("series mixes slice orientations", ""));
         }
         if instance.image_position.is_none() {
-            return Err(Rejection::new(
-                "series has a slice without image position",
-                "ImagePositionPatient is missing",
-            ));
+            return Err(Rejection::new("series has a slice without image position", "ImagePositionPatient is missing"));
         }
         if instance.pixel_spacing != first.pixel_spacing || instance.pixel_spacing.is_none() {
-            return Err(Rejection::new(
-                "series has missing or mixed pixel spacing",
-                "",
-            ));
+            return Err(Rejection::new("series has missing or mixed pixel spacing", ""));
         }
     }
     let normal = slice_normal(orientation);
@@ -265,16 +180,10 @@ fn check_geometry(
         let db = dot(b.image_position.expect("checked"), normal);
         da.total_cmp(&db)
     });
-    let positions: Vec<f64> = sorted
-        .instances
-        .iter()
-        .map(|i| dot(i.image_position.expect("checked"), normal))
-        .collect();
+    let positions: Vec<f64> =
+        sorted.instances.iter().map(|i| dot(i.image_position.expect("checked"), normal)).collect();
     let mut intervals: Vec<f64> = positions.windows(2).map(|pair| pair[1] - pair[0]).collect();
-    let duplicates = intervals
-        .iter()
-        .filter(|interval| **interval < 1e-3)
-        .count();
+    let duplicates = intervals.iter().filter(|interval| **interval < 1e-3).count();
     if duplicates > 0 {
         return Err(Rejection::new(
             "series has duplicate slice positions",
@@ -292,10 +201,8 @@ fn check_geometry(
         .map(|(index, interval)| (index, *interval))
         .collect();
     if !gaps.is_empty() {
-        let missing: usize = gaps
-            .iter()
-            .map(|(_, interval)| ((interval / median).round() as usize).saturating_sub(1))
-            .sum();
+        let missing: usize =
+            gaps.iter().map(|(_, interval)| ((interval / median).round() as usize).saturating_sub(1)).sum();
         let (index, interval) = gaps[0];
         return Err(Rejection::new(
             "series has missing slices",
@@ -356,58 +263,32 @@ mod tests {
     }
 
     fn rules() -> SelectionRules {
-        SelectionRules {
-            min_slices: 3,
-            spacing_tolerance: 0.1,
-        }
+        SelectionRules { min_slices: 3, spacing_tolerance: 0.1 }
     }
 
     #[test]
     fn sorts_slices_along_the_normal() {
         let series = group_series([5.0, 0.0, 7.5, 2.5].map(|z| instance("s", z)).to_vec());
         let chosen = choose_series(&series, &rules()).unwrap();
-        let z: Vec<f64> = chosen
-            .group
-            .instances
-            .iter()
-            .map(|i| i.image_position.unwrap()[2])
-            .collect();
+        let z: Vec<f64> = chosen.group.instances.iter().map(|i| i.image_position.unwrap()[2]).collect();
         assert_eq!(z, [0.0, 2.5, 5.0, 7.5]);
         assert_eq!(chosen.slice_spacing_mm, 2.5);
     }
 
     #[test]
     fn a_missing_slice_is_rejected_with_the_count() {
-        let series = group_series(
-            [0.0, 2.5, 5.0, 10.0, 12.5]
-                .map(|z| instance("s", z))
-                .to_vec(),
-        );
+        let series = group_series([0.0, 2.5, 5.0, 10.0, 12.5].map(|z| instance("s", z)).to_vec());
         let rejection = choose_series(&series, &rules()).unwrap_err();
         assert_eq!(rejection.reason, "series has missing slices");
-        assert!(
-            rejection.detail.starts_with("1 slice(s) missing"),
-            "{}",
-            rejection.detail
-        );
+        assert!(rejection.detail.starts_with("1 slice(s) missing"), "{}", rejection.detail);
     }
 
     #[test]
     fn duplicates_and_uneven_spacing_are_rejected() {
         let duplicate = group_series([0.0, 2.5, 2.5, 5.0].map(|z| instance("s", z)).to_vec());
-        assert_eq!(
-            choose_series(&duplicate, &rules()).unwrap_err().reason,
-            "series has duplicate slice positions"
-        );
-        let uneven = group_series(
-            [0.0, 2.5, 5.0, 8.0, 10.5]
-                .map(|z| instance("s", z))
-                .to_vec(),
-        );
-        assert_eq!(
-            choose_series(&uneven, &rules()).unwrap_err().reason,
-            "series has uneven slice spacing"
-        );
+        assert_eq!(choose_series(&duplicate, &rules()).unwrap_err().reason, "series has duplicate slice positions");
+        let uneven = group_series([0.0, 2.5, 5.0, 8.0, 10.5].map(|z| instance("s", z)).to_vec());
+        assert_eq!(choose_series(&uneven, &rules()).unwrap_err().reason, "series has uneven slice spacing");
     }
 
     #[test]
@@ -423,12 +304,8 @@ mod tests {
     fn picks_the_plain_series_with_most_slices() {
         let mut instances: Vec<InstanceHeader> = [0.0, 2.5, 5.0].map(|z| instance("a", z)).to_vec();
         instances.extend([0.0, 1.0, 2.0, 3.0].map(|z| instance("b", z)));
-        let mut contrast: Vec<InstanceHeader> = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
-            .map(|z| instance("c", z))
-            .to_vec();
-        contrast
-            .iter_mut()
-            .for_each(|i| i.contrast_bolus_agent = Some("IODINE".into()));
+        let mut contrast: Vec<InstanceHeader> = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5].map(|z| instance("c", z)).to_vec();
+        contrast.iter_mut().for_each(|i| i.contrast_bolus_agent = Some("IODINE".into()));
         instances.extend(contrast);
         let chosen = choose_series(&group_series(instances), &rules()).unwrap();
         assert_eq!(chosen.group.series_instance_uid, "b");

@@ -127,11 +127,7 @@ pub fn load_pseudonymizer(key_file: &Option<PathBuf>) -> anyhow::Result<(Pseudon
         return Ok((Pseudonymizer::from_file(path)?, false));
     }
     if let Ok(key) = std::env::var(KEY_ENV) {
-        return Ok((
-            Pseudonymizer::new(key.into_bytes())
-                .with_context(|| format!("{KEY_ENV} is not usable"))?,
-            false,
-        ));
+        return Ok((Pseudonymizer::new(key.into_bytes()).with_context(|| format!("{KEY_ENV} is not usable"))?, false));
     }
     Ok((Pseudonymizer::ephemeral(), true))
 }
@@ -147,11 +143,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 prevalence: args.prevalence,
                 size: args.size,
                 sites: load_sites(&args.sites)?,
-                threads: args.threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                }),
+                threads: args
+                    .threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             };
             let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
             let truths = synth::synthesize(&options, &|_| bar.inc(1))?;
@@ -185,17 +179,14 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 overwrite: args.overwrite,
                 progress: !args.no_progress,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(pipeline::run_embedded(options))?;
             print!("{}", summary.render());
             Ok(())
         }
         Command::Evaluate(args) => {
             let pseudonymizer = Pseudonymizer::from_file(&args.key_file)?;
-            let evaluation =
-                crate::evaluate::evaluate(&args.labels, &args.results, &pseudonymizer)?;
+            let evaluation = crate::evaluate::evaluate(&args.labels, &args.results, &pseudonymizer)?;
             print!("{}", evaluation.render());
             Ok(())
         }

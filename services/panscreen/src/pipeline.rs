@@ -84,122 +84,55 @@ impl RunSummary {
             ),
         );
         line(&mut text, "\ninput objects".to_string());
-        line(
-            &mut text,
-            format!("  listed       {:>8}", self.objects_listed),
-        );
-        line(
-            &mut text,
-            format!(
-                "  screened     {:>8}   (files of the series screened)",
-                self.objects_screened
-            ),
-        );
-        line(
-            &mut text,
-            format!("  quarantined  {:>8}", self.objects_quarantined),
-        );
-        line(
-            &mut text,
-            format!("  ignored      {:>8}", self.objects_ignored),
-        );
+        line(&mut text, format!("  listed       {:>8}", self.objects_listed));
+        line(&mut text, format!("  screened     {:>8}   (files of the series screened)", self.objects_screened));
+        line(&mut text, format!("  quarantined  {:>8}", self.objects_quarantined));
+        line(&mut text, format!("  ignored      {:>8}", self.objects_ignored));
         line(&mut text, "\nstudies".to_string());
-        line(
-            &mut text,
-            format!("  accepted by ingest  {:>6}", self.studies_accepted),
-        );
-        line(
-            &mut text,
-            format!("  results written     {:>6}", self.results_written),
-        );
-        line(
-            &mut text,
-            format!("  flagged for recall  {:>6}", self.flagged),
-        );
+        line(&mut text, format!("  accepted by ingest  {:>6}", self.studies_accepted));
+        line(&mut text, format!("  results written     {:>6}", self.results_written));
+        line(&mut text, format!("  flagged for recall  {:>6}", self.flagged));
         for (stage, count) in &self.quarantined_by_stage {
-            line(
-                &mut text,
-                format!("  quarantined at {:<10}{:>6}", stage.as_str(), count),
-            );
+            line(&mut text, format!("  quarantined at {:<10}{:>6}", stage.as_str(), count));
         }
-        line(
-            &mut text,
-            "\nregion     name          screened  flagged  flag rate  quarantined".to_string(),
-        );
+        line(&mut text, "\nregion     name          screened  flagged  flag rate  quarantined".to_string());
         for region in &self.regions {
-            let rate = if region.screened > 0 {
-                region.flagged as f64 / region.screened as f64 * 100.0
-            } else {
-                0.0
-            };
+            let rate = if region.screened > 0 { region.flagged as f64 / region.screened as f64 * 100.0 } else { 0.0 };
             line(
                 &mut text,
                 format!(
                     "{:<10} {:<13} {:>8}  {:>7}  {:>8.1}%  {:>11}",
-                    region.region_code,
-                    region.region_name,
-                    region.screened,
-                    region.flagged,
-                    rate,
-                    region.quarantined
+                    region.region_code, region.region_name, region.screened, region.flagged, rate, region.quarantined
                 ),
             );
         }
-        line(
-            &mut text,
-            format!("\nresults     {}", self.out.join("results").display()),
-        );
-        line(
-            &mut text,
-            format!(
-                "summary     {}",
-                self.out.join("summary/summary.parquet").display()
-            ),
-        );
-        line(
-            &mut text,
-            format!(
-                "worklist    {}",
-                self.out.join("worklist/worklist.parquet").display()
-            ),
-        );
-        line(
-            &mut text,
-            format!("quarantine  {}", self.out.join("quarantine").display()),
-        );
-        line(
-            &mut text,
-            format!(
-                "logs        {}",
-                self.out.join("logs/panscreen.jsonl").display()
-            ),
-        );
+        line(&mut text, format!("\nresults     {}", self.out.join("results").display()));
+        line(&mut text, format!("summary     {}", self.out.join("summary/summary.parquet").display()));
+        line(&mut text, format!("worklist    {}", self.out.join("worklist/worklist.parquet").display()));
+        line(&mut text, format!("quarantine  {}", self.out.join("quarantine").display()));
+        line(&mut text, format!("logs        {}", self.out.join("logs/panscreen.jsonl").display()));
         if self.quarantined_total() > 0 {
             line(
                 &mut text,
-                format!(
-                    "\n{} input(s) quarantined; reasons in the quarantine table",
-                    self.quarantined_total()
-                ),
+                format!("\n{} input(s) quarantined; reasons in the quarantine table", self.quarantined_total()),
             );
         }
         if self.ephemeral_key {
             line(
                 &mut text,
-                "\nnote: a throwaway pseudonym key was used; these pseudonyms match no other run"
-                    .to_string(),
+                "\nnote: a throwaway pseudonym key was used; these pseudonyms match no other run".to_string(),
             );
         }
         text
     }
 }
 
-/// A progress bar (hidden when asked, or when stderr is not a terminal).
+/// A progress bar on stderr (hidden when asked; indicatif also hides it when stderr
+/// is not a terminal). Bars meant for a `MultiProgress` are made hidden and drawn once
+/// added to it.
 pub fn progress_bar(length: u64, stage: &str, hidden: bool) -> ProgressBar {
-    let bar = ProgressBar::new(length);
-    if hidden {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
+    let target = if hidden { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+    let bar = ProgressBar::with_draw_target(Some(length), target);
     bar.set_style(
         ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} {msg} ({elapsed})")
             .expect("valid template")
@@ -220,8 +153,7 @@ fn prepare_out(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
                 "{} already holds tables of an earlier run; choose another --out, or pass --overwrite",
                 out.display()
             );
-            std::fs::remove_dir_all(&path)
-                .with_context(|| format!("cannot remove {}", path.display()))?;
+            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
@@ -235,34 +167,20 @@ fn spawn_worker<H: Handler>(
     config: WorkerConfig,
     counters: Arc<StageCounters>,
 ) -> tokio::task::JoinHandle<Result<(), QueueError>> {
-    tokio::spawn(async move {
-        run_worker(
-            queue,
-            &subject,
-            handler,
-            config,
-            counters,
-            std::future::pending(),
-        )
-        .await
-    })
+    tokio::spawn(async move { run_worker(queue, &subject, handler, config, counters, std::future::pending()).await })
 }
 
 /// Runs the four stages over `options.input` and writes the tables to `options.out`.
 pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
-    let input =
-        Store::open(&options.input.to_string_lossy(), OpenMode::Existing).context("input")?;
+    let input = Store::open(&options.input.to_string_lossy(), OpenMode::Existing).context("input")?;
     let manifest = Arc::new(ModelManifest::load(&options.model)?);
     prepare_out(&options.out, options.overwrite)?;
     let out = Store::open(&options.out.to_string_lossy(), OpenMode::Create)?;
     let work_dir = options.out.join("work");
     let work = Store::open(&work_dir.to_string_lossy(), OpenMode::Create)?;
     let run_id = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-    panscreen_shared::telemetry::init_file_and_stderr(
-        &options.out.join("logs/panscreen.jsonl"),
-        "info",
-    )?;
+    panscreen_shared::telemetry::init_file_and_stderr(&options.out.join("logs/panscreen.jsonl"), "info")?;
     if options.ephemeral_key {
         warn!("no pseudonym key given (--key-file or PANSCREEN_PSEUDONYM_KEY): using a throwaway key for this run");
     }
@@ -277,13 +195,9 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let queue = MemoryQueue::new();
     let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
     let campaign = options.campaign.clone();
-    let counters: Vec<Arc<StageCounters>> =
-        (0..3).map(|_| Arc::new(StageCounters::default())).collect();
-    let (preprocess_counters, infer_counters, aggregate_counters) = (
-        counters[0].clone(),
-        counters[1].clone(),
-        counters[2].clone(),
-    );
+    let counters: Vec<Arc<StageCounters>> = (0..3).map(|_| Arc::new(StageCounters::default())).collect();
+    let (preprocess_counters, infer_counters, aggregate_counters) =
+        (counters[0].clone(), counters[1].clone(), counters[2].clone());
 
     let mut aggregator = Aggregator::new(
         AggregateConfig::new(&campaign, &format!("run{run_id}")),
@@ -308,13 +222,7 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         });
         let mut config = WorkerConfig::new(&campaign, Stage::Preprocess);
         config.concurrency = options.preprocess_workers.max(1);
-        spawn_worker(
-            dyn_queue.clone(),
-            subjects::ingested(&campaign),
-            handler,
-            config,
-            preprocess_counters.clone(),
-        )
+        spawn_worker(dyn_queue.clone(), subjects::ingested(&campaign), handler, config, preprocess_counters.clone())
     };
     let infer_task = {
         let handler = Arc::new(InferHandler {
@@ -324,31 +232,21 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
             batch_size: options.batch_size,
         });
         let config = WorkerConfig::new(&campaign, Stage::Infer);
-        spawn_worker(
-            dyn_queue.clone(),
-            subjects::preprocessed(&campaign),
-            handler,
-            config,
-            infer_counters.clone(),
-        )
+        spawn_worker(dyn_queue.clone(), subjects::preprocessed(&campaign), handler, config, infer_counters.clone())
     };
 
-    let bars = MultiProgress::new();
     let hidden = !options.progress;
-    let ingest_bar = bars.add(progress_bar(0, "ingest", hidden));
+    let bars =
+        if hidden { MultiProgress::with_draw_target(ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
+    let ingest_bar = bars.add(progress_bar(0, "ingest", true));
     ingest_bar.set_message("reading headers");
     ingest_bar.enable_steady_tick(Duration::from_millis(200));
     let ingest_started = Instant::now();
     let mut ingest_config = IngestConfig::new(&campaign);
     ingest_config.rules.min_slices = options.min_slices;
-    let report: IngestReport = panscreen_ingest::run_once(
-        dyn_queue.clone(),
-        &input,
-        &ingest_config,
-        &options.pseudonymizer,
-        &options.sites,
-    )
-    .await?;
+    let report: IngestReport =
+        panscreen_ingest::run_once(dyn_queue.clone(), &input, &ingest_config, &options.pseudonymizer, &options.sites)
+            .await?;
     queue.close(&subjects::ingested(&campaign)).await;
     let ingest_elapsed = ingest_started.elapsed();
     ingest_bar.set_length(report.objects_listed as u64);
@@ -368,20 +266,10 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
 
     let studies = report.studies.len() as u64;
     let stage_bars = [
+        (bars.add(progress_bar(studies, "preprocess", true)), preprocess_counters.clone()),
+        (bars.add(progress_bar(studies, "infer", true)), infer_counters.clone()),
         (
-            bars.add(progress_bar(studies, "preprocess", hidden)),
-            preprocess_counters.clone(),
-        ),
-        (
-            bars.add(progress_bar(studies, "infer", hidden)),
-            infer_counters.clone(),
-        ),
-        (
-            bars.add(progress_bar(
-                studies + report.quarantined.len() as u64,
-                "aggregate",
-                hidden,
-            )),
+            bars.add(progress_bar(studies + report.quarantined.len() as u64, "aggregate", true)),
             aggregate_counters.clone(),
         ),
     ];
@@ -429,14 +317,8 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         flagged: aggregate_report.flagged,
         quarantined_by_stage: vec![
             (Stage::Ingest, report.quarantined.len() as u64),
-            (
-                Stage::Preprocess,
-                preprocess_counters.quarantined.load(Ordering::Relaxed),
-            ),
-            (
-                Stage::Infer,
-                infer_counters.quarantined.load(Ordering::Relaxed),
-            ),
+            (Stage::Preprocess, preprocess_counters.quarantined.load(Ordering::Relaxed)),
+            (Stage::Infer, infer_counters.quarantined.load(Ordering::Relaxed)),
         ],
         regions: aggregate_report.regions,
         ingest_elapsed,

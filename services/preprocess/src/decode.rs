@@ -20,25 +20,16 @@ pub struct DecodedSlice {
 }
 
 fn number(object: &DefaultDicomObject, tag: Tag) -> Option<f64> {
-    object
-        .element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|element| element.to_float64().ok())
+    object.element_opt(tag).ok().flatten().and_then(|element| element.to_float64().ok())
 }
 
 fn integer(object: &DefaultDicomObject, tag: Tag) -> Option<i64> {
-    object
-        .element_opt(tag)
-        .ok()
-        .flatten()
-        .and_then(|element| element.to_int::<i64>().ok())
+    object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok())
 }
 
 /// Parses a whole Part 10 object and converts its first frame to HU.
 pub fn decode_slice(key: &str, bytes: &[u8], fill_hu: f32) -> Result<DecodedSlice, StageError> {
-    let unreadable =
-        |detail: String| StageError::permanent("cannot decode a slice", format!("{key}: {detail}"));
+    let unreadable = |detail: String| StageError::permanent("cannot decode a slice", format!("{key}: {detail}"));
     if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
         return Err(unreadable("not a DICOM Part 10 file".to_string()));
     }
@@ -46,10 +37,8 @@ pub fn decode_slice(key: &str, bytes: &[u8], fill_hu: f32) -> Result<DecodedSlic
         .read_preamble(ReadPreamble::Never)
         .from_reader(Cursor::new(&bytes[128..]))
         .map_err(|error| unreadable(error.to_string()))?;
-    let rows =
-        integer(&object, tags::ROWS).ok_or_else(|| unreadable("Rows is missing".into()))? as usize;
-    let columns = integer(&object, tags::COLUMNS)
-        .ok_or_else(|| unreadable("Columns is missing".into()))? as usize;
+    let rows = integer(&object, tags::ROWS).ok_or_else(|| unreadable("Rows is missing".into()))? as usize;
+    let columns = integer(&object, tags::COLUMNS).ok_or_else(|| unreadable("Columns is missing".into()))? as usize;
     let position: [f64; 3] = object
         .element_opt(tags::IMAGE_POSITION_PATIENT)
         .ok()
@@ -65,15 +54,8 @@ pub fn decode_slice(key: &str, bytes: &[u8], fill_hu: f32) -> Result<DecodedSlic
         rescale_intercept: number(&object, tags::RESCALE_INTERCEPT).unwrap_or(0.0),
         padding_value: integer(&object, tags::PIXEL_PADDING_VALUE).map(|v| v as i32),
     };
-    let decoded = object
-        .decode_pixel_data()
-        .map_err(|error| unreadable(error.to_string()))?;
-    let hu = frame_to_hu(decoded.data(), rows * columns, &format, fill_hu)
-        .map_err(|error| unreadable(error.to_string()))?;
-    Ok(DecodedSlice {
-        position,
-        rows,
-        columns,
-        hu,
-    })
+    let decoded = object.decode_pixel_data().map_err(|error| unreadable(error.to_string()))?;
+    let hu =
+        frame_to_hu(decoded.data(), rows * columns, &format, fill_hu).map_err(|error| unreadable(error.to_string()))?;
+    Ok(DecodedSlice { position, rows, columns, hu })
 }

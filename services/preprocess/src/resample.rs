@@ -21,32 +21,15 @@ pub struct AxisWeights {
 /// coarser than the source, each target sample is the mean of that signal over its
 /// own footprint (a box of the target spacing); otherwise it is the signal's value at
 /// the target point. Both reproduce linear functions exactly away from the ends.
-pub fn axis_weights(
-    source: &[f64],
-    source_spacing: f64,
-    target: &[f64],
-    target_spacing: f64,
-) -> AxisWeights {
-    debug_assert!(
-        source.windows(2).all(|pair| pair[0] < pair[1]),
-        "source positions sorted"
-    );
+pub fn axis_weights(source: &[f64], source_spacing: f64, target: &[f64], target_spacing: f64) -> AxisWeights {
+    debug_assert!(source.windows(2).all(|pair| pair[0] < pair[1]), "source positions sorted");
     debug_assert!(source_spacing > 0.0 && target_spacing > 0.0, "spacing > 0");
     let (Some(&first), Some(&last)) = (source.first(), source.last()) else {
-        return AxisWeights {
-            per_target: vec![Vec::new(); target.len()],
-        };
+        return AxisWeights { per_target: vec![Vec::new(); target.len()] };
     };
     let half_edge = source_spacing / 2.0;
-    let widest = source
-        .windows(2)
-        .map(|pair| pair[1] - pair[0])
-        .fold(source_spacing, f64::max);
-    let box_width = if target_spacing > source_spacing {
-        target_spacing
-    } else {
-        0.0
-    };
+    let widest = source.windows(2).map(|pair| pair[1] - pair[0]).fold(source_spacing, f64::max);
+    let box_width = if target_spacing > source_spacing { target_spacing } else { 0.0 };
     let per_target = target
         .iter()
         .map(|&position| {
@@ -129,9 +112,7 @@ fn hat_integral(nodes: &[f64], k: usize, half_edge: f64, low: f64, high: f64) ->
 
 /// `count` target positions `spacing` apart, centred on `center`.
 pub fn centred_positions(center: f64, count: usize, spacing: f64) -> Vec<f64> {
-    (0..count)
-        .map(|i| center + (i as f64 - (count as f64 - 1.0) / 2.0) * spacing)
-        .collect()
+    (0..count).map(|i| center + (i as f64 - (count as f64 - 1.0) / 2.0) * spacing).collect()
 }
 
 /// Resamples one source plane (`rows × columns`, row-major) onto the target plane.
@@ -150,10 +131,7 @@ pub fn resample_plane(
         let source_row = &plane[row * columns..(row + 1) * columns];
         let out_row = &mut partial[row * target_columns..(row + 1) * target_columns];
         for (out, weights) in out_row.iter_mut().zip(&column_weights.per_target) {
-            *out = weights
-                .iter()
-                .map(|(index, w)| source_row[*index] * w)
-                .sum();
+            *out = weights.iter().map(|(index, w)| source_row[*index] * w).sum();
         }
     }
     let mut out = vec![fill; row_weights.per_target.len() * target_columns];
@@ -163,10 +141,7 @@ pub fn resample_plane(
             if weights.is_empty() || column_weights.per_target[column].is_empty() {
                 continue;
             }
-            *value = weights
-                .iter()
-                .map(|(index, w)| partial[index * target_columns + column] * w)
-                .sum();
+            *value = weights.iter().map(|(index, w)| partial[index * target_columns + column] * w).sum();
         }
     }
     out
@@ -184,12 +159,7 @@ pub struct SliceAccumulator {
 }
 
 impl SliceAccumulator {
-    pub fn new(
-        slice_weights: &AxisWeights,
-        source_slices: usize,
-        plane_len: usize,
-        fill: f32,
-    ) -> Self {
+    pub fn new(slice_weights: &AxisWeights, source_slices: usize, plane_len: usize, fill: f32) -> Self {
         let mut contributions = vec![Vec::new(); source_slices];
         for (plane, weights) in slice_weights.per_target.iter().enumerate() {
             for (slice, weight) in weights {
@@ -202,20 +172,14 @@ impl SliceAccumulator {
             plane_len,
             volume: vec![0.0; planes * plane_len],
             contributions,
-            covered: slice_weights
-                .per_target
-                .iter()
-                .map(|w| !w.is_empty())
-                .collect(),
+            covered: slice_weights.per_target.iter().map(|w| !w.is_empty()).collect(),
             fill,
         }
     }
 
     /// Source slices worth decoding.
     pub fn needed_slices(&self) -> Vec<usize> {
-        (0..self.contributions.len())
-            .filter(|slice| !self.contributions[*slice].is_empty())
-            .collect()
+        (0..self.contributions.len()).filter(|slice| !self.contributions[*slice].is_empty()).collect()
     }
 
     pub fn add(&mut self, slice: usize, resampled_plane: &[f32]) {
@@ -265,14 +229,7 @@ mod tests {
 
     /// An analytic volume f = a·x + b·y + c·z + d is reproduced exactly away from the
     /// edges: the tent kernel is symmetric, so linear functions pass unchanged.
-    fn resample_linear(
-        a: f32,
-        b: f32,
-        c: f32,
-        d: f32,
-        source_spacing: [f64; 3],
-        target_spacing: [f64; 3],
-    ) -> f32 {
+    fn resample_linear(a: f32, b: f32, c: f32, d: f32, source_spacing: [f64; 3], target_spacing: [f64; 3]) -> f32 {
         let (rows, columns, slices) = (60usize, 60usize, 40usize);
         let row_pos = uniform(rows, source_spacing[1]);
         let column_pos = uniform(columns, source_spacing[2]);
@@ -283,27 +240,14 @@ mod tests {
         let target_columns = centred_positions(centre(&column_pos), tc, target_spacing[2]);
         let target_slices = centred_positions(centre(&slice_pos), ts, target_spacing[0]);
         let rw = axis_weights(&row_pos, source_spacing[1], &target_rows, target_spacing[1]);
-        let cw = axis_weights(
-            &column_pos,
-            source_spacing[2],
-            &target_columns,
-            target_spacing[2],
-        );
-        let sw = axis_weights(
-            &slice_pos,
-            source_spacing[0],
-            &target_slices,
-            target_spacing[0],
-        );
+        let cw = axis_weights(&column_pos, source_spacing[2], &target_columns, target_spacing[2]);
+        let sw = axis_weights(&slice_pos, source_spacing[0], &target_slices, target_spacing[0]);
         let mut accumulator = SliceAccumulator::new(&sw, slices, tr * tc, -1000.0);
         for slice in accumulator.needed_slices() {
             let plane: Vec<f32> = (0..rows * columns)
                 .map(|i| {
                     let (r, col) = (i / columns, i % columns);
-                    a * column_pos[col] as f32
-                        + b * row_pos[r] as f32
-                        + c * slice_pos[slice] as f32
-                        + d
+                    a * column_pos[col] as f32 + b * row_pos[r] as f32 + c * slice_pos[slice] as f32 + d
                 })
                 .collect();
             accumulator.add(slice, &resample_plane(&plane, columns, &rw, &cw, -1000.0));
@@ -313,10 +257,8 @@ mod tests {
         for s in 0..ts {
             for r in 0..tr {
                 for col in 0..tc {
-                    let expected = a * target_columns[col] as f32
-                        + b * target_rows[r] as f32
-                        + c * target_slices[s] as f32
-                        + d;
+                    let expected =
+                        a * target_columns[col] as f32 + b * target_rows[r] as f32 + c * target_slices[s] as f32 + d;
                     worst = worst.max((volume[(s * tr + r) * tc + col] - expected).abs());
                 }
             }
@@ -346,10 +288,7 @@ mod tests {
         let source = uniform(64, 0.5);
         let weights = axis_weights(&source, 0.5, &centred_positions(15.75, 4, 2.0), 2.0);
         for w in &weights.per_target {
-            let value: f32 = w
-                .iter()
-                .map(|(i, w)| if i % 2 == 0 { *w } else { -*w })
-                .sum();
+            let value: f32 = w.iter().map(|(i, w)| if i % 2 == 0 { *w } else { -*w }).sum();
             assert!(value.abs() < 0.2, "{value}");
         }
     }

@@ -48,11 +48,7 @@ pub struct Slice<'a> {
 pub fn ds(value: f64) -> String {
     for decimals in (0..=6).rev() {
         let text = format!("{value:.decimals$}");
-        let text = if text.contains('.') {
-            text.trim_end_matches('0').trim_end_matches('.').to_string()
-        } else {
-            text
-        };
+        let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_string() } else { text };
         if text.len() <= 16 {
             return text;
         }
@@ -65,11 +61,7 @@ fn text(tag: dicom_core::Tag, vr: VR, value: &str) -> DataElement<InMemDicomObje
 }
 
 fn multi(tag: dicom_core::Tag, vr: VR, values: &[String]) -> DataElement<InMemDicomObject> {
-    DataElement::new(
-        tag,
-        vr,
-        PrimitiveValue::Strs(values.iter().cloned().collect()),
-    )
+    DataElement::new(tag, vr, PrimitiveValue::Strs(values.iter().cloned().collect()))
 }
 
 fn u16_value(tag: dicom_core::Tag, value: u16) -> DataElement<InMemDicomObject> {
@@ -86,9 +78,7 @@ pub fn stored_values(header: &SeriesHeader, hu: &[f32]) -> Vec<u16> {
     };
     hu.iter()
         .map(|value| {
-            let stored = ((*value as f64 - header.rescale_intercept) / header.rescale_slope)
-                .round()
-                .clamp(low, high);
+            let stored = ((*value as f64 - header.rescale_intercept) / header.rescale_slope).round().clamp(low, high);
             if header.signed_pixels {
                 stored as i16 as u16
             } else {
@@ -104,203 +94,62 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     let put = |object: &mut InMemDicomObject, element| {
         object.put(element);
     };
-    put(
-        &mut object,
-        text(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
-    );
-    put(
-        &mut object,
-        multi(
-            tags::IMAGE_TYPE,
-            VR::CS,
-            &["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
-        ),
-    );
-    put(
-        &mut object,
-        text(tags::SOP_CLASS_UID, VR::UI, uids::CT_IMAGE_STORAGE),
-    );
-    put(
-        &mut object,
-        text(tags::SOP_INSTANCE_UID, VR::UI, slice.sop_instance_uid),
-    );
-    put(
-        &mut object,
-        text(tags::STUDY_DATE, VR::DA, &header.study_date),
-    );
-    put(
-        &mut object,
-        text(tags::SERIES_DATE, VR::DA, &header.study_date),
-    );
-    put(
-        &mut object,
-        text(tags::STUDY_TIME, VR::TM, &header.study_time),
-    );
-    put(
-        &mut object,
-        text(tags::ACCESSION_NUMBER, VR::SH, &header.accession_number),
-    );
+    put(&mut object, text(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"));
+    put(&mut object, multi(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()]));
+    put(&mut object, text(tags::SOP_CLASS_UID, VR::UI, uids::CT_IMAGE_STORAGE));
+    put(&mut object, text(tags::SOP_INSTANCE_UID, VR::UI, slice.sop_instance_uid));
+    put(&mut object, text(tags::STUDY_DATE, VR::DA, &header.study_date));
+    put(&mut object, text(tags::SERIES_DATE, VR::DA, &header.study_date));
+    put(&mut object, text(tags::STUDY_TIME, VR::TM, &header.study_time));
+    put(&mut object, text(tags::ACCESSION_NUMBER, VR::SH, &header.accession_number));
     put(&mut object, text(tags::MODALITY, VR::CS, &header.modality));
-    put(
-        &mut object,
-        text(tags::MANUFACTURER, VR::LO, "panscreen synth"),
-    );
-    put(
-        &mut object,
-        text(tags::INSTITUTION_NAME, VR::LO, &header.institution_name),
-    );
-    put(
-        &mut object,
-        text(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""),
-    );
-    put(
-        &mut object,
-        text(
-            tags::STUDY_DESCRIPTION,
-            VR::LO,
-            "CT ABDOMEN WITHOUT CONTRAST",
-        ),
-    );
-    put(
-        &mut object,
-        text(tags::SERIES_DESCRIPTION, VR::LO, &header.series_description),
-    );
-    put(
-        &mut object,
-        text(tags::PATIENT_NAME, VR::PN, &header.patient_name),
-    );
-    put(
-        &mut object,
-        text(tags::PATIENT_ID, VR::LO, &header.patient_id),
-    );
-    put(
-        &mut object,
-        text(
-            tags::ISSUER_OF_PATIENT_ID,
-            VR::LO,
-            &header.issuer_of_patient_id,
-        ),
-    );
-    put(
-        &mut object,
-        text(tags::PATIENT_BIRTH_DATE, VR::DA, &header.patient_birth_date),
-    );
-    put(
-        &mut object,
-        text(tags::PATIENT_SEX, VR::CS, &header.patient_sex),
-    );
-    put(
-        &mut object,
-        text(tags::PATIENT_AGE, VR::AS, &header.patient_age),
-    );
-    put(
-        &mut object,
-        text(tags::BODY_PART_EXAMINED, VR::CS, "ABDOMEN"),
-    );
-    put(
-        &mut object,
-        text(tags::SLICE_THICKNESS, VR::DS, &ds(header.slice_thickness)),
-    );
+    put(&mut object, text(tags::MANUFACTURER, VR::LO, "panscreen synth"));
+    put(&mut object, text(tags::INSTITUTION_NAME, VR::LO, &header.institution_name));
+    put(&mut object, text(tags::REFERRING_PHYSICIAN_NAME, VR::PN, ""));
+    put(&mut object, text(tags::STUDY_DESCRIPTION, VR::LO, "CT ABDOMEN WITHOUT CONTRAST"));
+    put(&mut object, text(tags::SERIES_DESCRIPTION, VR::LO, &header.series_description));
+    put(&mut object, text(tags::PATIENT_NAME, VR::PN, &header.patient_name));
+    put(&mut object, text(tags::PATIENT_ID, VR::LO, &header.patient_id));
+    put(&mut object, text(tags::ISSUER_OF_PATIENT_ID, VR::LO, &header.issuer_of_patient_id));
+    put(&mut object, text(tags::PATIENT_BIRTH_DATE, VR::DA, &header.patient_birth_date));
+    put(&mut object, text(tags::PATIENT_SEX, VR::CS, &header.patient_sex));
+    put(&mut object, text(tags::PATIENT_AGE, VR::AS, &header.patient_age));
+    put(&mut object, text(tags::BODY_PART_EXAMINED, VR::CS, "ABDOMEN"));
+    put(&mut object, text(tags::SLICE_THICKNESS, VR::DS, &ds(header.slice_thickness)));
     put(&mut object, text(tags::KVP, VR::DS, "120"));
     put(&mut object, text(tags::PATIENT_POSITION, VR::CS, "FFS"));
-    put(
-        &mut object,
-        text(tags::STUDY_INSTANCE_UID, VR::UI, &header.study_instance_uid),
-    );
-    put(
-        &mut object,
-        text(
-            tags::SERIES_INSTANCE_UID,
-            VR::UI,
-            &header.series_instance_uid,
-        ),
-    );
+    put(&mut object, text(tags::STUDY_INSTANCE_UID, VR::UI, &header.study_instance_uid));
+    put(&mut object, text(tags::SERIES_INSTANCE_UID, VR::UI, &header.series_instance_uid));
     put(&mut object, text(tags::STUDY_ID, VR::SH, "1"));
     put(
         &mut object,
-        DataElement::new(
-            tags::SERIES_NUMBER,
-            VR::IS,
-            PrimitiveValue::from(header.series_number.to_string()),
-        ),
+        DataElement::new(tags::SERIES_NUMBER, VR::IS, PrimitiveValue::from(header.series_number.to_string())),
     );
     put(
         &mut object,
-        DataElement::new(
-            tags::INSTANCE_NUMBER,
-            VR::IS,
-            PrimitiveValue::from(slice.instance_number.to_string()),
-        ),
+        DataElement::new(tags::INSTANCE_NUMBER, VR::IS, PrimitiveValue::from(slice.instance_number.to_string())),
     );
-    put(
-        &mut object,
-        multi(
-            tags::IMAGE_POSITION_PATIENT,
-            VR::DS,
-            &slice.position.map(ds),
-        ),
-    );
+    put(&mut object, multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds)));
     let orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0].map(ds);
-    put(
-        &mut object,
-        multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &orientation),
-    );
-    put(
-        &mut object,
-        text(
-            tags::FRAME_OF_REFERENCE_UID,
-            VR::UI,
-            &header.frame_of_reference_uid,
-        ),
-    );
-    put(
-        &mut object,
-        text(tags::SLICE_LOCATION, VR::DS, &ds(slice.position[2])),
-    );
+    put(&mut object, multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &orientation));
+    put(&mut object, text(tags::FRAME_OF_REFERENCE_UID, VR::UI, &header.frame_of_reference_uid));
+    put(&mut object, text(tags::SLICE_LOCATION, VR::DS, &ds(slice.position[2])));
     put(&mut object, u16_value(tags::SAMPLES_PER_PIXEL, 1));
-    put(
-        &mut object,
-        text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
-    );
+    put(&mut object, text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"));
     put(&mut object, u16_value(tags::ROWS, header.rows));
     put(&mut object, u16_value(tags::COLUMNS, header.columns));
-    put(
-        &mut object,
-        multi(tags::PIXEL_SPACING, VR::DS, &header.pixel_spacing.map(ds)),
-    );
+    put(&mut object, multi(tags::PIXEL_SPACING, VR::DS, &header.pixel_spacing.map(ds)));
     put(&mut object, u16_value(tags::BITS_ALLOCATED, 16));
-    put(
-        &mut object,
-        u16_value(tags::BITS_STORED, header.bits_stored),
-    );
-    put(
-        &mut object,
-        u16_value(tags::HIGH_BIT, header.bits_stored - 1),
-    );
-    put(
-        &mut object,
-        u16_value(tags::PIXEL_REPRESENTATION, u16::from(header.signed_pixels)),
-    );
+    put(&mut object, u16_value(tags::BITS_STORED, header.bits_stored));
+    put(&mut object, u16_value(tags::HIGH_BIT, header.bits_stored - 1));
+    put(&mut object, u16_value(tags::PIXEL_REPRESENTATION, u16::from(header.signed_pixels)));
     put(&mut object, text(tags::WINDOW_CENTER, VR::DS, "40"));
     put(&mut object, text(tags::WINDOW_WIDTH, VR::DS, "400"));
-    put(
-        &mut object,
-        text(
-            tags::RESCALE_INTERCEPT,
-            VR::DS,
-            &ds(header.rescale_intercept),
-        ),
-    );
-    put(
-        &mut object,
-        text(tags::RESCALE_SLOPE, VR::DS, &ds(header.rescale_slope)),
-    );
+    put(&mut object, text(tags::RESCALE_INTERCEPT, VR::DS, &ds(header.rescale_intercept)));
+    put(&mut object, text(tags::RESCALE_SLOPE, VR::DS, &ds(header.rescale_slope)));
     put(&mut object, text(tags::RESCALE_TYPE, VR::LO, "HU"));
     let pixels: SmallVec<[u16; 2]> = stored_values(header, slice.hu).into_iter().collect();
-    put(
-        &mut object,
-        DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)),
-    );
+    put(&mut object, DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)));
 
     let file = object.with_meta(
         FileMetaTableBuilder::new()
@@ -330,10 +179,7 @@ mod tests {
         let mut header = test_header();
         header.signed_pixels = false;
         header.rescale_intercept = -1024.0;
-        assert_eq!(
-            stored_values(&header, &[-1024.0, 0.0, 40.4]),
-            vec![0, 1024, 1064]
-        );
+        assert_eq!(stored_values(&header, &[-1024.0, 0.0, 40.4]), vec![0, 1024, 1064]);
         header.signed_pixels = true;
         header.rescale_intercept = 0.0;
         assert_eq!(stored_values(&header, &[-1000.0])[0] as i16, -1000);

@@ -66,18 +66,11 @@ pub struct StudyTruth {
 }
 
 /// Writes the cohort and `labels.parquet`; `on_study` is called after each study.
-pub fn synthesize(
-    options: &SynthOptions,
-    on_study: &(dyn Fn(&StudyTruth) + Sync),
-) -> anyhow::Result<Vec<StudyTruth>> {
+pub fn synthesize(options: &SynthOptions, on_study: &(dyn Fn(&StudyTruth) + Sync)) -> anyhow::Result<Vec<StudyTruth>> {
     anyhow::ensure!(options.studies > 0, "--studies must be at least 1");
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&options.prevalence),
-        "--prevalence must be within [0, 1]"
-    );
+    anyhow::ensure!((0.0..=1.0).contains(&options.prevalence), "--prevalence must be within [0, 1]");
     let studies_dir = options.out.join("studies");
-    std::fs::create_dir_all(&studies_dir)
-        .with_context(|| format!("cannot create {}", studies_dir.display()))?;
+    std::fs::create_dir_all(&studies_dir).with_context(|| format!("cannot create {}", studies_dir.display()))?;
     let lesion_studies = choose_lesion_studies(options.studies, options.prevalence, options.seed);
 
     let next = AtomicUsize::new(0);
@@ -126,20 +119,12 @@ fn choose_lesion_studies(studies: usize, prevalence: f64, seed: u64) -> Vec<bool
     chosen
 }
 
-const FAMILY_NAMES: &[&str] = &[
-    "WANG", "LI", "ZHANG", "LIU", "CHEN", "YANG", "HUANG", "ZHAO", "WU", "ZHOU", "XU", "SUN",
-];
-const GIVEN_NAMES: &[&str] = &[
-    "WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "HUI", "XIN", "TAO",
-];
+const FAMILY_NAMES: &[&str] =
+    &["WANG", "LI", "ZHANG", "LIU", "CHEN", "YANG", "HUANG", "ZHAO", "WU", "ZHOU", "XU", "SUN"];
+const GIVEN_NAMES: &[&str] = &["WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "HUI", "XIN", "TAO"];
 
 fn date_text(date: Date) -> String {
-    format!(
-        "{:04}{:02}{:02}",
-        date.year(),
-        date.month() as u8,
-        date.day()
-    )
+    format!("{:04}{:02}{:02}", date.year(), date.month() as u8, date.day())
 }
 
 fn write_study(
@@ -154,14 +139,8 @@ fn write_study(
     let age = rng.range(40, 85) as i32;
     let first_day = Date::from_calendar_date(2025, Month::January, 1).expect("valid date");
     let scan_date = first_day + Duration::days(rng.range(0, 600));
-    let birth_date =
-        scan_date - Duration::days(age as i64 * 365 + age as i64 / 4 + rng.range(1, 360));
-    let patient_name = format!(
-        "{}^{}^{}",
-        rng.pick(FAMILY_NAMES),
-        rng.pick(GIVEN_NAMES),
-        rng.pick(GIVEN_NAMES)
-    );
+    let birth_date = scan_date - Duration::days(age as i64 * 365 + age as i64 / 4 + rng.range(1, 360));
+    let patient_name = format!("{}^{}^{}", rng.pick(FAMILY_NAMES), rng.pick(GIVEN_NAMES), rng.pick(GIVEN_NAMES));
     let patient_id = format!("P{:08}", rng.range(0, 99_999_999));
     let accession_number = format!("A{:010}", rng.range(0, 9_999_999_999));
 
@@ -170,12 +149,7 @@ fn write_study(
         Size::Full => {
             let spacing = [1.0, 1.25, 1.5, 2.0, 2.5][rng.range(0, 4) as usize];
             let slices = ((rng.uniform(220.0, 400.0) / spacing).round() as usize).clamp(150, 300);
-            (
-                512usize,
-                slices,
-                (rng.uniform(0.6, 0.8) * 1000.0).round() / 1000.0,
-                spacing,
-            )
+            (512usize, slices, (rng.uniform(0.6, 0.8) * 1000.0).round() / 1000.0, spacing)
         }
     };
     let signed_pixels = rng.chance(0.5);
@@ -191,12 +165,7 @@ fn write_study(
         series_instance_uid: rng.uid(),
         frame_of_reference_uid: rng.uid(),
         study_date: date_text(scan_date),
-        study_time: format!(
-            "{:02}{:02}{:02}",
-            rng.range(7, 19),
-            rng.range(0, 59),
-            rng.range(0, 59)
-        ),
+        study_time: format!("{:02}{:02}{:02}", rng.range(7, 19), rng.range(0, 59), rng.range(0, 59)),
         institution_name: site.institution_name.clone(),
         modality: "CT".to_string(),
         series_number: 2,
@@ -215,17 +184,11 @@ fn write_study(
     let field_of_view = rows as f64 * pixel_spacing;
     let scan_center_z = rng.uniform(-15.0, 15.0);
     let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
-    let origin_xy = [
-        -field_of_view / 2.0 + pixel_spacing / 2.0,
-        -field_of_view / 2.0 + pixel_spacing / 2.0,
-    ];
+    let origin_xy = [-field_of_view / 2.0 + pixel_spacing / 2.0, -field_of_view / 2.0 + pixel_spacing / 2.0];
 
     let directory = format!("study-{index:05}");
-    let series_dir = studies_dir
-        .join(&directory)
-        .join(format!("series-{}", header.series_number));
-    std::fs::create_dir_all(&series_dir)
-        .with_context(|| format!("cannot create {}", series_dir.display()))?;
+    let series_dir = studies_dir.join(&directory).join(format!("series-{}", header.series_number));
+    std::fs::create_dir_all(&series_dir).with_context(|| format!("cannot create {}", series_dir.display()))?;
     for slice_index in 0..slices {
         let z = first_z + slice_index as f64 * slice_spacing;
         let position = [origin_xy[0], origin_xy[1], z];
@@ -269,108 +232,32 @@ fn write_study(
 
 fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
     let lesion_field = |pick: fn(&Lesion) -> f64| -> ArrayRef {
-        Arc::new(
-            truths
-                .iter()
-                .map(|t| t.lesion.as_ref().map(pick))
-                .collect::<Float64Array>(),
-        )
+        Arc::new(truths.iter().map(|t| t.lesion.as_ref().map(pick)).collect::<Float64Array>())
     };
     let columns: Vec<(&str, ArrayRef)> = vec![
-        (
-            "study_dir",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.directory.as_str()))
-                    .collect::<StringArray>(),
-            ),
-        ),
+        ("study_dir", Arc::new(truths.iter().map(|t| Some(t.directory.as_str())).collect::<StringArray>())),
         (
             "study_instance_uid",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.study_instance_uid.as_str()))
-                    .collect::<StringArray>(),
-            ),
+            Arc::new(truths.iter().map(|t| Some(t.study_instance_uid.as_str())).collect::<StringArray>()),
         ),
-        (
-            "site_id",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.site_id.as_str()))
-                    .collect::<StringArray>(),
-            ),
-        ),
-        (
-            "region_code",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.region_code.as_str()))
-                    .collect::<StringArray>(),
-            ),
-        ),
-        (
-            "lesion_present",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.lesion.is_some()))
-                    .collect::<BooleanArray>(),
-            ),
-        ),
+        ("site_id", Arc::new(truths.iter().map(|t| Some(t.site_id.as_str())).collect::<StringArray>())),
+        ("region_code", Arc::new(truths.iter().map(|t| Some(t.region_code.as_str())).collect::<StringArray>())),
+        ("lesion_present", Arc::new(truths.iter().map(|t| Some(t.lesion.is_some())).collect::<BooleanArray>())),
         ("lesion_center_x_mm", lesion_field(|l| l.center_mm[0])),
         ("lesion_center_y_mm", lesion_field(|l| l.center_mm[1])),
         ("lesion_center_z_mm", lesion_field(|l| l.center_mm[2])),
         ("lesion_diameter_mm", lesion_field(|l| l.diameter_mm)),
         ("lesion_hu_below_pancreas", lesion_field(|l| l.hu_delta)),
-        (
-            "noise_sigma_hu",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.noise_sigma_hu))
-                    .collect::<Float64Array>(),
-            ),
-        ),
-        (
-            "age",
-            Arc::new(truths.iter().map(|t| Some(t.age)).collect::<Int32Array>()),
-        ),
-        (
-            "sex",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.sex.as_str()))
-                    .collect::<StringArray>(),
-            ),
-        ),
-        (
-            "slices",
-            Arc::new(
-                truths
-                    .iter()
-                    .map(|t| Some(t.slices as i32))
-                    .collect::<Int32Array>(),
-            ),
-        ),
+        ("noise_sigma_hu", Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>())),
+        ("age", Arc::new(truths.iter().map(|t| Some(t.age)).collect::<Int32Array>())),
+        ("sex", Arc::new(truths.iter().map(|t| Some(t.sex.as_str())).collect::<StringArray>())),
+        ("slices", Arc::new(truths.iter().map(|t| Some(t.slices as i32)).collect::<Int32Array>())),
     ];
     let schema = Schema::new(
-        columns
-            .iter()
-            .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
-            .collect::<Vec<_>>(),
+        columns.iter().map(|(name, array)| Field::new(*name, array.data_type().clone(), true)).collect::<Vec<_>>(),
     );
-    let batch = RecordBatch::try_new(
-        Arc::new(schema),
-        columns.into_iter().map(|(_, array)| array).collect(),
-    )?;
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let batch = RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, array)| array).collect())?;
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
     writer.write(&batch)?;
     writer.close()?;

@@ -9,10 +9,7 @@ pub struct Rng {
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng {
-            state: seed,
-            spare_normal: None,
-        }
+        Rng { state: seed, spare_normal: None }
     }
 
     /// An independent stream for `(seed, parts…)`.
@@ -82,14 +79,8 @@ mod tests {
 
     #[test]
     fn deterministic_and_independent() {
-        assert_eq!(
-            Rng::derive(1, &[2]).next_u64(),
-            Rng::derive(1, &[2]).next_u64()
-        );
-        assert_ne!(
-            Rng::derive(1, &[2]).next_u64(),
-            Rng::derive(1, &[3]).next_u64()
-        );
+        assert_eq!(Rng::derive(1, &[2]).next_u64(), Rng::derive(1, &[2]).next_u64());
+        assert_ne!(Rng::derive(1, &[2]).next_u64(), Rng::derive(1, &[3]).next_u64());
     }
 
     #[test]
@@ -104,8 +95,7 @@ mod tests {
         let mut rng = Rng::new(3);
         let samples: Vec<f64> = (0..20_000).map(|_| rng.normal()).collect();
         let mean = samples.iter().sum::<f64>() / samples.len() as f64;
-        let variance =
-            samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / samples.len() as f64;
+        let variance = samples.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / samples.len() as f64;
         assert!(mean.abs() < 0.03, "{mean}");
         assert!((variance - 1.0).abs() < 0.05, "{variance}");
     }
