@@ -59,3 +59,5 @@ pub fn files_below(directory: &Path) -> Vec<PathBuf> {
     files.sort();
     files
 }
+
+pub mod servers;

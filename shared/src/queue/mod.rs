@@ -11,6 +11,11 @@
 //! [`MemoryQueue`] is the embedded default: in-process, nothing to install. A subject
 //! can be closed by its producers; a subscription then ends once nothing is pending
 //! or in flight, which is how the embedded pipeline knows a stage is finished.
+//! [`jetstream::JetStreamQueue`] is the distributed one. [`conformance`] holds the
+//! behaviour both must show, as plain async functions each implementation's tests call.
+
+pub mod conformance;
+pub mod jetstream;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -289,5 +294,15 @@ mod tests {
         let queue = MemoryQueue::new();
         queue.close("s").await;
         assert!(queue.publish("s", "a", Bytes::new()).await.is_err());
+    }
+}
+
+#[cfg(test)]
+mod conformance_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_queue_conforms() {
+        conformance::all(&MemoryQueue::new(), "panscreen.test").await;
     }
 }

