@@ -122,6 +122,18 @@ impl Store {
         Store { inner, location: location.into() }
     }
 
+    /// The same store seen from `prefix` down (keys are relative to it).
+    pub fn sub(&self, prefix: &str) -> Store {
+        let prefix = prefix.trim_matches('/');
+        if prefix.is_empty() {
+            return self.clone();
+        }
+        Store {
+            inner: Arc::new(PrefixStore::new(self.inner.clone(), prefix)),
+            location: format!("{}/{prefix}", self.location.trim_end_matches('/')),
+        }
+    }
+
     pub fn location(&self) -> &str {
         &self.location
     }
@@ -211,6 +223,9 @@ mod tests {
         assert_eq!(keys, ["a/b.bin", "a/c.bin"]);
         assert_eq!(&store.get("a/b.bin").await.unwrap()[..], b"hello");
         assert_eq!(&store.get_range("a/c.bin", 1, 3).await.unwrap()[..], b"or");
+        let sub = store.sub("a/");
+        assert_eq!(&sub.get("b.bin").await.unwrap()[..], b"hello");
+        assert_eq!(sub.list("").await.unwrap().len(), 2);
     }
 
     #[test]

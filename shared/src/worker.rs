@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use time::OffsetDateTime;
 use tokio::sync::Semaphore;
-use tracing::{info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::contracts::{subjects, QuarantineRecord, Stage};
 use crate::error::StageError;
@@ -65,6 +65,9 @@ pub struct WorkerConfig {
     pub backoff: Vec<Duration>,
     /// How long to wait for a batch to fill.
     pub batch_linger: Duration,
+    /// After shutdown, how long work in flight may take to finish. What is not settled
+    /// by then is redelivered by the queue (JetStream's ack wait).
+    pub drain_deadline: Duration,
 }
 
 impl WorkerConfig {
@@ -81,6 +84,7 @@ impl WorkerConfig {
                 Duration::from_secs(30),
             ],
             batch_linger: Duration::from_millis(50),
+            drain_deadline: Duration::from_secs(30),
         }
     }
 
@@ -96,6 +100,8 @@ pub struct StageCounters {
     pub processed: AtomicU64,
     pub quarantined: AtomicU64,
     pub retried: AtomicU64,
+    /// Deliveries after the first (naks, and work a stopped worker never settled).
+    pub redelivered: AtomicU64,
     pub in_flight: AtomicU64,
 }
 
@@ -149,7 +155,14 @@ pub async fn run_worker<H: Handler>(
         });
     }
     // Drain: every permit back means nothing is in flight.
-    let _all = permits.acquire_many(config.concurrency.max(1) as u32).await;
+    let drained =
+        tokio::time::timeout(config.drain_deadline, permits.acquire_many(config.concurrency.max(1) as u32)).await;
+    if drained.is_err() {
+        warn!(
+            deadline_s = config.drain_deadline.as_secs(),
+            "work still in flight at the drain deadline; the queue redelivers it"
+        );
+    }
     Ok(())
 }
 
@@ -166,6 +179,10 @@ async fn handle_batch<H: Handler>(
     debug_assert_eq!(results.len(), batch.len(), "one result per payload");
     for (delivery, result) in batch.into_iter().zip(results) {
         let envelope = Envelope::peek(&delivery.payload);
+        if delivery.attempt > 1 {
+            counters.redelivered.fetch_add(1, Ordering::Relaxed);
+            info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
+        }
         let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
         settle(queue, stage, config, counters, delivery, envelope, result).instrument(span).await;
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);

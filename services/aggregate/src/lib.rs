@@ -49,6 +49,9 @@ pub struct AggregateConfig {
     pub flush_rows: usize,
     /// …or when the oldest has waited this long.
     pub flush_interval: Duration,
+    /// Write the summary and worklist when the run ends (embedded runs; a long-running
+    /// service leaves them to a later summarizing step).
+    pub write_summary: bool,
 }
 
 impl AggregateConfig {
@@ -58,6 +61,7 @@ impl AggregateConfig {
             writer_id: writer_id.to_string(),
             flush_rows: 5_000,
             flush_interval: Duration::from_secs(1),
+            write_summary: true,
         }
     }
 }
@@ -288,6 +292,31 @@ impl Aggregator {
         self.put(format!("ignored/part-{}.parquet", self.config.writer_id), batch).await
     }
 
+    /// Remembers the studies already in the results, so that a redelivered study is
+    /// not written twice across restarts. Returns how many there were.
+    pub async fn load_existing(&mut self) -> Result<usize, AggregateError> {
+        let objects = self.out.list("results").await.map_err(|e| AggregateError::Table(e.to_string()))?;
+        for object in objects.iter().filter(|o| o.location.as_ref().ends_with(".parquet")) {
+            let key = object.location.to_string();
+            let bytes =
+                self.out.get(&key).await.map_err(|source| AggregateError::Write { key: key.clone(), source })?;
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .and_then(|builder| builder.build())
+                .map_err(|e| AggregateError::Table(format!("{key}: {e}")))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| AggregateError::Table(format!("{key}: {e}")))?;
+                let Some(keys) = batch
+                    .column_by_name("study_key")
+                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>().cloned())
+                else {
+                    continue;
+                };
+                self.seen_results.extend(keys.iter().flatten().map(str::to_string));
+            }
+        }
+        Ok(self.seen_results.len())
+    }
+
     pub fn report(&self) -> &AggregateReport {
         &self.report
     }
@@ -332,7 +361,10 @@ impl Aggregator {
             }
         }
         self.flush().await?;
-        self.write_summary_and_worklist().await
+        if self.config.write_summary {
+            self.write_summary_and_worklist().await?;
+        }
+        Ok(())
     }
 }
 

@@ -30,6 +30,10 @@ pub enum Command {
     Run(RunArgs),
     /// Compare a run's results with the labels of a synthetic cohort.
     Evaluate(EvaluateArgs),
+    /// Run one stage as a service over NATS JetStream and an object store.
+    Serve(crate::serve::ServeArgs),
+    /// Scan input in the store and hand its studies to the services.
+    Submit(crate::serve::SubmitArgs),
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +186,24 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(pipeline::run_embedded(options))?;
             print!("{}", summary.render());
+            Ok(())
+        }
+        Command::Serve(args) => {
+            panscreen_shared::telemetry::init_stderr("info", true);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(crate::serve::serve(args, crate::serve::shutdown_signal()))
+        }
+        Command::Submit(args) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = runtime.block_on(crate::serve::submit(args))?;
+            println!(
+                "submitted {} studies; {} inputs quarantined, {} ignored, of {} objects listed",
+                report.studies.len(),
+                report.quarantined.len(),
+                report.ignored.len(),
+                report.objects_listed
+            );
             Ok(())
         }
         Command::Evaluate(args) => {

@@ -5,9 +5,12 @@
 //! - [`synth`]: synthetic non-contrast abdominal CT cohorts written as DICOM.
 //! - [`pipeline`]: the four stages in one process over the in-memory queue and the
 //!   local filesystem, with nothing to install: the embedded default.
+//! - [`serve`]: distributed mode: a stage as a service over NATS JetStream and S3, and
+//!   `submit`, which hands input to the services.
 //! - [`evaluate`]: sensitivity, specificity and AUC of a run against synthetic labels.
 
 pub mod cli;
 pub mod evaluate;
 pub mod pipeline;
+pub mod serve;
 pub mod synth;
