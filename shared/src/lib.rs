@@ -12,12 +12,14 @@
 //! - [`npy`]: the model-ready tensor format (NumPy `.npy`, little-endian f32).
 //! - [`sites`]: the site registry (site id → region, province).
 //! - [`telemetry`]: logging set-up.
+//! - [`metrics`]: /healthz, /readyz and Prometheus /metrics for a service.
 //!
 //! Bulky data (DICOM, volumes, masks) stays in the object store; messages carry keys.
 
 pub mod contracts;
 pub mod error;
 pub mod manifest;
+pub mod metrics;
 pub mod npy;
 pub mod pseudonym;
 pub mod queue;

@@ -103,6 +103,33 @@ pub struct StageCounters {
     /// Deliveries after the first (naks, and work a stopped worker never settled).
     pub redelivered: AtomicU64,
     pub in_flight: AtomicU64,
+    pub latency: LatencyHistogram,
+}
+
+/// Handler time per message, in the buckets of [`crate::metrics::LATENCY_BUCKETS`].
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; 10],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, seconds: f64) {
+        for (bound, bucket) in crate::metrics::LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative bucket counts, total count, sum in seconds.
+    pub fn snapshot(&self) -> ([u64; 10], u64, f64) {
+        let buckets = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
+        (buckets, self.count.load(Ordering::Relaxed), self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
 }
 
 impl StageCounters {
@@ -175,7 +202,12 @@ async fn handle_batch<H: Handler>(
 ) {
     let stage = handler.stage();
     let payloads: Vec<Bytes> = batch.iter().map(|delivery| delivery.payload.clone()).collect();
+    let started = std::time::Instant::now();
     let results = handler.handle_batch(payloads).await;
+    let per_message = started.elapsed().as_secs_f64() / batch.len().max(1) as f64;
+    for _ in 0..batch.len() {
+        counters.latency.observe(per_message);
+    }
     debug_assert_eq!(results.len(), batch.len(), "one result per payload");
     for (delivery, result) in batch.into_iter().zip(results) {
         let envelope = Envelope::peek(&delivery.payload);

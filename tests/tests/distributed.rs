@@ -13,7 +13,7 @@ use panscreen::synth::{synthesize, Size, SynthOptions};
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
-use panscreen_tests::servers::{NatsServer, SeaweedFs};
+use panscreen_tests::servers::{free_ports, NatsServer, SeaweedFs};
 use panscreen_tests::{binary, files_below, workspace_root};
 
 const KEY: &str = "distributed-test-key-0123456789abcdef";
@@ -62,6 +62,15 @@ impl Drop for Service {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }
 
 fn s3_options(seaweed: &SeaweedFs) -> Vec<(&'static str, String)> {
@@ -132,10 +141,18 @@ fn services_over_jetstream_and_s3_lose_nothing_when_a_worker_is_killed() {
         ("PANSCREEN_PSEUDONYM_KEY".to_string(), KEY.to_string()),
     ]);
     let logs = scratch.path();
-    let aggregate = Service::start("aggregate", &["serve", "aggregate"], &environment, logs);
-    let infer = Service::start("infer", &["serve", "infer"], &environment, logs);
-    let preprocess_a = Service::start("preprocess-a", &["serve", "preprocess"], &environment, logs);
-    let preprocess_b = Service::start("preprocess-b", &["serve", "preprocess"], &environment, logs);
+    let ports = free_ports(5);
+    let serve = |stage: &'static str, port: u16| -> Vec<String> {
+        vec!["serve".into(), stage.into(), "--metrics-addr".into(), format!("127.0.0.1:{port}")]
+    };
+    let start = |name: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Service::start(name, &args, &environment, logs)
+    };
+    let aggregate = start("aggregate", serve("aggregate", ports[0]));
+    let infer = start("infer", serve("infer", ports[1]));
+    let preprocess_a = start("preprocess-a", serve("preprocess", ports[2]));
+    let preprocess_b = start("preprocess-b", serve("preprocess", ports[3]));
 
     let submit = Command::new(binary())
         .current_dir(workspace_root())
@@ -151,7 +168,7 @@ fn services_over_jetstream_and_s3_lose_nothing_when_a_worker_is_killed() {
     std::thread::sleep(Duration::from_millis(400));
     preprocess_a.signal("-KILL");
     drop(preprocess_a);
-    let preprocess_c = Service::start("preprocess-c", &["serve", "preprocess"], &environment, logs);
+    let preprocess_c = start("preprocess-c", serve("preprocess", ports[4]));
 
     let pseudonymizer = Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
     let expected: Vec<String> = truths.iter().map(|t| pseudonymizer.study(&t.study_instance_uid)).collect();
@@ -166,6 +183,12 @@ fn services_over_jetstream_and_s3_lose_nothing_when_a_worker_is_killed() {
     // Let redeliveries of anything the killed worker held play out, then look again.
     std::thread::sleep(Duration::from_secs(5));
     let rows_after = runtime.block_on(results(&store));
+    // Health and metrics of a running service.
+    assert!(http_get(ports[1], "/healthz").starts_with("HTTP/1.1 200"));
+    assert!(http_get(ports[1], "/readyz").starts_with("HTTP/1.1 200"));
+    let metrics = http_get(ports[1], "/metrics");
+    assert!(metrics.contains(&format!("panscreen_processed_total{{stage=\"infer\"}} {}", expected.len())), "{metrics}");
+    assert!(metrics.contains("panscreen_stage_seconds_count{stage=\"infer\"}"), "{metrics}");
     for service in [preprocess_b, preprocess_c, infer, aggregate] {
         let name = service.name.clone();
         assert!(service.terminate(Duration::from_secs(30)), "{name} did not exit 0 on SIGTERM");

