@@ -156,14 +156,19 @@ impl SeaweedFs {
         assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {name}: {response}");
     }
 
-    /// The AWS variables object_store reads, pointing at this server.
-    pub fn aws_environment(&self) -> Vec<(&'static str, String)> {
+    /// object_store's S3 options pointing at this server (any keys will do).
+    pub fn s3_options(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("AWS_ENDPOINT_URL", self.endpoint()),
-            ("AWS_ACCESS_KEY_ID", "panscreen".to_string()),
-            ("AWS_SECRET_ACCESS_KEY", "panscreen-secret".to_string()),
-            ("AWS_REGION", "us-east-1".to_string()),
-            ("AWS_ALLOW_HTTP", "true".to_string()),
+            ("aws_endpoint_url", self.endpoint()),
+            ("aws_access_key_id", "panscreen".to_string()),
+            ("aws_secret_access_key", "panscreen-secret".to_string()),
+            ("aws_region", "us-east-1".to_string()),
+            ("aws_allow_http", "true".to_string()),
         ]
+    }
+
+    /// The same as the AWS variables a service reads (`AWS_ENDPOINT_URL`, …).
+    pub fn aws_environment(&self) -> Vec<(String, String)> {
+        self.s3_options().into_iter().map(|(key, value)| (key.to_uppercase(), value)).collect()
     }
 }

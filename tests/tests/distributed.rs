@@ -73,16 +73,6 @@ fn http_get(port: u16, path: &str) -> String {
     response
 }
 
-fn s3_options(seaweed: &SeaweedFs) -> Vec<(&'static str, String)> {
-    vec![
-        ("aws_endpoint_url", seaweed.endpoint()),
-        ("aws_access_key_id", "panscreen".to_string()),
-        ("aws_secret_access_key", "panscreen-secret".to_string()),
-        ("aws_region", "us-east-1".to_string()),
-        ("aws_allow_http", "true".to_string()),
-    ]
-}
-
 /// study key → rows in the results, read from the store.
 async fn results(store: &Store) -> BTreeMap<String, usize> {
     let mut rows = BTreeMap::new();
@@ -119,7 +109,7 @@ fn services_over_jetstream_and_s3_lose_nothing_when_a_worker_is_killed() {
         threads: 2,
     };
     let truths = synthesize(&options, &|_| {}).unwrap();
-    let store = Store::open_s3_with(&format!("s3://{BUCKET}"), &s3_options(&seaweed)).unwrap();
+    let store = Store::open_s3_with(&format!("s3://{BUCKET}"), &seaweed.s3_options()).unwrap();
     let studies = options.out.join("studies");
     runtime.block_on(async {
         for file in files_below(&studies) {

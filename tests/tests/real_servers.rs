@@ -79,22 +79,7 @@ async fn messages_survive_a_server_restart() {
 async fn s3_store_conforms() {
     let seaweed = SeaweedFs::start();
     seaweed.create_bucket("panscreen-test");
-    let options: Vec<(&str, String)> = seaweed
-        .aws_environment()
-        .into_iter()
-        .map(|(name, value)| {
-            (
-                match name {
-                    "AWS_ENDPOINT_URL" => "aws_endpoint_url",
-                    "AWS_ACCESS_KEY_ID" => "aws_access_key_id",
-                    "AWS_SECRET_ACCESS_KEY" => "aws_secret_access_key",
-                    "AWS_REGION" => "aws_region",
-                    _ => "aws_allow_http",
-                },
-                value,
-            )
-        })
-        .collect();
+    let options = seaweed.s3_options();
     let store = Store::open_s3_with("s3://panscreen-test/campaign-a", &options).unwrap();
     store::conformance::round_trip(&store, "conformance").await;
     // The prefix scopes the store: another prefix in the same bucket sees nothing of it.
