@@ -118,7 +118,8 @@ pub struct EvaluateArgs {
     pub key_file: PathBuf,
 }
 
-fn load_sites(path: &Option<PathBuf>) -> anyhow::Result<SiteRegistry> {
+/// The site registry from `path`, or the built-in one.
+pub fn load_sites(path: &Option<PathBuf>) -> anyhow::Result<SiteRegistry> {
     Ok(match path {
         Some(path) => SiteRegistry::load(path)?,
         None => SiteRegistry::builtin(),

@@ -22,7 +22,6 @@ use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
 use panscreen_shared::queue::Queue;
-use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::{OpenMode, Store};
 use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
 use tracing::info;
@@ -207,10 +206,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters, shutdown).await?;
         }
         ServiceStage::Aggregate => {
-            let sites = match &args.sites {
-                Some(path) => SiteRegistry::load(path)?,
-                None => SiteRegistry::builtin(),
-            };
+            let sites = crate::cli::load_sites(&args.sites)?;
             let writer_id = format!("{}-{}", hostname(), std::process::id());
             let mut aggregate_config = AggregateConfig::new(&cluster.campaign, &writer_id);
             aggregate_config.flush_rows = args.flush_rows;
@@ -239,10 +235,7 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<panscreen_ingest::Ingest
     let queue = cluster.queue().await?;
     let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.key_file)?;
     anyhow::ensure!(!ephemeral, "submit needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)");
-    let sites = match &args.sites {
-        Some(path) => SiteRegistry::load(path)?,
-        None => SiteRegistry::builtin(),
-    };
+    let sites = crate::cli::load_sites(&args.sites)?;
     let mut config = IngestConfig::new(&cluster.campaign);
     config.prefix = args.prefix.trim_matches('/').to_string();
     config.rules.min_slices = args.min_slices;
