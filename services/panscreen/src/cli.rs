@@ -58,6 +58,23 @@ pub struct SynthArgs {
     pub threads: Option<usize>,
 }
 
+/// The model and where it runs; shared by `run` and `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model directory holding manifest.toml.
+    #[arg(long, default_value = "models/tiny-panda", env = "PANSCREEN_MODEL")]
+    pub model: PathBuf,
+    /// Where the model runs: cpu, cuda[:N], tensorrt[:N].
+    #[arg(long, default_value = "cpu", env = "PANSCREEN_DEVICE")]
+    pub device: Device,
+    /// Studies per inference batch (1 is fastest on CPU; raise it on GPUs).
+    #[arg(long, default_value_t = 1, env = "PANSCREEN_BATCH_SIZE")]
+    pub batch_size: usize,
+    /// ONNX Runtime threads.
+    #[arg(long, default_value_t = 2, env = "PANSCREEN_INFER_THREADS")]
+    pub infer_threads: usize,
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Directory holding the DICOM files to screen (any layout).
@@ -66,9 +83,8 @@ pub struct RunArgs {
     /// Output directory for the Parquet tables and logs.
     #[arg(long, env = "PANSCREEN_OUT")]
     pub out: PathBuf,
-    /// Model directory holding manifest.toml.
-    #[arg(long, default_value = "models/tiny-panda", env = "PANSCREEN_MODEL")]
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Campaign id: scopes subjects and outputs.
     #[arg(long, default_value = "default", env = "PANSCREEN_CAMPAIGN")]
     pub campaign: String,
@@ -79,18 +95,9 @@ pub struct RunArgs {
     /// Site registry (TOML); the built-in one when absent.
     #[arg(long, env = "PANSCREEN_SITES")]
     pub sites: Option<PathBuf>,
-    /// Where the model runs: cpu, cuda[:N], tensorrt[:N].
-    #[arg(long, default_value = "cpu", env = "PANSCREEN_DEVICE")]
-    pub device: Device,
-    /// Studies per inference batch (1 is fastest on CPU; raise it on GPUs).
-    #[arg(long, default_value_t = 1, env = "PANSCREEN_BATCH_SIZE")]
-    pub batch_size: usize,
     /// Studies preprocessed at once.
     #[arg(long, default_value_t = 2, env = "PANSCREEN_PREPROCESS_WORKERS")]
     pub preprocess_workers: usize,
-    /// ONNX Runtime threads.
-    #[arg(long, default_value_t = 2, env = "PANSCREEN_INFER_THREADS")]
-    pub infer_threads: usize,
     /// Smallest series that is screened.
     #[arg(long, default_value_t = 20, env = "PANSCREEN_MIN_SLICES")]
     pub min_slices: usize,
@@ -170,15 +177,15 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let options = EmbeddedOptions {
                 input: args.input,
                 out: args.out,
-                model: args.model,
+                model: args.model.model,
                 campaign: args.campaign,
                 sites: load_sites(&args.sites)?,
                 pseudonymizer,
                 ephemeral_key: ephemeral,
-                device: args.device,
-                batch_size: args.batch_size,
+                device: args.model.device,
+                batch_size: args.model.batch_size,
                 preprocess_workers: args.preprocess_workers,
-                infer_threads: args.infer_threads,
+                infer_threads: args.model.infer_threads,
                 min_slices: args.min_slices,
                 keep_work: args.keep_work,
                 overwrite: args.overwrite,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_infer::{Device, InferHandler, Model};
+use panscreen_infer::{InferHandler, Model};
 use panscreen_ingest::IngestConfig;
 use panscreen_preprocess::PreprocessHandler;
 use panscreen_shared::contracts::{subjects, Stage};
@@ -94,14 +94,8 @@ pub struct ServeArgs {
     pub stage: ServiceStage,
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    #[arg(long, default_value = "models/tiny-panda", env = "PANSCREEN_MODEL")]
-    pub model: PathBuf,
-    #[arg(long, default_value = "cpu", env = "PANSCREEN_DEVICE")]
-    pub device: Device,
-    #[arg(long, default_value_t = 1, env = "PANSCREEN_BATCH_SIZE")]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 2, env = "PANSCREEN_INFER_THREADS")]
-    pub infer_threads: usize,
+    #[command(flatten)]
+    pub model: crate::cli::ModelArgs,
     /// Messages handled at once by this process.
     #[arg(long, default_value_t = 1, env = "PANSCREEN_CONCURRENCY")]
     pub concurrency: usize,
@@ -186,21 +180,21 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 campaign: cluster.campaign.clone(),
                 input: root.clone(),
                 work: campaign_root.sub("work"),
-                manifest: Arc::new(ModelManifest::load(&args.model)?),
+                manifest: Arc::new(ModelManifest::load(&args.model.model)?),
                 fetch_ahead: 4,
             });
             readiness.set(true);
             run_worker(queue, &subjects::ingested(&cluster.campaign), handler, config, counters, shutdown).await?;
         }
         ServiceStage::Infer => {
-            let manifest = ModelManifest::load(&args.model)?;
-            let (device, threads) = (args.device, args.infer_threads);
+            let manifest = ModelManifest::load(&args.model.model)?;
+            let (device, threads) = (args.model.device, args.model.infer_threads);
             let model = tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??;
             let handler = Arc::new(InferHandler {
                 campaign: cluster.campaign.clone(),
                 work: campaign_root.sub("work"),
                 model: Arc::new(Mutex::new(model)),
-                batch_size: args.batch_size,
+                batch_size: args.model.batch_size,
             });
             readiness.set(true);
             run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters, shutdown).await?;
