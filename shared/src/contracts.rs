@@ -54,6 +54,14 @@ pub mod subjects {
     pub fn quarantine(campaign: &str) -> String {
         format!("panscreen.{campaign}.quarantine")
     }
+    /// Inputs left out on purpose, in chunks, for aggregate.
+    pub fn ignored(campaign: &str) -> String {
+        format!("panscreen.{campaign}.ignored")
+    }
+    /// Prefixes registered by `panscreen submit`, for the ingest service.
+    pub fn submitted(campaign: &str) -> String {
+        format!("panscreen.{campaign}.submitted")
+    }
 }
 
 /// Deterministic message id: the same study at the same stage always gets the same id,
@@ -249,6 +257,35 @@ impl QuarantineRecord {
 pub struct IgnoredInput {
     pub input: String,
     pub reason: String,
+}
+
+/// A chunk of ignored inputs (ingest may ignore thousands of files of one study).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IgnoredInputs {
+    pub campaign: String,
+    pub inputs: Vec<IgnoredInput>,
+}
+
+impl IgnoredInputs {
+    /// Deterministic: the same inputs give the same id.
+    pub fn message_id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for input in &self.inputs {
+            hash.update(input.input.as_bytes());
+            hash.update([0]);
+        }
+        format!("ignored:{}", &hex::encode(hash.finalize())[..32])
+    }
+}
+
+/// `panscreen submit`: screen what is under `prefix` (a key prefix of the store).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScanRequest {
+    pub campaign: String,
+    pub prefix: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub requested_at: OffsetDateTime,
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod npy;
 pub mod pseudonym;
 pub mod queue;
 pub mod sites;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod worker;

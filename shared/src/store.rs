@@ -163,6 +163,16 @@ impl Store {
         self.inner.put(&object_path(key), PutPayload::from(bytes)).await.map(|_| ())
     }
 
+    /// Size and modification time of one object.
+    pub async fn head(&self, key: &str) -> Result<ObjectMeta, object_store::Error> {
+        self.inner.head(&object_path(key)).await
+    }
+
+    /// Server-side copy (replaces `to`).
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), object_store::Error> {
+        self.inner.copy(&object_path(from), &object_path(to)).await
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), object_store::Error> {
         self.inner.delete(&object_path(key)).await
     }
@@ -196,6 +206,10 @@ pub mod conformance {
         assert_eq!(&store.get_range(&keys[0], 2, 6).await.unwrap()[..], b"ject");
         store.put(&keys[0], Bytes::from_static(b"replaced")).await.unwrap();
         assert_eq!(&store.get(&keys[0]).await.unwrap()[..], b"replaced");
+        store.copy(&keys[2], &format!("{prefix}/c/copy")).await.unwrap();
+        assert_eq!(&store.get(&format!("{prefix}/c/copy")).await.unwrap()[..], b"object 2");
+        assert_eq!(store.head(&keys[2]).await.unwrap().size, 8);
+        store.delete(&format!("{prefix}/c/copy")).await.unwrap();
         store.delete(&keys[3]).await.unwrap();
         assert!(matches!(store.get(&keys[3]).await, Err(object_store::Error::NotFound { .. })));
         assert_eq!(store.list(prefix).await.unwrap().len(), 3);

@@ -11,6 +11,7 @@
 //! | retryable, attempts left               | nak with backoff                  |
 //! | retryable, `max_deliver` reached       | quarantine "gave up after N attempts: …", term |
 //! | publishing the outcome failed          | nak with backoff                  |
+//! | delivered past `max_deliver` (earlier attempts never settled: the worker died or hung) | quarantine without handling, term |
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -201,6 +202,24 @@ async fn handle_batch<H: Handler>(
     batch: Vec<Delivery>,
 ) {
     let stage = handler.stage();
+    // A message delivered past the limit took its earlier workers down with it (crash,
+    // out of memory, hang): it is not handled again.
+    let (batch, poisoned): (Vec<Delivery>, Vec<Delivery>) =
+        batch.into_iter().partition(|delivery| delivery.attempt <= config.max_deliver);
+    for delivery in poisoned {
+        let envelope = Envelope::peek(&delivery.payload);
+        let attempts = delivery.attempt - 1;
+        let error = StageError::permanent(
+            format!("gave up after {attempts} attempts: no worker finished it (crashed, killed or timed out)"),
+            "the message was delivered past max_deliver without ever being settled",
+        );
+        let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
+        settle(queue, stage, config, counters, delivery, envelope, Err(error)).instrument(span).await;
+        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+    if batch.is_empty() {
+        return;
+    }
     let payloads: Vec<Bytes> = batch.iter().map(|delivery| delivery.payload.clone()).collect();
     let started = std::time::Instant::now();
     let results = handler.handle_batch(payloads).await;
@@ -396,6 +415,40 @@ mod tests {
         assert_eq!(record.reason, "gave up after 3 attempts: store unavailable");
         assert_eq!(record.study_key.as_deref(), Some("a"));
         assert_eq!(record.attempts, 3);
+    }
+
+    #[tokio::test]
+    async fn a_message_delivered_past_the_limit_is_quarantined_unhandled() {
+        let queue = MemoryQueue::new();
+        let payload = Bytes::from(r#"{"context":{"study_key":"crashy","site_id":"S1"}}"#);
+        let settle = Box::new(NoSettle);
+        let delivery = Delivery::new(payload, 4, settle);
+        let handler = Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "never" };
+        let mut config = WorkerConfig::new("c", Stage::Preprocess);
+        config.max_deliver = 3;
+        let counters = StageCounters::default();
+        counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        handle_batch(&queue, &handler, &config, &counters, vec![delivery]).await;
+        assert_eq!(handler.calls.load(Ordering::SeqCst), 0, "the handler never sees it");
+        assert_eq!(counters.snapshot(), (0, 1, 0));
+        queue.close(&subjects::quarantine("c")).await;
+        let mut quarantine = queue.subscribe(&subjects::quarantine("c"), "t").await.unwrap();
+        let record: QuarantineRecord =
+            serde_json::from_slice(&quarantine.next().await.unwrap().unwrap().payload).unwrap();
+        assert!(record.reason.starts_with("gave up after 3 attempts: no worker finished it"), "{}", record.reason);
+        assert_eq!(record.study_key.as_deref(), Some("crashy"));
+    }
+
+    struct NoSettle;
+
+    #[async_trait]
+    impl crate::queue::Settle for NoSettle {
+        async fn settle(self: Box<Self>, _: crate::queue::Settlement) -> Result<(), QueueError> {
+            Ok(())
+        }
+        async fn progress(&self) -> Result<(), QueueError> {
+            Ok(())
+        }
     }
 
     #[tokio::test]

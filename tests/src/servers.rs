@@ -112,7 +112,13 @@ pub struct SeaweedFs {
 impl SeaweedFs {
     pub fn start() -> SeaweedFs {
         let data = tempfile::tempdir().unwrap();
-        let [master, volume, filer, s3] = free_ports(4)[..] else { unreachable!() };
+        let ports: [u16; 4] = free_ports(4).try_into().unwrap();
+        let child = Self::spawn(&ports, &data);
+        SeaweedFs { child, s3_port: ports[3], _data: data }
+    }
+
+    fn spawn(ports: &[u16; 4], data: &tempfile::TempDir) -> Child {
+        let [master, volume, filer, s3] = *ports;
         let mut child = Command::new(server_binary("weed"))
             .arg("server")
             .arg(format!("-dir={}", data.path().display()))
@@ -127,7 +133,7 @@ impl SeaweedFs {
             .spawn()
             .expect("weed starts");
         wait_for_port(s3, "SeaweedFS S3", &mut child);
-        SeaweedFs { child, s3_port: s3, _data: data }
+        child
     }
 
     pub fn endpoint(&self) -> String {
@@ -170,5 +176,82 @@ impl SeaweedFs {
     /// The same as the AWS variables a service reads (`AWS_ENDPOINT_URL`, …).
     pub fn aws_environment(&self) -> Vec<(String, String)> {
         self.s3_options().into_iter().map(|(key, value)| (key.to_uppercase(), value)).collect()
+    }
+}
+
+/// A TCP proxy on a free loopback port in front of `target`, which a test can cut to
+/// make a server unreachable (connections refused, open ones reset) for a while, as a
+/// network partition would, without restarting the server.
+pub struct TcpProxy {
+    pub port: u16,
+    target: u16,
+    state: std::sync::Arc<ProxyState>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    stop: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<Vec<TcpStream>>,
+}
+
+impl TcpProxy {
+    pub fn start(target: u16) -> TcpProxy {
+        let port = free_ports(1)[0];
+        let mut proxy = TcpProxy { port, target, state: Default::default(), acceptor: None };
+        proxy.listen();
+        proxy
+    }
+
+    fn listen(&mut self) {
+        use std::sync::atomic::Ordering;
+        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the proxy port again");
+        listener.set_nonblocking(true).unwrap();
+        let (state, target) = (self.state.clone(), self.target);
+        state.stop.store(false, Ordering::SeqCst);
+        self.acceptor = Some(std::thread::spawn(move || {
+            while !state.stop.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else { continue };
+                let mut open = state.open.lock().unwrap();
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server.try_clone().unwrap(), client.try_clone().unwrap()),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+                open.extend([client, server]);
+            }
+        }));
+    }
+
+    /// Refuses and resets every connection for `down_for`, then forwards again.
+    pub fn cut(&mut self, down_for: Duration) {
+        use std::sync::atomic::Ordering;
+        self.state.stop.store(true, Ordering::SeqCst);
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.join().unwrap();
+        }
+        for stream in self.state.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+        std::thread::sleep(down_for);
+        self.listen();
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for stream in self.state.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
     }
 }

@@ -4,9 +4,15 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use panscreen_shared::contracts::{subjects, QuarantineRecord, Stage};
+use panscreen_shared::error::StageError;
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
 use panscreen_shared::queue::{conformance, Queue};
 use panscreen_shared::store::{self, Store};
+use panscreen_shared::worker::{run_worker, Handler, Outcome, StageCounters, WorkerConfig};
 use panscreen_tests::servers::{NatsServer, SeaweedFs};
 
 async fn connect(server: &NatsServer, campaign: &str, settings: JetStreamSettings) -> JetStreamQueue {
@@ -85,4 +91,69 @@ async fn s3_store_conforms() {
     // The prefix scopes the store: another prefix in the same bucket sees nothing of it.
     let other = Store::open_s3_with("s3://panscreen-test/campaign-b", &options).unwrap();
     assert!(other.list("").await.unwrap().is_empty());
+}
+
+/// Fails every delivery of the message marked "poison" with a retryable error, the way
+/// a message does that no retry can ever fix; publishes everything else.
+struct PoisonSensitive;
+
+#[async_trait]
+impl Handler for PoisonSensitive {
+    fn stage(&self) -> Stage {
+        Stage::Preprocess
+    }
+
+    async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+        payloads
+            .into_iter()
+            .map(|payload| {
+                let text = String::from_utf8_lossy(&payload).to_string();
+                if text.contains("poison") {
+                    return Err(StageError::retryable("decoder task failed", "it fails every time"));
+                }
+                Ok(Outcome::Publish { subject: "panscreen.poison.out".into(), message_id: text, payload })
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_through() {
+    let server = NatsServer::start();
+    let settings =
+        JetStreamSettings { ack_wait: Duration::from_secs(2), max_deliver: 5, ..JetStreamSettings::default() };
+    let queue = Arc::new(connect(&server, "poison", settings).await);
+    let input = "panscreen.poison.in";
+    for name in ["a", "poison", "b", "c"] {
+        let payload = format!(r#"{{"context":{{"study_key":"{name}","site_id":"S1"}}}}"#);
+        queue.publish(input, name, Bytes::from(payload)).await.unwrap();
+    }
+    let mut config = WorkerConfig::new("poison", Stage::Preprocess);
+    config.max_deliver = 3;
+    config.backoff = vec![Duration::from_millis(100)];
+    let counters = Arc::new(StageCounters::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker =
+        tokio::spawn(run_worker(queue.clone(), input, Arc::new(PoisonSensitive), config, counters.clone(), async {
+            let _ = stopped.await;
+        }));
+    let mut quarantine = queue.subscribe(&subjects::quarantine("poison"), "check").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), quarantine.next()).await.unwrap().unwrap().unwrap();
+    let record: QuarantineRecord = serde_json::from_slice(&delivery.payload).unwrap();
+    delivery.ack().await.unwrap();
+    assert_eq!(record.reason, "gave up after 3 attempts: decoder task failed");
+    assert_eq!(record.study_key.as_deref(), Some("poison"));
+    let mut out = queue.subscribe("panscreen.poison.out", "check").await.unwrap();
+    let mut passed = std::collections::BTreeSet::new();
+    while passed.len() < 3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), out.next()).await.unwrap().unwrap().unwrap();
+        passed.insert(String::from_utf8_lossy(&delivery.payload).to_string());
+        delivery.ack().await.unwrap();
+    }
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let (processed, quarantined, retried) = counters.snapshot();
+    assert_eq!((processed, quarantined, retried), (3, 1, 2));
+    let backlog = queue.backlog(input, "panscreen-preprocess").await.unwrap();
+    assert_eq!((backlog.pending, backlog.in_flight), (0, 0), "nothing left behind: {backlog:?}");
 }

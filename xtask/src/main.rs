@@ -210,6 +210,16 @@ fn bench() -> anyhow::Result<()> {
     run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))
 }
 
+/// The distributed load scenario: four services as processes over real servers.
+fn load_test() -> anyhow::Result<()> {
+    fetch_ort()?;
+    setup_python()?;
+    build_release()?;
+    run(Command::new(root().join(".panscreen/venv/bin/python"))
+        .current_dir(root())
+        .arg("load-tests/distributed_load.py"))
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -218,9 +228,10 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
+        Some("load-test") => load_test(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | demo | test [cargo test args] | bench>"
+                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | demo | test [cargo test args] | bench | load-test>"
             );
             std::process::exit(2);
         }

@@ -4,11 +4,15 @@
 //! - [`tables`]: the tables and their columns.
 //! - [`Aggregator`]: consumes scored studies and quarantine records, drops
 //!   duplicates (by study key), and flushes Parquet files by row count or age. A
-//!   message is acked only after the file holding it is written.
+//!   message is acked only after the file holding it is committed ([`commit`]).
+//! - [`compact`]: merges small files, drops duplicates, and writes the summary and
+//!   worklist from everything committed (`panscreen compact`).
 
+pub mod commit;
+pub mod compact;
 pub mod tables;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,7 +20,7 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use panscreen_shared::contracts::{subjects, IgnoredInput, QuarantineRecord, StudyScored};
+use panscreen_shared::contracts::{subjects, IgnoredInputs, QuarantineRecord, StudyScored};
 use panscreen_shared::queue::{Delivery, Queue, QueueError};
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
@@ -88,15 +92,37 @@ fn partition_value(value: &str) -> String {
     }
 }
 
+/// The region a quarantine record counts under: its site's, or "unknown".
+pub fn quarantine_region(sites: &SiteRegistry, site_id: Option<&str>) -> [String; 3] {
+    match site_id.and_then(|id| sites.sites.iter().find(|s| s.id == id)) {
+        Some(site) => [site.region_code.clone(), site.region_name.clone(), site.province.clone()],
+        None => ["unknown".to_string(), "unknown".to_string(), "unknown".to_string()],
+    }
+}
+
 /// What the aggregator wrote.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct AggregateReport {
     pub results_written: usize,
     pub quarantine_written: usize,
+    pub ignored_written: usize,
     pub duplicates_dropped: usize,
     pub files_written: Vec<String>,
     pub regions: Vec<RegionCounts>,
     pub flagged: usize,
+}
+
+enum Pending {
+    Result(StudyScored),
+    Quarantine(QuarantineRecord),
+    Ignored(IgnoredInputs),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PendingKind {
+    Result,
+    Quarantine,
+    Ignored,
 }
 
 pub struct Aggregator {
@@ -105,12 +131,18 @@ pub struct Aggregator {
     sites: SiteRegistry,
     pending_results: Vec<StudyScored>,
     pending_quarantine: Vec<QuarantineRecord>,
+    pending_ignored: Vec<IgnoredInputs>,
     pending_deliveries: Vec<Delivery>,
+    /// Which table each pending delivery feeds, in delivery order.
+    pending_kinds: Vec<PendingKind>,
     seen_results: HashSet<String>,
     seen_quarantine: HashSet<String>,
+    seen_ignored: HashSet<String>,
+    /// Commit manifests already read.
+    commits_read: BTreeSet<String>,
     regions: BTreeMap<String, RegionCounts>,
     flagged: Vec<StudyScored>,
-    sequence: u32,
+    sequence: u64,
     report: AggregateReport,
     counters: Arc<StageCounters>,
 }
@@ -123,9 +155,13 @@ impl Aggregator {
             sites,
             pending_results: Vec::new(),
             pending_quarantine: Vec::new(),
+            pending_ignored: Vec::new(),
             pending_deliveries: Vec::new(),
+            pending_kinds: Vec::new(),
             seen_results: HashSet::new(),
             seen_quarantine: HashSet::new(),
+            seen_ignored: HashSet::new(),
+            commits_read: BTreeSet::new(),
             regions: BTreeMap::new(),
             flagged: Vec::new(),
             sequence: 0,
@@ -135,49 +171,114 @@ impl Aggregator {
     }
 
     fn pending(&self) -> usize {
-        self.pending_results.len() + self.pending_quarantine.len()
+        self.pending_results.len() + self.pending_quarantine.len() + self.pending_ignored.len()
     }
 
-    async fn accept_scored(&mut self, delivery: Delivery) {
-        let scored: StudyScored = match serde_json::from_slice(&delivery.payload) {
-            Ok(scored) => scored,
+    /// Takes a delivery for the next flush, unless it is unreadable (terminated) or a
+    /// duplicate (acked at once).
+    async fn accept(&mut self, delivery: Delivery, kind: PendingKind) {
+        let payload = &delivery.payload;
+        let parsed = match kind {
+            PendingKind::Result => serde_json::from_slice(payload).map(Pending::Result),
+            PendingKind::Quarantine => serde_json::from_slice(payload).map(Pending::Quarantine),
+            PendingKind::Ignored => serde_json::from_slice(payload).map(Pending::Ignored),
+        };
+        let pending = match parsed {
+            Ok(pending) => pending,
             Err(error) => {
-                warn!(%error, "unreadable scored message, terminated");
+                warn!(%error, ?kind, "unreadable message, terminated");
                 let _ = delivery.term().await;
                 return;
             }
         };
-        if !self.seen_results.insert(scored.context.study_key.clone()) {
-            self.report.duplicates_dropped += 1;
-            let _ = delivery.ack().await;
-            return;
-        }
-        self.pending_results.push(scored);
-        self.pending_deliveries.push(delivery);
-    }
-
-    async fn accept_quarantine(&mut self, delivery: Delivery) {
-        let record: QuarantineRecord = match serde_json::from_slice(&delivery.payload) {
-            Ok(record) => record,
-            Err(error) => {
-                warn!(%error, "unreadable quarantine message, terminated");
-                let _ = delivery.term().await;
-                return;
-            }
+        let new = match &pending {
+            Pending::Result(scored) => self.seen_results.insert(scored.context.study_key.clone()),
+            Pending::Quarantine(record) => self.seen_quarantine.insert(record.message_id()),
+            Pending::Ignored(ignored) => self.seen_ignored.insert(ignored.message_id()),
         };
-        if !self.seen_quarantine.insert(record.message_id()) {
+        if !new {
             self.report.duplicates_dropped += 1;
             let _ = delivery.ack().await;
             return;
         }
-        self.pending_quarantine.push(record);
+        match pending {
+            Pending::Result(scored) => self.pending_results.push(scored),
+            Pending::Quarantine(record) => self.pending_quarantine.push(record),
+            Pending::Ignored(ignored) => self.pending_ignored.push(ignored),
+        }
         self.pending_deliveries.push(delivery);
+        self.pending_kinds.push(kind);
     }
 
     async fn put(&mut self, key: String, batch: RecordBatch) -> Result<(), AggregateError> {
         let bytes = parquet_bytes(&batch)?;
         self.out.put(&key, bytes).await.map_err(|source| AggregateError::Write { key: key.clone(), source })?;
         self.report.files_written.push(key);
+        Ok(())
+    }
+
+    /// Reads the commits other writers (or this writer's earlier life) made since the
+    /// last look, and remembers their studies. Returns the study keys and quarantine
+    /// ids that were new.
+    async fn read_new_commits(&mut self) -> Result<(HashSet<String>, HashSet<String>), AggregateError> {
+        let manifests = commit::read_commits(&self.out, &self.commits_read).await?;
+        commit::roll_forward(&self.out, &manifests).await?;
+        let (mut studies, mut quarantine) = (HashSet::new(), HashSet::new());
+        for manifest in manifests {
+            self.commits_read.insert(manifest.key());
+            studies.extend(manifest.study_keys);
+            quarantine.extend(manifest.quarantine_ids);
+            self.seen_ignored.extend(manifest.ignored_ids);
+        }
+        Ok((studies, quarantine))
+    }
+
+    /// Drops pending rows another writer committed meanwhile; acks their deliveries.
+    async fn drop_committed_elsewhere(&mut self) -> Result<(), AggregateError> {
+        let (studies, quarantine) = self.read_new_commits().await?;
+        let mut keep = Vec::new();
+        let mut dropped = 0;
+        let deliveries = std::mem::take(&mut self.pending_deliveries);
+        let mut results = std::mem::take(&mut self.pending_results).into_iter();
+        let mut records = std::mem::take(&mut self.pending_quarantine).into_iter();
+        let mut ignored = std::mem::take(&mut self.pending_ignored).into_iter();
+        for (delivery, kind) in deliveries.into_iter().zip(std::mem::take(&mut self.pending_kinds)) {
+            let duplicate = match kind {
+                PendingKind::Result => {
+                    let row = results.next().expect("one row per result delivery");
+                    let duplicate = studies.contains(&row.context.study_key);
+                    if !duplicate {
+                        self.pending_results.push(row);
+                    }
+                    duplicate
+                }
+                PendingKind::Quarantine => {
+                    let record = records.next().expect("one record per quarantine delivery");
+                    let duplicate = quarantine.contains(&record.message_id());
+                    if !duplicate {
+                        self.pending_quarantine.push(record);
+                    }
+                    duplicate
+                }
+                PendingKind::Ignored => {
+                    self.pending_ignored.push(ignored.next().expect("one chunk per ignored delivery"));
+                    false
+                }
+            };
+            if duplicate {
+                dropped += 1;
+                let _ = delivery.ack().await;
+            } else {
+                keep.push((delivery, kind));
+            }
+        }
+        if dropped > 0 {
+            info!(dropped, "studies already committed by another writer; dropped");
+            self.report.duplicates_dropped += dropped;
+        }
+        self.seen_results.extend(studies);
+        self.seen_quarantine.extend(quarantine);
+        (self.pending_deliveries, self.pending_kinds) = keep.into_iter().unzip();
         Ok(())
     }
 
@@ -189,6 +290,7 @@ impl Aggregator {
             partitions.entry(key).or_default().push(row.clone());
         }
         self.sequence += 1;
+        let mut staged = commit::Staged::new(&self.config.writer_id, self.sequence);
         for ((region, month), rows) in partitions {
             let batch = tables::results_batch(&rows, SOFTWARE_VERSION, now)
                 .map_err(|e| AggregateError::Table(e.to_string()))?;
@@ -196,14 +298,28 @@ impl Aggregator {
                 "results/region_code={region}/scan_month={month}/part-{}-{:05}.parquet",
                 self.config.writer_id, self.sequence
             );
-            self.put(key, batch).await?;
+            staged.stage(&self.out, key, rows.len(), parquet_bytes(&batch)?).await?;
         }
         if !self.pending_quarantine.is_empty() {
             let batch =
                 tables::quarantine_batch(&self.pending_quarantine).map_err(|e| AggregateError::Table(e.to_string()))?;
             let key = format!("quarantine/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
-            self.put(key, batch).await?;
+            staged.stage(&self.out, key, self.pending_quarantine.len(), parquet_bytes(&batch)?).await?;
         }
+        if !self.pending_ignored.is_empty() {
+            let rows: Vec<_> = self.pending_ignored.iter().flat_map(|chunk| chunk.inputs.iter().cloned()).collect();
+            let batch = tables::ignored_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
+            let key = format!("ignored/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
+            staged.stage(&self.out, key, rows.len(), parquet_bytes(&batch)?).await?;
+        }
+        let ids = commit::CommitIds {
+            study_keys: self.pending_results.iter().map(|r| r.context.study_key.clone()).collect(),
+            quarantine_ids: self.pending_quarantine.iter().map(QuarantineRecord::message_id).collect(),
+            ignored_ids: self.pending_ignored.iter().map(IgnoredInputs::message_id).collect(),
+        };
+        let (manifest, _published) = staged.commit(&self.out, ids, Vec::new()).await?;
+        self.commits_read.insert(manifest.key());
+        self.report.files_written.extend(manifest.files.into_iter().map(|f| f.key));
         Ok(())
     }
 
@@ -221,8 +337,14 @@ impl Aggregator {
         if self.pending() == 0 {
             return Ok(());
         }
+        let written = match self.drop_committed_elsewhere().await {
+            Ok(()) if self.pending() == 0 => return Ok(()),
+            Ok(()) => self.write_pending().await,
+            Err(error) => Err(error),
+        };
         let deliveries = std::mem::take(&mut self.pending_deliveries);
-        match self.write_pending().await {
+        self.pending_kinds.clear();
+        match written {
             Ok(()) => {
                 for row in std::mem::take(&mut self.pending_results) {
                     let region =
@@ -236,15 +358,13 @@ impl Aggregator {
                     self.counters.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 for record in std::mem::take(&mut self.pending_quarantine) {
-                    let site =
-                        record.site_id.as_deref().and_then(|id| self.sites.sites.iter().find(|s| s.id == id)).cloned();
-                    let (code, name, province) = match &site {
-                        Some(site) => (site.region_code.as_str(), site.region_name.as_str(), site.province.as_str()),
-                        None => ("unknown", "unknown", "unknown"),
-                    };
-                    self.region_entry(code, name, province).quarantined += 1;
+                    let [code, name, province] = quarantine_region(&self.sites, record.site_id.as_deref());
+                    self.region_entry(&code, &name, &province).quarantined += 1;
                     self.report.quarantine_written += 1;
                     self.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+                }
+                for chunk in std::mem::take(&mut self.pending_ignored) {
+                    self.report.ignored_written += chunk.inputs.len();
                 }
                 for delivery in deliveries {
                     if let Err(error) = delivery.ack().await {
@@ -262,6 +382,9 @@ impl Aggregator {
                 for record in std::mem::take(&mut self.pending_quarantine) {
                     self.seen_quarantine.remove(&record.message_id());
                 }
+                for chunk in std::mem::take(&mut self.pending_ignored) {
+                    self.seen_ignored.remove(&chunk.message_id());
+                }
                 for delivery in deliveries {
                     let _ = delivery.nak(Duration::from_secs(2)).await;
                 }
@@ -276,44 +399,21 @@ impl Aggregator {
         let summary =
             tables::summary_batch(&regions, &self.config.campaign).map_err(|e| AggregateError::Table(e.to_string()))?;
         self.put("summary/summary.parquet".to_string(), summary).await?;
-        let worklist = tables::worklist_batch(&self.flagged).map_err(|e| AggregateError::Table(e.to_string()))?;
+        let rows: Vec<tables::WorklistRow> = self.flagged.iter().map(tables::WorklistRow::from).collect();
+        let worklist = tables::worklist_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
         self.put("worklist/worklist.parquet".to_string(), worklist).await?;
         self.report.regions = regions;
         self.report.flagged = self.flagged.len();
         Ok(())
     }
 
-    /// Records inputs ingest left out on purpose.
-    pub async fn write_ignored(&mut self, ignored: &[IgnoredInput]) -> Result<(), AggregateError> {
-        if ignored.is_empty() {
-            return Ok(());
-        }
-        let batch = tables::ignored_batch(ignored).map_err(|e| AggregateError::Table(e.to_string()))?;
-        self.put(format!("ignored/part-{}.parquet", self.config.writer_id), batch).await
-    }
-
-    /// Remembers the studies already in the results, so that a redelivered study is
-    /// not written twice across restarts. Returns how many there were.
-    pub async fn load_existing(&mut self) -> Result<usize, AggregateError> {
-        let objects = self.out.list("results").await.map_err(|e| AggregateError::Table(e.to_string()))?;
-        for object in objects.iter().filter(|o| o.location.as_ref().ends_with(".parquet")) {
-            let key = object.location.to_string();
-            let bytes =
-                self.out.get(&key).await.map_err(|source| AggregateError::Write { key: key.clone(), source })?;
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                .and_then(|builder| builder.build())
-                .map_err(|e| AggregateError::Table(format!("{key}: {e}")))?;
-            for batch in reader {
-                let batch = batch.map_err(|e| AggregateError::Table(format!("{key}: {e}")))?;
-                let Some(keys) = batch
-                    .column_by_name("study_key")
-                    .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>().cloned())
-                else {
-                    continue;
-                };
-                self.seen_results.extend(keys.iter().flatten().map(str::to_string));
-            }
-        }
+    /// Finishes commits a stopped writer left unpublished and remembers every study
+    /// already committed, so that a redelivered study is not written twice across
+    /// restarts and replicas. Returns how many studies there were.
+    pub async fn recover(&mut self) -> Result<usize, AggregateError> {
+        let (studies, quarantine) = self.read_new_commits().await?;
+        self.seen_results.extend(studies);
+        self.seen_quarantine.extend(quarantine);
         Ok(self.seen_results.len())
     }
 
@@ -332,21 +432,27 @@ impl Aggregator {
         let consumer = "panscreen-aggregate";
         let mut scored = queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
         let mut quarantine = queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
-        let (mut scored_open, mut quarantine_open) = (true, true);
+        let mut ignored = queue.subscribe(&subjects::ignored(&self.config.campaign), consumer).await?;
+        let (mut scored_open, mut quarantine_open, mut ignored_open) = (true, true, true);
         let mut next_flush = tokio::time::Instant::now() + self.config.flush_interval;
         tokio::pin!(shutdown);
-        while scored_open || quarantine_open {
+        while scored_open || quarantine_open || ignored_open {
             tokio::select! {
                 _ = &mut shutdown => break,
                 next = scored.next(), if scored_open => match next {
                     None => scored_open = false,
-                    Some(Ok(delivery)) => self.accept_scored(delivery).await,
+                    Some(Ok(delivery)) => self.accept(delivery, PendingKind::Result).await,
                     Some(Err(error)) => warn!(%error, "receiving scored studies failed"),
                 },
                 next = quarantine.next(), if quarantine_open => match next {
                     None => quarantine_open = false,
-                    Some(Ok(delivery)) => self.accept_quarantine(delivery).await,
+                    Some(Ok(delivery)) => self.accept(delivery, PendingKind::Quarantine).await,
                     Some(Err(error)) => warn!(%error, "receiving quarantine records failed"),
+                },
+                next = ignored.next(), if ignored_open => match next {
+                    None => ignored_open = false,
+                    Some(Ok(delivery)) => self.accept(delivery, PendingKind::Ignored).await,
+                    Some(Err(error)) => warn!(%error, "receiving ignored inputs failed"),
                 },
                 _ = tokio::time::sleep_until(next_flush) => {
                     if let Err(error) = self.flush().await {

@@ -136,38 +136,73 @@ pub fn summary_batch(rows: &[RegionCounts], campaign: &str) -> Result<RecordBatc
     ])
 }
 
+/// What the worklist needs of a flagged study; built from a scored message or read
+/// back from the results table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorklistRow {
+    pub site_id: String,
+    pub patient_key: String,
+    pub study_key: String,
+    pub series_key: String,
+    pub scan_date: Option<i32>,
+    pub region_code: String,
+    pub lesion_probability: f64,
+    pub lesion_volume_mm3: Option<f64>,
+    pub lesion_centroid_mm: [Option<f64>; 3],
+    pub model_name: String,
+    pub model_version: String,
+}
+
+impl From<&StudyScored> for WorklistRow {
+    fn from(r: &StudyScored) -> Self {
+        let centroid = |axis: usize| r.prediction.lesion_centroid_mm.map(|c| c[axis]);
+        WorklistRow {
+            site_id: r.context.site_id.clone(),
+            patient_key: r.context.patient_key.clone(),
+            study_key: r.context.study_key.clone(),
+            series_key: r.series.series_key.clone(),
+            scan_date: days_since_epoch(&r.context.scan_date),
+            region_code: r.context.region_code.clone(),
+            lesion_probability: r.prediction.lesion_probability,
+            lesion_volume_mm3: r.prediction.lesion_volume_mm3,
+            lesion_centroid_mm: [centroid(0), centroid(1), centroid(2)],
+            model_name: r.prediction.model.name.clone(),
+            model_version: r.prediction.model.version.clone(),
+        }
+    }
+}
+
 /// Flagged studies for the hospitals: by site, most suspicious first.
-pub fn worklist_batch(rows: &[StudyScored]) -> Result<RecordBatch, ArrowError> {
-    let mut sorted: Vec<&StudyScored> = rows.iter().filter(|r| r.prediction.flagged).collect();
+pub fn worklist_batch(rows: &[WorklistRow]) -> Result<RecordBatch, ArrowError> {
+    let mut sorted: Vec<&WorklistRow> = rows.iter().collect();
     sorted.sort_by(|a, b| {
-        a.context
-            .site_id
-            .cmp(&b.context.site_id)
-            .then(b.prediction.lesion_probability.total_cmp(&a.prediction.lesion_probability))
-            .then(a.context.study_key.cmp(&b.context.study_key))
+        a.site_id
+            .cmp(&b.site_id)
+            .then(b.lesion_probability.total_cmp(&a.lesion_probability))
+            .then(a.study_key.cmp(&b.study_key))
     });
     let mut rank = Vec::with_capacity(sorted.len());
     for (index, row) in sorted.iter().enumerate() {
-        let first_of_site = index == 0 || sorted[index - 1].context.site_id != row.context.site_id;
+        let first_of_site = index == 0 || sorted[index - 1].site_id != row.site_id;
         let previous = if first_of_site { 0 } else { rank[index - 1] };
         rank.push(previous + 1);
     }
-    let centroid = |axis: usize| floats(sorted.iter().map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])));
+    let centroid = |axis: usize| floats(sorted.iter().map(move |r| r.lesion_centroid_mm[axis]));
     batch(vec![
-        ("site_id", strings(sorted.iter().map(|r| Some(r.context.site_id.as_str())))),
+        ("site_id", strings(sorted.iter().map(|r| Some(r.site_id.as_str())))),
         ("priority", Arc::new(rank.into_iter().map(Some).collect::<Int32Array>())),
-        ("patient_key", strings(sorted.iter().map(|r| Some(r.context.patient_key.as_str())))),
-        ("study_key", strings(sorted.iter().map(|r| Some(r.context.study_key.as_str())))),
-        ("series_key", strings(sorted.iter().map(|r| Some(r.series.series_key.as_str())))),
-        ("scan_date", Arc::new(sorted.iter().map(|r| days_since_epoch(&r.context.scan_date)).collect::<Date32Array>())),
-        ("region_code", strings(sorted.iter().map(|r| Some(r.context.region_code.as_str())))),
-        ("lesion_probability", floats(sorted.iter().map(|r| Some(r.prediction.lesion_probability)))),
-        ("lesion_volume_mm3", floats(sorted.iter().map(|r| r.prediction.lesion_volume_mm3))),
+        ("patient_key", strings(sorted.iter().map(|r| Some(r.patient_key.as_str())))),
+        ("study_key", strings(sorted.iter().map(|r| Some(r.study_key.as_str())))),
+        ("series_key", strings(sorted.iter().map(|r| Some(r.series_key.as_str())))),
+        ("scan_date", Arc::new(sorted.iter().map(|r| r.scan_date).collect::<Date32Array>())),
+        ("region_code", strings(sorted.iter().map(|r| Some(r.region_code.as_str())))),
+        ("lesion_probability", floats(sorted.iter().map(|r| Some(r.lesion_probability)))),
+        ("lesion_volume_mm3", floats(sorted.iter().map(|r| r.lesion_volume_mm3))),
         ("lesion_centroid_x_mm", centroid(0)),
         ("lesion_centroid_y_mm", centroid(1)),
         ("lesion_centroid_z_mm", centroid(2)),
-        ("model_name", strings(sorted.iter().map(|r| Some(r.prediction.model.name.as_str())))),
-        ("model_version", strings(sorted.iter().map(|r| Some(r.prediction.model.version.as_str())))),
+        ("model_name", strings(sorted.iter().map(|r| Some(r.model_name.as_str())))),
+        ("model_version", strings(sorted.iter().map(|r| Some(r.model_version.as_str())))),
     ])
 }
 

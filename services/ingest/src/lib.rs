@@ -13,6 +13,7 @@
 pub mod deidentify;
 pub mod header;
 pub mod select;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use panscreen_shared::contracts::{
-    message_id, subjects, IgnoredInput, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
+    message_id, subjects, IgnoredInput, IgnoredInputs, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
 };
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
@@ -98,13 +99,13 @@ fn quarantine(
     }
 }
 
-enum ObjectOutcome {
+pub(crate) enum ObjectOutcome {
     Instance(Box<InstanceHeader>),
     Quarantined(QuarantineRecord),
     Ignored(IgnoredInput),
 }
 
-async fn read_object(
+pub(crate) async fn read_object(
     store: &Store,
     config: &IngestConfig,
     key: String,
@@ -186,70 +187,86 @@ pub async fn scan(
     }
 
     for instances in studies.into_values() {
-        let context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
-        let study_files = instances.len();
-        let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
-        let series = group_series(instances);
-        match choose_series(&series, &config.rules) {
-            Ok(chosen) => {
-                let first = &chosen.group.instances[0];
-                for other in series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid) {
-                    for key in other.keys() {
-                        report.ignored.push(IgnoredInput {
-                            input: key.to_string(),
-                            reason: format!("not the series chosen for screening (modality {})", other.modality()),
-                        });
-                    }
-                }
-                let series_choice = SeriesChoice {
-                    series_key: pseudonymizer.series(&chosen.group.series_instance_uid),
-                    series_number: first.series_number,
-                    reason: chosen.reason.clone(),
-                    candidates: series.len() as u32,
-                    slices: chosen.group.instances.len() as u32,
-                    rows: first.rows,
-                    columns: first.columns,
-                    pixel_spacing_mm: first.pixel_spacing.unwrap_or([1.0, 1.0]),
-                    slice_spacing_mm: chosen.slice_spacing_mm,
-                    slice_thickness_mm: first.slice_thickness,
-                };
-                report.objects_screened += chosen.group.instances.len();
-                info!(study = %context.study_key, slices = series_choice.slices, "study accepted");
-                report.studies.push(StudyIngested {
-                    context,
-                    series: series_choice,
-                    image_orientation: first.image_orientation.expect("checked by choose_series"),
-                    slices: chosen
-                        .group
-                        .instances
-                        .iter()
-                        .map(|i| SliceRef {
-                            key: i.key.clone(),
-                            position_mm: i.image_position.expect("checked by choose_series"),
-                        })
-                        .collect(),
-                });
-            }
-            Err(rejection) => {
-                let keys: Vec<&str> = all_keys.iter().map(String::as_str).collect();
-                warn!(study = %context.study_key, reason = %rejection.reason, "study quarantined");
-                report.objects_quarantined += study_files;
-                report.quarantined.push(quarantine(
-                    &config.campaign,
-                    &common_prefix(&keys),
-                    Some(context.study_key.clone()),
-                    Some(context.site_id.clone()),
-                    &rejection.reason,
-                    &format!("{} ({study_files} files)", rejection.detail),
-                ));
-            }
-        }
+        decide_study(config, pseudonymizer, sites, instances, &mut report);
     }
     debug_assert!(report.balanced(), "every object accounted for once");
     Ok(report)
 }
 
-/// Publishes what a scan found: one message per study, one per quarantined input.
+/// Decides one complete study: the series to screen and a message for preprocess, or a
+/// quarantine record; the files of other series are ignored with a reason.
+pub fn decide_study(
+    config: &IngestConfig,
+    pseudonymizer: &Pseudonymizer,
+    sites: &SiteRegistry,
+    instances: Vec<InstanceHeader>,
+    report: &mut IngestReport,
+) {
+    let context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
+    let study_files = instances.len();
+    let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
+    let series = group_series(instances);
+    match choose_series(&series, &config.rules) {
+        Ok(chosen) => {
+            let first = &chosen.group.instances[0];
+            for other in series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid) {
+                for key in other.keys() {
+                    report.ignored.push(IgnoredInput {
+                        input: key.to_string(),
+                        reason: format!("not the series chosen for screening (modality {})", other.modality()),
+                    });
+                }
+            }
+            let series_choice = SeriesChoice {
+                series_key: pseudonymizer.series(&chosen.group.series_instance_uid),
+                series_number: first.series_number,
+                reason: chosen.reason.clone(),
+                candidates: series.len() as u32,
+                slices: chosen.group.instances.len() as u32,
+                rows: first.rows,
+                columns: first.columns,
+                pixel_spacing_mm: first.pixel_spacing.unwrap_or([1.0, 1.0]),
+                slice_spacing_mm: chosen.slice_spacing_mm,
+                slice_thickness_mm: first.slice_thickness,
+            };
+            report.objects_screened += chosen.group.instances.len();
+            info!(study = %context.study_key, slices = series_choice.slices, "study accepted");
+            report.studies.push(StudyIngested {
+                context,
+                series: series_choice,
+                image_orientation: first.image_orientation.expect("checked by choose_series"),
+                slices: chosen
+                    .group
+                    .instances
+                    .iter()
+                    .map(|i| SliceRef {
+                        key: i.key.clone(),
+                        position_mm: i.image_position.expect("checked by choose_series"),
+                    })
+                    .collect(),
+            });
+        }
+        Err(rejection) => {
+            let keys: Vec<&str> = all_keys.iter().map(String::as_str).collect();
+            warn!(study = %context.study_key, reason = %rejection.reason, "study quarantined");
+            report.objects_quarantined += study_files;
+            report.quarantined.push(quarantine(
+                &config.campaign,
+                &common_prefix(&keys),
+                Some(context.study_key.clone()),
+                Some(context.site_id.clone()),
+                &rejection.reason,
+                &format!("{} ({study_files} files)", rejection.detail),
+            ));
+        }
+    }
+}
+
+/// Ignored inputs travel in chunks of this many.
+pub const IGNORED_PER_MESSAGE: usize = 500;
+
+/// Publishes what a scan found: one message per study, one per quarantined input, and
+/// the ignored inputs in chunks.
 pub async fn publish(queue: &dyn Queue, campaign: &str, report: &IngestReport) -> Result<(), QueueError> {
     for study in &report.studies {
         let payload = Bytes::from(serde_json::to_vec(study).expect("contracts serialize"));
@@ -260,6 +277,11 @@ pub async fn publish(queue: &dyn Queue, campaign: &str, report: &IngestReport) -
     for record in &report.quarantined {
         let payload = Bytes::from(serde_json::to_vec(record).expect("contracts serialize"));
         queue.publish(&subjects::quarantine(campaign), &record.message_id(), payload).await?;
+    }
+    for chunk in report.ignored.chunks(IGNORED_PER_MESSAGE) {
+        let message = IgnoredInputs { campaign: campaign.to_string(), inputs: chunk.to_vec() };
+        let payload = Bytes::from(serde_json::to_vec(&message).expect("contracts serialize"));
+        queue.publish(&subjects::ignored(campaign), &message.message_id(), payload).await?;
     }
     Ok(())
 }

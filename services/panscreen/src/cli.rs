@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use panscreen_infer::Device;
 use panscreen_shared::pseudonym::{Pseudonymizer, KEY_ENV};
 use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::{OpenMode, Store};
 
 use crate::pipeline::{self, EmbeddedOptions};
 use crate::synth::{self, Size, SynthOptions};
@@ -32,8 +33,35 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// Run one stage as a service over NATS JetStream and an object store.
     Serve(crate::serve::ServeArgs),
-    /// Scan input in the store and hand its studies to the services.
+    /// Register a prefix of the store with the ingest service, which screens what is there.
     Submit(crate::serve::SubmitArgs),
+    /// Create the campaign's JetStream stream, consumers and status bucket (idempotent).
+    Setup(crate::serve::ClusterArgs),
+    /// Per stage: backlog, processed, quarantined, throughput, time left.
+    Status(StatusArgs),
+    /// Merge small result files, drop duplicates, write the summary and worklist.
+    Compact(CompactArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub cluster: crate::serve::ClusterArgs,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompactArgs {
+    /// The output directory of `panscreen run`, or the store of a distributed campaign
+    /// (with --campaign: its tables are under campaigns/<campaign>/out/).
+    #[arg(long, env = "PANSCREEN_STORE")]
+    pub store: String,
+    #[arg(long, env = "PANSCREEN_CAMPAIGN")]
+    pub campaign: Option<String>,
+    #[arg(long, env = "PANSCREEN_SITES")]
+    pub sites: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -204,13 +232,52 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Submit(args) => {
             panscreen_shared::telemetry::init_stderr("warn", false);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let report = runtime.block_on(crate::serve::submit(args))?;
+            let campaign = args.cluster.campaign.clone();
+            let prefix = runtime.block_on(crate::serve::submit(args))?;
+            println!("submitted prefix '{prefix}' to campaign {campaign}; the ingest service screens it");
+            Ok(())
+        }
+        Command::Setup(cluster) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let consumers = runtime.block_on(crate::serve::setup(&cluster))?;
             println!(
-                "submitted {} studies; {} inputs quarantined, {} ignored, of {} objects listed",
-                report.studies.len(),
-                report.quarantined.len(),
-                report.ignored.len(),
-                report.objects_listed
+                "stream {} ready with consumers {}",
+                panscreen_shared::queue::jetstream::stream_name(&cluster.campaign),
+                consumers.join(", ")
+            );
+            Ok(())
+        }
+        Command::Status(args) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let status = runtime.block_on(crate::status::status(&args.cluster))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Compact(args) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let store =
+                Store::open(&args.store, OpenMode::Existing).with_context(|| format!("store {}", args.store))?;
+            let (out, campaign) = match &args.campaign {
+                Some(campaign) => (store.sub(&format!("campaigns/{campaign}/out")), campaign.clone()),
+                None => (store, "default".to_string()),
+            };
+            let sites = load_sites(&args.sites)?;
+            let report = runtime.block_on(panscreen_aggregate::compact::compact(&out, &campaign, &sites))?;
+            println!(
+                "compacted {} files into {}: {} studies ({} duplicates dropped), {} flagged, {} quarantine rows",
+                report.files_before,
+                report.files_after,
+                report.studies,
+                report.duplicates_dropped,
+                report.flagged,
+                report.quarantine_rows
             );
             Ok(())
         }

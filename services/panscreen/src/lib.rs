@@ -5,12 +5,14 @@
 //! - [`synth`]: synthetic non-contrast abdominal CT cohorts written as DICOM.
 //! - [`pipeline`]: the four stages in one process over the in-memory queue and the
 //!   local filesystem, with nothing to install: the embedded default.
-//! - [`serve`]: distributed mode: a stage as a service over NATS JetStream and S3, and
-//!   `submit`, which hands input to the services.
+//! - [`serve`]: distributed mode: a stage as a service over NATS JetStream and S3;
+//!   `submit`, which registers input with the ingest service; `setup`.
+//! - [`status`]: backlog, throughput and time left per stage of a running campaign.
 //! - [`evaluate`]: sensitivity, specificity and AUC of a run against synthetic labels.
 
 pub mod cli;
 pub mod evaluate;
 pub mod pipeline;
 pub mod serve;
+pub mod status;
 pub mod synth;

@@ -142,7 +142,8 @@ pub fn progress_bar(length: u64, stage: &str, hidden: bool) -> ProgressBar {
     bar
 }
 
-const RESULT_DIRECTORIES: [&str; 5] = ["results", "quarantine", "ignored", "summary", "worklist"];
+const RESULT_DIRECTORIES: [&str; 7] =
+    ["results", "quarantine", "ignored", "summary", "worklist", "_commits", "_staging"];
 
 fn prepare_out(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
     for directory in RESULT_DIRECTORIES {
@@ -248,6 +249,7 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         panscreen_ingest::run_once(dyn_queue.clone(), &input, &ingest_config, &options.pseudonymizer, &options.sites)
             .await?;
     queue.close(&subjects::ingested(&campaign)).await;
+    queue.close(&subjects::ignored(&campaign)).await;
     let ingest_elapsed = ingest_started.elapsed();
     ingest_bar.set_length(report.objects_listed as u64);
     ingest_bar.set_position(report.objects_listed as u64);
@@ -292,9 +294,8 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     infer_task.await??;
     queue.close(&subjects::scored(&campaign)).await;
     queue.close(&subjects::quarantine(&campaign)).await;
-    let (mut aggregator, aggregate_result) = aggregate_task.await?;
+    let (aggregator, aggregate_result) = aggregate_task.await?;
     aggregate_result?;
-    aggregator.write_ignored(&report.ignored).await?;
     ticker.abort();
     for (bar, counters) in &stage_bars {
         let (processed, quarantined, _) = counters.snapshot();

@@ -15,19 +15,26 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use panscreen_aggregate::{AggregateConfig, Aggregator};
 use panscreen_infer::{InferHandler, Model};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use panscreen_ingest::watch::{Completion, Watcher};
 use panscreen_ingest::IngestConfig;
 use panscreen_preprocess::PreprocessHandler;
-use panscreen_shared::contracts::{subjects, Stage};
+use panscreen_shared::contracts::{subjects, ScanRequest, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
-use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
+use panscreen_shared::queue::jetstream::{consumer_name, JetStreamQueue, JetStreamSettings, NatsConfig};
 use panscreen_shared::queue::Queue;
+use panscreen_shared::status;
 use panscreen_shared::store::{OpenMode, Store};
 use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ServiceStage {
+    Ingest,
     Preprocess,
     Infer,
     Aggregate,
@@ -59,6 +66,9 @@ pub struct ClusterArgs {
     /// Seconds before an unacked message is redelivered.
     #[arg(long, default_value_t = 60, env = "PANSCREEN_ACK_WAIT_SECONDS")]
     pub ack_wait_seconds: u64,
+    /// Attempts before a message that keeps failing is quarantined.
+    #[arg(long, default_value_t = 5, env = "PANSCREEN_MAX_DELIVER")]
+    pub max_deliver: u32,
 }
 
 impl ClusterArgs {
@@ -74,6 +84,9 @@ impl ClusterArgs {
         let settings = JetStreamSettings {
             replicas: self.stream_replicas,
             ack_wait: Duration::from_secs(self.ack_wait_seconds.max(1)),
+            // Above the workers' own limit, so that the delivery after a crash on the
+            // last attempt still reaches a worker, which quarantines it.
+            max_deliver: i64::from(self.max_deliver) + 2,
             ..JetStreamSettings::default()
         };
         Ok(JetStreamQueue::connect(&nats, &self.campaign, settings).await?)
@@ -112,21 +125,42 @@ pub struct ServeArgs {
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, default_value = "0.0.0.0:9464", env = "PANSCREEN_METRICS_ADDR")]
     pub metrics_addr: String,
+    /// Seconds before each retry of a failing message (the last repeats).
+    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 2.0, 10.0, 30.0], env = "PANSCREEN_RETRY_BACKOFF")]
+    pub retry_backoff: Vec<f64>,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
+}
+
+/// Settings of `serve ingest`.
+#[derive(Debug, Clone, Args)]
+pub struct IngestArgs {
+    /// Key prefixes (within --store) rescanned periodically, besides those submitted.
+    #[arg(long = "watch", value_delimiter = ',', env = "PANSCREEN_WATCH")]
+    pub watch: Vec<String>,
+    /// Seconds between rescans.
+    #[arg(long, default_value_t = 30, env = "PANSCREEN_RESCAN_SECONDS")]
+    pub rescan_seconds: u64,
+    /// A study is complete when none of its files was written for this long…
+    #[arg(long, default_value_t = 120, env = "PANSCREEN_QUIET_SECONDS")]
+    pub quiet_seconds: u64,
+    /// …or when an object of this name lies in its folder ("" turns markers off).
+    #[arg(long, default_value = "_COMPLETE", env = "PANSCREEN_MARKER")]
+    pub marker: String,
+    #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
+    pub key_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 20, env = "PANSCREEN_MIN_SLICES")]
+    pub min_slices: usize,
 }
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
-    /// Key prefix of the DICOM to screen, within --store.
+    /// What to screen: a key prefix within --store, or a URL inside it
+    /// (s3://bucket/prefix/incoming/, file:///root/incoming).
     #[arg(long, default_value = "incoming", env = "PANSCREEN_INPUT_PREFIX")]
     pub prefix: String,
-    #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
-    pub key_file: Option<PathBuf>,
-    #[arg(long, env = "PANSCREEN_SITES")]
-    pub sites: Option<PathBuf>,
-    #[arg(long, default_value_t = 20, env = "PANSCREEN_MIN_SLICES")]
-    pub min_slices: usize,
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -151,8 +185,10 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     let cluster = &args.cluster;
     let root = cluster.store()?;
     let campaign_root = root.sub(&cluster.campaign_prefix());
-    let queue: Arc<dyn Queue> = Arc::new(cluster.queue().await?);
+    let jetstream = Arc::new(cluster.queue().await?);
+    let queue: Arc<dyn Queue> = jetstream.clone();
     let stage = match args.stage {
+        ServiceStage::Ingest => Stage::Ingest,
         ServiceStage::Preprocess => Stage::Preprocess,
         ServiceStage::Infer => Stage::Infer,
         ServiceStage::Aggregate => Stage::Aggregate,
@@ -160,12 +196,23 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     let mut config = WorkerConfig::new(&cluster.campaign, stage);
     config.concurrency = args.concurrency.max(1);
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
+    config.max_deliver = cluster.max_deliver.max(1);
+    config.backoff = args.retry_backoff.iter().map(|s| Duration::from_secs_f64(s.max(0.0))).collect();
     let counters = Arc::new(StageCounters::default());
     let readiness = Arc::new(Readiness::default());
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
         .await
         .with_context(|| format!("cannot listen for metrics on {}", args.metrics_addr))?;
     let metrics = tokio::spawn(metrics::serve(listener, stage, counters.clone(), readiness.clone()));
+    // Unique across restarts of the same pod (same hostname, often pid 1).
+    let started = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    let instance = format!("{}-{}-{started}", hostname(), std::process::id());
+    let reporter = tokio::spawn(status::report_forever(
+        jetstream.stats_bucket().await?,
+        stage,
+        instance.clone(),
+        counters.clone(),
+    ));
     let shutdown = {
         let readiness = readiness.clone();
         async move {
@@ -175,6 +222,10 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     };
     info!(stage = %stage, campaign = %cluster.campaign, metrics = %args.metrics_addr, "service starting");
     match args.stage {
+        ServiceStage::Ingest => {
+            serve_ingest(&args, root, campaign_root.sub("ingest"), queue, counters.clone(), &readiness, shutdown)
+                .await?
+        }
         ServiceStage::Preprocess => {
             let handler = Arc::new(PreprocessHandler {
                 campaign: cluster.campaign.clone(),
@@ -184,7 +235,8 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 fetch_ahead: 4,
             });
             readiness.set(true);
-            run_worker(queue, &subjects::ingested(&cluster.campaign), handler, config, counters, shutdown).await?;
+            run_worker(queue, &subjects::ingested(&cluster.campaign), handler, config, counters.clone(), shutdown)
+                .await?;
         }
         ServiceStage::Infer => {
             let manifest = ModelManifest::load(&args.model.model)?;
@@ -197,23 +249,24 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 batch_size: args.model.batch_size,
             });
             readiness.set(true);
-            run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters, shutdown).await?;
+            run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters.clone(), shutdown)
+                .await?;
         }
         ServiceStage::Aggregate => {
             let sites = crate::cli::load_sites(&args.sites)?;
-            let writer_id = format!("{}-{}", hostname(), std::process::id());
-            let mut aggregate_config = AggregateConfig::new(&cluster.campaign, &writer_id);
+            let mut aggregate_config = AggregateConfig::new(&cluster.campaign, &instance);
             aggregate_config.flush_rows = args.flush_rows;
             aggregate_config.flush_interval = Duration::from_secs(args.flush_seconds.max(1));
             aggregate_config.write_summary = false;
-            let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters);
-            let existing = aggregator.load_existing().await?;
+            let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone());
+            let existing = aggregator.recover().await?;
             info!(existing, "studies already in the results");
             readiness.set(true);
             aggregator.run(queue, shutdown).await?;
         }
     }
     metrics.abort();
+    reporter.abort();
     info!(stage = %stage, "service stopped");
     Ok(())
 }
@@ -222,18 +275,161 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".to_string())
 }
 
-/// Scans `--prefix` once and publishes every study and quarantine record.
-pub async fn submit(args: SubmitArgs) -> anyhow::Result<panscreen_ingest::IngestReport> {
-    let cluster = &args.cluster;
-    let root = cluster.store()?;
-    let queue = cluster.queue().await?;
-    let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.key_file)?;
-    anyhow::ensure!(!ephemeral, "submit needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)");
+/// Where ingest keeps the prefixes submitted to it, so that a restart keeps watching them.
+fn watch_key(prefix: &str) -> String {
+    use sha2::{Digest, Sha256};
+    format!("watch/{}.json", &hex::encode(Sha256::digest(prefix.as_bytes()))[..24])
+}
+
+async fn watched_prefixes(state: &Store, configured: &[String]) -> anyhow::Result<BTreeSet<String>> {
+    let mut prefixes: BTreeSet<String> = configured.iter().map(|p| p.trim_matches('/').to_string()).collect();
+    for object in state.list("watch").await? {
+        let request: ScanRequest = serde_json::from_slice(&state.get(object.location.as_ref()).await?)?;
+        prefixes.insert(request.prefix);
+    }
+    Ok(prefixes)
+}
+
+/// The ingest service: a pass over every watched prefix on each tick and on each
+/// submitted prefix.
+async fn serve_ingest(
+    args: &ServeArgs,
+    root: Store,
+    state: Store,
+    queue: Arc<dyn Queue>,
+    counters: Arc<StageCounters>,
+    readiness: &Readiness,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let campaign = &args.cluster.campaign;
+    let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.ingest.key_file)?;
+    anyhow::ensure!(!ephemeral, "ingest needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)");
+    let mut config = IngestConfig::new(campaign);
+    config.rules.min_slices = args.ingest.min_slices;
+    let completion =
+        Completion { quiet: Duration::from_secs(args.ingest.quiet_seconds), marker: args.ingest.marker.clone() };
     let sites = crate::cli::load_sites(&args.sites)?;
-    let mut config = IngestConfig::new(&cluster.campaign);
-    config.prefix = args.prefix.trim_matches('/').to_string();
-    config.rules.min_slices = args.min_slices;
-    let report = panscreen_ingest::scan(&root, &config, &pseudonymizer, &sites).await?;
-    panscreen_ingest::publish(&queue, &cluster.campaign, &report).await?;
-    Ok(report)
+    let mut watcher = Watcher::open(root, state.clone(), config, completion, pseudonymizer, sites).await?;
+    let mut prefixes = watched_prefixes(&state, &args.ingest.watch).await?;
+    let mut requests = queue.subscribe(&subjects::submitted(campaign), "panscreen-ingest").await?;
+    let mut tick = tokio::time::interval(Duration::from_secs(args.ingest.rescan_seconds.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    readiness.set(true);
+    info!(prefixes = prefixes.len(), "ingest watching");
+    tokio::pin!(shutdown);
+    loop {
+        let request = tokio::select! {
+            _ = &mut shutdown => break,
+            next = requests.next() => match next {
+                Some(Ok(delivery)) => Some(delivery),
+                Some(Err(error)) => {
+                    warn!(%error, "receiving submitted prefixes failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                None => break,
+            },
+            _ = tick.tick() => None,
+        };
+        if let Some(delivery) = &request {
+            match serde_json::from_slice::<ScanRequest>(&delivery.payload) {
+                Ok(submitted) => {
+                    let prefix = submitted.prefix.trim_matches('/').to_string();
+                    let body = Bytes::from(serde_json::to_vec(&ScanRequest { prefix: prefix.clone(), ..submitted })?);
+                    if let Err(error) = state.put(&watch_key(&prefix), body).await {
+                        warn!(%error, "cannot record the submitted prefix; will retry");
+                        let _ = request.expect("a request").nak(Duration::from_secs(5)).await;
+                        continue;
+                    }
+                    info!(prefix = %prefix, "prefix submitted");
+                    prefixes.insert(prefix);
+                }
+                Err(error) => warn!(%error, "unreadable scan request, dropped"),
+            }
+        }
+        let listed: Vec<String> = prefixes.iter().cloned().collect();
+        let outcome = watcher.pass(&*queue, &listed).await;
+        match &outcome {
+            Ok(pass) => {
+                counters.processed.fetch_add(pass.decided.studies.len() as u64, Ordering::Relaxed);
+                counters.quarantined.fetch_add(pass.decided.quarantined.len() as u64, Ordering::Relaxed);
+                counters.in_flight.store(pass.waiting_studies as u64, Ordering::Relaxed);
+            }
+            Err(error) => warn!(error = %format!("{error:#}"), "ingest pass failed; the next pass retries"),
+        }
+        if let Some(delivery) = request {
+            let settled =
+                if outcome.is_ok() { delivery.ack().await } else { delivery.nak(Duration::from_secs(5)).await };
+            if let Err(error) = settled {
+                warn!(%error, "settling a scan request failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The key prefix `--prefix` names within the store: a bare prefix, or a URL that
+/// starts with the store's own.
+fn prefix_within(store: &str, prefix: &str) -> anyhow::Result<String> {
+    if !prefix.contains("://") {
+        return Ok(prefix.trim_matches('/').to_string());
+    }
+    let store = store.trim_end_matches('/');
+    match prefix.strip_prefix(store) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => Ok(rest.trim_matches('/').to_string()),
+        _ => anyhow::bail!("{prefix} is not inside the store {store}"),
+    }
+}
+
+/// Registers `--prefix` with the ingest service, which scans it now and on every rescan.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<String> {
+    let cluster = &args.cluster;
+    let prefix = prefix_within(&cluster.store, &args.prefix)?;
+    let queue = cluster.queue().await?;
+    let request = ScanRequest {
+        campaign: cluster.campaign.clone(),
+        prefix: prefix.clone(),
+        requested_at: time::OffsetDateTime::now_utc(),
+    };
+    let id = format!("submit:{prefix}:{}", request.requested_at.unix_timestamp_nanos());
+    queue.publish(&subjects::submitted(&cluster.campaign), &id, Bytes::from(serde_json::to_vec(&request)?)).await?;
+    Ok(prefix)
+}
+
+/// Creates the campaign's stream, every durable consumer and the status bucket.
+pub async fn setup(cluster: &ClusterArgs) -> anyhow::Result<Vec<String>> {
+    let queue = cluster.queue().await?;
+    let mut created = Vec::new();
+    for (subject, consumer) in consumers(&cluster.campaign) {
+        queue.ensure_consumer(&subject, consumer).await?;
+        created.push(consumer_name(consumer, &subject));
+    }
+    queue.stats_bucket().await?;
+    Ok(created)
+}
+
+/// Every (subject, consumer) pair of a campaign, by stage.
+pub fn consumers(campaign: &str) -> Vec<(String, &'static str)> {
+    vec![
+        (subjects::submitted(campaign), "panscreen-ingest"),
+        (subjects::ingested(campaign), "panscreen-preprocess"),
+        (subjects::preprocessed(campaign), "panscreen-infer"),
+        (subjects::scored(campaign), "panscreen-aggregate"),
+        (subjects::quarantine(campaign), "panscreen-aggregate"),
+        (subjects::ignored(campaign), "panscreen-aggregate"),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn submitted_prefixes_are_keys_within_the_store() {
+        assert_eq!(prefix_within("s3://bucket", "incoming/").unwrap(), "incoming");
+        assert_eq!(prefix_within("s3://bucket/root", "s3://bucket/root/incoming/a/").unwrap(), "incoming/a");
+        assert_eq!(prefix_within("file:///data", "file:///data/x").unwrap(), "x");
+        assert!(prefix_within("s3://bucket/root", "s3://other/incoming").is_err());
+        assert!(prefix_within("s3://bucket/root", "s3://bucket/rootless").is_err());
+    }
 }

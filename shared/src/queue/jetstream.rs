@@ -62,6 +62,19 @@ impl Default for JetStreamSettings {
     }
 }
 
+/// Messages waiting for one consumer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Backlog {
+    /// Not yet delivered.
+    pub pending: u64,
+    /// Delivered, not yet acked.
+    pub in_flight: u64,
+    /// Delivered more than once and not yet acked.
+    pub redelivered: u64,
+    /// 1 when the durable consumer exists.
+    pub consumers: u32,
+}
+
 pub struct JetStreamQueue {
     context: jetstream::Context,
     stream_name: String,
@@ -135,6 +148,58 @@ impl JetStreamQueue {
             .map_err(unavailable)
     }
 
+    /// Creates the durable consumer `consumer` on `subject` if it is missing (idempotent).
+    pub async fn ensure_consumer(&self, subject: &str, consumer: &str) -> Result<consumer::PullConsumer, QueueError> {
+        let stream = self.ensure_topology().await?;
+        let name = consumer_name(consumer, subject);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subject.to_string(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.settings.ack_wait,
+            max_deliver: self.settings.max_deliver,
+            backoff: self.settings.backoff.clone(),
+            max_ack_pending: self.settings.max_ack_pending,
+            ..Default::default()
+        };
+        stream.get_or_create_consumer(&name, config).await.map_err(unavailable)
+    }
+
+    /// The campaign's key-value bucket where services report their counters.
+    pub async fn stats_bucket(&self) -> Result<jetstream::kv::Store, QueueError> {
+        let bucket = format!("{}_STATS", self.stream_name);
+        match self.context.get_key_value(&bucket).await {
+            Ok(store) => Ok(store),
+            Err(_) => self
+                .context
+                .create_or_update_key_value(jetstream::kv::Config {
+                    bucket,
+                    history: 1,
+                    storage: stream::StorageType::File,
+                    num_replicas: self.settings.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable),
+        }
+    }
+
+    /// Backlog of the durable consumer `consumer` on `subject`; zeros when it does not
+    /// exist yet.
+    pub async fn backlog(&self, subject: &str, consumer: &str) -> Result<Backlog, QueueError> {
+        let stream = self.context.get_stream(&self.stream_name).await.map_err(unavailable)?;
+        match stream.consumer_info(consumer_name(consumer, subject)).await {
+            Ok(info) => Ok(Backlog {
+                pending: info.num_pending,
+                in_flight: info.num_ack_pending as u64,
+                redelivered: info.num_redelivered as u64,
+                consumers: 1,
+            }),
+            Err(error) if error.to_string().contains("not found") => Ok(Backlog::default()),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
     pub fn context(&self) -> &jetstream::Context {
         &self.context
     }
@@ -160,39 +225,39 @@ impl Queue for JetStreamQueue {
     }
 
     async fn subscribe(&self, subject: &str, consumer: &str) -> Result<Box<dyn Subscription>, QueueError> {
-        let stream = self.ensure_topology().await?;
-        let name = consumer_name(consumer, subject);
-        let config = consumer::pull::Config {
-            durable_name: Some(name.clone()),
-            filter_subject: subject.to_string(),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: self.settings.ack_wait,
-            max_deliver: self.settings.max_deliver,
-            backoff: self.settings.backoff.clone(),
-            max_ack_pending: self.settings.max_ack_pending,
-            ..Default::default()
-        };
-        let consumer: consumer::PullConsumer =
-            stream.get_or_create_consumer(&name, config).await.map_err(unavailable)?;
+        let consumer = self.ensure_consumer(subject, consumer).await?;
         let messages = consumer.messages().await.map_err(unavailable)?;
-        Ok(Box::new(JetStreamSubscription { messages }))
+        Ok(Box::new(JetStreamSubscription { consumer, messages }))
     }
 }
 
 struct JetStreamSubscription {
+    consumer: consumer::PullConsumer,
     messages: consumer::pull::Stream,
 }
 
 #[async_trait]
 impl Subscription for JetStreamSubscription {
+    /// Never ends and never fails: when the server goes away (a restart, a network
+    /// cut), the pull stream is opened again until it is back. The caller's shutdown
+    /// signal is what stops a worker.
     async fn next(&mut self) -> Option<Result<Delivery, QueueError>> {
-        let message = match self.messages.next().await? {
-            Ok(message) => message,
-            Err(error) => return Some(Err(unavailable(error))),
-        };
-        let attempt = message.info().map(|info| info.delivered.max(1) as u32).unwrap_or(1);
-        let (message, acker) = message.split();
-        Some(Ok(Delivery::new(message.payload, attempt, Box::new(JetStreamSettle { acker }))))
+        loop {
+            match self.messages.next().await {
+                Some(Ok(message)) => {
+                    let attempt = message.info().map(|info| info.delivered.max(1) as u32).unwrap_or(1);
+                    let (message, acker) = message.split();
+                    return Some(Ok(Delivery::new(message.payload, attempt, Box::new(JetStreamSettle { acker }))));
+                }
+                Some(Err(error)) => tracing::warn!(%error, "pulling messages failed; pulling again"),
+                None => tracing::warn!("the pull stream ended; opening it again"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            match self.consumer.messages().await {
+                Ok(messages) => self.messages = messages,
+                Err(error) => tracing::warn!(%error, "cannot reopen the pull stream yet"),
+            }
+        }
     }
 }
 

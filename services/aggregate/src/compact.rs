@@ -1,0 +1,261 @@
+//! `panscreen compact`: merges the many small files a long-running aggregate writes,
+//! drops any study that is in the results twice, and writes the summary and recall
+//! worklist from everything committed.
+//!
+//! A merged file goes through the same staging and commit as a flush ([`crate::commit`]);
+//! its commit names the files it replaces, which are deleted once it is in place. A
+//! reader globbing `results/` between the merged file's copy and the deletes can see a
+//! study twice for that moment; the window is a few requests long, and a reader that
+//! must never see it runs compaction when nobody reads, or deduplicates on `study_key`.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use arrow::array::{Array, BooleanArray, Date32Array, Float64Array, StringArray};
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::Store;
+use time::OffsetDateTime;
+use tracing::info;
+
+use crate::commit::{self, CommitIds, CommitManifest, Staged};
+use crate::tables::{self, RegionCounts, WorklistRow};
+use crate::{parquet_bytes, quarantine_region, AggregateError};
+
+/// What a compaction did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CompactReport {
+    pub files_before: usize,
+    pub files_after: usize,
+    pub studies: usize,
+    pub duplicates_dropped: usize,
+    pub quarantine_rows: usize,
+    pub flagged: usize,
+    pub regions: Vec<RegionCounts>,
+}
+
+fn table_error(key: &str, error: impl std::fmt::Display) -> AggregateError {
+    AggregateError::Table(format!("{key}: {error}"))
+}
+
+async fn read_parquet(out: &Store, key: &str) -> Result<Vec<RecordBatch>, AggregateError> {
+    let bytes = out.get(key).await.map_err(|source| AggregateError::Write { key: key.to_string(), source })?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .and_then(|builder| builder.build())
+        .map_err(|e| table_error(key, e))?;
+    reader.map(|batch| batch.map_err(|e| table_error(key, e))).collect()
+}
+
+async fn parquet_keys(out: &Store, prefix: &str) -> Result<Vec<String>, AggregateError> {
+    let listed = out.list(prefix).await.map_err(|e| AggregateError::Table(e.to_string()))?;
+    Ok(listed.into_iter().map(|o| o.location.to_string()).filter(|k| k.ends_with(".parquet")).collect())
+}
+
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, AggregateError> {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .ok_or_else(|| AggregateError::Table(format!("results table has no usable column {name}")))
+}
+
+/// Keeps the first row of each study key, across calls.
+fn first_of_each_study(batch: &RecordBatch, seen: &mut HashSet<String>) -> Result<RecordBatch, AggregateError> {
+    let keys = column::<StringArray>(batch, "study_key")?;
+    let keep: BooleanArray = keys.iter().map(|key| Some(key.is_some_and(|k| seen.insert(k.to_string())))).collect();
+    arrow::compute::filter_record_batch(batch, &keep).map_err(|e| AggregateError::Table(e.to_string()))
+}
+
+/// The `region_code=…` of a results key.
+fn region_of(key: &str) -> String {
+    key.split('/').find_map(|part| part.strip_prefix("region_code=")).unwrap_or("unknown").to_string()
+}
+
+fn optional(array: &Float64Array, row: usize) -> Option<f64> {
+    array.is_valid(row).then(|| array.value(row))
+}
+
+/// Adds a partition's rows to the regional counts and the worklist.
+fn tally(
+    batch: &RecordBatch,
+    region_code: &str,
+    regions: &mut BTreeMap<String, RegionCounts>,
+    worklist: &mut Vec<WorklistRow>,
+) -> Result<(), AggregateError> {
+    let text = |name| column::<StringArray>(batch, name);
+    let (study, patient, series, site) =
+        (text("study_key")?, text("patient_key")?, text("series_key")?, text("site_id")?);
+    let (region_name, province) = (text("region_name")?, text("province")?);
+    let (model_name, model_version) = (text("model_name")?, text("model_version")?);
+    let flagged = column::<BooleanArray>(batch, "flagged")?;
+    let probability = column::<Float64Array>(batch, "lesion_probability")?;
+    let volume = column::<Float64Array>(batch, "lesion_volume_mm3")?;
+    let centroid = [
+        column::<Float64Array>(batch, "lesion_centroid_x_mm")?,
+        column(batch, "lesion_centroid_y_mm")?,
+        column(batch, "lesion_centroid_z_mm")?,
+    ];
+    let scan_date = column::<Date32Array>(batch, "scan_date")?;
+    for row in 0..batch.num_rows() {
+        let counts = regions.entry(region_code.to_string()).or_insert_with(|| RegionCounts {
+            region_code: region_code.to_string(),
+            region_name: region_name.value(row).to_string(),
+            province: province.value(row).to_string(),
+            ..RegionCounts::default()
+        });
+        counts.screened += 1;
+        if flagged.value(row) {
+            counts.flagged += 1;
+            worklist.push(WorklistRow {
+                site_id: site.value(row).to_string(),
+                patient_key: patient.value(row).to_string(),
+                study_key: study.value(row).to_string(),
+                series_key: series.value(row).to_string(),
+                scan_date: scan_date.is_valid(row).then(|| scan_date.value(row)),
+                region_code: region_code.to_string(),
+                lesion_probability: probability.value(row),
+                lesion_volume_mm3: optional(volume, row),
+                lesion_centroid_mm: centroid.map(|axis| optional(axis, row)),
+                model_name: model_name.value(row).to_string(),
+                model_version: model_version.value(row).to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn concat(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, AggregateError> {
+    let Some(first) = batches.first() else { return Ok(None) };
+    arrow::compute::concat_batches(&first.schema(), batches)
+        .map(Some)
+        .map_err(|e| AggregateError::Table(format!("files of one table disagree on columns: {e}")))
+}
+
+/// Compacts `out` (a campaign's output root) and writes its summary and worklist.
+pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Result<CompactReport, AggregateError> {
+    let manifests = commit::read_commits(out, &BTreeSet::new()).await?;
+    commit::roll_forward(out, &manifests).await?;
+    let writer = format!("compact-{}", OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000);
+    let mut staged = Staged::new(&writer, 0);
+    let mut replaced: Vec<String> = Vec::new();
+    let mut report = CompactReport::default();
+    let mut regions = BTreeMap::new();
+    let mut worklist = Vec::new();
+    let mut seen = HashSet::new();
+
+    let results = parquet_keys(out, "results").await?;
+    let mut partitions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for key in results {
+        let folder = key.rsplit_once('/').map(|(folder, _)| folder.to_string()).unwrap_or_default();
+        partitions.entry(folder).or_default().push(key);
+    }
+    for (folder, keys) in &partitions {
+        report.files_before += keys.len();
+        let mut batches = Vec::new();
+        let mut rows_before = 0;
+        for key in keys {
+            for batch in read_parquet(out, key).await? {
+                rows_before += batch.num_rows();
+                batches.push(first_of_each_study(&batch, &mut seen)?);
+            }
+        }
+        let Some(merged) = concat(&batches)? else { continue };
+        report.duplicates_dropped += rows_before - merged.num_rows();
+        tally(&merged, &region_of(folder), &mut regions, &mut worklist)?;
+        if keys.len() == 1 && rows_before == merged.num_rows() {
+            report.files_after += 1;
+            continue;
+        }
+        let key = format!("{folder}/part-{writer}.parquet");
+        staged.stage(out, key, merged.num_rows(), parquet_bytes(&merged)?).await?;
+        replaced.extend(keys.iter().cloned());
+        report.files_after += 1;
+    }
+    report.studies = seen.len();
+
+    if let Some(merged) = merge_flat(out, "quarantine", &writer, &mut staged, &mut replaced, &mut report).await? {
+        report.quarantine_rows = merged.num_rows();
+        let site = column::<StringArray>(&merged, "site_id")?;
+        for row in 0..merged.num_rows() {
+            let [code, name, province] = quarantine_region(sites, site.is_valid(row).then(|| site.value(row)));
+            regions
+                .entry(code.clone())
+                .or_insert_with(|| RegionCounts {
+                    region_code: code,
+                    region_name: name,
+                    province,
+                    ..Default::default()
+                })
+                .quarantined += 1;
+        }
+    }
+    merge_flat(out, "ignored", &writer, &mut staged, &mut replaced, &mut report).await?;
+
+    if !replaced.is_empty() {
+        // The commits whose files are all replaced go; their ids move to this one.
+        let replaced_set: BTreeSet<&String> = replaced.iter().collect();
+        let superseded: Vec<&CommitManifest> =
+            manifests.iter().filter(|m| m.files.iter().all(|f| replaced_set.contains(&f.key))).collect();
+        let ids = CommitIds {
+            study_keys: superseded.iter().flat_map(|m| m.study_keys.iter().cloned()).collect(),
+            quarantine_ids: superseded.iter().flat_map(|m| m.quarantine_ids.iter().cloned()).collect(),
+            ignored_ids: superseded.iter().flat_map(|m| m.ignored_ids.iter().cloned()).collect(),
+        };
+        let (manifest, published) = staged.commit(out, ids, replaced).await?;
+        if !published {
+            commit::publish(out, &manifest).await?;
+        }
+        for old in superseded {
+            match out.delete(&old.key()).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(source) => return Err(AggregateError::Write { key: old.key(), source }),
+            }
+        }
+    }
+
+    report.regions = regions.into_values().collect();
+    report.flagged = worklist.len();
+    let summary = tables::summary_batch(&report.regions, campaign).map_err(|e| AggregateError::Table(e.to_string()))?;
+    put(out, "summary/summary.parquet", parquet_bytes(&summary)?).await?;
+    let worklist = tables::worklist_batch(&worklist).map_err(|e| AggregateError::Table(e.to_string()))?;
+    put(out, "worklist/worklist.parquet", parquet_bytes(&worklist)?).await?;
+    info!(
+        files_before = report.files_before,
+        files_after = report.files_after,
+        studies = report.studies,
+        duplicates = report.duplicates_dropped,
+        "compacted"
+    );
+    Ok(report)
+}
+
+/// Merges the files of an unpartitioned table into one (when there is more than one).
+async fn merge_flat(
+    out: &Store,
+    table: &str,
+    writer: &str,
+    staged: &mut Staged,
+    replaced: &mut Vec<String>,
+    report: &mut CompactReport,
+) -> Result<Option<RecordBatch>, AggregateError> {
+    let keys = parquet_keys(out, table).await?;
+    report.files_before += keys.len();
+    let mut batches = Vec::new();
+    for key in &keys {
+        batches.extend(read_parquet(out, key).await?);
+    }
+    let merged = concat(&batches)?;
+    if let Some(merged) = &merged {
+        report.files_after += 1;
+        if keys.len() > 1 {
+            staged
+                .stage(out, format!("{table}/part-{writer}.parquet"), merged.num_rows(), parquet_bytes(merged)?)
+                .await?;
+            replaced.extend(keys);
+        }
+    }
+    Ok(merged)
+}
+
+async fn put(out: &Store, key: &str, bytes: Bytes) -> Result<(), AggregateError> {
+    out.put(key, bytes).await.map_err(|source| AggregateError::Write { key: key.to_string(), source })
+}

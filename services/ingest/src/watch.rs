@@ -1,0 +1,293 @@
+//! The long-running ingest: watches prefixes, decides each study once it is complete,
+//! and remembers what it handled so that nothing is handled twice across restarts.
+//!
+//! **Completeness.** Objects of one study arrive one by one, often over minutes. A study
+//! is decided when either
+//! - a marker object (by default named `_COMPLETE`) lies in the folder of one of its
+//!   instances or in a folder above (a study folder, or a whole batch): the sender says
+//!   the study is whole; or
+//! - no instance of it has been written for the quiet period (by the store's
+//!   last-modified time; default 120 s).
+//!
+//! The marker is exact and fast; the quiet period needs nothing from the sender but
+//! waits, and a sender that pauses longer than it splits a study: the late instances
+//! are then ignored with the reason "arrived after its study was decided", never
+//! screened twice.
+//!
+//! **The ledger.** After each pass has published its messages, ingest writes a ledger
+//! segment under `<state>/ledger/` naming the objects it decided (as keyed hashes, not
+//! keys) and the studies (by study key). A restarted ingest reads the segments and skips
+//! those objects without reading them again. A crash between publishing and writing the
+//! segment repeats the pass's messages, which JetStream drops by message id within its
+//! duplicate window and aggregate drops by study key after it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use object_store::ObjectMeta;
+use panscreen_shared::contracts::IgnoredInput;
+use panscreen_shared::pseudonym::Pseudonymizer;
+use panscreen_shared::queue::Queue;
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::Store;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tracing::{info, warn};
+
+use crate::header::InstanceHeader;
+use crate::{decide_study, publish, read_object, IngestConfig, IngestReport, ObjectOutcome};
+
+/// When a study counts as complete.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// No new instance for this long.
+    pub quiet: Duration,
+    /// File name of the marker object ("" for none).
+    pub marker: String,
+}
+
+impl Default for Completion {
+    fn default() -> Self {
+        Completion { quiet: Duration::from_secs(120), marker: "_COMPLETE".to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_marker_covers_its_folder_and_everything_below() {
+        let marked: BTreeSet<&str> = ["in/study-1"].into_iter().collect();
+        assert!(under_marker(&marked, "in/study-1/series-2/a.dcm"));
+        assert!(under_marker(&marked, "in/study-1/a.dcm"));
+        assert!(!under_marker(&marked, "in/study-10/a.dcm"));
+        assert!(!under_marker(&marked, "in/a.dcm"));
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LedgerSegment {
+    /// Keyed hashes of the object keys decided.
+    objects: Vec<String>,
+    /// Study keys decided.
+    studies: Vec<String>,
+}
+
+/// Segments beyond this many are merged into one when ingest starts.
+const SEGMENTS_BEFORE_MERGE: usize = 64;
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    pub listed: usize,
+    /// Objects decided in this pass, and what became of them.
+    pub decided: IngestReport,
+    /// Studies seen but not yet complete.
+    pub waiting_studies: usize,
+}
+
+pub struct Watcher {
+    input: Store,
+    state: Store,
+    config: IngestConfig,
+    completion: Completion,
+    pseudonymizer: Pseudonymizer,
+    sites: SiteRegistry,
+    handled_objects: HashSet<String>,
+    handled_studies: HashSet<String>,
+    /// Headers of instances whose study is not complete yet, with their write time.
+    waiting: HashMap<String, (InstanceHeader, OffsetDateTime)>,
+}
+
+fn folder(key: &str) -> &str {
+    key.rsplit_once('/').map(|(folder, _)| folder).unwrap_or("")
+}
+
+/// Whether a marker lies in the folder of `key` or in a folder above it.
+fn under_marker(marked: &BTreeSet<&str>, key: &str) -> bool {
+    let mut folder = key;
+    while let Some((parent, _)) = folder.rsplit_once('/') {
+        if marked.contains(parent) {
+            return true;
+        }
+        folder = parent;
+    }
+    marked.contains("")
+}
+
+impl Watcher {
+    /// Reads the ledger under `state` (merging it when it has grown long).
+    pub async fn open(
+        input: Store,
+        state: Store,
+        config: IngestConfig,
+        completion: Completion,
+        pseudonymizer: Pseudonymizer,
+        sites: SiteRegistry,
+    ) -> anyhow::Result<Watcher> {
+        let mut watcher = Watcher {
+            input,
+            state,
+            config,
+            completion,
+            pseudonymizer,
+            sites,
+            handled_objects: HashSet::new(),
+            handled_studies: HashSet::new(),
+            waiting: HashMap::new(),
+        };
+        let segments = watcher.state.list("ledger").await?;
+        for segment in &segments {
+            let bytes = watcher.state.get(segment.location.as_ref()).await?;
+            let segment: LedgerSegment = serde_json::from_slice(&bytes)?;
+            watcher.handled_objects.extend(segment.objects);
+            watcher.handled_studies.extend(segment.studies);
+        }
+        if segments.len() > SEGMENTS_BEFORE_MERGE {
+            let merged = LedgerSegment {
+                objects: watcher.handled_objects.iter().cloned().collect(),
+                studies: watcher.handled_studies.iter().cloned().collect(),
+            };
+            watcher.write_segment(&merged).await?;
+            for segment in segments {
+                watcher.state.delete(segment.location.as_ref()).await?;
+            }
+        }
+        info!(objects = watcher.handled_objects.len(), studies = watcher.handled_studies.len(), "ledger read");
+        Ok(watcher)
+    }
+
+    fn object_id(&self, key: &str) -> String {
+        self.pseudonymizer.pseudonym("object-key", key)
+    }
+
+    async fn write_segment(&self, segment: &LedgerSegment) -> anyhow::Result<()> {
+        let now = OffsetDateTime::now_utc().unix_timestamp_nanos();
+        let key = format!("ledger/{now:024}.json");
+        self.state.put(&key, Bytes::from(serde_json::to_vec(segment)?)).await?;
+        Ok(())
+    }
+
+    /// Studies seen but not yet complete.
+    pub fn waiting_studies(&self) -> usize {
+        self.waiting.values().map(|(header, _)| &header.study_instance_uid).collect::<HashSet<_>>().len()
+    }
+
+    /// Lists `prefixes`, reads the headers of objects not handled before, decides every
+    /// complete study, publishes, and writes the ledger segment.
+    pub async fn pass(&mut self, queue: &dyn Queue, prefixes: &[String]) -> anyhow::Result<PassReport> {
+        let mut listed: BTreeMap<String, ObjectMeta> = BTreeMap::new();
+        for prefix in prefixes {
+            for meta in self.input.list(prefix).await? {
+                listed.insert(meta.location.to_string(), meta);
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let mut report = PassReport { listed: listed.len(), ..PassReport::default() };
+        let decided = &mut report.decided;
+        let mut segment = LedgerSegment::default();
+        let marker = self.completion.marker.as_str();
+        let is_marker = |key: &str| !marker.is_empty() && key.rsplit('/').next() == Some(marker);
+        let marked: BTreeSet<&str> = listed.keys().filter(|k| is_marker(k)).map(|k| folder(k)).collect();
+
+        let fresh: Vec<&ObjectMeta> = listed
+            .iter()
+            .filter(|(key, _)| !self.waiting.contains_key(*key) && !self.handled_objects.contains(&self.object_id(key)))
+            .map(|(_, meta)| meta)
+            .collect();
+        let mut markers = Vec::new();
+        let mut to_read = Vec::new();
+        for meta in fresh {
+            if is_marker(meta.location.as_ref()) {
+                markers.push(meta.location.to_string());
+            } else {
+                to_read.push(meta);
+            }
+        }
+        let (input, config) = (&self.input, &self.config);
+        let outcomes: Vec<_> = futures::stream::iter(to_read)
+            .map(|meta| async move {
+                let outcome = read_object(input, config, meta.location.to_string(), meta.size).await;
+                (meta.last_modified, outcome)
+            })
+            .buffer_unordered(self.config.concurrency.max(1))
+            .collect()
+            .await;
+        for key in markers {
+            decided.ignored.push(IgnoredInput { input: key, reason: "completion marker, not an image".to_string() });
+        }
+        for (written, outcome) in outcomes {
+            match outcome? {
+                ObjectOutcome::Instance(header) => {
+                    let written = OffsetDateTime::from_unix_timestamp(written.timestamp()).unwrap_or(now);
+                    self.waiting.insert(header.key.clone(), (*header, written));
+                }
+                ObjectOutcome::Quarantined(record) => {
+                    decided.objects_quarantined += 1;
+                    decided.quarantined.push(record);
+                }
+                ObjectOutcome::Ignored(ignored) => decided.ignored.push(ignored),
+            }
+        }
+
+        // Complete studies leave the waiting room.
+        let mut by_study: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (key, (header, _)) in &self.waiting {
+            by_study.entry(header.study_instance_uid.clone()).or_default().push(key.clone());
+        }
+        let quiet = time::Duration::try_from(self.completion.quiet).unwrap_or(time::Duration::MAX);
+        for keys in by_study.into_values() {
+            let last_write = keys.iter().map(|k| self.waiting[k].1).max().expect("a study has an instance");
+            let complete = keys.iter().any(|k| under_marker(&marked, k)) || last_write + quiet <= now;
+            if !complete {
+                continue;
+            }
+            let instances: Vec<InstanceHeader> =
+                keys.iter().map(|k| self.waiting.remove(k).expect("waiting instance").0).collect();
+            let study_key = self.pseudonymizer.study(&instances[0].study_instance_uid);
+            if self.handled_studies.contains(&study_key) {
+                warn!(study = %study_key, files = instances.len(), "files arrived after their study was decided");
+                decided.ignored.extend(instances.into_iter().map(|i| {
+                    IgnoredInput {
+                        input: i.key,
+                        reason:
+                            "arrived after its study was decided (raise the quiet period or send a completion marker)"
+                                .to_string(),
+                    }
+                }));
+                continue;
+            }
+            segment.studies.push(study_key);
+            decide_study(&self.config, &self.pseudonymizer, &self.sites, instances, decided);
+        }
+        report.waiting_studies = self.waiting_studies();
+
+        // Every listed object neither handled before nor still waiting was decided now.
+        segment.objects = listed
+            .keys()
+            .filter(|key| !self.waiting.contains_key(*key))
+            .map(|key| self.object_id(key))
+            .filter(|id| !self.handled_objects.contains(id))
+            .collect();
+        decided.objects_listed = segment.objects.len();
+        if segment.objects.is_empty() {
+            return Ok(report);
+        }
+        publish(queue, &self.config.campaign, decided).await?;
+        self.write_segment(&segment).await?;
+        self.handled_objects.extend(segment.objects);
+        self.handled_studies.extend(segment.studies);
+        info!(
+            listed = report.listed,
+            studies = decided.studies.len(),
+            quarantined = decided.quarantined.len(),
+            ignored = decided.ignored.len(),
+            waiting = report.waiting_studies,
+            "ingest pass"
+        );
+        Ok(report)
+    }
+}

@@ -1,0 +1,106 @@
+//! What each running service tells `panscreen status`: its counters, written every few
+//! seconds to the campaign's JetStream key-value bucket under `<stage>.<instance>`.
+//! Totals of stopped instances stay (they did that work); rates count only instances
+//! heard from within the last [`FRESH`].
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use tracing::warn;
+
+use crate::contracts::Stage;
+use crate::worker::StageCounters;
+
+/// How often a service reports.
+pub const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// A report older than this is from an instance that stopped.
+pub const FRESH: Duration = Duration::from_secs(30);
+
+/// One instance's counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStats {
+    pub stage: Stage,
+    pub instance: String,
+    pub processed: u64,
+    pub quarantined: u64,
+    pub retried: u64,
+    pub redelivered: u64,
+    pub in_flight: u64,
+    /// Messages finished (processed or quarantined) in the last minute.
+    pub last_minute: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl InstanceStats {
+    pub fn is_fresh(&self, now: OffsetDateTime) -> bool {
+        now - self.updated_at <= FRESH
+    }
+}
+
+/// Finished-message counts over a sliding minute.
+#[derive(Debug, Default)]
+pub struct MinuteWindow {
+    samples: VecDeque<(Instant, u64)>,
+}
+
+impl MinuteWindow {
+    /// Records the running total; returns how much it grew over the last minute.
+    pub fn observe(&mut self, now: Instant, total: u64) -> u64 {
+        self.samples.push_back((now, total));
+        while self.samples.len() > 1 && now.duration_since(self.samples[0].0) > Duration::from_secs(60) {
+            self.samples.pop_front();
+        }
+        total - self.samples.front().map(|(_, first)| *first).unwrap_or(total)
+    }
+}
+
+/// Writes this instance's counters to `bucket` every [`REPORT_EVERY`] until aborted.
+pub async fn report_forever(
+    bucket: async_nats::jetstream::kv::Store,
+    stage: Stage,
+    instance: String,
+    counters: Arc<StageCounters>,
+) {
+    let mut window = MinuteWindow::default();
+    let key = format!("{stage}.{}", instance.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"));
+    loop {
+        let (processed, quarantined, retried) = counters.snapshot();
+        let stats = InstanceStats {
+            stage,
+            instance: instance.clone(),
+            processed,
+            quarantined,
+            retried,
+            redelivered: counters.redelivered.load(Ordering::Relaxed),
+            in_flight: counters.in_flight.load(Ordering::Relaxed),
+            last_minute: window.observe(Instant::now(), processed + quarantined),
+            updated_at: OffsetDateTime::now_utc(),
+        };
+        let body = Bytes::from(serde_json::to_vec(&stats).expect("stats serialize"));
+        if let Err(error) = bucket.put(&key, body).await {
+            warn!(%error, "reporting counters to the status bucket failed");
+        }
+        tokio::time::sleep(REPORT_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_window_counts_the_last_minute_only() {
+        let start = Instant::now();
+        let mut window = MinuteWindow::default();
+        assert_eq!(window.observe(start, 10), 0);
+        assert_eq!(window.observe(start + Duration::from_secs(30), 40), 30);
+        assert_eq!(window.observe(start + Duration::from_secs(61), 50), 10);
+        assert_eq!(window.observe(start + Duration::from_secs(200), 50), 0);
+    }
+}

@@ -1,0 +1,108 @@
+//! The long-running ingest on a local store: a study waits until it is complete
+//! (marker or quiet period), is decided once, is not handled again after a restart,
+//! and files that arrive after their study was decided are ignored with a reason.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use panscreen::synth::{synthesize, Size, SynthOptions};
+use panscreen_ingest::watch::{Completion, Watcher};
+use panscreen_ingest::{header, IngestConfig};
+use panscreen_shared::contracts::{subjects, IgnoredInputs};
+use panscreen_shared::pseudonym::Pseudonymizer;
+use panscreen_shared::queue::{MemoryQueue, Queue};
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::{OpenMode, Store};
+use panscreen_tests::files_below;
+
+const KEY: &str = "watch-test-key-0123456789abcdef0123";
+
+async fn watcher(root: &Store, quiet: Duration) -> Watcher {
+    Watcher::open(
+        root.clone(),
+        root.sub("campaigns/w/ingest"),
+        IngestConfig::new("w"),
+        Completion { quiet, marker: "_COMPLETE".to_string() },
+        Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap(),
+        SiteRegistry::builtin(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
+    let scratch = tempfile::tempdir().unwrap();
+    let options = SynthOptions {
+        out: scratch.path().join("cohort"),
+        studies: 2,
+        seed: 3,
+        prevalence: 0.0,
+        size: Size::Small,
+        sites: SiteRegistry::builtin(),
+        threads: 2,
+    };
+    let truths = synthesize(&options, &|_| {}).unwrap();
+    let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
+    let studies = options.out.join("studies");
+    // The last file of the first study (an edge slice, so no gap) arrives late.
+    let z = |path: &std::path::PathBuf| {
+        let bytes = std::fs::read(path).unwrap();
+        header::parse("x", bytes.len() as u64, &bytes).unwrap().image_position.unwrap()[2]
+    };
+    let late =
+        files_below(&studies.join(&truths[0].directory)).into_iter().max_by(|a, b| z(a).total_cmp(&z(b))).unwrap();
+    let mut late_file = None;
+    for file in files_below(&studies) {
+        let key = format!("incoming/{}", file.strip_prefix(&studies).unwrap().display());
+        if file == late {
+            late_file = Some((key, std::fs::read(&file).unwrap()));
+            continue;
+        }
+        root.put(&key, Bytes::from(std::fs::read(&file).unwrap())).await.unwrap();
+    }
+    let queue = MemoryQueue::new();
+    let prefixes = vec!["incoming".to_string()];
+
+    // Nothing is complete yet: the quiet period is long and there is no marker.
+    let mut first = watcher(&root, Duration::from_secs(3600)).await;
+    let pass = first.pass(&queue, &prefixes).await.unwrap();
+    assert_eq!((pass.decided.studies.len(), pass.waiting_studies), (0, 2));
+    assert_eq!(queue.stats(&subjects::ingested("w")).published, 0);
+
+    // A marker completes the second study only.
+    let folder = &truths[1].directory;
+    root.put(&format!("incoming/{folder}/_COMPLETE"), Bytes::new()).await.unwrap();
+    let pass = first.pass(&queue, &prefixes).await.unwrap();
+    assert_eq!((pass.decided.studies.len(), pass.waiting_studies), (1, 1));
+    assert!(pass.decided.balanced(), "{:?}", pass.decided);
+    assert_eq!(pass.decided.ignored.len(), 1, "the marker is accounted for as ignored");
+
+    // A restarted ingest with a short quiet period decides the first study, and does
+    // not hand the second one over again.
+    let mut second = watcher(&root, Duration::ZERO).await;
+    let pass = second.pass(&queue, &prefixes).await.unwrap();
+    assert_eq!((pass.decided.studies.len(), pass.waiting_studies), (1, 0));
+    assert_eq!(queue.stats(&subjects::ingested("w")).published, 2);
+    let pass = second.pass(&queue, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.objects_listed, 0, "nothing is handled twice");
+
+    // A file of the first study arriving now is ignored, with the reason.
+    let (key, bytes) = late_file.unwrap();
+    root.put(&key, Bytes::from(bytes)).await.unwrap();
+    let pass = watcher(&root, Duration::ZERO).await.pass(&queue, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.studies.len(), 0);
+    assert_eq!(pass.decided.ignored.len(), 1);
+    assert!(pass.decided.ignored[0].reason.starts_with("arrived after its study was decided"));
+    assert_eq!(pass.decided.ignored[0].input, key);
+    queue.close(&subjects::ignored("w")).await;
+    let mut ignored = queue.subscribe(&subjects::ignored("w"), "t").await.unwrap();
+    let mut inputs = Vec::new();
+    while let Some(delivery) = ignored.next().await {
+        let delivery = delivery.unwrap();
+        let chunk: IgnoredInputs = serde_json::from_slice(&delivery.payload).unwrap();
+        inputs.extend(chunk.inputs.into_iter().map(|i| i.input));
+        delivery.ack().await.unwrap();
+    }
+    assert_eq!(inputs.len(), 2, "the marker and the late file were published as ignored: {inputs:?}");
+}
