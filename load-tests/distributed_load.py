@@ -15,9 +15,12 @@ submits the prefix, and reports:
 - peak memory per service (VmHWM from /proc when the run ends).
 
 Run through `cargo xtask load-test` (builds, installs, then runs this), or directly
-with the venv's python: STUDIES=1000 python load-tests/distributed_load.py
+with the venv's python: STUDIES=1000 python load-tests/distributed_load.py.
+COHORT=dir reuses a cohort `panscreen synth --studies STUDIES --seed 7 --prevalence 0.1`
+wrote there (and writes it there when missing).
 """
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -102,7 +105,7 @@ def main():
             [VENV_BIN / "weed", "server", f"-dir={scratch / 'weed'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.port={master}",
              f"-volume.port={volume}", f"-filer.port={filer}", f"-s3.port={s3}",
-             "-master.volumeSizeLimitMB=256"],
+             "-master.volumeSizeLimitMB=1024", "-volume.max=0"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(("seaweedfs", weed))
         (scratch / "weed").mkdir(exist_ok=True)
@@ -111,17 +114,29 @@ def main():
         time.sleep(2)
         urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{s3}/{BUCKET}", method="PUT"))
 
+        cohort = Path(os.environ["COHORT"]) if os.environ.get("COHORT") else scratch / "cohort"
+        if not (cohort / "studies").is_dir():
+            started = time.time()
+            subprocess.run([PANSCREEN, "synth", "--out", cohort, "--studies", str(STUDIES),
+                            "--seed", "7", "--prevalence", "0.1"], check=True, stdout=subprocess.DEVNULL)
+            print(f"synthesized {STUDIES} studies in {time.time() - started:.1f} s", flush=True)
+        # SeaweedFS without an S3 configuration takes anonymous requests. Plain PUTs:
+        # the AWS SDK's anonymous chunked uploads arrive with their chunk framing stored
+        # in the object (panscreen then rightly quarantines every file as not DICOM).
+        s3fs = pafs.S3FileSystem(anonymous=True, region="us-east-1", endpoint_override=f"127.0.0.1:{s3}",
+                                 scheme="http")
         started = time.time()
-        subprocess.run([PANSCREEN, "synth", "--out", scratch / "cohort", "--studies", str(STUDIES),
-                        "--seed", "7", "--prevalence", "0.1"], check=True, stdout=subprocess.DEVNULL)
-        print(f"synthesized {STUDIES} studies in {time.time() - started:.1f} s", flush=True)
-        s3fs = pafs.S3FileSystem(access_key="panscreen", secret_key="panscreen-secret", region="us-east-1",
-                                 endpoint_override=f"127.0.0.1:{s3}", scheme="http")
-        started = time.time()
-        pafs.copy_files(str(scratch / "cohort" / "studies"), f"{BUCKET}/incoming",
-                        source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3fs,
-                        use_threads=True)
-        objects = sum(1 for _ in (scratch / "cohort" / "studies").rglob("*") if _.is_file())
+        files = [p for p in (cohort / "studies").rglob("*") if p.is_file()]
+
+        def put(path):
+            key = "incoming/" + path.relative_to(cohort / "studies").as_posix()
+            request = urllib.request.Request(f"http://127.0.0.1:{s3}/{BUCKET}/{key}", data=path.read_bytes(),
+                                             method="PUT")
+            urllib.request.urlopen(request).read()
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, files))
+        objects = len(files)
         print(f"uploaded {objects} objects in {time.time() - started:.1f} s", flush=True)
 
         environment = dict(

@@ -66,6 +66,9 @@ pub struct WorkerConfig {
     pub backoff: Vec<Duration>,
     /// How long to wait for a batch to fill.
     pub batch_linger: Duration,
+    /// While a handler works, each of its messages gets an in-progress ack this often,
+    /// so that long work is not redelivered (keep it well under the queue's ack wait).
+    pub progress_every: Duration,
     /// After shutdown, how long work in flight may take to finish. What is not settled
     /// by then is redelivered by the queue (JetStream's ack wait).
     pub drain_deadline: Duration,
@@ -85,6 +88,7 @@ impl WorkerConfig {
                 Duration::from_secs(30),
             ],
             batch_linger: Duration::from_millis(50),
+            progress_every: Duration::from_secs(20),
             drain_deadline: Duration::from_secs(30),
         }
     }
@@ -222,7 +226,22 @@ async fn handle_batch<H: Handler>(
     }
     let payloads: Vec<Bytes> = batch.iter().map(|delivery| delivery.payload.clone()).collect();
     let started = std::time::Instant::now();
-    let results = handler.handle_batch(payloads).await;
+    let work = handler.handle_batch(payloads);
+    tokio::pin!(work);
+    let every = config.progress_every.max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let results = loop {
+        tokio::select! {
+            results = &mut work => break results,
+            _ = ticker.tick() => {
+                for delivery in &batch {
+                    if let Err(error) = delivery.progress().await {
+                        warn!(%error, "in-progress ack failed");
+                    }
+                }
+            }
+        }
+    };
     let per_message = started.elapsed().as_secs_f64() / batch.len().max(1) as f64;
     for _ in 0..batch.len() {
         counters.latency.observe(per_message);

@@ -9,15 +9,19 @@ use std::time::{Duration, Instant};
 
 use crate::workspace_root;
 
-/// `count` distinct free ports on 127.0.0.1, below 50000 (SeaweedFS adds 10000 for gRPC).
+/// `count` distinct free ports on 127.0.0.1, below 50000, each with port + 10000 free
+/// as well (SeaweedFS puts its gRPC ports there).
 pub fn free_ports(count: usize) -> Vec<u16> {
     let mut listeners = Vec::new();
     let mut ports = Vec::new();
     while ports.len() < count {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
         let port = listener.local_addr().unwrap().port();
-        if port < 50000 && !ports.contains(&port) {
-            ports.push(port);
+        if port < 50000 && !ports.contains(&port) && !ports.contains(&(port + 10000)) {
+            if let Ok(grpc) = TcpListener::bind(("127.0.0.1", port + 10000)) {
+                ports.push(port);
+                listeners.push(grpc);
+            }
         }
         listeners.push(listener);
     }

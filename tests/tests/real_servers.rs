@@ -157,3 +157,48 @@ async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_throu
     let backlog = queue.backlog(input, "panscreen-preprocess").await.unwrap();
     assert_eq!((backlog.pending, backlog.in_flight), (0, 0), "nothing left behind: {backlog:?}");
 }
+
+/// Takes longer than the ack wait on every message.
+struct Slow;
+
+#[async_trait]
+impl Handler for Slow {
+    fn stage(&self) -> Stage {
+        Stage::Infer
+    }
+
+    async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        payloads
+            .into_iter()
+            .map(|payload| {
+                let id = String::from_utf8_lossy(&payload).to_string();
+                Ok(Outcome::Publish { subject: "panscreen.slow.out".into(), message_id: id, payload })
+            })
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_work_sends_in_progress_acks_and_is_not_redelivered() {
+    let server = NatsServer::start();
+    let settings = JetStreamSettings { ack_wait: Duration::from_secs(1), ..JetStreamSettings::default() };
+    let queue = Arc::new(connect(&server, "slow", settings).await);
+    queue.publish("panscreen.slow.in", "m1", Bytes::from_static(b"{}")).await.unwrap();
+    let mut config = WorkerConfig::new("slow", Stage::Infer);
+    config.progress_every = Duration::from_millis(300);
+    let counters = Arc::new(StageCounters::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker =
+        tokio::spawn(run_worker(queue.clone(), "panscreen.slow.in", Arc::new(Slow), config, counters.clone(), async {
+            let _ = stopped.await;
+        }));
+    let mut out = queue.subscribe("panscreen.slow.out", "check").await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(20), out.next()).await.unwrap().unwrap().unwrap();
+    delivery.ack().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    assert_eq!(counters.redelivered.load(std::sync::atomic::Ordering::Relaxed), 0, "redelivered despite progress acks");
+    assert_eq!(counters.snapshot().0, 1);
+}

@@ -117,6 +117,12 @@ pub(crate) async fn read_object(
             reason: "DICOMDIR index file, not an image".into(),
         }));
     }
+    if key.ends_with('/') && size == 0 {
+        return Ok(ObjectOutcome::Ignored(IgnoredInput {
+            input: key,
+            reason: "folder placeholder (an empty object whose key ends in /)".into(),
+        }));
+    }
     if size == 0 {
         return Ok(ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, "empty file", "0 bytes")));
     }

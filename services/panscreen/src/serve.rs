@@ -197,6 +197,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     config.concurrency = args.concurrency.max(1);
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
     config.max_deliver = cluster.max_deliver.max(1);
+    config.progress_every = Duration::from_secs(cluster.ack_wait_seconds.max(3)) / 3;
     config.backoff = args.retry_backoff.iter().map(|s| Duration::from_secs_f64(s.max(0.0))).collect();
     let counters = Arc::new(StageCounters::default());
     let readiness = Arc::new(Readiness::default());
@@ -255,7 +256,10 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
         ServiceStage::Aggregate => {
             let sites = crate::cli::load_sites(&args.sites)?;
             let mut aggregate_config = AggregateConfig::new(&cluster.campaign, &instance);
-            aggregate_config.flush_rows = args.flush_rows;
+            // JetStream hands a consumer at most max_ack_pending unacked messages; a flush
+            // threshold above it would only ever flush on age.
+            let max_ack_pending = JetStreamSettings::default().max_ack_pending as usize;
+            aggregate_config.flush_rows = args.flush_rows.clamp(1, max_ack_pending * 3 / 4);
             aggregate_config.flush_interval = Duration::from_secs(args.flush_seconds.max(1));
             aggregate_config.write_summary = false;
             let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone());
