@@ -62,6 +62,10 @@ pub mod subjects {
     pub fn submitted(campaign: &str) -> String {
         format!("panscreen.{campaign}.submitted")
     }
+    /// The durable consumer a stage's workers share on each subject they read.
+    pub fn consumer(stage: super::Stage) -> String {
+        format!("panscreen-{stage}")
+    }
 }
 
 /// Deterministic message id: the same study at the same stage always gets the same id,

@@ -78,7 +78,7 @@ impl WorkerConfig {
     pub fn new(campaign: &str, stage: Stage) -> Self {
         WorkerConfig {
             campaign: campaign.to_string(),
-            consumer: format!("panscreen-{stage}"),
+            consumer: subjects::consumer(stage),
             concurrency: 1,
             max_deliver: 5,
             backoff: vec![
@@ -210,20 +210,36 @@ async fn handle_batch<H: Handler>(
     // out of memory, hang): it is not handled again.
     let (batch, poisoned): (Vec<Delivery>, Vec<Delivery>) =
         batch.into_iter().partition(|delivery| delivery.attempt <= config.max_deliver);
-    for delivery in poisoned {
-        let envelope = Envelope::peek(&delivery.payload);
+    let results = if batch.is_empty() { Vec::new() } else { run_handler(handler, config, counters, &batch).await };
+    debug_assert_eq!(results.len(), batch.len(), "one result per payload");
+    let given_up = poisoned.into_iter().map(|delivery| {
         let attempts = delivery.attempt - 1;
         let error = StageError::permanent(
             format!("gave up after {attempts} attempts: no worker finished it (crashed, killed or timed out)"),
             "the message was delivered past max_deliver without ever being settled",
         );
+        (delivery, Err(error))
+    });
+    for (delivery, result) in batch.into_iter().zip(results).chain(given_up) {
+        let envelope = Envelope::peek(&delivery.payload);
+        if delivery.attempt > 1 {
+            counters.redelivered.fetch_add(1, Ordering::Relaxed);
+            info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
+        }
         let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-        settle(queue, stage, config, counters, delivery, envelope, Err(error)).instrument(span).await;
+        settle(queue, stage, config, counters, delivery, envelope, result).instrument(span).await;
         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
-    if batch.is_empty() {
-        return;
-    }
+}
+
+/// Runs the handler on a batch, sending in-progress acks while it works, and records
+/// its time per message.
+async fn run_handler<H: Handler>(
+    handler: &H,
+    config: &WorkerConfig,
+    counters: &StageCounters,
+    batch: &[Delivery],
+) -> Vec<Result<Outcome, StageError>> {
     let payloads: Vec<Bytes> = batch.iter().map(|delivery| delivery.payload.clone()).collect();
     let started = std::time::Instant::now();
     let work = handler.handle_batch(payloads);
@@ -234,7 +250,7 @@ async fn handle_batch<H: Handler>(
         tokio::select! {
             results = &mut work => break results,
             _ = ticker.tick() => {
-                for delivery in &batch {
+                for delivery in batch {
                     if let Err(error) = delivery.progress().await {
                         warn!(%error, "in-progress ack failed");
                     }
@@ -246,17 +262,7 @@ async fn handle_batch<H: Handler>(
     for _ in 0..batch.len() {
         counters.latency.observe(per_message);
     }
-    debug_assert_eq!(results.len(), batch.len(), "one result per payload");
-    for (delivery, result) in batch.into_iter().zip(results) {
-        let envelope = Envelope::peek(&delivery.payload);
-        if delivery.attempt > 1 {
-            counters.redelivered.fetch_add(1, Ordering::Relaxed);
-            info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
-        }
-        let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-        settle(queue, stage, config, counters, delivery, envelope, result).instrument(span).await;
-        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
+    results
 }
 
 async fn settle(

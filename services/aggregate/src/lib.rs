@@ -112,10 +112,22 @@ pub struct AggregateReport {
     pub flagged: usize,
 }
 
+/// A message waiting for the next flush.
 enum Pending {
     Result(StudyScored),
     Quarantine(QuarantineRecord),
     Ignored(IgnoredInputs),
+}
+
+impl Pending {
+    /// What duplicates are recognised by: the study key, or the message id.
+    fn id(&self) -> String {
+        match self {
+            Pending::Result(scored) => scored.context.study_key.clone(),
+            Pending::Quarantine(record) => record.message_id(),
+            Pending::Ignored(ignored) => ignored.message_id(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -129,15 +141,9 @@ pub struct Aggregator {
     config: AggregateConfig,
     out: Store,
     sites: SiteRegistry,
-    pending_results: Vec<StudyScored>,
-    pending_quarantine: Vec<QuarantineRecord>,
-    pending_ignored: Vec<IgnoredInputs>,
-    pending_deliveries: Vec<Delivery>,
-    /// Which table each pending delivery feeds, in delivery order.
-    pending_kinds: Vec<PendingKind>,
-    seen_results: HashSet<String>,
-    seen_quarantine: HashSet<String>,
-    seen_ignored: HashSet<String>,
+    pending: Vec<(Delivery, Pending)>,
+    /// Ids ([`Pending::id`]) written by any writer or pending here.
+    seen: HashSet<String>,
     /// Commit manifests already read.
     commits_read: BTreeSet<String>,
     regions: BTreeMap<String, RegionCounts>,
@@ -153,14 +159,8 @@ impl Aggregator {
             config,
             out,
             sites,
-            pending_results: Vec::new(),
-            pending_quarantine: Vec::new(),
-            pending_ignored: Vec::new(),
-            pending_deliveries: Vec::new(),
-            pending_kinds: Vec::new(),
-            seen_results: HashSet::new(),
-            seen_quarantine: HashSet::new(),
-            seen_ignored: HashSet::new(),
+            pending: Vec::new(),
+            seen: HashSet::new(),
             commits_read: BTreeSet::new(),
             regions: BTreeMap::new(),
             flagged: Vec::new(),
@@ -168,10 +168,6 @@ impl Aggregator {
             report: AggregateReport::default(),
             counters,
         }
-    }
-
-    fn pending(&self) -> usize {
-        self.pending_results.len() + self.pending_quarantine.len() + self.pending_ignored.len()
     }
 
     /// Takes a delivery for the next flush, unless it is unreadable (terminated) or a
@@ -191,23 +187,12 @@ impl Aggregator {
                 return;
             }
         };
-        let new = match &pending {
-            Pending::Result(scored) => self.seen_results.insert(scored.context.study_key.clone()),
-            Pending::Quarantine(record) => self.seen_quarantine.insert(record.message_id()),
-            Pending::Ignored(ignored) => self.seen_ignored.insert(ignored.message_id()),
-        };
-        if !new {
+        if !self.seen.insert(pending.id()) {
             self.report.duplicates_dropped += 1;
             let _ = delivery.ack().await;
             return;
         }
-        match pending {
-            Pending::Result(scored) => self.pending_results.push(scored),
-            Pending::Quarantine(record) => self.pending_quarantine.push(record),
-            Pending::Ignored(ignored) => self.pending_ignored.push(ignored),
-        }
-        self.pending_deliveries.push(delivery);
-        self.pending_kinds.push(kind);
+        self.pending.push((delivery, pending));
     }
 
     async fn put(&mut self, key: String, batch: RecordBatch) -> Result<(), AggregateError> {
@@ -218,76 +203,51 @@ impl Aggregator {
     }
 
     /// Reads the commits other writers (or this writer's earlier life) made since the
-    /// last look, and remembers their studies. Returns the study keys and quarantine
-    /// ids that were new.
-    async fn read_new_commits(&mut self) -> Result<(HashSet<String>, HashSet<String>), AggregateError> {
+    /// last look, finishing any left unpublished. Returns the ids they hold and how
+    /// many of those are study keys.
+    async fn read_new_commits(&mut self) -> Result<(HashSet<String>, usize), AggregateError> {
         let manifests = commit::read_commits(&self.out, &self.commits_read).await?;
         commit::roll_forward(&self.out, &manifests).await?;
-        let (mut studies, mut quarantine) = (HashSet::new(), HashSet::new());
+        let (mut ids, mut studies) = (HashSet::new(), 0);
         for manifest in manifests {
             self.commits_read.insert(manifest.key());
-            studies.extend(manifest.study_keys);
-            quarantine.extend(manifest.quarantine_ids);
-            self.seen_ignored.extend(manifest.ignored_ids);
+            studies += manifest.study_keys.len();
+            ids.extend(manifest.study_keys.into_iter().chain(manifest.quarantine_ids).chain(manifest.ignored_ids));
         }
-        Ok((studies, quarantine))
+        Ok((ids, studies))
     }
 
-    /// Drops pending rows another writer committed meanwhile; acks their deliveries.
+    /// Drops pending messages another writer committed meanwhile; acks them.
     async fn drop_committed_elsewhere(&mut self) -> Result<(), AggregateError> {
-        let (studies, quarantine) = self.read_new_commits().await?;
-        let mut keep = Vec::new();
-        let mut dropped = 0;
-        let deliveries = std::mem::take(&mut self.pending_deliveries);
-        let mut results = std::mem::take(&mut self.pending_results).into_iter();
-        let mut records = std::mem::take(&mut self.pending_quarantine).into_iter();
-        let mut ignored = std::mem::take(&mut self.pending_ignored).into_iter();
-        for (delivery, kind) in deliveries.into_iter().zip(std::mem::take(&mut self.pending_kinds)) {
-            let duplicate = match kind {
-                PendingKind::Result => {
-                    let row = results.next().expect("one row per result delivery");
-                    let duplicate = studies.contains(&row.context.study_key);
-                    if !duplicate {
-                        self.pending_results.push(row);
-                    }
-                    duplicate
-                }
-                PendingKind::Quarantine => {
-                    let record = records.next().expect("one record per quarantine delivery");
-                    let duplicate = quarantine.contains(&record.message_id());
-                    if !duplicate {
-                        self.pending_quarantine.push(record);
-                    }
-                    duplicate
-                }
-                PendingKind::Ignored => {
-                    self.pending_ignored.push(ignored.next().expect("one chunk per ignored delivery"));
-                    false
-                }
-            };
-            if duplicate {
-                dropped += 1;
-                let _ = delivery.ack().await;
-            } else {
-                keep.push((delivery, kind));
-            }
+        let (committed, _) = self.read_new_commits().await?;
+        let (duplicates, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending).into_iter().partition(|(_, pending)| committed.contains(&pending.id()));
+        self.pending = keep;
+        if !duplicates.is_empty() {
+            info!(dropped = duplicates.len(), "already committed by another writer; dropped");
+            self.report.duplicates_dropped += duplicates.len();
         }
-        if dropped > 0 {
-            info!(dropped, "studies already committed by another writer; dropped");
-            self.report.duplicates_dropped += dropped;
+        for (delivery, _) in duplicates {
+            let _ = delivery.ack().await;
         }
-        self.seen_results.extend(studies);
-        self.seen_quarantine.extend(quarantine);
-        (self.pending_deliveries, self.pending_kinds) = keep.into_iter().unzip();
+        self.seen.extend(committed);
         Ok(())
     }
 
     async fn write_pending(&mut self) -> Result<(), AggregateError> {
         let now = OffsetDateTime::now_utc();
+        let (mut results, mut quarantine, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
+        for (_, pending) in &self.pending {
+            match pending {
+                Pending::Result(scored) => results.push(scored),
+                Pending::Quarantine(record) => quarantine.push(record.clone()),
+                Pending::Ignored(chunk) => ignored.push(chunk),
+            }
+        }
         let mut partitions: BTreeMap<(String, String), Vec<StudyScored>> = BTreeMap::new();
-        for row in &self.pending_results {
+        for row in &results {
             let key = (partition_value(&row.context.region_code), partition_value(row.context.scan_month()));
-            partitions.entry(key).or_default().push(row.clone());
+            partitions.entry(key).or_default().push((*row).clone());
         }
         self.sequence += 1;
         let mut staged = commit::Staged::new(&self.config.writer_id, self.sequence);
@@ -300,22 +260,21 @@ impl Aggregator {
             );
             staged.stage(&self.out, key, rows.len(), parquet_bytes(&batch)?).await?;
         }
-        if !self.pending_quarantine.is_empty() {
-            let batch =
-                tables::quarantine_batch(&self.pending_quarantine).map_err(|e| AggregateError::Table(e.to_string()))?;
+        if !quarantine.is_empty() {
+            let batch = tables::quarantine_batch(&quarantine).map_err(|e| AggregateError::Table(e.to_string()))?;
             let key = format!("quarantine/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
-            staged.stage(&self.out, key, self.pending_quarantine.len(), parquet_bytes(&batch)?).await?;
+            staged.stage(&self.out, key, quarantine.len(), parquet_bytes(&batch)?).await?;
         }
-        if !self.pending_ignored.is_empty() {
-            let rows: Vec<_> = self.pending_ignored.iter().flat_map(|chunk| chunk.inputs.iter().cloned()).collect();
+        if !ignored.is_empty() {
+            let rows: Vec<_> = ignored.iter().flat_map(|chunk| chunk.inputs.iter().cloned()).collect();
             let batch = tables::ignored_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
             let key = format!("ignored/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
             staged.stage(&self.out, key, rows.len(), parquet_bytes(&batch)?).await?;
         }
         let ids = commit::CommitIds {
-            study_keys: self.pending_results.iter().map(|r| r.context.study_key.clone()).collect(),
-            quarantine_ids: self.pending_quarantine.iter().map(QuarantineRecord::message_id).collect(),
-            ignored_ids: self.pending_ignored.iter().map(IgnoredInputs::message_id).collect(),
+            study_keys: results.iter().map(|r| r.context.study_key.clone()).collect(),
+            quarantine_ids: quarantine.iter().map(QuarantineRecord::message_id).collect(),
+            ignored_ids: ignored.iter().map(|chunk| chunk.message_id()).collect(),
         };
         let (manifest, _published) = staged.commit(&self.out, ids, Vec::new()).await?;
         self.commits_read.insert(manifest.key());
@@ -334,19 +293,26 @@ impl Aggregator {
 
     /// Writes what is pending, then settles it: ack when written, nak when not.
     pub async fn flush(&mut self) -> Result<(), AggregateError> {
-        if self.pending() == 0 {
+        if self.pending.is_empty() {
             return Ok(());
         }
         let written = match self.drop_committed_elsewhere().await {
-            Ok(()) if self.pending() == 0 => return Ok(()),
+            Ok(()) if self.pending.is_empty() => return Ok(()),
             Ok(()) => self.write_pending().await,
             Err(error) => Err(error),
         };
-        let deliveries = std::mem::take(&mut self.pending_deliveries);
-        self.pending_kinds.clear();
-        match written {
-            Ok(()) => {
-                for row in std::mem::take(&mut self.pending_results) {
+        let pending = std::mem::take(&mut self.pending);
+        if let Err(error) = written {
+            warn!(%error, "writing Parquet failed; messages handed back for redelivery");
+            for (delivery, pending) in pending {
+                self.seen.remove(&pending.id());
+                let _ = delivery.nak(Duration::from_secs(2)).await;
+            }
+            return Err(error);
+        }
+        for (delivery, pending) in pending {
+            match pending {
+                Pending::Result(row) => {
                     let region =
                         self.region_entry(&row.context.region_code, &row.context.region_name, &row.context.province);
                     region.screened += 1;
@@ -357,40 +323,20 @@ impl Aggregator {
                     }
                     self.counters.processed.fetch_add(1, Ordering::Relaxed);
                 }
-                for record in std::mem::take(&mut self.pending_quarantine) {
+                Pending::Quarantine(record) => {
                     let [code, name, province] = quarantine_region(&self.sites, record.site_id.as_deref());
                     self.region_entry(&code, &name, &province).quarantined += 1;
                     self.report.quarantine_written += 1;
                     self.counters.quarantined.fetch_add(1, Ordering::Relaxed);
                 }
-                for chunk in std::mem::take(&mut self.pending_ignored) {
-                    self.report.ignored_written += chunk.inputs.len();
-                }
-                for delivery in deliveries {
-                    if let Err(error) = delivery.ack().await {
-                        warn!(%error, "ack failed after a durable write; the duplicate will be dropped on redelivery");
-                    }
-                }
-                info!(sequence = self.sequence, "flushed");
-                Ok(())
+                Pending::Ignored(chunk) => self.report.ignored_written += chunk.inputs.len(),
             }
-            Err(error) => {
-                warn!(%error, "writing Parquet failed; messages handed back for redelivery");
-                for row in std::mem::take(&mut self.pending_results) {
-                    self.seen_results.remove(&row.context.study_key);
-                }
-                for record in std::mem::take(&mut self.pending_quarantine) {
-                    self.seen_quarantine.remove(&record.message_id());
-                }
-                for chunk in std::mem::take(&mut self.pending_ignored) {
-                    self.seen_ignored.remove(&chunk.message_id());
-                }
-                for delivery in deliveries {
-                    let _ = delivery.nak(Duration::from_secs(2)).await;
-                }
-                Err(error)
+            if let Err(error) = delivery.ack().await {
+                warn!(%error, "ack failed after a durable write; the duplicate will be dropped on redelivery");
             }
         }
+        info!(sequence = self.sequence, "flushed");
+        Ok(())
     }
 
     /// Writes the regional summary and the recall worklist for everything flushed.
@@ -411,10 +357,9 @@ impl Aggregator {
     /// already committed, so that a redelivered study is not written twice across
     /// restarts and replicas. Returns how many studies there were.
     pub async fn recover(&mut self) -> Result<usize, AggregateError> {
-        let (studies, quarantine) = self.read_new_commits().await?;
-        self.seen_results.extend(studies);
-        self.seen_quarantine.extend(quarantine);
-        Ok(self.seen_results.len())
+        let (committed, studies) = self.read_new_commits().await?;
+        self.seen.extend(committed);
+        Ok(studies)
     }
 
     pub fn report(&self) -> &AggregateReport {
@@ -429,7 +374,7 @@ impl Aggregator {
         queue: Arc<dyn Queue>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AggregateError> {
-        let consumer = "panscreen-aggregate";
+        let consumer = &subjects::consumer(panscreen_shared::contracts::Stage::Aggregate);
         let mut scored = queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
         let mut quarantine = queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
         let mut ignored = queue.subscribe(&subjects::ignored(&self.config.campaign), consumer).await?;
@@ -461,7 +406,7 @@ impl Aggregator {
                     next_flush = tokio::time::Instant::now() + self.config.flush_interval;
                 }
             }
-            if self.pending() >= self.config.flush_rows {
+            if self.pending.len() >= self.config.flush_rows {
                 self.flush().await?;
                 next_flush = tokio::time::Instant::now() + self.config.flush_interval;
             }

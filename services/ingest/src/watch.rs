@@ -193,10 +193,16 @@ impl Watcher {
         let is_marker = |key: &str| !marker.is_empty() && key.rsplit('/').next() == Some(marker);
         let marked: BTreeSet<&str> = listed.keys().filter(|k| is_marker(k)).map(|k| folder(k)).collect();
 
-        let fresh: Vec<&ObjectMeta> = listed
+        // Objects no earlier pass decided, with their ledger ids (one keyed hash each).
+        let unhandled: Vec<(&String, String)> = listed
+            .keys()
+            .map(|key| (key, self.object_id(key)))
+            .filter(|(_, id)| !self.handled_objects.contains(id))
+            .collect();
+        let fresh: Vec<&ObjectMeta> = unhandled
             .iter()
-            .filter(|(key, _)| !self.waiting.contains_key(*key) && !self.handled_objects.contains(&self.object_id(key)))
-            .map(|(_, meta)| meta)
+            .filter(|(key, _)| !self.waiting.contains_key(*key))
+            .map(|(key, _)| &listed[*key])
             .collect();
         let mut markers = Vec::new();
         let mut to_read = Vec::new();
@@ -266,12 +272,8 @@ impl Watcher {
         report.waiting_studies = self.waiting_studies();
 
         // Every listed object neither handled before nor still waiting was decided now.
-        segment.objects = listed
-            .keys()
-            .filter(|key| !self.waiting.contains_key(*key))
-            .map(|key| self.object_id(key))
-            .filter(|id| !self.handled_objects.contains(id))
-            .collect();
+        segment.objects =
+            unhandled.into_iter().filter(|(key, _)| !self.waiting.contains_key(*key)).map(|(_, id)| id).collect();
         decided.objects_listed = segment.objects.len();
         if segment.objects.is_empty() {
             return Ok(report);

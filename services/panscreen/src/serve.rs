@@ -315,7 +315,7 @@ async fn serve_ingest(
     let sites = crate::cli::load_sites(&args.sites)?;
     let mut watcher = Watcher::open(root, state.clone(), config, completion, pseudonymizer, sites).await?;
     let mut prefixes = watched_prefixes(&state, &args.ingest.watch).await?;
-    let mut requests = queue.subscribe(&subjects::submitted(campaign), "panscreen-ingest").await?;
+    let mut requests = queue.subscribe(&subjects::submitted(campaign), &subjects::consumer(Stage::Ingest)).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(args.ingest.rescan_seconds.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     readiness.set(true);
@@ -404,23 +404,23 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<String> {
 pub async fn setup(cluster: &ClusterArgs) -> anyhow::Result<Vec<String>> {
     let queue = cluster.queue().await?;
     let mut created = Vec::new();
-    for (subject, consumer) in consumers(&cluster.campaign) {
-        queue.ensure_consumer(&subject, consumer).await?;
-        created.push(consumer_name(consumer, &subject));
+    for (subject, stage) in consumers(&cluster.campaign) {
+        queue.ensure_consumer(&subject, &subjects::consumer(stage)).await?;
+        created.push(consumer_name(&subjects::consumer(stage), &subject));
     }
     queue.stats_bucket().await?;
     Ok(created)
 }
 
-/// Every (subject, consumer) pair of a campaign, by stage.
-pub fn consumers(campaign: &str) -> Vec<(String, &'static str)> {
+/// Every subject of a campaign with the stage that consumes it.
+pub fn consumers(campaign: &str) -> Vec<(String, Stage)> {
     vec![
-        (subjects::submitted(campaign), "panscreen-ingest"),
-        (subjects::ingested(campaign), "panscreen-preprocess"),
-        (subjects::preprocessed(campaign), "panscreen-infer"),
-        (subjects::scored(campaign), "panscreen-aggregate"),
-        (subjects::quarantine(campaign), "panscreen-aggregate"),
-        (subjects::ignored(campaign), "panscreen-aggregate"),
+        (subjects::submitted(campaign), Stage::Ingest),
+        (subjects::ingested(campaign), Stage::Preprocess),
+        (subjects::preprocessed(campaign), Stage::Infer),
+        (subjects::scored(campaign), Stage::Aggregate),
+        (subjects::quarantine(campaign), Stage::Aggregate),
+        (subjects::ignored(campaign), Stage::Aggregate),
     ]
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use futures::StreamExt;
-use panscreen_shared::contracts::Stage;
+use panscreen_shared::contracts::{subjects, Stage};
 use panscreen_shared::queue::jetstream::Backlog;
 use panscreen_shared::status::InstanceStats;
 use serde::Serialize;
@@ -46,14 +46,9 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
     let now = OffsetDateTime::now_utc();
     let mut stages: BTreeMap<Stage, StageStatus> =
         Stage::ALL.iter().map(|s| (*s, StageStatus { stage: s.to_string(), ..Default::default() })).collect();
-    for (subject, consumer) in consumers(&cluster.campaign) {
-        let stage = match consumer {
-            "panscreen-ingest" => Stage::Ingest,
-            "panscreen-preprocess" => Stage::Preprocess,
-            "panscreen-infer" => Stage::Infer,
-            _ => Stage::Aggregate,
-        };
-        let Backlog { pending, in_flight, redelivered, .. } = queue.backlog(&subject, consumer).await?;
+    for (subject, stage) in consumers(&cluster.campaign) {
+        let Backlog { pending, in_flight, redelivered, .. } =
+            queue.backlog(&subject, &subjects::consumer(stage)).await?;
         let entry = stages.get_mut(&stage).expect("every stage");
         entry.pending += pending;
         entry.in_flight += in_flight;
