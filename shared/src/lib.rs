@@ -2,6 +2,8 @@
 //!
 //! - [`contracts`]: the messages that cross a service boundary, the subjects they are
 //!   published on, and the quarantine record. Pure serde types, no I/O.
+//! - [`dicom`]: attribute look-ups shared by ingest and preprocess (Enhanced CT
+//!   functional groups).
 //! - [`queue`]: the work-queue abstraction (publish with a deterministic message id,
 //!   pull, ack / nak / term) and its in-process implementation, the embedded default.
 //! - [`worker`]: the loop that pulls a message, runs a stage handler, publishes the
@@ -17,6 +19,7 @@
 //! Bulky data (DICOM, volumes, masks) stays in the object store; messages carry keys.
 
 pub mod contracts;
+pub mod dicom;
 pub mod error;
 pub mod manifest;
 pub mod metrics;

@@ -55,6 +55,7 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
         bits_stored: 16,
         rescale_slope: 1.0,
         rescale_intercept: 0.0,
+        padding_value: None,
     };
     std::fs::create_dir_all(directory).unwrap();
     let pixels = vec![100.0f32; 32 * 32];

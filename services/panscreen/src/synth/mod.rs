@@ -178,6 +178,7 @@ fn write_study(
         bits_stored: if signed_pixels { 16 } else { 12 },
         rescale_slope: 1.0,
         rescale_intercept: if signed_pixels { 0.0 } else { -1024.0 },
+        padding_value: None,
     };
     let noise_sigma = rng.uniform(10.0, 20.0);
     let phantom = Phantom::random(&mut rng, with_lesion);
