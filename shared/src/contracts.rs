@@ -137,6 +137,9 @@ pub struct SeriesChoice {
     /// Distance between consecutive slice centres along the normal, in mm.
     pub slice_spacing_mm: f64,
     pub slice_thickness_mm: Option<f64>,
+    /// Every other series of the study and why it was not chosen, in words.
+    #[serde(default)]
+    pub not_chosen: Vec<String>,
 }
 
 /// One slice of the chosen series.

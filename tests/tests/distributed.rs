@@ -85,6 +85,7 @@ impl Cluster {
             size: Size::Small,
             sites: SiteRegistry::builtin(),
             threads: 2,
+            realistic: false,
         };
         let truths = synthesize(&options, &|_| {}).unwrap();
         let store = Store::open_s3_with(&format!("s3://{BUCKET}"), &seaweed.s3_options()).unwrap();

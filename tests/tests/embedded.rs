@@ -56,6 +56,11 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
         rescale_slope: 1.0,
         rescale_intercept: 0.0,
         padding_value: None,
+        sop_class_uid: SeriesHeader::axial_ct().0,
+        image_type: SeriesHeader::axial_ct().1,
+        orientation: SeriesHeader::axial_ct().2,
+        contrast_agent: None,
+        gantry_tilt: 0.0,
     };
     std::fs::create_dir_all(directory).unwrap();
     let pixels = vec![100.0f32; 32 * 32];
@@ -92,6 +97,7 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
         size: Size::Small,
         sites: SiteRegistry::builtin(),
         threads: 2,
+        realistic: false,
     };
     let truths: Vec<StudyTruth> = synthesize(&options, &|_| {}).unwrap();
     let studies = cohort.join("studies");

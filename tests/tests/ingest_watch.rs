@@ -41,6 +41,7 @@ async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
         size: Size::Small,
         sites: SiteRegistry::builtin(),
         threads: 2,
+        realistic: false,
     };
     let truths = synthesize(&options, &|_| {}).unwrap();
     let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();

@@ -199,6 +199,11 @@ fn header(variant: &Variant) -> SeriesHeader {
         rescale_slope: variant.slope,
         rescale_intercept: variant.intercept,
         padding_value: variant.padding,
+        sop_class_uid: SeriesHeader::axial_ct().0,
+        image_type: SeriesHeader::axial_ct().1,
+        orientation: SeriesHeader::axial_ct().2,
+        contrast_agent: None,
+        gantry_tilt: 0.0,
     }
 }
 

@@ -68,6 +68,10 @@ pub fn results_batch(
         ("series_number", Arc::new(rows.iter().map(|r| r.series.series_number).collect::<Int32Array>())),
         ("series_reason", strings(rows.iter().map(|r| Some(r.series.reason.as_str())))),
         ("series_candidates", Arc::new(rows.iter().map(|r| Some(r.series.candidates as i32)).collect::<Int32Array>())),
+        (
+            "series_not_chosen",
+            Arc::new(rows.iter().map(|r| Some(r.series.not_chosen.join("; "))).collect::<StringArray>()),
+        ),
         ("slices", Arc::new(rows.iter().map(|r| Some(r.series.slices as i32)).collect::<Int32Array>())),
         ("slice_spacing_mm", floats(rows.iter().map(|r| Some(r.series.slice_spacing_mm)))),
         ("pixel_spacing_mm", floats(rows.iter().map(|r| Some(r.series.pixel_spacing_mm[0])))),

@@ -42,6 +42,15 @@ pub struct InstanceHeader {
     pub bits_allocated: u32,
     pub number_of_frames: u32,
     pub contrast_bolus_agent: Option<String>,
+    /// GantryDetectorTilt in degrees, when the header has it.
+    pub gantry_tilt: Option<f64>,
+}
+
+impl InstanceHeader {
+    /// Bytes the pixel data will take once decoded (all frames).
+    pub fn decoded_bytes(&self) -> u64 {
+        self.rows as u64 * self.columns as u64 * (self.bits_allocated.max(8) as u64 / 8) * self.number_of_frames as u64
+    }
 }
 
 /// Why an object is not a usable DICOM instance.
@@ -53,6 +62,9 @@ pub enum HeaderProblem {
     Truncated(String),
     /// DICOM, but a required attribute is missing or malformed.
     Invalid(String),
+    /// A DICOM object that is not an image (a structured report, a presentation state,
+    /// an encapsulated PDF…): its SOP class name.
+    NonImage(String),
 }
 
 impl HeaderProblem {
@@ -61,14 +73,16 @@ impl HeaderProblem {
             HeaderProblem::NotDicom(_) => "not a DICOM file",
             HeaderProblem::Truncated(_) => "DICOM file is truncated",
             HeaderProblem::Invalid(_) => "DICOM header is missing required attributes",
+            HeaderProblem::NonImage(_) => "not an image",
         }
     }
 
     pub fn detail(&self) -> &str {
         match self {
-            HeaderProblem::NotDicom(detail) | HeaderProblem::Truncated(detail) | HeaderProblem::Invalid(detail) => {
-                detail
-            }
+            HeaderProblem::NotDicom(detail)
+            | HeaderProblem::Truncated(detail)
+            | HeaderProblem::Invalid(detail)
+            | HeaderProblem::NonImage(detail) => detail,
         }
     }
 }
@@ -93,8 +107,28 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
         .read_preamble(ReadPreamble::Never)
         .from_reader(Cursor::new(&bytes[128..]))
         .map_err(|error| classify_parse_error(size, bytes.len() as u64, error.to_string()))?;
+    if let Some(name) = non_image_sop_class(&object) {
+        return Err(HeaderProblem::NonImage(name));
+    }
     check_pixel_extent(&object, size, bytes)?;
     header_from_object(key, size, &object)
+}
+
+/// The SOP class name of an object whose class the standard names and which is not an
+/// image storage class (a dose report, a presentation state, a PDF…).
+fn non_image_sop_class(object: &DefaultDicomObject) -> Option<String> {
+    use dicom_core::dictionary::UidDictionary;
+    let uid = object
+        .element_opt(tags::SOP_CLASS_UID)
+        .ok()
+        .flatten()?
+        .to_str()
+        .ok()?
+        .trim_end_matches('\0')
+        .trim()
+        .to_string();
+    let entry = dicom_dictionary_std::StandardSopClassDictionary.by_uid(&uid)?;
+    (!entry.name.contains("Image Storage")).then(|| entry.name.to_string())
 }
 
 /// A parse error on a prefix may only mean the header is longer than the prefix.
@@ -224,6 +258,7 @@ fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Resu
         bits_allocated: integer(tags::BITS_ALLOCATED).unwrap_or(0) as u32,
         number_of_frames: integer(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
         contrast_bolus_agent: Some(text(tags::CONTRAST_BOLUS_AGENT)).filter(|value| !value.is_empty()),
+        gantry_tilt: floats(tags::GANTRY_DETECTOR_TILT).and_then(|v| v.first().copied()),
     })
 }
 

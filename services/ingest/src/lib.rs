@@ -44,6 +44,10 @@ pub struct IngestConfig {
     /// Objects read at once.
     pub concurrency: usize,
     pub rules: SelectionRules,
+    /// Objects larger than this are quarantined unread.
+    pub max_object_bytes: u64,
+    /// Objects whose pixel data would decode to more than this are quarantined.
+    pub max_decoded_bytes: u64,
 }
 
 impl IngestConfig {
@@ -54,6 +58,8 @@ impl IngestConfig {
             header_bytes: 64 * 1024,
             concurrency: 16,
             rules: SelectionRules::default(),
+            max_object_bytes: 1 << 30,
+            max_decoded_bytes: 2 << 30,
         }
     }
 }
@@ -69,9 +75,47 @@ pub struct IngestReport {
     pub objects_screened: usize,
     /// Objects behind the quarantine records (a quarantined study counts all its files).
     pub objects_quarantined: usize,
+    /// The same, by quarantine reason.
+    pub quarantined_objects_by_reason: BTreeMap<String, usize>,
+}
+
+/// One line of a run's accounting: how many input objects ended where, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountingRow {
+    /// `screened`, `quarantined` or `ignored`.
+    pub outcome: &'static str,
+    pub reason: String,
+    pub objects: usize,
 }
 
 impl IngestReport {
+    /// Counts `objects` quarantined for `reason`.
+    pub fn quarantined_objects(&mut self, reason: &str, objects: usize) {
+        self.objects_quarantined += objects;
+        *self.quarantined_objects_by_reason.entry(reason.to_string()).or_default() += objects;
+    }
+
+    /// Where every listed object went, by outcome and reason. The objects add up to
+    /// `objects_listed`.
+    pub fn accounting(&self) -> Vec<AccountingRow> {
+        let mut rows = vec![AccountingRow {
+            outcome: "screened",
+            reason: format!("in the series chosen for screening ({} studies)", self.studies.len()),
+            objects: self.objects_screened,
+        }];
+        for (reason, objects) in &self.quarantined_objects_by_reason {
+            rows.push(AccountingRow { outcome: "quarantined", reason: reason.clone(), objects: *objects });
+        }
+        let mut ignored: BTreeMap<&str, usize> = BTreeMap::new();
+        for input in &self.ignored {
+            *ignored.entry(input.reason.as_str()).or_default() += 1;
+        }
+        for (reason, objects) in ignored {
+            rows.push(AccountingRow { outcome: "ignored", reason: reason.to_string(), objects });
+        }
+        rows
+    }
+
     /// Every listed object is accounted for exactly once.
     pub fn balanced(&self) -> bool {
         self.objects_screened + self.objects_quarantined + self.ignored.len() == self.objects_listed
@@ -126,6 +170,17 @@ pub(crate) async fn read_object(
     if size == 0 {
         return Ok(ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, "empty file", "0 bytes")));
     }
+    if size > config.max_object_bytes {
+        let detail = format!("{size} bytes; the limit is {} bytes (not read)", config.max_object_bytes);
+        return Ok(ObjectOutcome::Quarantined(quarantine(
+            &config.campaign,
+            &key,
+            None,
+            None,
+            "object is larger than the size limit",
+            &detail,
+        )));
+    }
     let prefix_end = size.min(config.header_bytes);
     let prefix = store.get_range(&key, 0, prefix_end).await?;
     let parsed = match header::parse(&key, size, &prefix) {
@@ -136,7 +191,29 @@ pub(crate) async fn read_object(
         other => other,
     };
     Ok(match parsed {
+        Ok(instance) if instance.decoded_bytes() > config.max_decoded_bytes => {
+            let detail = format!(
+                "{}×{}×{} frames of {} bits would decode to {} bytes; the limit is {} bytes",
+                instance.rows,
+                instance.columns,
+                instance.number_of_frames,
+                instance.bits_allocated,
+                instance.decoded_bytes(),
+                config.max_decoded_bytes
+            );
+            ObjectOutcome::Quarantined(quarantine(
+                &config.campaign,
+                &key,
+                None,
+                None,
+                "image would decode beyond the size limit",
+                &detail,
+            ))
+        }
         Ok(instance) => ObjectOutcome::Instance(Box::new(instance)),
+        Err(header::HeaderProblem::NonImage(name)) => {
+            ObjectOutcome::Ignored(IgnoredInput { input: key, reason: format!("not an image: {name}") })
+        }
         Err(problem) => ObjectOutcome::Quarantined(quarantine(
             &config.campaign,
             &key,
@@ -185,7 +262,7 @@ pub async fn scan(
                 studies.entry(instance.study_instance_uid.clone()).or_default().push(*instance)
             }
             ObjectOutcome::Quarantined(record) => {
-                report.objects_quarantined += 1;
+                report.quarantined_objects(&record.reason, 1);
                 report.quarantined.push(record);
             }
             ObjectOutcome::Ignored(ignored) => report.ignored.push(ignored),
@@ -211,15 +288,43 @@ pub fn decide_study(
     let context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
     let study_files = instances.len();
     let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
-    let series = group_series(instances);
+    // The same instance sent twice (a re-send, a copy in two folders): keep one.
+    let mut instances = instances;
+    instances.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut unique = Vec::with_capacity(instances.len());
+    let mut duplicates = 0usize;
+    for instance in instances {
+        match seen.get(&instance.sop_instance_uid) {
+            Some(kept) => {
+                duplicates += 1;
+                report.ignored.push(IgnoredInput {
+                    input: instance.key.clone(),
+                    reason: format!("a second copy of {kept} (same SOP Instance UID)"),
+                });
+            }
+            None => {
+                seen.insert(instance.sop_instance_uid.clone(), instance.key.clone());
+                unique.push(instance);
+            }
+        }
+    }
+    let study_files = study_files - duplicates;
+    let series = group_series(unique);
     match choose_series(&series, &config.rules) {
         Ok(chosen) => {
             let first = &chosen.group.instances[0];
             for other in series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid) {
+                let why = chosen
+                    .not_chosen
+                    .iter()
+                    .find(|(uid, _)| *uid == other.series_instance_uid)
+                    .map(|(_, why)| why.as_str())
+                    .unwrap_or("another series");
                 for key in other.keys() {
                     report.ignored.push(IgnoredInput {
                         input: key.to_string(),
-                        reason: format!("not the series chosen for screening (modality {})", other.modality()),
+                        reason: format!("not the series chosen for screening ({why})"),
                     });
                 }
             }
@@ -234,6 +339,7 @@ pub fn decide_study(
                 pixel_spacing_mm: first.pixel_spacing.unwrap_or([1.0, 1.0]),
                 slice_spacing_mm: chosen.slice_spacing_mm,
                 slice_thickness_mm: first.slice_thickness,
+                not_chosen: chosen.not_chosen.iter().map(|(_, why)| why.clone()).collect(),
             };
             report.objects_screened += chosen.group.instances.len();
             info!(study = %context.study_key, slices = series_choice.slices, "study accepted");
@@ -255,7 +361,7 @@ pub fn decide_study(
         Err(rejection) => {
             let keys: Vec<&str> = all_keys.iter().map(String::as_str).collect();
             warn!(study = %context.study_key, reason = %rejection.reason, "study quarantined");
-            report.objects_quarantined += study_files;
+            report.quarantined_objects(&rejection.reason, study_files);
             report.quarantined.push(quarantine(
                 &config.campaign,
                 &common_prefix(&keys),

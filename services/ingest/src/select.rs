@@ -36,13 +36,31 @@ impl SeriesGroup {
 #[derive(Debug, Clone)]
 pub struct SelectionRules {
     pub min_slices: usize,
+    /// More slices than this in one series is refused (memory and time are bounded).
+    pub max_slices: usize,
     /// Largest allowed deviation of one slice interval from the median, as a fraction.
     pub spacing_tolerance: f64,
+    /// Accepted SliceThickness, in mm (inclusive).
+    pub slice_thickness_mm: (f64, f64),
+    /// Shortest extent along the slice normal, in mm: enough to hold the pancreas.
+    pub min_coverage_mm: f64,
+    /// Largest angle between the slice normal and the patient's head–foot axis.
+    pub max_oblique_degrees: f64,
+    /// Largest gantry tilt (declared, or seen in the slice positions).
+    pub max_tilt_degrees: f64,
 }
 
 impl Default for SelectionRules {
     fn default() -> Self {
-        SelectionRules { min_slices: 20, spacing_tolerance: 0.1 }
+        SelectionRules {
+            min_slices: 20,
+            max_slices: 2000,
+            spacing_tolerance: 0.1,
+            slice_thickness_mm: (0.5, 5.0),
+            min_coverage_mm: 100.0,
+            max_oblique_degrees: 10.0,
+            max_tilt_degrees: 0.5,
+        }
     }
 }
 
@@ -52,6 +70,8 @@ pub struct ChosenSeries {
     pub group: SeriesGroup,
     pub reason: String,
     pub slice_spacing_mm: f64,
+    /// Every other series of the study (SeriesInstanceUID) and why it was not chosen.
+    pub not_chosen: Vec<(String, String)>,
 }
 
 /// Why a study cannot be screened.
@@ -77,20 +97,90 @@ pub fn group_series(instances: Vec<InstanceHeader>) -> Vec<SeriesGroup> {
 }
 
 fn is_ct_image(group: &SeriesGroup) -> bool {
-    group.modality() == "CT" && group.first().sop_class_uid == uids::CT_IMAGE_STORAGE
+    group.modality() == "CT"
+        && [uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE].contains(&group.first().sop_class_uid.as_str())
 }
 
-fn is_original_axial(group: &SeriesGroup) -> bool {
-    let image_type = &group.first().image_type;
+/// "series 3 (60 images)": how a person finds the series in a viewer.
+fn series_label(group: &SeriesGroup) -> String {
+    let number =
+        group.first().series_number.map(|n| format!("series {n}")).unwrap_or_else(|| "unnumbered series".into());
+    let images = group.instances.len();
+    format!("{number} ({images} image{})", if images == 1 { "" } else { "s" })
+}
+
+fn sop_class_name(uid: &str) -> String {
+    use dicom_core::dictionary::UidDictionary;
+    dicom_dictionary_std::StandardSopClassDictionary.by_uid(uid).map(|e| e.name.to_string()).unwrap_or(uid.to_string())
+}
+
+/// Extent of the series along its slice normal, in mm.
+fn coverage_mm(group: &SeriesGroup) -> f64 {
+    let Some(orientation) = group.first().image_orientation else {
+        return 0.0;
+    };
+    let normal = slice_normal(orientation);
+    let along: Vec<f64> = group.instances.iter().filter_map(|i| i.image_position).map(|p| dot(p, normal)).collect();
+    let low = along.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = along.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if along.is_empty() {
+        0.0
+    } else {
+        high - low
+    }
+}
+
+/// Why a series does not fit the screening rules, or None when it does.
+fn unfit(group: &SeriesGroup, rules: &SelectionRules) -> Option<String> {
+    let first = group.first();
+    if group.modality() != "CT" {
+        let modality = if group.modality().is_empty() { "none" } else { group.modality() };
+        return Some(format!("modality {modality}, not CT"));
+    }
+    if !is_ct_image(group) {
+        return Some(format!("{}, not CT Image Storage", sop_class_name(&first.sop_class_uid)));
+    }
+    let image_type = &first.image_type;
     let original = image_type.first().map(|v| v == "ORIGINAL").unwrap_or(true);
+    let primary = image_type.get(1).map(|v| v == "PRIMARY").unwrap_or(true);
     let axial = image_type.get(2).map(|v| v == "AXIAL").unwrap_or(true);
-    original && axial
+    if !(original && primary && axial) {
+        return Some(format!("image type {} (ORIGINAL\\PRIMARY\\AXIAL needed)", image_type.join("\\")));
+    }
+    if let Some(agent) = &first.contrast_bolus_agent {
+        return Some(format!("contrast-enhanced (contrast agent {agent})"));
+    }
+    let (thinnest, thickest) = rules.slice_thickness_mm;
+    if let Some(thickness) = first.slice_thickness {
+        if thickness < thinnest || thickness > thickest {
+            return Some(format!("slice thickness {thickness} mm, outside {thinnest}–{thickest} mm"));
+        }
+    }
+    let slices = group.instances.len();
+    if slices < rules.min_slices {
+        return Some(format!("{slices} slices, at least {} needed", rules.min_slices));
+    }
+    if slices > rules.max_slices {
+        return Some(format!("{slices} slices, more than the limit of {}", rules.max_slices));
+    }
+    let coverage = coverage_mm(group);
+    if coverage < rules.min_coverage_mm {
+        return Some(format!(
+            "covers {coverage:.0} mm along the body, at least {:.0} mm needed for the pancreas",
+            rules.min_coverage_mm
+        ));
+    }
+    None
 }
 
 /// Picks the series to screen and checks it.
+///
+/// A series fits when it is CT Image Storage with modality CT, ORIGINAL\\PRIMARY\\AXIAL,
+/// without contrast agent, with a slice thickness in range, enough (and not too many)
+/// slices, and enough coverage for the pancreas. Among fitting series the one with the
+/// most slices is checked first; if its geometry fails, the next one is tried.
 pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<ChosenSeries, Rejection> {
-    let ct: Vec<&SeriesGroup> = series.iter().filter(|group| is_ct_image(group)).collect();
-    if ct.is_empty() {
+    if !series.iter().any(is_ct_image) {
         let mut found: Vec<String> = series.iter().map(|group| group.modality().to_string()).collect();
         found.sort();
         found.dedup();
@@ -98,36 +188,64 @@ pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<C
             found.iter().map(|m| if m.is_empty() { "no modality" } else { m.as_str() }).collect::<Vec<_>>().join(", ");
         return Err(Rejection::new("study has no CT image series to screen", format!("modalities found: {found}")));
     }
-    let plain: Vec<&SeriesGroup> =
-        ct.iter().copied().filter(|group| group.first().contrast_bolus_agent.is_none()).collect();
-    if plain.is_empty() {
-        return Err(Rejection::new(
-            "study has only contrast-enhanced CT series",
-            format!("{} CT series, all with a contrast agent", ct.len()),
-        ));
+    let mut verdicts: Vec<(usize, String)> = Vec::new();
+    let mut fitting: Vec<usize> = Vec::new();
+    for (index, group) in series.iter().enumerate() {
+        match unfit(group, rules) {
+            Some(why) => verdicts.push((index, why)),
+            None => fitting.push(index),
+        }
     }
-    let axial: Vec<&SeriesGroup> = plain.iter().copied().filter(|group| is_original_axial(group)).collect();
-    if axial.is_empty() {
-        return Err(Rejection::new(
-            "study has no original axial non-contrast CT series",
-            format!("{} non-contrast CT series, none ORIGINAL/AXIAL", plain.len()),
-        ));
+    if fitting.is_empty() {
+        let detail =
+            verdicts.iter().map(|(i, why)| format!("{}: {why}", series_label(&series[*i]))).collect::<Vec<_>>();
+        return Err(Rejection::new("no series fits the screening rules", detail.join("; ")));
     }
-    let best = axial.iter().copied().max_by_key(|group| group.instances.len()).expect("not empty");
-    if best.instances.len() < rules.min_slices {
-        return Err(Rejection::new(
-            "series has too few slices to screen",
-            format!("{} slices, at least {} needed", best.instances.len(), rules.min_slices),
-        ));
+    // Most slices first; ties go to the lower series number (the scanner's first reconstruction).
+    fitting.sort_by_key(|i| (std::cmp::Reverse(series[*i].instances.len()), series[*i].first().series_number));
+    let mut first_failure: Option<Rejection> = None;
+    for (rank, index) in fitting.iter().enumerate() {
+        let group = &series[*index];
+        match check_geometry(group, rules) {
+            Ok((sorted, slice_spacing_mm, note)) => {
+                let uid = |i: usize| series[i].series_instance_uid.clone();
+                let mut not_chosen: Vec<(String, String)> = verdicts
+                    .iter()
+                    .map(|(i, why)| (uid(*i), format!("{}: {why}", series_label(&series[*i]))))
+                    .collect();
+                for other in fitting.iter().filter(|other| *other != index) {
+                    let why = if fitting.iter().position(|f| f == other) < Some(rank) {
+                        "fits, but its geometry failed".to_string()
+                    } else {
+                        "fits, but has fewer slices".to_string()
+                    };
+                    let mut text = format!("{}: {why}", series_label(&series[*other]));
+                    if why.starts_with("fits, but its geometry") {
+                        if let Some(failure) = &first_failure {
+                            text = format!("{text} ({}: {})", failure.reason, failure.detail);
+                        }
+                    }
+                    not_chosen.push((uid(*other), text));
+                }
+                let thickness = group.first().slice_thickness.map(|t| format!("{t} mm slices, ")).unwrap_or_default();
+                let reason = format!(
+                    "{}: original axial non-contrast CT, {thickness}{} slices over {:.0} mm; {} of {} fitting series{}{note}",
+                    series_label(group).split(" (").next().unwrap_or_default(),
+                    group.instances.len(),
+                    coverage_mm(group),
+                    if rank == 0 { "the most slices" } else { "the next" },
+                    fitting.len(),
+                    format_args!(" ({} series in the study)", series.len()),
+                );
+                not_chosen.sort_by(|a, b| a.1.cmp(&b.1));
+                return Ok(ChosenSeries { group: sorted, reason, slice_spacing_mm, not_chosen });
+            }
+            Err(rejection) => {
+                first_failure.get_or_insert(rejection);
+            }
+        }
     }
-    let (sorted, slice_spacing_mm) = check_geometry(best, rules)?;
-    let reason = format!(
-        "original axial non-contrast CT with the most slices ({} of {} series; {} slices)",
-        series.iter().position(|g| g.series_instance_uid == best.series_instance_uid).map(|i| i + 1).unwrap_or(0),
-        series.len(),
-        best.instances.len()
-    );
-    Ok(ChosenSeries { group: sorted, reason, slice_spacing_mm })
+    Err(first_failure.expect("at least one fitting series was checked"))
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
@@ -148,7 +266,7 @@ pub fn slice_normal(orientation: [f64; 6]) -> [f64; 3] {
 }
 
 /// Sorts the slices along the normal and checks spacing; returns the median interval.
-fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(SeriesGroup, f64), Rejection> {
+fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(SeriesGroup, f64, String), Rejection> {
     let first = group.first();
     let Some(orientation) = first.image_orientation else {
         return Err(Rejection::new("series has no image orientation", "ImageOrientationPatient is missing"));
@@ -174,6 +292,22 @@ fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(Series
         }
     }
     let normal = slice_normal(orientation);
+    let oblique_degrees = normal[2].abs().clamp(0.0, 1.0).acos().to_degrees();
+    if oblique_degrees > rules.max_oblique_degrees {
+        return Err(Rejection::new(
+            "series is oblique",
+            format!(
+                "the slices are tilted {oblique_degrees:.1}° from axial; at most {}° is resampled",
+                rules.max_oblique_degrees
+            ),
+        ));
+    }
+    if let Some(tilt) = first.gantry_tilt.filter(|tilt| tilt.abs() > rules.max_tilt_degrees) {
+        return Err(Rejection::new(
+            "series was acquired with gantry tilt",
+            format!("GantryDetectorTilt is {tilt}°; sheared volumes are not screened"),
+        ));
+    }
     let mut sorted = group.clone();
     sorted.instances.sort_by(|a, b| {
         let da = dot(a.image_position.expect("checked"), normal);
@@ -188,6 +322,23 @@ fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(Series
         return Err(Rejection::new(
             "series has duplicate slice positions",
             format!("{duplicates} duplicate positions"),
+        ));
+    }
+    // Slices of a tilted gantry step sideways as well as along the normal.
+    let (start, end) = (
+        sorted.instances[0].image_position.expect("checked"),
+        sorted.instances.last().and_then(|i| i.image_position).expect("checked"),
+    );
+    let step = [end[0] - start[0], end[1] - start[1], end[2] - start[2]];
+    let along = dot(step, normal);
+    let sideways = (dot(step, step) - along * along).max(0.0).sqrt();
+    let shear_degrees = sideways.atan2(along.abs()).to_degrees();
+    if shear_degrees > rules.max_tilt_degrees.max(0.1) {
+        return Err(Rejection::new(
+            "series was acquired with gantry tilt",
+            format!(
+                "the slice positions step {shear_degrees:.1}° off the slice normal; sheared volumes are not screened"
+            ),
         ));
     }
     let mut ordered = intervals.clone();
@@ -223,7 +374,12 @@ fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(Series
             ),
         ));
     }
-    Ok((sorted, median))
+    let note = if oblique_degrees > 0.5 {
+        format!("; oblique by {oblique_degrees:.1}°, resampled along its own axes")
+    } else {
+        String::new()
+    };
+    Ok((sorted, median, note))
 }
 
 #[cfg(test)]
@@ -259,11 +415,12 @@ mod tests {
             bits_allocated: 16,
             number_of_frames: 1,
             contrast_bolus_agent: None,
+            gantry_tilt: None,
         }
     }
 
     fn rules() -> SelectionRules {
-        SelectionRules { min_slices: 3, spacing_tolerance: 0.1 }
+        SelectionRules { min_slices: 3, min_coverage_mm: 0.0, ..SelectionRules::default() }
     }
 
     #[test]
@@ -292,6 +449,50 @@ mod tests {
     }
 
     #[test]
+    fn tilt_seen_in_positions_and_obliquity_are_judged() {
+        // No GantryDetectorTilt, but each slice steps 1 mm sideways per 2.5 mm: 21.8°.
+        let sheared: Vec<InstanceHeader> = (0..6)
+            .map(|i| {
+                let mut slice = instance("s", i as f64 * 2.5);
+                slice.image_position = Some([0.0, i as f64, i as f64 * 2.5]);
+                slice
+            })
+            .collect();
+        let rejection = choose_series(&group_series(sheared), &rules()).unwrap_err();
+        assert_eq!(rejection.reason, "series was acquired with gantry tilt");
+        assert!(rejection.detail.contains("21.8°"), "{}", rejection.detail);
+        // 4° oblique: accepted, resampled along its own axes, and said so.
+        let angle = 4f64.to_radians();
+        let oblique: Vec<InstanceHeader> = (0..6)
+            .map(|i| {
+                let mut slice = instance("s", 0.0);
+                slice.image_orientation = Some([1.0, 0.0, 0.0, 0.0, angle.cos(), -angle.sin()]);
+                let step = i as f64 * 2.5;
+                slice.image_position = Some([0.0, angle.sin() * step, angle.cos() * step]);
+                slice
+            })
+            .collect();
+        let chosen = choose_series(&group_series(oblique), &rules()).unwrap();
+        assert!(chosen.reason.contains("oblique by 4.0°"), "{}", chosen.reason);
+        assert!((chosen.slice_spacing_mm - 2.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn thickness_coverage_and_slice_limits_explain_themselves() {
+        let mut thick: Vec<InstanceHeader> = [0.0, 7.5, 15.0, 22.5].map(|z| instance("t", z)).to_vec();
+        thick.iter_mut().for_each(|i| i.slice_thickness = Some(7.5));
+        let rejection = choose_series(&group_series(thick), &rules()).unwrap_err();
+        assert_eq!(rejection.reason, "no series fits the screening rules");
+        assert!(rejection.detail.contains("slice thickness 7.5 mm, outside 0.5–5 mm"), "{}", rejection.detail);
+        let short = group_series([0.0, 2.5, 5.0].map(|z| instance("s", z)).to_vec());
+        let strict = SelectionRules { min_coverage_mm: 100.0, ..rules() };
+        let rejection = choose_series(&short, &strict).unwrap_err();
+        assert!(rejection.detail.contains("covers 5 mm"), "{}", rejection.detail);
+        let capped = SelectionRules { max_slices: 2, ..rules() };
+        assert!(choose_series(&short, &capped).unwrap_err().detail.contains("more than the limit of 2"));
+    }
+
+    #[test]
     fn non_ct_studies_are_rejected_naming_what_was_found() {
         let mut mr = instance("s", 0.0);
         mr.modality = "MR".into();
@@ -309,6 +510,12 @@ mod tests {
         instances.extend(contrast);
         let chosen = choose_series(&group_series(instances), &rules()).unwrap();
         assert_eq!(chosen.group.series_instance_uid, "b");
-        assert!(chosen.reason.contains("2 of 3 series"), "{}", chosen.reason);
+        assert!(chosen.reason.contains("the most slices of 2 fitting series"), "{}", chosen.reason);
+        assert!(
+            chosen.not_chosen.iter().any(|(_, why)| why.contains("contrast agent IODINE")),
+            "{:?}",
+            chosen.not_chosen
+        );
+        assert!(chosen.not_chosen.iter().any(|(_, why)| why.contains("fewer slices")), "{:?}", chosen.not_chosen);
     }
 }

@@ -232,7 +232,7 @@ impl Watcher {
                     self.waiting.insert(header.key.clone(), (*header, written));
                 }
                 ObjectOutcome::Quarantined(record) => {
-                    decided.objects_quarantined += 1;
+                    decided.quarantined_objects(&record.reason, 1);
                     decided.quarantined.push(record);
                 }
                 ObjectOutcome::Ignored(ignored) => decided.ignored.push(ignored),

@@ -84,6 +84,10 @@ pub struct SynthArgs {
     /// Threads writing studies (default: all cores).
     #[arg(long, env = "PANSCREEN_SYNTH_THREADS")]
     pub threads: Option<usize>,
+    /// Write studies as scanners send them: beside the plain axial series, two scouts, a
+    /// contrast-enhanced phase, a 5 mm reformat, a secondary capture and a dose report.
+    #[arg(long, env = "PANSCREEN_SYNTH_REALISTIC_STUDIES")]
+    pub realistic_studies: bool,
 }
 
 /// The model and where it runs; shared by `run` and `serve`.
@@ -186,6 +190,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 threads: args
                     .threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+                realistic: args.realistic_studies,
             };
             let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
             let truths = synth::synthesize(&options, &|_| bar.inc(1))?;

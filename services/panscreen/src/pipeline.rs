@@ -127,6 +127,22 @@ impl RunSummary {
     }
 }
 
+/// The run's accounting table: objects by outcome and reason, adding up to the objects
+/// listed.
+fn accounting_table(run_id: &str, report: &IngestReport) -> anyhow::Result<bytes::Bytes> {
+    use arrow::array::{ArrayRef, Int64Array, StringArray};
+    let rows = report.accounting();
+    let columns: Vec<(&str, ArrayRef)> = vec![
+        ("run_id", Arc::new(rows.iter().map(|_| Some(run_id)).collect::<StringArray>())),
+        ("outcome", Arc::new(rows.iter().map(|r| Some(r.outcome)).collect::<StringArray>())),
+        ("reason", Arc::new(rows.iter().map(|r| Some(r.reason.as_str())).collect::<StringArray>())),
+        ("objects", Arc::new(rows.iter().map(|r| Some(r.objects as i64)).collect::<Int64Array>())),
+        ("objects_listed", Arc::new(rows.iter().map(|_| Some(report.objects_listed as i64)).collect::<Int64Array>())),
+    ];
+    let batch = arrow::record_batch::RecordBatch::try_from_iter(columns)?;
+    Ok(panscreen_aggregate::parquet_bytes(&batch)?)
+}
+
 /// A progress bar on stderr (hidden when asked; indicatif also hides it when stderr
 /// is not a terminal). Bars meant for a `MultiProgress` are made hidden and drawn once
 /// added to it.
@@ -251,6 +267,8 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     queue.close(&subjects::ingested(&campaign)).await;
     queue.close(&subjects::ignored(&campaign)).await;
     let ingest_elapsed = ingest_started.elapsed();
+    anyhow::ensure!(report.balanced(), "ingest lost track of an input object; this is a bug");
+    out.put(&format!("accounting/run{run_id}.parquet"), accounting_table(&run_id, &report)?).await?;
     ingest_bar.set_length(report.objects_listed as u64);
     ingest_bar.set_position(report.objects_listed as u64);
     ingest_bar.finish_with_message(format!(

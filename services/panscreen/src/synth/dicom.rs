@@ -36,6 +36,27 @@ pub struct SeriesHeader {
     pub rescale_intercept: f64,
     /// PixelPaddingValue (a stored value): pixels outside the reconstruction circle.
     pub padding_value: Option<i32>,
+    /// CT Image Storage for the series to screen; Secondary Capture for a screenshot.
+    pub sop_class_uid: String,
+    /// ImageType, e.g. ORIGINAL\\PRIMARY\\AXIAL or ORIGINAL\\PRIMARY\\LOCALIZER.
+    pub image_type: Vec<String>,
+    /// ImageOrientationPatient (row, then column direction cosines).
+    pub orientation: [f64; 6],
+    /// ContrastBolusAgent of a contrast-enhanced phase.
+    pub contrast_agent: Option<String>,
+    /// GantryDetectorTilt in degrees (0 on most scanners).
+    pub gantry_tilt: f64,
+}
+
+impl SeriesHeader {
+    /// The ImageType, orientation and SOP class of a plain original axial CT series.
+    pub fn axial_ct() -> (String, Vec<String>, [f64; 6]) {
+        (
+            uids::CT_IMAGE_STORAGE.to_string(),
+            ["ORIGINAL", "PRIMARY", "AXIAL"].map(String::from).to_vec(),
+            [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        )
+    }
 }
 
 /// One slice: its identity, position and noisy HU.
@@ -97,8 +118,8 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
         object.put(element);
     };
     put(&mut object, text(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"));
-    put(&mut object, multi(tags::IMAGE_TYPE, VR::CS, &["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()]));
-    put(&mut object, text(tags::SOP_CLASS_UID, VR::UI, uids::CT_IMAGE_STORAGE));
+    put(&mut object, multi(tags::IMAGE_TYPE, VR::CS, &header.image_type));
+    put(&mut object, text(tags::SOP_CLASS_UID, VR::UI, &header.sop_class_uid));
     put(&mut object, text(tags::SOP_INSTANCE_UID, VR::UI, slice.sop_instance_uid));
     put(&mut object, text(tags::STUDY_DATE, VR::DA, &header.study_date));
     put(&mut object, text(tags::SERIES_DATE, VR::DA, &header.study_date));
@@ -132,8 +153,14 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
         DataElement::new(tags::INSTANCE_NUMBER, VR::IS, PrimitiveValue::from(slice.instance_number.to_string())),
     );
     put(&mut object, multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds)));
-    let orientation = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0].map(ds);
-    put(&mut object, multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &orientation));
+    put(&mut object, multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &header.orientation.map(ds)));
+    if let Some(agent) = &header.contrast_agent {
+        put(&mut object, text(tags::CONTRAST_BOLUS_AGENT, VR::LO, agent));
+        put(&mut object, text(tags::CONTRAST_BOLUS_ROUTE, VR::LO, "IV"));
+    }
+    if header.gantry_tilt != 0.0 {
+        put(&mut object, text(tags::GANTRY_DETECTOR_TILT, VR::DS, &ds(header.gantry_tilt)));
+    }
     put(&mut object, text(tags::FRAME_OF_REFERENCE_UID, VR::UI, &header.frame_of_reference_uid));
     put(&mut object, text(tags::SLICE_LOCATION, VR::DS, &ds(slice.position[2])));
     put(&mut object, u16_value(tags::SAMPLES_PER_PIXEL, 1));
@@ -168,6 +195,68 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
             .implementation_version_name("PANSCREEN_SYNTH"),
     )?;
     let mut bytes = Vec::with_capacity(slice.hu.len() * 2 + 4096);
+    file.write_all(&mut bytes)?;
+    Ok(bytes)
+}
+
+fn code_item(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter([
+        text(tags::CODE_VALUE, VR::SH, value),
+        text(tags::CODING_SCHEME_DESIGNATOR, VR::SH, scheme),
+        text(tags::CODE_MEANING, VR::LO, meaning),
+    ])
+}
+
+fn sequence(tag: dicom_core::Tag, items: Vec<InMemDicomObject>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::SQ, dicom_core::value::DataSetSequence::from(items))
+}
+
+/// An X-Ray Radiation Dose SR, as CT scanners write beside the images: no pixel data.
+pub fn encode_dose_report(header: &SeriesHeader, sop_instance_uid: &str, dlp_mgy_cm: f64) -> anyhow::Result<Vec<u8>> {
+    const DOSE_SR: &str = "1.2.840.10008.5.1.4.1.1.88.67";
+    let dlp = InMemDicomObject::from_element_iter([
+        text(tags::RELATIONSHIP_TYPE, VR::CS, "CONTAINS"),
+        text(tags::VALUE_TYPE, VR::CS, "NUM"),
+        sequence(tags::CONCEPT_NAME_CODE_SEQUENCE, vec![code_item("113838", "DCM", "DLP")]),
+        sequence(
+            tags::MEASURED_VALUE_SEQUENCE,
+            vec![InMemDicomObject::from_element_iter([
+                text(tags::NUMERIC_VALUE, VR::DS, &ds(dlp_mgy_cm)),
+                sequence(tags::MEASUREMENT_UNITS_CODE_SEQUENCE, vec![code_item("mGy.cm", "UCUM", "mGy.cm")]),
+            ])],
+        ),
+    ]);
+    let object = InMemDicomObject::from_element_iter([
+        text(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100"),
+        text(tags::SOP_CLASS_UID, VR::UI, DOSE_SR),
+        text(tags::SOP_INSTANCE_UID, VR::UI, sop_instance_uid),
+        text(tags::STUDY_DATE, VR::DA, &header.study_date),
+        text(tags::STUDY_TIME, VR::TM, &header.study_time),
+        text(tags::ACCESSION_NUMBER, VR::SH, &header.accession_number),
+        text(tags::MODALITY, VR::CS, "SR"),
+        text(tags::MANUFACTURER, VR::LO, "panscreen synth"),
+        text(tags::INSTITUTION_NAME, VR::LO, &header.institution_name),
+        text(tags::PATIENT_NAME, VR::PN, &header.patient_name),
+        text(tags::PATIENT_ID, VR::LO, &header.patient_id),
+        text(tags::PATIENT_BIRTH_DATE, VR::DA, &header.patient_birth_date),
+        text(tags::PATIENT_SEX, VR::CS, &header.patient_sex),
+        text(tags::STUDY_INSTANCE_UID, VR::UI, &header.study_instance_uid),
+        text(tags::SERIES_INSTANCE_UID, VR::UI, &header.series_instance_uid),
+        DataElement::new(tags::SERIES_NUMBER, VR::IS, PrimitiveValue::from(header.series_number.to_string())),
+        text(tags::VALUE_TYPE, VR::CS, "CONTAINER"),
+        sequence(tags::CONCEPT_NAME_CODE_SEQUENCE, vec![code_item("113701", "DCM", "X-Ray Radiation Dose Report")]),
+        text(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
+        text(tags::COMPLETION_FLAG, VR::CS, "COMPLETE"),
+        text(tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED"),
+        sequence(tags::CONTENT_SEQUENCE, vec![dlp]),
+    ]);
+    let file = object.with_meta(
+        FileMetaTableBuilder::new()
+            .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+            .implementation_class_uid("2.25.137038128445412413927304766385618823463")
+            .implementation_version_name("PANSCREEN_SYNTH"),
+    )?;
+    let mut bytes = Vec::new();
     file.write_all(&mut bytes)?;
     Ok(bytes)
 }
@@ -222,6 +311,11 @@ mod tests {
             rescale_slope: 1.0,
             rescale_intercept: -1024.0,
             padding_value: None,
+            sop_class_uid: uids::CT_IMAGE_STORAGE.into(),
+            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
+            orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            contrast_agent: None,
+            gantry_tilt: 0.0,
         }
     }
 }

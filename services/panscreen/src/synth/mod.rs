@@ -40,6 +40,9 @@ pub struct SynthOptions {
     pub size: Size,
     pub sites: SiteRegistry,
     pub threads: usize,
+    /// Add scouts, a contrast phase, a reformat, a secondary capture and a dose report
+    /// beside the series to screen.
+    pub realistic: bool,
 }
 
 /// Ground truth of one synthetic study.
@@ -179,6 +182,11 @@ fn write_study(
         rescale_slope: 1.0,
         rescale_intercept: if signed_pixels { 0.0 } else { -1024.0 },
         padding_value: None,
+        sop_class_uid: SeriesHeader::axial_ct().0,
+        image_type: SeriesHeader::axial_ct().1,
+        orientation: SeriesHeader::axial_ct().2,
+        contrast_agent: None,
+        gantry_tilt: 0.0,
     };
     let noise_sigma = rng.uniform(10.0, 20.0);
     let phantom = Phantom::random(&mut rng, with_lesion);
@@ -188,28 +196,22 @@ fn write_study(
     let origin_xy = [-field_of_view / 2.0 + pixel_spacing / 2.0, -field_of_view / 2.0 + pixel_spacing / 2.0];
 
     let directory = format!("study-{index:05}");
-    let series_dir = studies_dir.join(&directory).join(format!("series-{}", header.series_number));
-    std::fs::create_dir_all(&series_dir).with_context(|| format!("cannot create {}", series_dir.display()))?;
-    for slice_index in 0..slices {
-        let z = first_z + slice_index as f64 * slice_spacing;
-        let position = [origin_xy[0], origin_xy[1], z];
+    let study_dir = studies_dir.join(&directory);
+    let positions: Vec<[f64; 3]> =
+        (0..slices).map(|i| [origin_xy[0], origin_xy[1], first_z + i as f64 * slice_spacing]).collect();
+    let noisy = |position: [f64; 3], salt: u64, slice_index: usize| {
         let mut hu = phantom.slice_hu(position, header.pixel_spacing, rows, rows);
-        let mut noise = Rng::derive(options.seed, &[index as u64, 1 + slice_index as u64]);
+        let mut noise = Rng::derive(options.seed, &[index as u64, salt + slice_index as u64]);
         for value in hu.iter_mut() {
             *value += (noise.normal() * noise_sigma) as f32;
         }
-        let sop_instance_uid = noise.uid();
-        // Scanners number from the head down; file names follow neither order.
-        let slice = Slice {
-            sop_instance_uid: &sop_instance_uid,
-            instance_number: (slices - slice_index) as i32,
-            position,
-            hu: &hu,
-        };
-        let bytes = encode_slice(&header, &slice)?;
-        let name = hex::encode(&Sha256::digest(sop_instance_uid.as_bytes())[..6]);
-        let path = series_dir.join(format!("IM_{name}.dcm"));
-        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        (hu, noise.uid())
+    };
+    write_series(&study_dir, &header, &positions, |i, position| noisy(position, 1, i))?;
+    if options.realistic {
+        write_other_series(&study_dir, &header, &positions, slice_spacing, &mut rng, &|i, position, salt| {
+            noisy(position, salt, i)
+        })?;
     }
     Ok(StudyTruth {
         index,
@@ -229,6 +231,97 @@ fn write_study(
         patient_birth_date: header.patient_birth_date,
         accession_number,
     })
+}
+
+/// Writes one series, one file per slice; `slice` gives the HU and SOP Instance UID of
+/// slice `i` at `position`.
+fn write_series(
+    study_dir: &Path,
+    header: &SeriesHeader,
+    positions: &[[f64; 3]],
+    slice: impl Fn(usize, [f64; 3]) -> (Vec<f32>, String),
+) -> anyhow::Result<()> {
+    let series_dir = study_dir.join(format!("series-{}", header.series_number));
+    std::fs::create_dir_all(&series_dir).with_context(|| format!("cannot create {}", series_dir.display()))?;
+    for (slice_index, position) in positions.iter().enumerate() {
+        let (hu, sop_instance_uid) = slice(slice_index, *position);
+        // Scanners number from the head down; file names follow neither order.
+        let slice = Slice {
+            sop_instance_uid: &sop_instance_uid,
+            instance_number: (positions.len() - slice_index) as i32,
+            position: *position,
+            hu: &hu,
+        };
+        let bytes = encode_slice(header, &slice)?;
+        let name = hex::encode(&Sha256::digest(sop_instance_uid.as_bytes())[..6]);
+        let path = series_dir.join(format!("IM_{name}.dcm"));
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// What a real abdominal CT study holds beside the plain axial series: two scouts, a
+/// contrast-enhanced portal-venous phase, a 5 mm reformat, a secondary-capture screenshot
+/// and a radiation dose report. Only the plain series (number 2) fits the screening rules.
+fn write_other_series(
+    study_dir: &Path,
+    plain: &SeriesHeader,
+    positions: &[[f64; 3]],
+    slice_spacing: f64,
+    rng: &mut Rng,
+    slice: &dyn Fn(usize, [f64; 3], u64) -> (Vec<f32>, String),
+) -> anyhow::Result<()> {
+    let words = |items: &[&str]| items.iter().map(|item| item.to_string()).collect::<Vec<_>>();
+    let centre = positions[positions.len() / 2];
+    // Scouts: one AP (coronal plane) and one lateral (sagittal plane) projection image.
+    let mut scout = plain.clone();
+    scout.series_instance_uid = rng.uid();
+    scout.series_number = 1;
+    scout.series_description = "SCOUT".into();
+    scout.image_type = words(&["ORIGINAL", "PRIMARY", "LOCALIZER"]);
+    for (number, orientation) in [(0usize, [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]), (1, [0.0, 1.0, 0.0, 0.0, 0.0, -1.0])] {
+        scout.orientation = orientation;
+        let position = [centre[0], centre[1] + number as f64, centre[2] + 200.0];
+        write_series(study_dir, &scout, &[position], |i, p| slice(i, p, 10_000 + number as u64))?;
+    }
+    // Portal-venous phase: same geometry, enhanced soft tissue, contrast agent recorded.
+    let mut contrast = plain.clone();
+    contrast.series_instance_uid = rng.uid();
+    contrast.series_number = 3;
+    contrast.series_description = "ABDOMEN PORTAL VENOUS".into();
+    contrast.contrast_agent = Some("IOPAMIDOL 370".into());
+    write_series(study_dir, &contrast, positions, |i, p| {
+        let (mut hu, uid) = slice(i, p, 20_000);
+        hu.iter_mut().filter(|v| **v > -200.0).for_each(|v| *v += 70.0);
+        (hu, uid)
+    })?;
+    // Thick reformat: derived 5 mm slices.
+    let mut thick = plain.clone();
+    thick.series_instance_uid = rng.uid();
+    thick.series_number = 4;
+    thick.series_description = "ABDOMEN 5mm MPR".into();
+    thick.image_type = words(&["DERIVED", "SECONDARY", "AXIAL"]);
+    thick.slice_thickness = 5.0;
+    let step = (5.0 / slice_spacing).round().max(1.0) as usize;
+    let thick_positions: Vec<[f64; 3]> = positions.iter().step_by(step).copied().collect();
+    write_series(study_dir, &thick, &thick_positions, |i, p| slice(i, p, 30_000))?;
+    // A screenshot of the viewer, stored as Secondary Capture.
+    let mut capture = plain.clone();
+    capture.series_instance_uid = rng.uid();
+    capture.series_number = 90;
+    capture.series_description = "KEY IMAGES".into();
+    capture.sop_class_uid = "1.2.840.10008.5.1.4.1.1.7".into();
+    capture.image_type = words(&["DERIVED", "SECONDARY"]);
+    write_series(study_dir, &capture, &[centre], |i, p| slice(i, p, 40_000))?;
+    // The scanner's radiation dose report.
+    let mut dose = plain.clone();
+    dose.series_instance_uid = rng.uid();
+    dose.series_number = 997;
+    let dose_dir = study_dir.join("series-997");
+    std::fs::create_dir_all(&dose_dir)?;
+    let dlp = rng.uniform(200.0, 600.0);
+    std::fs::write(dose_dir.join("DOSE_SR.dcm"), dicom::encode_dose_report(&dose, &rng.uid(), dlp)?)?;
+    Ok(())
 }
 
 fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {

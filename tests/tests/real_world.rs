@@ -1,0 +1,190 @@
+//! Studies as hospitals send them: many series beside the one to screen, a dose report,
+//! tilted and oblique acquisitions, an image too large to decode, keys with spaces and
+//! non-ASCII characters. Every object must end screened, quarantined or ignored, each
+//! with its reason, and the run's accounting table must add up to the objects listed.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use panscreen::synth::{encode_slice, synthesize, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_tests::{files_below, panscreen, python};
+
+const KEY: &str = "0123456789abcdef0123456789abcdef-real-world";
+
+fn header(study: u32, description: &str) -> SeriesHeader {
+    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
+    SeriesHeader {
+        patient_name: format!("ODD^CASE^{study}"),
+        patient_id: format!("ODD{study:05}"),
+        issuer_of_patient_id: "NB-J01".into(),
+        patient_birth_date: "19550505".into(),
+        patient_sex: "M".into(),
+        patient_age: "070Y".into(),
+        accession_number: format!("ACCODD{study:04}"),
+        study_instance_uid: format!("2.25.77{study}"),
+        series_instance_uid: format!("2.25.78{study}"),
+        frame_of_reference_uid: format!("2.25.79{study}"),
+        study_date: "20250606".into(),
+        study_time: "090000".into(),
+        institution_name: "Jiangbei District Hospital".into(),
+        modality: "CT".into(),
+        series_number: 2,
+        series_description: description.into(),
+        rows: 64,
+        columns: 64,
+        pixel_spacing: [5.6, 5.6],
+        slice_thickness: 2.5,
+        signed_pixels: false,
+        bits_stored: 12,
+        rescale_slope: 1.0,
+        rescale_intercept: -1024.0,
+        padding_value: None,
+        sop_class_uid,
+        image_type,
+        orientation,
+        contrast_agent: None,
+        gantry_tilt: 0.0,
+    }
+}
+
+/// Writes a 50-slice series; `position(i)` places slice i.
+fn write_series(directory: &Path, header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) {
+    std::fs::create_dir_all(directory).unwrap();
+    let mut rng = Rng::derive(5, &[header.study_instance_uid.len() as u64]);
+    let phantom = Phantom::random(&mut rng, false);
+    for index in 0..50 {
+        let position = position(index);
+        let hu = phantom.slice_hu(position, header.pixel_spacing, 64, 64);
+        let uid = format!("{}.{index}", header.series_instance_uid);
+        let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
+        std::fs::write(directory.join(format!("slice {index:02}.dcm")), encode_slice(header, &slice).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted_for() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = scratch.path().join("cohort");
+    let options = SynthOptions {
+        out: cohort.clone(),
+        studies: 2,
+        seed: 77,
+        prevalence: 0.5,
+        size: Size::Small,
+        sites: SiteRegistry::builtin(),
+        threads: 2,
+        realistic: true,
+    };
+    synthesize(&options, &|_| {}).unwrap();
+    let input = cohort.join("studies");
+    // Keys with spaces and non-ASCII characters: a hospital's own folder names.
+    std::fs::rename(input.join("study-00001"), input.join("宁波 第一医院 (copy)")).unwrap();
+
+    // Gantry tilt: declared, and the slices step sideways as they go.
+    let mut tilted = header(1, "ABDOMEN TILT");
+    tilted.gantry_tilt = 15.0;
+    let shift = 15f64.to_radians().tan() * 2.5;
+    write_series(&input.join("tilted"), &tilted, |i| [-180.0, -180.0 + i as f64 * shift, i as f64 * 2.5]);
+    // Oblique: slices rotated 20° about the left-right axis.
+    let mut oblique = header(2, "ABDOMEN OBLIQUE");
+    let angle = 20f64.to_radians();
+    oblique.orientation = [1.0, 0.0, 0.0, 0.0, angle.cos(), -angle.sin()];
+    let normal = [0.0, angle.sin(), angle.cos()];
+    write_series(&input.join("oblique"), &oblique, |i| {
+        let step = i as f64 * 2.5;
+        [-180.0, -180.0 + normal[1] * step, normal[2] * step]
+    });
+    // Only a contrast-enhanced series: nothing fits the screening rules.
+    let mut contrast = header(3, "ABDOMEN ARTERIAL");
+    contrast.contrast_agent = Some("IOHEXOL 350".into());
+    write_series(&input.join("contrast only"), &contrast, |i| [-180.0, -180.0, i as f64 * 2.5]);
+    // A header that declares a gigantic image: refused before anything is decoded.
+    let mut huge = header(4, "HUGE");
+    huge.rows = 65535;
+    huge.columns = 65535;
+    let bytes =
+        encode_slice(&huge, &Slice { sop_instance_uid: "2.25.801", instance_number: 1, position: [0.0; 3], hu: &[] })
+            .unwrap_or_else(|_| Vec::new());
+    if !bytes.is_empty() {
+        std::fs::write(input.join("huge.dcm"), bytes).unwrap();
+    }
+    let listed = files_below(&input).len();
+
+    let out = scratch.path().join("out");
+    let key_file = scratch.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let run = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        key_file.as_os_str(),
+    ]);
+    assert!(run.status.success(), "run failed: {}", String::from_utf8_lossy(&run.stderr));
+
+    let script = r#"
+import duckdb, json, sys
+out = sys.argv[1]
+q = lambda sql: duckdb.sql(sql.replace("OUT", out)).fetchall()
+print(json.dumps({
+    "results": q("select series_number, series_reason, series_not_chosen from read_parquet('OUT/results/**/*.parquet')"),
+    "quarantine": q("select reason, detail from read_parquet('OUT/quarantine/**/*.parquet') order by reason"),
+    "ignored": q("select reason, count(*) from read_parquet('OUT/ignored/**/*.parquet') group by reason order by reason"),
+    "accounting": q("select outcome, reason, objects, objects_listed from read_parquet('OUT/accounting/*.parquet')"),
+}))
+"#;
+    let output = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    println!("{}", serde_json::to_string_pretty(&tables).unwrap());
+
+    // Both realistic studies, one under a non-ASCII folder, screened from the plain series.
+    let results = tables["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{results:?}");
+    for row in results {
+        assert_eq!(row[0], 2, "the plain axial series is series 2: {row:?}");
+        let not_chosen = row[2].as_str().unwrap();
+        for why in ["LOCALIZER", "contrast agent IOPAMIDOL 370", "DERIVED\\SECONDARY\\AXIAL", "Secondary Capture"] {
+            assert!(not_chosen.contains(why), "{why} missing from {not_chosen}");
+        }
+    }
+    let quarantine: Vec<String> =
+        tables["quarantine"].as_array().unwrap().iter().map(|r| r[0].as_str().unwrap().to_string()).collect();
+    for reason in ["series was acquired with gantry tilt", "series is oblique", "no series fits the screening rules"] {
+        assert!(quarantine.contains(&reason.to_string()), "{reason} not in {quarantine:?}");
+    }
+    if input.join("huge.dcm").exists() {
+        assert!(quarantine.contains(&"image would decode beyond the size limit".to_string()), "{quarantine:?}");
+    }
+    let ignored: Vec<(String, u64)> = tables["ignored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().to_string(), r[1].as_u64().unwrap()))
+        .collect();
+    assert!(ignored.contains(&("not an image: X-Ray Radiation Dose SR Storage".to_string(), 2)), "{ignored:?}");
+
+    // The accounting adds up to every file in the input, and each outcome is there.
+    let accounting = tables["accounting"].as_array().unwrap();
+    let total: u64 = accounting.iter().map(|r| r[2].as_u64().unwrap()).sum();
+    assert_eq!(total as usize, listed, "{accounting:?}");
+    assert!(accounting.iter().all(|r| r[3].as_u64().unwrap() as usize == listed));
+    for outcome in ["screened", "quarantined", "ignored"] {
+        assert!(accounting.iter().any(|r| r[0] == outcome), "no {outcome} row: {accounting:?}");
+    }
+    // Screened objects are exactly the two plain series.
+    let screened: u64 = accounting.iter().filter(|r| r[0] == "screened").map(|r| r[2].as_u64().unwrap()).sum();
+    assert_eq!(screened, 120);
+
+    // No identifier of the odd cases leaks into any output.
+    for file in files_below(&out) {
+        let bytes = std::fs::read(&file).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for secret in ["ODD^CASE", "ODD0000", "ACCODD", "19550505"] {
+            assert!(!text.contains(secret), "{secret} in {}", file.display());
+        }
+    }
+}
