@@ -86,6 +86,7 @@ impl Cluster {
             sites: SiteRegistry::builtin(),
             threads: 2,
             realistic: false,
+            slices: None,
         };
         let truths = synthesize(&options, &|_| {}).unwrap();
         let store = Store::open_s3_with(&format!("s3://{BUCKET}"), &seaweed.s3_options()).unwrap();

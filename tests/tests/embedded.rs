@@ -98,6 +98,7 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
         sites: SiteRegistry::builtin(),
         threads: 2,
         realistic: false,
+        slices: None,
     };
     let truths: Vec<StudyTruth> = synthesize(&options, &|_| {}).unwrap();
     let studies = cohort.join("studies");

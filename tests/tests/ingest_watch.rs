@@ -42,6 +42,7 @@ async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
         sites: SiteRegistry::builtin(),
         threads: 2,
         realistic: false,
+        slices: None,
     };
     let truths = synthesize(&options, &|_| {}).unwrap();
     let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();

@@ -75,6 +75,7 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
         sites: SiteRegistry::builtin(),
         threads: 2,
         realistic: true,
+        slices: None,
     };
     synthesize(&options, &|_| {}).unwrap();
     let input = cohort.join("studies");

@@ -102,11 +102,15 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
         };
         return Err(HeaderProblem::NotDicom(what));
     }
-    let object = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .read_preamble(ReadPreamble::Never)
-        .from_reader(Cursor::new(&bytes[128..]))
-        .map_err(|error| classify_parse_error(size, bytes.len() as u64, error.to_string()))?;
+    // A panic in the parser on a malformed file is that file's problem, not ingest's.
+    let parsed = std::panic::catch_unwind(|| {
+        OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .read_preamble(ReadPreamble::Never)
+            .from_reader(Cursor::new(&bytes[128..]))
+    })
+    .map_err(|_| HeaderProblem::Invalid("the DICOM parser failed on this file".to_string()))?;
+    let object = parsed.map_err(|error| classify_parse_error(size, bytes.len() as u64, error.to_string()))?;
     if let Some(name) = non_image_sop_class(&object) {
         return Err(HeaderProblem::NonImage(name));
     }

@@ -29,6 +29,9 @@ pub enum Command {
     Synth(SynthArgs),
     /// Run ingest, preprocess, infer and aggregate in one process (no servers).
     Run(RunArgs),
+    /// Read headers only and say what a run would do with every object: which series of
+    /// each study would be screened, what would be quarantined or ignored, and why.
+    Inspect(InspectArgs),
     /// Compare a run's results with the labels of a synthetic cohort.
     Evaluate(EvaluateArgs),
     /// Run one stage as a service over NATS JetStream and an object store.
@@ -41,6 +44,22 @@ pub enum Command {
     Status(StatusArgs),
     /// Merge small result files, drop duplicates, write the summary and worklist.
     Compact(CompactArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Directory or store URL holding the DICOM files.
+    #[arg(long, env = "PANSCREEN_INPUT")]
+    pub input: String,
+    /// Smallest series that is screened.
+    #[arg(long, default_value_t = 20, env = "PANSCREEN_MIN_SLICES")]
+    pub min_slices: usize,
+    /// Objects read at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Machine-readable output: one JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +107,9 @@ pub struct SynthArgs {
     /// contrast-enhanced phase, a 5 mm reformat, a secondary capture and a dose report.
     #[arg(long, env = "PANSCREEN_SYNTH_REALISTIC_STUDIES")]
     pub realistic_studies: bool,
+    /// Slices per series, overriding the size's own count.
+    #[arg(long, env = "PANSCREEN_SYNTH_SLICES")]
+    pub slices: Option<usize>,
 }
 
 /// The model and where it runs; shared by `run` and `serve`.
@@ -191,6 +213,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                     .threads
                     .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
                 realistic: args.realistic_studies,
+                slices: args.slices,
             };
             let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
             let truths = synth::synthesize(&options, &|_| bar.inc(1))?;
@@ -261,6 +284,63 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
                 print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Inspect(args) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let store =
+                Store::open(&args.input, OpenMode::Existing).with_context(|| format!("input {}", args.input))?;
+            let mut config = panscreen_ingest::IngestConfig::new("inspect");
+            config.rules.min_slices = args.min_slices;
+            config.concurrency = args.concurrency.max(1);
+            let started = std::time::Instant::now();
+            let pseudonymizer = Pseudonymizer::ephemeral();
+            let sites = panscreen_shared::sites::SiteRegistry::builtin();
+            let report = runtime.block_on(panscreen_ingest::scan(&store, &config, &pseudonymizer, &sites))?;
+            let elapsed = started.elapsed().as_secs_f64();
+            let accounting: Vec<serde_json::Value> = report
+                .accounting()
+                .iter()
+                .map(|row| serde_json::json!({"outcome": row.outcome, "reason": row.reason, "objects": row.objects}))
+                .collect();
+            let studies: Vec<serde_json::Value> = report
+                .studies
+                .iter()
+                .map(|study| {
+                    serde_json::json!({
+                        "series_number": study.series.series_number,
+                        "slices": study.series.slices,
+                        "reason": study.series.reason,
+                        "not_chosen": study.series.not_chosen,
+                    })
+                })
+                .collect();
+            if args.json {
+                let document = serde_json::json!({
+                    "objects_listed": report.objects_listed,
+                    "seconds": elapsed,
+                    "files_per_second": report.objects_listed as f64 / elapsed.max(1e-9),
+                    "accounting": accounting,
+                    "studies": studies,
+                });
+                println!("{}", serde_json::to_string_pretty(&document)?);
+            } else {
+                println!(
+                    "{} objects read (headers only) in {elapsed:.2} s, {:.0} files/s",
+                    report.objects_listed,
+                    report.objects_listed as f64 / elapsed.max(1e-9)
+                );
+                for row in report.accounting() {
+                    println!("  {:<12} {:>7}  {}", row.outcome, row.objects, row.reason);
+                }
+                for study in &report.studies {
+                    println!("study: {}", study.series.reason);
+                }
+                for record in &report.quarantined {
+                    println!("quarantined {}: {} ({})", record.input, record.reason, record.detail);
+                }
             }
             Ok(())
         }

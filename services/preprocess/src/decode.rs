@@ -51,6 +51,19 @@ fn unreadable(key: &str, detail: impl std::fmt::Display) -> StageError {
     StageError::permanent("cannot decode a slice", format!("{key}: {detail}"))
 }
 
+/// Runs third-party parsing or decoding so that a panic on a malformed file (the fuzz
+/// test found one in the RLE decoder) becomes this file's error, not the worker's crash.
+fn contain_panic<T>(key: &str, work: impl FnOnce() -> T) -> Result<T, StageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        StageError::permanent("the decoder failed on this file", format!("{key}: {message}"))
+    })
+}
+
 /// Bytes of a deflated data set once inflated, counting no further than `cap + 1`.
 fn inflated_size(deflated: &[u8], cap: u64) -> std::io::Result<u64> {
     let decoder = flate2::read::DeflateDecoder::new(deflated);
@@ -78,10 +91,10 @@ pub fn open(key: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<DefaultDic
             ));
         }
     }
-    let object = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
-        .from_reader(Cursor::new(&bytes[128..]))
-        .map_err(|error| unreadable(key, error))?;
+    let object = contain_panic(key, || {
+        OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(Cursor::new(&bytes[128..]))
+    })?
+    .map_err(|error| unreadable(key, error))?;
     let rows = integer(&object, tags::ROWS).unwrap_or(0).max(0) as u64;
     let columns = integer(&object, tags::COLUMNS).unwrap_or(0).max(0) as u64;
     let bits = integer(&object, tags::BITS_ALLOCATED).unwrap_or(16).max(8) as u64;
@@ -133,7 +146,8 @@ pub fn decode_frame(
         let pixels = decode_with_gdcm(key, object, frame, rows, columns, &format, gdcm_syntax)?;
         frame_to_hu(pixels.data(), rows * columns, &format, fill_hu)
     } else {
-        let decoded = object.decode_pixel_data_frame(frame).map_err(|error| unreadable(key, error))?;
+        let decoded =
+            contain_panic(key, || object.decode_pixel_data_frame(frame))?.map_err(|error| unreadable(key, error))?;
         // The decoder's own description: a JPEG baseline frame comes out 8-bit, whatever the header says.
         let format = PixelFormat {
             bits_allocated: decoded.bits_allocated(),
@@ -147,6 +161,40 @@ pub fn decode_frame(
     };
     let hu = hu.map_err(|error| unreadable(key, error))?;
     Ok(DecodedSlice { position, rows, columns, hu })
+}
+
+/// The JPEG 2000 codestream must describe the image the header describes: one component
+/// of Columns × Rows. A corrupt SIZ marker would otherwise size the decoder's buffers.
+fn check_j2k_size(key: &str, codestream: &[u8], rows: usize, columns: usize) -> Result<(), StageError> {
+    let siz = codestream
+        .windows(4)
+        .take(4096)
+        .position(|window| window == [0xff, 0x4f, 0xff, 0x51])
+        .map(|start| start + 4)
+        .ok_or_else(|| unreadable(key, "no JPEG 2000 SIZ marker at the start of the codestream"))?;
+    let field = |offset: usize| -> Option<u64> {
+        codestream.get(siz + offset..siz + offset + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
+    };
+    let parsed = (|| {
+        let (x, y, x0, y0) = (field(4)?, field(8)?, field(12)?, field(16)?);
+        let (tile_x, tile_y) = (field(20)?, field(24)?);
+        let components = codestream.get(siz + 36..siz + 38).map(|b| u16::from_be_bytes([b[0], b[1]]))?;
+        Some((x.checked_sub(x0)?, y.checked_sub(y0)?, tile_x, tile_y, components))
+    })();
+    match parsed {
+        Some((width, height, tile_x, tile_y, 1))
+            if width == columns as u64
+                && height == rows as u64
+                && tile_x * tile_y <= width.max(1) * height.max(1) * 4 =>
+        {
+            Ok(())
+        }
+        Some((width, height, _, _, components)) => Err(unreadable(
+            key,
+            format!("the JPEG 2000 codestream describes {width}×{height}×{components}, the header {columns}×{rows}×1"),
+        )),
+        None => Err(unreadable(key, "the JPEG 2000 SIZ marker is cut short")),
+    }
 }
 
 /// Transfer syntaxes GDCM decodes: JPEG Extended (Process 2 & 4, 12-bit lossy JPEG) and

@@ -43,6 +43,9 @@ pub struct SynthOptions {
     /// Add scouts, a contrast phase, a reformat, a secondary capture and a dose report
     /// beside the series to screen.
     pub realistic: bool,
+    /// Slices per series instead of the size's own count (a 1,000-slice series for the
+    /// memory benchmark, say).
+    pub slices: Option<usize>,
 }
 
 /// Ground truth of one synthetic study.
@@ -155,6 +158,7 @@ fn write_study(
             (512usize, slices, (rng.uniform(0.6, 0.8) * 1000.0).round() / 1000.0, spacing)
         }
     };
+    let slices = options.slices.unwrap_or(slices);
     let signed_pixels = rng.chance(0.5);
     let header = SeriesHeader {
         patient_name: patient_name.clone(),

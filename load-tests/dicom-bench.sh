@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# DICOM reading benchmarks, side by side with the Python a radiology lab would use:
+#  1. header-only scanning of realistic studies (scouts, phases, reformats, SC, dose SR):
+#     `panscreen inspect` against pydicom's dcmread(stop_before_pixels=True);
+#  2. the volume path (decode, HU, resample to the model grid) of `full` studies:
+#     panscreen's preprocess time per study against pydicom + scipy (python_reference.py);
+#  3. peak memory of one 1,000-slice 512×512 series through `panscreen run`.
+# Per-core figures pin both sides to one core with taskset. Run by `cargo xtask bench`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=target/release/panscreen
+PY=.panscreen/venv/bin/python
+WORK=${BENCH_DIR:-$(mktemp -d /tmp/panscreen-dicom-bench.XXXXXX)}
+"$PY" -m pip install --quiet -r load-tests/requirements-bench.txt
+head -c 48 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$WORK/key"
+echo "machine: $(nproc) cores; bench dir $WORK"
+sync
+
+# 1. Header scanning.
+[ -d "$WORK/realistic" ] || $BIN synth --size full --studies ${HEADER_STUDIES:-4} --seed 5 --realistic-studies --out "$WORK/realistic" > /dev/null
+echo "realistic cohort: $(find "$WORK/realistic/studies" -type f | wc -l) files, $(du -sh "$WORK/realistic/studies" | cut -f1)"
+cat "$WORK/realistic/studies"/*/*/* > /dev/null  # warm the page cache for both sides
+for round in 1 2; do
+  taskset -c 0 $BIN inspect --input "$WORK/realistic/studies" > "$WORK/inspect.out"; head -1 "$WORK/inspect.out" | sed "s/^/panscreen inspect, 1 core: /"
+  $BIN inspect --input "$WORK/realistic/studies" > "$WORK/inspect.out"; head -1 "$WORK/inspect.out" | sed "s/^/panscreen inspect, $(nproc) cores: /"
+  taskset -c 0 "$PY" load-tests/pydicom_headers.py "$WORK/realistic/studies" | sed 's/^/1 core: /'
+done
+
+# 2. Volume path.
+[ -d "$WORK/full" ] || $BIN synth --size full --studies ${FULL_STUDIES:-6} --seed 11 --out "$WORK/full" > /dev/null
+cat "$WORK/full/studies"/*/*/* > /dev/null
+taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --input "$WORK/full/studies" --out "$WORK/full-out" --key-file "$WORK/key" --overwrite > /dev/null
+"$PY" - "$WORK/full-out" <<'PYEOF'
+import sys, duckdb
+n, pre = duckdb.execute(f"select count(*), avg(preprocess_ms) from read_parquet('{sys.argv[1]}/results/**/*.parquet', hive_partitioning=true)").fetchone()
+print(f"panscreen volume path, 1 core: {pre:.0f} ms/study (decode + HU + resample + store; {n} studies)")
+PYEOF
+taskset -c 0 "$PY" load-tests/python_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
+
+# 3. Memory on a 1,000-slice 512×512 series (int16 size 500 MiB).
+[ -d "$WORK/long" ] || $BIN synth --size full --studies 1 --slices 1000 --seed 3 --out "$WORK/long" > /dev/null
+echo "1,000-slice series: $(find "$WORK/long/studies" -type f | wc -l) files, $(du -sh "$WORK/long/studies" | cut -f1)"
+/usr/bin/time -f "panscreen run, 1,000 slices: wall %e s, peak RSS %M KiB" $BIN run --no-progress --preprocess-workers 1 \
+  --input "$WORK/long/studies" --out "$WORK/long-out" --key-file "$WORK/key" --overwrite > /dev/null
+/usr/bin/time -f "python reference, 1,000 slices: wall %e s, peak RSS %M KiB" "$PY" load-tests/python_reference.py "$WORK/long/studies"
