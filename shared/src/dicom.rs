@@ -88,3 +88,155 @@ pub fn has_functional_groups(object: &InMemDicomObject) -> bool {
     element(object, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).is_some()
         || element(object, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).is_some()
 }
+
+/// VRs whose explicit-VR header has a 16-bit length; every other VR, an unknown one
+/// included (a parser reads it as UN), has two reserved bytes and a 32-bit length.
+const SHORT_VRS: [&[u8; 2]; 21] = [
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
+    b"ST", b"TM", b"UI", b"UL", b"US",
+];
+
+/// Checks, before a parser allocates anything, that no element of a Part 10 object
+/// declares a value longer than what is left of the object (`size` bytes in all; `bytes`
+/// may be only a prefix, and the walk stops where it ends). Without this, one flipped
+/// bit in a length field makes the parser allocate gigabytes.
+///
+/// Walks the file meta group and a data set in implicit or explicit VR, little or big
+/// endian, descending into sequences and items; stops at Pixel Data. A deflated data set
+/// is not walked (its inflated size is limited where it is inflated).
+pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
+    if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
+        return Ok(()); // not Part 10; the parser says so itself
+    }
+    let meta_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as u64;
+    if 144 + meta_length > size {
+        return Err(format!("the file meta group declares {meta_length} bytes, more than the file holds"));
+    }
+    let meta_end = 144 + meta_length as usize;
+    let meta = &bytes[..meta_end.min(bytes.len())];
+    let syntax = |uid: &str| {
+        meta.windows(uid.len() + 1)
+            .any(|w| &w[..uid.len()] == uid.as_bytes() && (w[uid.len()] == 0 || w[uid.len()] == b' '))
+    };
+    walk(bytes, 144, meta_end.min(bytes.len()), size, false, false)?;
+    if meta_end >= bytes.len() || syntax("1.2.840.10008.1.2.1.99") {
+        return Ok(());
+    }
+    let (implicit, big_endian) = if syntax("1.2.840.10008.1.2") {
+        (true, false)
+    } else if syntax("1.2.840.10008.1.2.2") {
+        (false, true)
+    } else {
+        (false, false)
+    };
+    walk(bytes, meta_end, bytes.len(), size, implicit, big_endian)
+}
+
+fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_endian: bool) -> Result<(), String> {
+    let u16_at = |at: usize| -> Option<u16> {
+        let b = bytes.get(at..at + 2)?;
+        Some(if big_endian { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) })
+    };
+    let u32_at = |at: usize| -> Option<u32> {
+        let b = bytes.get(at..at + 4)?;
+        let array = [b[0], b[1], b[2], b[3]];
+        Some(if big_endian { u32::from_be_bytes(array) } else { u32::from_le_bytes(array) })
+    };
+    let fits = |at: usize, length: u32, value_at: usize| -> Result<(), String> {
+        if length as u64 > size.saturating_sub(value_at as u64) {
+            let (group, element) = (u16_at(at).unwrap_or(0), u16_at(at + 2).unwrap_or(0));
+            return Err(format!(
+                "element ({group:04X},{element:04X}) at byte {at} declares {length} bytes, more than the file holds"
+            ));
+        }
+        Ok(())
+    };
+    // Fragments: items of raw bytes after the Pixel Data header, up to the delimiter.
+    let fragments = |mut at: usize| -> Result<(), String> {
+        while at + 8 <= end {
+            let (Some(0xFFFE), Some(element), Some(length)) = (u16_at(at), u16_at(at + 2), u32_at(at + 4)) else {
+                return Ok(());
+            };
+            if element != 0xE000 || length == u32::MAX {
+                return Ok(());
+            }
+            fits(at, length, at + 8)?;
+            at += 8 + length as usize;
+        }
+        Ok(())
+    };
+    let mut at = start;
+    while at + 8 <= end {
+        let (Some(group), Some(element)) = (u16_at(at), u16_at(at + 2)) else { return Ok(()) };
+        let remaining = |value_at: usize| size.saturating_sub(value_at as u64);
+        if group == 0xFFFE {
+            // Item or delimiter: tag and a 32-bit length, no VR. Items are walked into.
+            let Some(length) = u32_at(at + 4) else { return Ok(()) };
+            if element == 0xE000 && length != u32::MAX && length as u64 > remaining(at + 8) {
+                return Err(format!("an item at byte {at} declares {length} bytes, more than the file holds"));
+            }
+            at += 8;
+            continue;
+        }
+        let (length, value_at, sequence) = if implicit {
+            let Some(length) = u32_at(at + 4) else { return Ok(()) };
+            (length, at + 8, length == u32::MAX)
+        } else {
+            let vr = [bytes[at + 4], bytes[at + 5]];
+            if !SHORT_VRS.contains(&&vr) {
+                let Some(length) = u32_at(at + 8) else { return Ok(()) };
+                (length, at + 12, &vr == b"SQ" || length == u32::MAX)
+            } else {
+                let Some(length) = u16_at(at + 6) else { return Ok(()) };
+                (length as u32, at + 8, false)
+            }
+        };
+        if (group, element) == (0x7FE0, 0x0010) {
+            // Pixel Data: one value, or encapsulated fragments (items of raw bytes).
+            return if length == u32::MAX { fragments(value_at) } else { fits(at, length, value_at) };
+        }
+        if length == u32::MAX {
+            at = value_at; // undefined length: a sequence, walked into
+            continue;
+        }
+        fits(at, length, value_at)?;
+        at = if sequence { value_at } else { value_at + length as usize };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part10(dataset: &[u8]) -> Vec<u8> {
+        let uid = b"1.2.840.10008.1.2.1\0";
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I']);
+        meta.extend_from_slice(&(uid.len() as u16).to_le_bytes());
+        meta.extend_from_slice(uid);
+        let mut bytes = vec![0u8; 128];
+        bytes.extend_from_slice(b"DICM");
+        bytes.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+        bytes.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&meta);
+        bytes.extend_from_slice(dataset);
+        bytes
+    }
+
+    #[test]
+    fn a_length_beyond_the_file_is_refused_before_parsing() {
+        // (0010,0010) PN "DOE^J" then (0008,0060) CS with a corrupt length.
+        let mut dataset = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
+        dataset.extend_from_slice(b"DOE^J ");
+        let good = part10(&dataset);
+        assert_eq!(check_declared_lengths(&good, good.len() as u64), Ok(()));
+        dataset.extend_from_slice(&[0x08, 0x00, 0x00, 0x11, b'O', b'B', 0, 0]);
+        dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
+        let bad = part10(&dataset);
+        let error = check_declared_lengths(&bad, bad.len() as u64).unwrap_err();
+        assert!(error.contains("(0008,1100)") && error.contains("1073741824 bytes"), "{error}");
+        // A prefix of a large object: the same length is plausible, so it passes.
+        assert_eq!(check_declared_lengths(&bad, 2 << 30), Ok(()));
+    }
+}

@@ -102,6 +102,9 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
         };
         return Err(HeaderProblem::NotDicom(what));
     }
+    // The parser allocates a value's declared length before reading it: refuse lengths
+    // the object cannot hold first.
+    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(HeaderProblem::Invalid)?;
     // A panic in the parser on a malformed file is that file's problem, not ingest's.
     let parsed = std::panic::catch_unwind(|| {
         OpenFileOptions::new()

@@ -91,6 +91,8 @@ pub fn open(key: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<DefaultDic
             ));
         }
     }
+    panscreen_shared::dicom::check_declared_lengths(bytes, bytes.len() as u64)
+        .map_err(|error| unreadable(key, error))?;
     let object = contain_panic(key, || {
         OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(Cursor::new(&bytes[128..]))
     })?
@@ -134,6 +136,12 @@ pub fn decode_frame(
         return Err(unreadable(key, "more than one sample per pixel; CT is monochrome"));
     }
     let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
+    if JPEG_FAMILY.contains(&transfer_syntax) {
+        check_jpeg_size(key, &frame_fragments(key, object, frame)?, rows, columns)?;
+    }
+    if transfer_syntax == "1.2.840.10008.1.2.5" {
+        check_rle_header(key, &frame_fragments(key, object, frame)?)?;
+    }
     let hu = if let Some(gdcm_syntax) = gdcm_transfer_syntax(transfer_syntax) {
         let format = PixelFormat {
             bits_allocated: integer(object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
@@ -161,6 +169,70 @@ pub fn decode_frame(
     };
     let hu = hu.map_err(|error| unreadable(key, error))?;
     Ok(DecodedSlice { position, rows, columns, hu })
+}
+
+/// An RLE frame starts with a 64-byte header: the number of segments (1 to 15) and
+/// their offsets, which must lie inside the frame (the decoder sizes a table by it).
+fn check_rle_header(key: &str, frame: &[u8]) -> Result<(), StageError> {
+    let word = |index: usize| {
+        frame.get(index * 4..index * 4 + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let segments = word(0).ok_or_else(|| unreadable(key, "the RLE header is cut short"))?;
+    if !(1..=15).contains(&segments) {
+        return Err(unreadable(key, format!("the RLE header declares {segments} segments (1 to 15 allowed)")));
+    }
+    for index in 1..=segments {
+        let offset = word(index).ok_or_else(|| unreadable(key, "the RLE header is cut short"))?;
+        if offset < 64 || offset > frame.len() {
+            return Err(unreadable(key, format!("RLE segment {index} starts at {offset}, outside the frame")));
+        }
+    }
+    Ok(())
+}
+
+/// JPEG baseline, extended, lossless (process 14 and SV1), JPEG-LS lossless and near-lossless.
+const JPEG_FAMILY: [&str; 6] = [
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+];
+
+/// The JPEG (or JPEG-LS) frame header must describe the image the DICOM header
+/// describes: a decoder sizes its buffers from it (a corrupt one asked for 17 GB).
+fn check_jpeg_size(key: &str, stream: &[u8], rows: usize, columns: usize) -> Result<(), StageError> {
+    let mut at = 2; // after SOI
+    if stream.get(..2) != Some(&[0xff, 0xd8]) {
+        return Err(unreadable(key, "the JPEG stream does not start with SOI"));
+    }
+    while let Some(&[0xff, marker, high, low]) = stream.get(at..at + 4).map(|s| [s[0], s[1], s[2], s[3]]).as_ref() {
+        if marker == 0xff {
+            at += 1; // fill byte
+            continue;
+        }
+        let length = u16::from_be_bytes([high, low]) as usize;
+        let frame_header = matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc) || marker == 0xf7;
+        if frame_header {
+            let header =
+                stream.get(at + 4..at + 10).ok_or_else(|| unreadable(key, "the JPEG frame header is cut short"))?;
+            let (height, width, components) = (
+                u16::from_be_bytes([header[1], header[2]]) as usize,
+                u16::from_be_bytes([header[3], header[4]]) as usize,
+                header[5],
+            );
+            if (height, width, components) != (rows, columns, 1) {
+                return Err(unreadable(
+                    key,
+                    format!("the JPEG stream describes {width}×{height}×{components}, the header {columns}×{rows}×1"),
+                ));
+            }
+            return Ok(());
+        }
+        at += 2 + length;
+    }
+    Err(unreadable(key, "no JPEG frame header before the image data"))
 }
 
 /// The JPEG 2000 codestream must describe the image the header describes: one component
