@@ -261,7 +261,8 @@ fn bench() -> anyhow::Result<()> {
     fetch_ort()?;
     setup_python()?;
     build_release()?;
-    run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))
+    run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))?;
+    run(Command::new("bash").current_dir(root()).arg("load-tests/dicom-bench.sh"))
 }
 
 /// The distributed load scenario: four services as processes over real servers.
