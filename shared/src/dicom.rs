@@ -112,13 +112,31 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
     if 144 + meta_length > size {
         return Err(format!("the file meta group declares {meta_length} bytes, more than the file holds"));
     }
-    let meta_end = 144 + meta_length as usize;
+    // The meta group ends where group 0002 ends (as parsers read it), not where its
+    // declared length says.
+    let mut meta_end = 132;
+    while let Some(header) = bytes.get(meta_end..meta_end + 8) {
+        if u16::from_le_bytes([header[0], header[1]]) != 0x0002 {
+            break;
+        }
+        let (length, value_at) = if SHORT_VRS.contains(&&[header[4], header[5]]) {
+            (u16::from_le_bytes([header[6], header[7]]) as u64, meta_end + 8)
+        } else {
+            let Some(long) = bytes.get(meta_end + 8..meta_end + 12) else { return Ok(()) };
+            (u32::from_le_bytes([long[0], long[1], long[2], long[3]]) as u64, meta_end + 12)
+        };
+        if length > size.saturating_sub(value_at as u64) {
+            return Err(format!(
+                "a file meta element at byte {meta_end} declares {length} bytes, more than the file holds"
+            ));
+        }
+        meta_end = value_at + length as usize;
+    }
     let meta = &bytes[..meta_end.min(bytes.len())];
     let syntax = |uid: &str| {
         meta.windows(uid.len() + 1)
             .any(|w| &w[..uid.len()] == uid.as_bytes() && (w[uid.len()] == 0 || w[uid.len()] == b' '))
     };
-    walk(bytes, 144, meta_end.min(bytes.len()), size, false, false)?;
     if meta_end >= bytes.len() || syntax("1.2.840.10008.1.2.1.99") {
         return Ok(());
     }

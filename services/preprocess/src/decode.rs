@@ -142,6 +142,9 @@ pub fn decode_frame(
     if transfer_syntax == "1.2.840.10008.1.2.5" {
         check_rle_header(key, &frame_fragments(key, object, frame)?)?;
     }
+    if transfer_syntax.starts_with("1.2.840.10008.1.2.4.9") {
+        check_j2k_size(key, &frame_fragments(key, object, frame)?, rows, columns)?;
+    }
     let hu = if let Some(gdcm_syntax) = gdcm_transfer_syntax(transfer_syntax) {
         let format = PixelFormat {
             bits_allocated: integer(object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
