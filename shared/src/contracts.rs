@@ -149,6 +149,9 @@ pub struct SliceRef {
     pub key: String,
     /// ImagePositionPatient: centre of the first pixel, patient coordinates (mm).
     pub position_mm: [f64; 3],
+    /// Frame of a multi-frame (Enhanced CT) object, 0-based; 0 for a single-frame image.
+    #[serde(default)]
+    pub frame: u32,
 }
 
 /// ingest → preprocess: a study ready to decode.

@@ -96,6 +96,10 @@ const SHORT_VRS: [&[u8; 2]; 21] = [
     b"ST", b"TM", b"UI", b"UL", b"US",
 ];
 
+/// How [`check_declared_lengths`] begins its message for a file cut short inside its
+/// Pixel Data (a truncated file rather than a corrupt one).
+pub const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
+
 /// Checks, before a parser allocates anything, that no element of a Part 10 object
 /// declares a value longer than what is left of the object (`size` bytes in all; `bytes`
 /// may be only a prefix, and the walk stops where it ends). Without this, one flipped
@@ -211,7 +215,13 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
         };
         if (group, element) == (0x7FE0, 0x0010) {
             // Pixel Data: one value, or encapsulated fragments (items of raw bytes).
-            return if length == u32::MAX { fragments(value_at) } else { fits(at, length, value_at) };
+            if length != u32::MAX && length as u64 > size.saturating_sub(value_at as u64) {
+                return Err(format!(
+                    "{TRUNCATED_PIXEL_DATA}: it declares {length} bytes but the file has only {} after it",
+                    size.saturating_sub(value_at as u64)
+                ));
+            }
+            return if length == u32::MAX { fragments(value_at) } else { Ok(()) };
         }
         if length == u32::MAX {
             at = value_at; // undefined length: a sequence, walked into

@@ -6,7 +6,9 @@
 use std::ffi::OsStr;
 use std::path::Path;
 
-use panscreen::synth::{encode_slice, synthesize, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
+use panscreen::synth::{
+    encode_enhanced_ct, encode_slice, synthesize, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions,
+};
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_tests::{files_below, panscreen, python};
 
@@ -48,17 +50,70 @@ fn header(study: u32, description: &str) -> SeriesHeader {
     }
 }
 
-/// Writes a 50-slice series; `position(i)` places slice i.
-fn write_series(directory: &Path, header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) {
-    std::fs::create_dir_all(directory).unwrap();
+/// The HU of a 50-slice series; `position(i)` places slice i.
+fn series_hu(header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) -> Vec<([f64; 3], Vec<f32>)> {
     let mut rng = Rng::derive(5, &[header.study_instance_uid.len() as u64]);
     let phantom = Phantom::random(&mut rng, false);
-    for index in 0..50 {
-        let position = position(index);
-        let hu = phantom.slice_hu(position, header.pixel_spacing, 64, 64);
+    (0..50).map(|index| (position(index), phantom.slice_hu(position(index), header.pixel_spacing, 64, 64))).collect()
+}
+
+/// Writes a 50-slice series, one file per slice.
+fn write_series(directory: &Path, header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) {
+    std::fs::create_dir_all(directory).unwrap();
+    for (index, (position, hu)) in series_hu(header, position).into_iter().enumerate() {
         let uid = format!("{}.{index}", header.series_instance_uid);
         let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
         std::fs::write(directory.join(format!("slice {index:02}.dcm")), encode_slice(header, &slice).unwrap()).unwrap();
+    }
+}
+
+/// Writes a 50-slice series as one Enhanced CT (multi-frame) object; returns its bytes.
+fn write_enhanced(path: &Path, header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) -> Vec<u8> {
+    let frames = series_hu(header, position);
+    let slices: Vec<Slice<'_>> = frames
+        .iter()
+        .enumerate()
+        .map(|(index, (position, hu))| Slice {
+            sop_instance_uid: "",
+            instance_number: index as i32 + 1,
+            position: *position,
+            hu,
+        })
+        .collect();
+    let bytes = encode_enhanced_ct(header, &format!("{}.1", header.series_instance_uid), &slices).unwrap();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn enhanced_ct_frames_decode_like_the_slices_they_hold() {
+    let scratch = tempfile::tempdir().unwrap();
+    let header = header(9, "ENHANCED");
+    let place = |i: usize| [-180.0, -180.0, 50.0 - i as f64 * 2.5];
+    let bytes = write_enhanced(&scratch.path().join("e.dcm"), &header, place);
+    let parsed = panscreen_ingest::header::parse("e.dcm", bytes.len() as u64, &bytes).unwrap();
+    assert_eq!(parsed.sop_class_uid, "1.2.840.10008.5.1.4.1.1.2.1");
+    assert_eq!(parsed.frame_positions.len(), 50);
+    assert_eq!(parsed.frame_positions[7], place(7));
+    assert_eq!(parsed.pixel_spacing, Some([5.6, 5.6]));
+    assert_eq!(parsed.image_orientation, Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]));
+    let object = panscreen_preprocess::decode::open("e.dcm", &bytes, &Default::default()).unwrap();
+    for (index, (position, _)) in series_hu(&header, place).into_iter().enumerate().step_by(7) {
+        let single = encode_slice(
+            &header,
+            &Slice {
+                sop_instance_uid: "2.25.5",
+                instance_number: 1,
+                position,
+                hu: &series_hu(&header, place)[index].1,
+            },
+        )
+        .unwrap();
+        let expected = panscreen_preprocess::decode::decode_slice("s.dcm", &single, -1000.0).unwrap();
+        let frame = panscreen_preprocess::decode::decode_frame("e.dcm", &object, index as u32, -1000.0).unwrap();
+        assert_eq!(frame.position, position);
+        assert_eq!(frame.hu, expected.hu, "frame {index}");
     }
 }
 
@@ -100,6 +155,11 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
     let mut contrast = header(3, "ABDOMEN ARTERIAL");
     contrast.contrast_agent = Some("IOHEXOL 350".into());
     write_series(&input.join("contrast only"), &contrast, |i| [-180.0, -180.0, i as f64 * 2.5]);
+    // The same kind of series from a newer scanner: one Enhanced CT object, 50 frames,
+    // listed in reverse order along the body.
+    write_enhanced(&input.join("enhanced/series 5/EnhancedCT.dcm"), &header(5, "ABDOMEN ENHANCED"), |i| {
+        [-180.0, -180.0, 120.0 - i as f64 * 2.5]
+    });
     // A header that declares a gigantic image: refused before anything is decoded.
     let mut huge = header(4, "HUGE");
     huge.rows = 65535;
@@ -142,10 +202,14 @@ print(json.dumps({
     let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     println!("{}", serde_json::to_string_pretty(&tables).unwrap());
 
-    // Both realistic studies, one under a non-ASCII folder, screened from the plain series.
+    // Both realistic studies, one under a non-ASCII folder, screened from the plain
+    // series, and the Enhanced CT study from its 50 frames.
     let results = tables["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2, "{results:?}");
-    for row in results {
+    assert_eq!(results.len(), 3, "{results:?}");
+    let enhanced: Vec<&serde_json::Value> =
+        results.iter().filter(|row| row[1].as_str().unwrap().contains("50 slices")).collect();
+    assert_eq!(enhanced.len(), 1, "{results:?}");
+    for row in results.iter().filter(|row| !row[1].as_str().unwrap().contains("50 slices")) {
         assert_eq!(row[0], 2, "the plain axial series is series 2: {row:?}");
         let not_chosen = row[2].as_str().unwrap();
         for why in ["LOCALIZER", "contrast agent IOPAMIDOL 370", "DERIVED\\SECONDARY\\AXIAL", "Secondary Capture"] {
@@ -176,9 +240,9 @@ print(json.dumps({
     for outcome in ["screened", "quarantined", "ignored"] {
         assert!(accounting.iter().any(|r| r[0] == outcome), "no {outcome} row: {accounting:?}");
     }
-    // Screened objects are exactly the two plain series.
+    // Screened objects are exactly the two plain series and the Enhanced CT object.
     let screened: u64 = accounting.iter().filter(|r| r[0] == "screened").map(|r| r[2].as_u64().unwrap()).sum();
-    assert_eq!(screened, 120);
+    assert_eq!(screened, 121);
 
     // No identifier of the odd cases leaks into any output.
     for file in files_below(&out) {

@@ -44,9 +44,33 @@ pub struct InstanceHeader {
     pub contrast_bolus_agent: Option<String>,
     /// GantryDetectorTilt in degrees, when the header has it.
     pub gantry_tilt: Option<f64>,
+    /// Enhanced CT: ImagePositionPatient of every frame (empty for a single-frame image).
+    pub frame_positions: Vec<[f64; 3]>,
+    /// Which frame of a multi-frame object this instance stands for (after
+    /// [`InstanceHeader::frames`]).
+    pub frame: Option<u32>,
 }
 
 impl InstanceHeader {
+    /// One instance per frame for an Enhanced CT object (same key, its frame's position);
+    /// a single-frame image as it is.
+    pub fn frames(self) -> Vec<InstanceHeader> {
+        if self.frame_positions.is_empty() {
+            return vec![self];
+        }
+        let positions = self.frame_positions.clone();
+        positions
+            .into_iter()
+            .enumerate()
+            .map(|(index, position)| InstanceHeader {
+                image_position: Some(position),
+                frame: Some(index as u32),
+                frame_positions: Vec::new(),
+                ..self.clone()
+            })
+            .collect()
+    }
+
     /// Bytes the pixel data will take once decoded (all frames).
     pub fn decoded_bytes(&self) -> u64 {
         self.rows as u64 * self.columns as u64 * (self.bits_allocated.max(8) as u64 / 8) * self.number_of_frames as u64
@@ -104,7 +128,13 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     }
     // The parser allocates a value's declared length before reading it: refuse lengths
     // the object cannot hold first.
-    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(HeaderProblem::Invalid)?;
+    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(|message| {
+        if message.starts_with(panscreen_shared::dicom::TRUNCATED_PIXEL_DATA) {
+            HeaderProblem::Truncated(message)
+        } else {
+            HeaderProblem::Invalid(message)
+        }
+    })?;
     // A panic in the parser on a malformed file is that file's problem, not ingest's.
     let parsed = std::panic::catch_unwind(|| {
         OpenFileOptions::new()
@@ -235,6 +265,29 @@ fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Resu
         }
         Ok(value)
     };
+    // Enhanced CT keeps geometry and rescale in functional groups, one position per frame.
+    let enhanced = panscreen_shared::dicom::has_functional_groups(object);
+    let frames = panscreen_shared::dicom::number_of_frames(object);
+    let frame_positions = if enhanced {
+        if frames > 20_000 {
+            return Err(HeaderProblem::Invalid(format!("{frames} frames; at most 20000 are read")));
+        }
+        (0..frames as usize)
+            .map(|frame| panscreen_shared::dicom::frame_position(object, frame))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| HeaderProblem::Invalid("a frame has no PlanePositionSequence".to_string()))?
+    } else {
+        Vec::new()
+    };
+    let measures = |tag: Tag| {
+        panscreen_shared::dicom::frame_floats(object, 0, panscreen_shared::dicom::groups::PIXEL_MEASURES, tag)
+    };
+    let contrast_sequence = object
+        .element_opt(panscreen_shared::dicom::groups::CONTRAST_BOLUS_AGENT_SEQUENCE)
+        .ok()
+        .flatten()
+        .and_then(|element| element.items().map(|items| !items.is_empty()))
+        .unwrap_or(false);
     let image_type =
         text(tags::IMAGE_TYPE).split('\\').map(|part| part.trim().to_uppercase()).filter(|p| !p.is_empty()).collect();
     Ok(InstanceHeader {
@@ -256,16 +309,23 @@ fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Resu
         series_number: integer(tags::SERIES_NUMBER).map(|v| v as i32),
         instance_number: integer(tags::INSTANCE_NUMBER).map(|v| v as i32),
         image_type,
-        image_position: floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| v.try_into().ok()),
-        image_orientation: floats(tags::IMAGE_ORIENTATION_PATIENT).and_then(|v| v.try_into().ok()),
-        pixel_spacing: floats(tags::PIXEL_SPACING).and_then(|v| v.try_into().ok()),
-        slice_thickness: floats(tags::SLICE_THICKNESS).and_then(|v| v.first().copied()),
+        image_position: match frame_positions.first() {
+            Some(first) => Some(*first),
+            None => floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| v.try_into().ok()),
+        },
+        image_orientation: panscreen_shared::dicom::frame_orientation(object, 0),
+        pixel_spacing: measures(tags::PIXEL_SPACING).and_then(|v| v.try_into().ok()),
+        slice_thickness: measures(tags::SLICE_THICKNESS).and_then(|v| v.first().copied()),
         rows: integer(tags::ROWS).unwrap_or(0) as u32,
         columns: integer(tags::COLUMNS).unwrap_or(0) as u32,
         bits_allocated: integer(tags::BITS_ALLOCATED).unwrap_or(0) as u32,
         number_of_frames: integer(tags::NUMBER_OF_FRAMES).unwrap_or(1).max(1) as u32,
-        contrast_bolus_agent: Some(text(tags::CONTRAST_BOLUS_AGENT)).filter(|value| !value.is_empty()),
+        contrast_bolus_agent: Some(text(tags::CONTRAST_BOLUS_AGENT))
+            .filter(|value| !value.is_empty())
+            .or_else(|| contrast_sequence.then(|| "(Contrast/Bolus Agent Sequence)".to_string())),
         gantry_tilt: floats(tags::GANTRY_DETECTOR_TILT).and_then(|v| v.first().copied()),
+        frame_positions,
+        frame: None,
     })
 }
 

@@ -310,7 +310,7 @@ pub fn decide_study(
         }
     }
     let study_files = study_files - duplicates;
-    let series = group_series(unique);
+    let series = group_series(unique.into_iter().flat_map(InstanceHeader::frames).collect());
     match choose_series(&series, &config.rules) {
         Ok(chosen) => {
             let first = &chosen.group.instances[0];
@@ -341,7 +341,7 @@ pub fn decide_study(
                 slice_thickness_mm: first.slice_thickness,
                 not_chosen: chosen.not_chosen.iter().map(|(_, why)| why.clone()).collect(),
             };
-            report.objects_screened += chosen.group.instances.len();
+            report.objects_screened += chosen.group.keys().count();
             info!(study = %context.study_key, slices = series_choice.slices, "study accepted");
             report.studies.push(StudyIngested {
                 context,
@@ -354,6 +354,7 @@ pub fn decide_study(
                     .map(|i| SliceRef {
                         key: i.key.clone(),
                         position_mm: i.image_position.expect("checked by choose_series"),
+                        frame: i.frame.unwrap_or(0),
                     })
                     .collect(),
             });

@@ -27,8 +27,13 @@ impl SeriesGroup {
         &self.first().modality
     }
 
+    /// The objects of the series, each once (an Enhanced CT object holds many frames).
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.instances.iter().map(|instance| instance.key.as_str())
+        self.instances
+            .iter()
+            .map(|instance| instance.key.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
     }
 }
 
@@ -416,6 +421,8 @@ mod tests {
             number_of_frames: 1,
             contrast_bolus_agent: None,
             gantry_tilt: None,
+            frame_positions: Vec::new(),
+            frame: None,
         }
     }
 

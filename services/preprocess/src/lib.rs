@@ -6,7 +6,8 @@
 //! - [`decode`]: one DICOM slice to HU.
 //!
 //! [`PreprocessHandler`] is the stage: one `StudyIngested` in, one `StudyPreprocessed`
-//! out (or a classified error). It holds at most one decoded slice at a time.
+//! out (or a classified error). It holds at most one decoded slice at a time (and the
+//! parsed object it came from: for an Enhanced CT object, all its frames, still encoded).
 
 pub mod decode;
 pub mod hu;
@@ -17,8 +18,11 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use dicom_object::DefaultDicomObject;
 use futures::StreamExt;
-use panscreen_shared::contracts::{message_id, subjects, Stage, StudyIngested, StudyPreprocessed, TensorGeometry};
+use panscreen_shared::contracts::{
+    message_id, subjects, SliceRef, Stage, StudyIngested, StudyPreprocessed, TensorGeometry,
+};
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
@@ -27,6 +31,7 @@ use panscreen_shared::worker::{Handler, Outcome};
 use time::OffsetDateTime;
 use tracing::info;
 
+use crate::decode::DecodeLimits;
 use crate::resample::{axis_weights, centred_positions, resample_plane, SliceAccumulator};
 
 /// Key of a study's tensor in the work store.
@@ -91,18 +96,37 @@ impl PreprocessHandler {
         let column_weights = Arc::new(axis_weights(&column_positions, column_spacing, &target_columns, target_dx));
         let mut accumulator = SliceAccumulator::new(&slice_weights, study.slices.len(), height * width, fill);
 
-        let needed = accumulator.needed_slices();
-        let mut fetched = futures::stream::iter(needed.into_iter().map(|index| {
-            let slice = study.slices[index].clone();
+        // Objects are fetched once: the frames of an Enhanced CT object share its key.
+        let mut previous_key: Option<String> = None;
+        let plan: Vec<(usize, SliceRef, bool)> = accumulator
+            .needed_slices()
+            .into_iter()
+            .map(|index| {
+                let slice = study.slices[index].clone();
+                let fetch = previous_key.as_deref() != Some(slice.key.as_str());
+                previous_key = Some(slice.key.clone());
+                (index, slice, fetch)
+            })
+            .collect();
+        let mut fetched = futures::stream::iter(plan.into_iter().map(|(index, slice, fetch)| {
             let input = self.input.clone();
-            async move { (index, slice.clone(), input.get(&slice.key).await) }
+            async move {
+                let bytes = if fetch { Some(input.get(&slice.key).await) } else { None };
+                (index, slice, bytes)
+            }
         }))
         .buffered(self.fetch_ahead.max(1));
+        let mut current: Option<Arc<DefaultDicomObject>> = None;
         while let Some((index, slice, bytes)) = fetched.next().await {
-            let bytes = bytes?;
+            let bytes = bytes.transpose()?;
             let (row_weights, column_weights) = (row_weights.clone(), column_weights.clone());
-            let plane = tokio::task::spawn_blocking(move || -> Result<Vec<f32>, StageError> {
-                let decoded = decode::decode_slice(&slice.key, &bytes, fill)?;
+            let reuse = current.clone();
+            let (object, plane) = tokio::task::spawn_blocking(move || -> Result<_, StageError> {
+                let object = match bytes {
+                    Some(bytes) => Arc::new(decode::open(&slice.key, &bytes, &DecodeLimits::default())?),
+                    None => reuse.expect("the object of an earlier frame"),
+                };
+                let decoded = decode::decode_frame(&slice.key, &object, slice.frame, fill)?;
                 if decoded.rows != rows || decoded.columns != columns {
                     return Err(StageError::permanent(
                         "slice size differs from its series",
@@ -115,10 +139,11 @@ impl PreprocessHandler {
                 if decoded.position.iter().zip(slice.position_mm).any(|(a, b)| (a - b).abs() > 1e-3) {
                     return Err(StageError::permanent("slice position changed since ingest", slice.key.clone()));
                 }
-                Ok(resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill))
+                Ok((object, resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill)))
             })
             .await
             .map_err(|error| StageError::retryable("decoder task failed", error.to_string()))??;
+            current = Some(object);
             accumulator.add(index, &plane);
         }
         let mut volume = accumulator.finish();

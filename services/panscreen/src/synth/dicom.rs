@@ -199,6 +199,80 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     Ok(bytes)
 }
 
+/// Encodes a whole series as one Enhanced CT Image Storage object: one frame per slice,
+/// each frame's position in the per-frame functional groups; orientation, spacing,
+/// thickness, rescale and frame type in the shared ones.
+pub fn encode_enhanced_ct(
+    header: &SeriesHeader,
+    sop_instance_uid: &str,
+    slices: &[Slice<'_>],
+) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(!slices.is_empty(), "an Enhanced CT object needs at least one frame");
+    let item = |elements: Vec<DataElement<InMemDicomObject>>| InMemDicomObject::from_element_iter(elements);
+    let shared = item(vec![
+        sequence(
+            dicom_core::Tag(0x0028, 0x9110),
+            vec![item(vec![
+                multi(tags::PIXEL_SPACING, VR::DS, &header.pixel_spacing.map(ds)),
+                text(tags::SLICE_THICKNESS, VR::DS, &ds(header.slice_thickness)),
+            ])],
+        ),
+        sequence(
+            dicom_core::Tag(0x0020, 0x9116),
+            vec![item(vec![multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &header.orientation.map(ds))])],
+        ),
+        sequence(
+            dicom_core::Tag(0x0028, 0x9145),
+            vec![item(vec![
+                text(tags::RESCALE_INTERCEPT, VR::DS, &ds(header.rescale_intercept)),
+                text(tags::RESCALE_SLOPE, VR::DS, &ds(header.rescale_slope)),
+                text(tags::RESCALE_TYPE, VR::LO, "HU"),
+            ])],
+        ),
+        sequence(
+            dicom_core::Tag(0x0018, 0x9329),
+            vec![item(vec![multi(dicom_core::Tag(0x0008, 0x9007), VR::CS, &header.image_type)])],
+        ),
+    ]);
+    let per_frame: Vec<InMemDicomObject> = slices
+        .iter()
+        .map(|slice| {
+            item(vec![sequence(
+                dicom_core::Tag(0x0020, 0x9113),
+                vec![item(vec![multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds))])],
+            )])
+        })
+        .collect();
+    let mut enhanced = header.clone();
+    enhanced.sop_class_uid = uids::ENHANCED_CT_IMAGE_STORAGE.to_string();
+    let first = Slice { sop_instance_uid, instance_number: 1, position: slices[0].position, hu: slices[0].hu };
+    let bytes = encode_slice(&enhanced, &first)?;
+    let mut object = dicom_object::OpenFileOptions::new()
+        .read_preamble(dicom_object::file::ReadPreamble::Never)
+        .from_reader(std::io::Cursor::new(&bytes[128..]))?;
+    // The classic per-slice attributes live in the functional groups instead.
+    for tag in [
+        tags::IMAGE_POSITION_PATIENT,
+        tags::IMAGE_ORIENTATION_PATIENT,
+        tags::PIXEL_SPACING,
+        tags::SLICE_THICKNESS,
+        tags::SLICE_LOCATION,
+        tags::RESCALE_INTERCEPT,
+        tags::RESCALE_SLOPE,
+        tags::RESCALE_TYPE,
+    ] {
+        object.remove_element(tag);
+    }
+    object.put(text(tags::NUMBER_OF_FRAMES, VR::IS, &slices.len().to_string()));
+    object.put(sequence(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
+    object.put(sequence(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
+    let pixels: SmallVec<[u16; 2]> = slices.iter().flat_map(|slice| stored_values(header, slice.hu)).collect();
+    object.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)));
+    let mut out = Vec::new();
+    object.write_all(&mut out)?;
+    Ok(out)
+}
+
 fn code_item(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
     InMemDicomObject::from_element_iter([
         text(tags::CODE_VALUE, VR::SH, value),

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use time::{Date, Duration, Month};
 
 pub use anatomy::{Lesion, Phantom};
-pub use dicom::{encode_slice, SeriesHeader, Slice};
+pub use dicom::{encode_enhanced_ct, encode_slice, SeriesHeader, Slice};
 pub use rng::Rng;
 
 /// Study size.
