@@ -119,6 +119,7 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
     // The meta group ends where group 0002 ends (as parsers read it), not where its
     // declared length says.
     let mut meta_end = 132;
+    let mut transfer_syntax = String::new();
     while let Some(header) = bytes.get(meta_end..meta_end + 8) {
         if u16::from_le_bytes([header[0], header[1]]) != 0x0002 {
             break;
@@ -134,19 +135,19 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
                 "a file meta element at byte {meta_end} declares {length} bytes, more than the file holds"
             ));
         }
+        if header[2..4] == [0x10, 0x00] {
+            let value = bytes.get(value_at..value_at + length as usize).unwrap_or_default();
+            transfer_syntax = String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).to_string();
+        }
         meta_end = value_at + length as usize;
     }
-    let meta = &bytes[..meta_end.min(bytes.len())];
-    let syntax = |uid: &str| {
-        meta.windows(uid.len() + 1)
-            .any(|w| &w[..uid.len()] == uid.as_bytes() && (w[uid.len()] == 0 || w[uid.len()] == b' '))
-    };
-    if meta_end >= bytes.len() || syntax("1.2.840.10008.1.2.1.99") {
+    let syntax = transfer_syntax.as_str();
+    if meta_end >= bytes.len() || syntax == "1.2.840.10008.1.2.1.99" {
         return Ok(());
     }
-    let (implicit, big_endian) = if syntax("1.2.840.10008.1.2") {
+    let (implicit, big_endian) = if syntax == "1.2.840.10008.1.2" {
         (true, false)
-    } else if syntax("1.2.840.10008.1.2.2") {
+    } else if syntax == "1.2.840.10008.1.2.2" {
         (false, true)
     } else {
         (false, false)
