@@ -30,6 +30,7 @@ fn slices_by_position(study_dir: &Path) -> Vec<std::path::PathBuf> {
 
 /// A 25-slice MR series: a study with nothing to screen.
 fn write_mr_study(directory: &Path) -> SeriesHeader {
+    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     let header = SeriesHeader {
         patient_name: "MRONLY^PATIENT^X".into(),
         patient_id: "MR0000777".into(),
@@ -56,9 +57,9 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
         rescale_slope: 1.0,
         rescale_intercept: 0.0,
         padding_value: None,
-        sop_class_uid: SeriesHeader::axial_ct().0,
-        image_type: SeriesHeader::axial_ct().1,
-        orientation: SeriesHeader::axial_ct().2,
+        sop_class_uid,
+        image_type,
+        orientation,
         contrast_agent: None,
         gantry_tilt: 0.0,
     };

@@ -173,6 +173,7 @@ const ENCODINGS: &[Encoding] = &[
 ];
 
 fn header(variant: &Variant) -> SeriesHeader {
+    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     SeriesHeader {
         patient_name: "CODEC^TEST".into(),
         patient_id: "CODEC0001".into(),
@@ -199,9 +200,9 @@ fn header(variant: &Variant) -> SeriesHeader {
         rescale_slope: variant.slope,
         rescale_intercept: variant.intercept,
         padding_value: variant.padding,
-        sop_class_uid: SeriesHeader::axial_ct().0,
-        image_type: SeriesHeader::axial_ct().1,
-        orientation: SeriesHeader::axial_ct().2,
+        sop_class_uid,
+        image_type,
+        orientation,
         contrast_agent: None,
         gantry_tilt: 0.0,
     }

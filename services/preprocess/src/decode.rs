@@ -136,14 +136,18 @@ pub fn decode_frame(
         return Err(unreadable(key, "more than one sample per pixel; CT is monochrome"));
     }
     let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
-    if JPEG_FAMILY.contains(&transfer_syntax) {
-        check_jpeg_size(key, &frame_fragments(key, object, frame)?, rows, columns)?;
-    }
-    if transfer_syntax == "1.2.840.10008.1.2.5" {
-        check_rle_header(key, &frame_fragments(key, object, frame)?)?;
-    }
-    if transfer_syntax.starts_with("1.2.840.10008.1.2.4.9") {
-        check_j2k_size(key, &frame_fragments(key, object, frame)?, rows, columns)?;
+    // A compressed frame is read once and checked against the header before any decoder
+    // sizes its buffers by it.
+    let jpeg_2000 = transfer_syntax.starts_with("1.2.840.10008.1.2.4.9");
+    let rle = transfer_syntax == "1.2.840.10008.1.2.5";
+    let jpeg = JPEG_FAMILY.contains(&transfer_syntax);
+    let compressed = if jpeg || rle || jpeg_2000 { frame_fragments(key, object, frame)? } else { Vec::new() };
+    if jpeg {
+        check_jpeg_size(key, &compressed, rows, columns)?;
+    } else if rle {
+        check_rle_header(key, &compressed)?;
+    } else if jpeg_2000 {
+        check_j2k_size(key, &compressed, rows, columns)?;
     }
     let hu = if let Some(gdcm_syntax) = gdcm_transfer_syntax(transfer_syntax) {
         let format = PixelFormat {
@@ -154,7 +158,7 @@ pub fn decode_frame(
             rescale_intercept,
             padding_value,
         };
-        let pixels = decode_with_gdcm(key, object, frame, rows, columns, &format, gdcm_syntax)?;
+        let pixels = decode_with_gdcm(key, &compressed, rows, columns, &format, gdcm_syntax)?;
         frame_to_hu(pixels.data(), rows * columns, &format, fill_hu)
     } else {
         let decoded =
@@ -301,17 +305,15 @@ fn frame_fragments(key: &str, object: &DefaultDicomObject, frame: u32) -> Result
 
 fn decode_with_gdcm(
     key: &str,
-    object: &DefaultDicomObject,
-    frame: u32,
+    compressed: &[u8],
     rows: usize,
     columns: usize,
     format: &PixelFormat,
     transfer_syntax: gdcm_rs::GDCMTransferSyntax,
 ) -> Result<gdcm_rs::PixelData, StageError> {
-    let compressed = frame_fragments(key, object, frame)?;
     let high_bit = format.bits_stored.saturating_sub(1);
     gdcm_rs::decode_single_frame_compressed(
-        &compressed,
+        compressed,
         columns as u32,
         rows as u32,
         gdcm_rs::GDCMPhotometricInterpretation::MONOCHROME2,

@@ -188,13 +188,18 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     let pixels: SmallVec<[u16; 2]> = stored_values(header, slice.hu).into_iter().collect();
     put(&mut object, DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)));
 
+    part10(object, slice.hu.len() * 2 + 4096)
+}
+
+/// A data set as a Part 10 file, Explicit VR Little Endian, with synth's meta header.
+fn part10(object: InMemDicomObject, capacity: usize) -> anyhow::Result<Vec<u8>> {
     let file = object.with_meta(
         FileMetaTableBuilder::new()
             .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
             .implementation_class_uid("2.25.137038128445412413927304766385618823463")
             .implementation_version_name("PANSCREEN_SYNTH"),
     )?;
-    let mut bytes = Vec::with_capacity(slice.hu.len() * 2 + 4096);
+    let mut bytes = Vec::with_capacity(capacity);
     file.write_all(&mut bytes)?;
     Ok(bytes)
 }
@@ -324,15 +329,7 @@ pub fn encode_dose_report(header: &SeriesHeader, sop_instance_uid: &str, dlp_mgy
         text(tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED"),
         sequence(tags::CONTENT_SEQUENCE, vec![dlp]),
     ]);
-    let file = object.with_meta(
-        FileMetaTableBuilder::new()
-            .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
-            .implementation_class_uid("2.25.137038128445412413927304766385618823463")
-            .implementation_version_name("PANSCREEN_SYNTH"),
-    )?;
-    let mut bytes = Vec::new();
-    file.write_all(&mut bytes)?;
-    Ok(bytes)
+    part10(object, 4096)
 }
 
 #[cfg(test)]

@@ -160,6 +160,7 @@ fn write_study(
     };
     let slices = options.slices.unwrap_or(slices);
     let signed_pixels = rng.chance(0.5);
+    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     let header = SeriesHeader {
         patient_name: patient_name.clone(),
         patient_id: patient_id.clone(),
@@ -186,9 +187,9 @@ fn write_study(
         rescale_slope: 1.0,
         rescale_intercept: if signed_pixels { 0.0 } else { -1024.0 },
         padding_value: None,
-        sop_class_uid: SeriesHeader::axial_ct().0,
-        image_type: SeriesHeader::axial_ct().1,
-        orientation: SeriesHeader::axial_ct().2,
+        sop_class_uid,
+        image_type,
+        orientation,
         contrast_agent: None,
         gantry_tilt: 0.0,
     };
