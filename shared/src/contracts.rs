@@ -242,8 +242,13 @@ pub struct StudyScored {
 pub struct QuarantineRecord {
     pub campaign: String,
     pub stage: Stage,
-    /// What failed: the input object key (ingest) or the study pseudonym (later stages).
+    /// What failed: the input object key, the folder holding a study's objects (ingest),
+    /// or the study pseudonym (later stages).
     pub input: String,
+    /// Every object key behind the record, so that an operator can find each file of a
+    /// quarantined study (empty when the stage no longer knows them).
+    #[serde(default)]
+    pub inputs: Vec<String>,
     pub study_key: Option<String>,
     pub site_id: Option<String>,
     /// A reason a person understands.

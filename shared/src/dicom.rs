@@ -107,7 +107,8 @@ pub const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
 ///
 /// Walks the file meta group and a data set in implicit or explicit VR, little or big
 /// endian, descending into sequences and items; stops at Pixel Data. A deflated data set
-/// is not walked (its inflated size is limited where it is inflated).
+/// is inflated first, never beyond [`DEFLATED_MAX_BYTES`] (a deflate bomb is refused
+/// with [`INFLATES_BEYOND_LIMIT`]), and its inflated bytes are walked the same way.
 pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
     if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
         return Ok(()); // not Part 10; the parser says so itself
@@ -142,8 +143,11 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
         meta_end = value_at + length as usize;
     }
     let syntax = transfer_syntax.as_str();
-    if meta_end >= bytes.len() || syntax == "1.2.840.10008.1.2.1.99" {
+    if meta_end >= bytes.len() {
         return Ok(());
+    }
+    if syntax == DEFLATED {
+        return check_deflated(&bytes[meta_end..], bytes.len() as u64 >= size);
     }
     let (implicit, big_endian) = if syntax == "1.2.840.10008.1.2" {
         (true, false)
@@ -153,6 +157,58 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
         (false, false)
     };
     walk(bytes, meta_end, bytes.len(), size, implicit, big_endian)
+}
+
+const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
+
+/// A deflated data set may inflate to at most this many bytes (a CT slice inflates to
+/// about half a megabyte; an Enhanced CT series to a few hundred).
+pub const DEFLATED_MAX_BYTES: u64 = 2 << 30;
+
+/// Inflated bytes kept in memory for the walk: the attributes before Pixel Data always
+/// fit; a walk that reaches the end of these without meeting Pixel Data stops there.
+const DEFLATED_WALK_BYTES: u64 = 64 << 20;
+
+/// How [`check_declared_lengths`] begins its message for a deflate bomb.
+pub const INFLATES_BEYOND_LIMIT: &str = "the deflated data set inflates beyond the limit";
+
+/// Inflates `deflated` as far as it goes, up to `cap` bytes into `sink`; returns how many
+/// bytes came out and whether the stream ended cleanly before the cap.
+fn inflate_into(deflated: &[u8], cap: u64, sink: &mut impl std::io::Write) -> (u64, bool) {
+    use std::io::Read;
+    let mut decoder = flate2::read::DeflateDecoder::new(deflated).take(cap + 1);
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match decoder.read(&mut buffer) {
+            Ok(0) => return (total, total <= cap),
+            Ok(read) => {
+                total += read as u64;
+                if sink.write_all(&buffer[..read]).is_err() {
+                    return (total, false);
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return (total, false),
+        }
+    }
+}
+
+/// The declared-length walk over a deflated data set (explicit VR little endian once
+/// inflated). `whole` says whether `deflated` runs to the end of the object.
+fn check_deflated(deflated: &[u8], whole: bool) -> Result<(), String> {
+    let (total, ended) = inflate_into(deflated, DEFLATED_MAX_BYTES, &mut std::io::sink());
+    if total > DEFLATED_MAX_BYTES {
+        return Err(format!("{INFLATES_BEYOND_LIMIT}: over {DEFLATED_MAX_BYTES} bytes"));
+    }
+    if whole && !ended {
+        return Err(format!("the deflated data set is corrupt after {total} inflated bytes"));
+    }
+    let mut head = Vec::new();
+    inflate_into(deflated, DEFLATED_WALK_BYTES.min(total), &mut head);
+    // A prefix of the object: the inflated size is unknown, so the limit bounds lengths.
+    let size = if ended { total } else { DEFLATED_MAX_BYTES };
+    walk(&head, 0, head.len(), size, false, false)
 }
 
 fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_endian: bool) -> Result<(), String> {
@@ -239,7 +295,10 @@ mod tests {
     use super::*;
 
     fn part10(dataset: &[u8]) -> Vec<u8> {
-        let uid = b"1.2.840.10008.1.2.1\0";
+        part10_in(b"1.2.840.10008.1.2.1\0", dataset)
+    }
+
+    fn part10_in(uid: &[u8], dataset: &[u8]) -> Vec<u8> {
         let mut meta = Vec::new();
         meta.extend_from_slice(&[0x02, 0x00, 0x10, 0x00, b'U', b'I']);
         meta.extend_from_slice(&(uid.len() as u16).to_le_bytes());
@@ -267,5 +326,49 @@ mod tests {
         assert!(error.contains("(0008,1100)") && error.contains("1073741824 bytes"), "{error}");
         // A prefix of a large object: the same length is plausible, so it passes.
         assert_eq!(check_declared_lengths(&bad, 2 << 30), Ok(()));
+    }
+
+    fn deflate(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    const DEFLATED_UID: &[u8] = b"1.2.840.10008.1.2.1.99\0\0";
+
+    #[test]
+    fn a_deflated_data_set_is_inflated_with_a_cap_and_walked() {
+        let mut dataset = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
+        dataset.extend_from_slice(b"DOE^J ");
+        let good = part10_in(DEFLATED_UID, &deflate(&dataset));
+        assert_eq!(check_declared_lengths(&good, good.len() as u64), Ok(()));
+        // The same lie as above, inside the compressed stream.
+        dataset.extend_from_slice(&[0x08, 0x00, 0x00, 0x11, b'O', b'B', 0, 0]);
+        dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
+        let bad = part10_in(DEFLATED_UID, &deflate(&dataset));
+        let error = check_declared_lengths(&bad, bad.len() as u64).unwrap_err();
+        assert!(error.contains("(0008,1100)") && error.contains("1073741824 bytes"), "{error}");
+        // A corrupt stream in a whole file, and a prefix of one, which is fine.
+        let mut corrupt = good.clone();
+        let last = corrupt.len() - 3;
+        corrupt.truncate(last);
+        assert!(check_declared_lengths(&corrupt, corrupt.len() as u64).unwrap_err().contains("corrupt"));
+        assert_eq!(check_declared_lengths(&corrupt, good.len() as u64), Ok(()));
+    }
+
+    #[test]
+    fn a_deflate_bomb_is_refused_without_being_kept() {
+        // Only the first few bytes of a 2 GiB + 1 stream of zeros: a real bomb is the
+        // same compressed pattern repeated; the check counts without keeping it.
+        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..(DEFLATED_MAX_BYTES >> 20) + 1 {
+            std::io::Write::write_all(&mut encoder, &zeros).unwrap();
+        }
+        let bomb = part10_in(DEFLATED_UID, &encoder.finish().unwrap());
+        assert!(bomb.len() < 4 << 20, "{} bytes", bomb.len());
+        let error = check_declared_lengths(&bomb, bomb.len() as u64).unwrap_err();
+        assert!(error.starts_with(INFLATES_BEYOND_LIMIT), "{error}");
     }
 }

@@ -51,11 +51,20 @@ impl fmt::Display for StageError {
 
 impl std::error::Error for StageError {}
 
-impl From<object_store::Error> for StageError {
-    fn from(error: object_store::Error) -> Self {
-        match error {
-            object_store::Error::NotFound { path, .. } => StageError::permanent("object not found in the store", path),
-            other => StageError::retryable("object store error", other.to_string()),
+impl From<crate::store::StoreError> for StageError {
+    fn from(error: crate::store::StoreError) -> Self {
+        use crate::store::StoreErrorKind;
+        match error.kind() {
+            StoreErrorKind::NotFound => StageError::permanent("object not found in the store", error.to_string()),
+            StoreErrorKind::Denied => {
+                StageError::permanent("object cannot be read (permission denied)", error.to_string())
+            }
+            StoreErrorKind::InvalidKey => {
+                StageError::permanent("object key cannot be used with the store", error.to_string())
+            }
+            StoreErrorKind::Unavailable | StoreErrorKind::Configuration => {
+                StageError::retryable("object store error", error.to_string())
+            }
         }
     }
 }

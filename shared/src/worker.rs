@@ -330,22 +330,39 @@ fn log_settle_error(result: Result<(), QueueError>) {
 /// The few fields every stage message has, read without knowing its type, so that
 /// even an unreadable message can be quarantined under its study.
 #[derive(Debug, Default)]
-struct Envelope {
-    study_key: Option<String>,
-    site_id: Option<String>,
+pub struct Envelope {
+    pub study_key: Option<String>,
+    pub site_id: Option<String>,
+    /// The study's object keys, when the message still lists them (ingest → preprocess).
+    pub inputs: Vec<String>,
+    /// For a message without a study key (not JSON, or not a study message): a digest
+    /// of its bytes, so that two different unreadable messages get two records.
+    pub unreadable_digest: Option<String>,
+}
+
+fn digest(payload: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(payload)[..12])
 }
 
 impl Envelope {
-    fn peek(payload: &[u8]) -> Envelope {
+    pub fn peek(payload: &[u8]) -> Envelope {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
-            return Envelope::default();
+            return Envelope { unreadable_digest: Some(digest(payload)), ..Envelope::default() };
         };
         let field =
             |name: &str| value.pointer(&format!("/context/{name}")).and_then(|v| v.as_str()).map(str::to_string);
-        Envelope { study_key: field("study_key"), site_id: field("site_id") }
+        let inputs = value
+            .pointer("/slices")
+            .and_then(|slices| slices.as_array())
+            .map(|slices| slices.iter().filter_map(|s| s.get("key")?.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let study_key = field("study_key");
+        let unreadable_digest = study_key.is_none().then(|| digest(payload));
+        Envelope { study_key, site_id: field("site_id"), inputs, unreadable_digest }
     }
 
-    fn quarantine_record(
+    pub fn quarantine_record(
         &self,
         campaign: &str,
         stage: Stage,
@@ -353,10 +370,12 @@ impl Envelope {
         detail: String,
         attempts: u32,
     ) -> QuarantineRecord {
+        let unreadable = format!("unreadable message {}", self.unreadable_digest.as_deref().unwrap_or("-"));
         QuarantineRecord {
             campaign: campaign.to_string(),
             stage,
-            input: self.study_key.clone().unwrap_or_else(|| "unreadable message".to_string()),
+            input: self.study_key.clone().unwrap_or(unreadable),
+            inputs: self.inputs.clone(),
             study_key: self.study_key.clone(),
             site_id: self.site_id.clone(),
             reason,

@@ -162,7 +162,7 @@ impl Cluster {
         self.runtime.block_on(async {
             let mut batches = Vec::new();
             for object in self.store.list(&format!("campaigns/{CAMPAIGN}/out/{table}")).await.unwrap() {
-                let key = object.location.to_string();
+                let key = object.key.clone();
                 let bytes = self.store.get(&key).await.unwrap();
                 let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
                     .unwrap()
@@ -241,7 +241,7 @@ impl Cluster {
         let written = self.runtime.block_on(self.store.list(&format!("campaigns/{CAMPAIGN}"))).unwrap();
         assert!(written.len() > 20, "the services wrote their tables, commits and ledger");
         for object in written {
-            let key = object.location.to_string();
+            let key = object.key.clone();
             let bytes = self.runtime.block_on(self.store.get(&key)).unwrap();
             self.assert_no_identifiers(&key, &bytes);
         }

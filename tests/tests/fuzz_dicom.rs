@@ -104,10 +104,9 @@ fn seeds() -> Vec<Vec<u8>> {
     let source = scratch.path().join("seed.dcm");
     std::fs::write(&source, &original).unwrap();
     let mut seeds = vec![original];
-    // No deflated seed: a deflated data set is not length-checked before parsing yet
-    // (open work), so a corrupt one can still make the parser allocate gigabytes.
-    let encoders: [(&str, &[&str]); 6] = [
+    let encoders: [(&str, &[&str]); 7] = [
         ("dcmconv", &["+tb"]),
+        ("dcmconv", &["+td"]),
         ("dcmcrle", &[]),
         ("dcmcjpeg", &["+e1"]),
         ("dcmcjpeg", &["+ee"]),

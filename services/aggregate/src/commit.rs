@@ -17,7 +17,7 @@
 use std::collections::BTreeSet;
 
 use bytes::Bytes;
-use panscreen_shared::store::Store;
+use panscreen_shared::store::{Store, StoreError, StoreErrorKind};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::{info, warn};
@@ -63,7 +63,7 @@ impl CommitManifest {
     }
 }
 
-fn write_error(key: &str, source: object_store::Error) -> AggregateError {
+fn write_error(key: &str, source: StoreError) -> AggregateError {
     AggregateError::Write { key: key.to_string(), source }
 }
 
@@ -131,7 +131,7 @@ impl Staged {
 async fn exists(out: &Store, key: &str) -> Result<bool, AggregateError> {
     match out.head(key).await {
         Ok(_) => Ok(true),
-        Err(object_store::Error::NotFound { .. }) => Ok(false),
+        Err(source) if source.kind() == StoreErrorKind::NotFound => Ok(false),
         Err(source) => Err(write_error(key, source)),
     }
 }
@@ -148,27 +148,24 @@ pub async fn publish(out: &Store, manifest: &CommitManifest) -> Result<(), Aggre
         }
     }
     for old in &manifest.replaces {
-        match out.delete(old).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(source) => return Err(write_error(old, source)),
-        }
+        out.delete_if_present(old).await.map_err(|source| write_error(old, source))?;
     }
     Ok(())
 }
 
 /// Every commit manifest in `out`, oldest sequence first per writer.
 pub async fn read_commits(out: &Store, skip: &BTreeSet<String>) -> Result<Vec<CommitManifest>, AggregateError> {
-    let listed = out.list(COMMITS).await.map_err(|e| AggregateError::Table(e.to_string()))?;
+    let listed = out.list(COMMITS).await.map_err(|e| write_error(COMMITS, e))?;
     let mut manifests = Vec::new();
     for object in listed {
-        let key = object.location.to_string();
+        let key = object.key;
         if !key.ends_with(".json") || skip.contains(&key) {
             continue;
         }
         let bytes = match out.get(&key).await {
             Ok(bytes) => bytes,
             // Deleted by a compaction since the listing.
-            Err(object_store::Error::NotFound { .. }) => continue,
+            Err(source) if source.kind() == StoreErrorKind::NotFound => continue,
             Err(source) => return Err(write_error(&key, source)),
         };
         let manifest: CommitManifest = serde_json::from_slice(&bytes)
@@ -180,13 +177,8 @@ pub async fn read_commits(out: &Store, skip: &BTreeSet<String>) -> Result<Vec<Co
 
 /// Finishes every commit whose files are not all in place. Returns how many it touched.
 pub async fn roll_forward(out: &Store, manifests: &[CommitManifest]) -> Result<usize, AggregateError> {
-    let staged: BTreeSet<String> = out
-        .list(STAGING)
-        .await
-        .map_err(|e| AggregateError::Table(e.to_string()))?
-        .into_iter()
-        .map(|o| o.location.to_string())
-        .collect();
+    let staged: BTreeSet<String> =
+        out.list(STAGING).await.map_err(|e| write_error(STAGING, e))?.into_iter().map(|o| o.key).collect();
     let mut finished = 0;
     for manifest in manifests {
         // A compaction's commit is also unfinished while a file it replaces remains.

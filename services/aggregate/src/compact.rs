@@ -47,8 +47,8 @@ async fn read_parquet(out: &Store, key: &str) -> Result<Vec<RecordBatch>, Aggreg
 }
 
 async fn parquet_keys(out: &Store, prefix: &str) -> Result<Vec<String>, AggregateError> {
-    let listed = out.list(prefix).await.map_err(|e| AggregateError::Table(e.to_string()))?;
-    Ok(listed.into_iter().map(|o| o.location.to_string()).filter(|k| k.ends_with(".parquet")).collect())
+    let listed = out.list(prefix).await.map_err(|source| AggregateError::Write { key: prefix.to_string(), source })?;
+    Ok(listed.into_iter().map(|o| o.key).filter(|k| k.ends_with(".parquet")).collect())
 }
 
 fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, AggregateError> {
@@ -205,10 +205,9 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
             commit::publish(out, &manifest).await?;
         }
         for old in superseded {
-            match out.delete(&old.key()).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => return Err(AggregateError::Write { key: old.key(), source }),
-            }
+            out.delete_if_present(&old.key())
+                .await
+                .map_err(|source| AggregateError::Write { key: old.key(), source })?;
         }
     }
 

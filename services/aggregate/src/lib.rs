@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use panscreen_shared::contracts::{subjects, IgnoredInputs, QuarantineRecord, StudyScored};
+use panscreen_shared::contracts::{subjects, IgnoredInputs, QuarantineRecord, Stage, StudyScored};
+use panscreen_shared::metrics::Readiness;
 use panscreen_shared::queue::{Delivery, Queue, QueueError};
 use panscreen_shared::sites::SiteRegistry;
-use panscreen_shared::store::Store;
-use panscreen_shared::worker::StageCounters;
+use panscreen_shared::store::{Store, StoreError};
+use panscreen_shared::worker::{Envelope, StageCounters};
 use panscreen_shared::SOFTWARE_VERSION;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -39,7 +40,7 @@ pub enum AggregateError {
     #[error("cannot build a Parquet table: {0}")]
     Table(String),
     #[error("cannot write {key}: {source}")]
-    Write { key: String, source: object_store::Error },
+    Write { key: String, source: StoreError },
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
@@ -56,6 +57,14 @@ pub struct AggregateConfig {
     /// Write the summary and worklist when the run ends (embedded runs; a long-running
     /// service leaves them to a later summarizing step).
     pub write_summary: bool,
+    /// A message delivered more often than this (its earlier aggregates died holding it)
+    /// is written to the quarantine table instead.
+    pub max_deliver: u32,
+    /// Held messages get an in-progress ack this often (well under the queue's ack wait),
+    /// so that a slow or failing flush does not make the queue hand them out again.
+    pub progress_every: Duration,
+    /// Pauses between flush attempts while the store fails (the last repeats).
+    pub retry_backoff: Vec<Duration>,
 }
 
 impl AggregateConfig {
@@ -66,6 +75,9 @@ impl AggregateConfig {
             flush_rows: 5_000,
             flush_interval: Duration::from_secs(1),
             write_summary: true,
+            max_deliver: 5,
+            progress_every: Duration::from_secs(20),
+            retry_backoff: [1, 2, 4, 8, 15, 30].into_iter().map(Duration::from_secs).collect(),
         }
     }
 }
@@ -137,11 +149,32 @@ enum PendingKind {
     Ignored,
 }
 
+impl PendingKind {
+    fn noun(self) -> &'static str {
+        match self {
+            PendingKind::Result => "scored-study",
+            PendingKind::Quarantine => "quarantine",
+            PendingKind::Ignored => "ignored-inputs",
+        }
+    }
+}
+
+/// A message waiting for the next flush, with every delivery of it this aggregate holds
+/// (a redelivered copy is settled with the original, never before it is written).
+struct Held {
+    deliveries: Vec<Delivery>,
+    pending: Pending,
+}
+
 pub struct Aggregator {
     config: AggregateConfig,
     out: Store,
     sites: SiteRegistry,
-    pending: Vec<(Delivery, Pending)>,
+    pending: Vec<Held>,
+    /// Consecutive failed flushes, and when the next may be tried.
+    failed_flushes: u32,
+    retry_at: Option<tokio::time::Instant>,
+    readiness: Option<Arc<Readiness>>,
     /// Ids ([`Pending::id`]) written by any writer or pending here.
     seen: HashSet<String>,
     /// Commit manifests already read.
@@ -160,6 +193,9 @@ impl Aggregator {
             out,
             sites,
             pending: Vec::new(),
+            failed_flushes: 0,
+            retry_at: None,
+            readiness: None,
             seen: HashSet::new(),
             commits_read: BTreeSet::new(),
             regions: BTreeMap::new(),
@@ -170,8 +206,16 @@ impl Aggregator {
         }
     }
 
-    /// Takes a delivery for the next flush, unless it is unreadable (terminated) or a
-    /// duplicate (acked at once).
+    /// Reports readiness false while flushes fail.
+    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    /// Takes a delivery for the next flush. An unreadable message, or one delivered past
+    /// `max_deliver`, becomes a quarantine record (written like any other, so nothing
+    /// is dropped without a row); a copy of a message already committed is acked; a copy
+    /// of one still waiting here is held with it.
     async fn accept(&mut self, delivery: Delivery, kind: PendingKind) {
         let payload = &delivery.payload;
         let parsed = match kind {
@@ -179,20 +223,44 @@ impl Aggregator {
             PendingKind::Quarantine => serde_json::from_slice(payload).map(Pending::Quarantine),
             PendingKind::Ignored => serde_json::from_slice(payload).map(Pending::Ignored),
         };
+        let envelope = Envelope::peek(payload);
         let pending = match parsed {
-            Ok(pending) => pending,
             Err(error) => {
-                warn!(%error, ?kind, "unreadable message, terminated");
-                let _ = delivery.term().await;
-                return;
+                warn!(?kind, study = %envelope.study_key.as_deref().unwrap_or("-"), "unreadable message, quarantined");
+                Pending::Quarantine(envelope.quarantine_record(
+                    &self.config.campaign,
+                    Stage::Aggregate,
+                    format!("unreadable {} message", kind.noun()),
+                    error.to_string(),
+                    delivery.attempt,
+                ))
             }
+            Ok(_) if delivery.attempt > self.config.max_deliver => {
+                let attempts = delivery.attempt - 1;
+                warn!(?kind, study = %envelope.study_key.as_deref().unwrap_or("-"), attempts, "delivered past the limit, quarantined");
+                Pending::Quarantine(envelope.quarantine_record(
+                    &self.config.campaign,
+                    Stage::Aggregate,
+                    format!("gave up after {attempts} attempts: no aggregate finished writing it"),
+                    format!("a {} message delivered past max_deliver without ever being settled", kind.noun()),
+                    delivery.attempt,
+                ))
+            }
+            Ok(pending) => pending,
         };
-        if !self.seen.insert(pending.id()) {
-            self.report.duplicates_dropped += 1;
-            let _ = delivery.ack().await;
+        let id = pending.id();
+        if let Some(held) = self.pending.iter_mut().find(|held| held.pending.id() == id) {
+            held.deliveries.push(delivery);
             return;
         }
-        self.pending.push((delivery, pending));
+        if !self.seen.insert(id) {
+            self.report.duplicates_dropped += 1;
+            if let Err(error) = delivery.ack().await {
+                warn!(%error, "acking a duplicate failed; it comes back and is dropped again");
+            }
+            return;
+        }
+        self.pending.push(Held { deliveries: vec![delivery], pending });
     }
 
     async fn put(&mut self, key: String, batch: RecordBatch) -> Result<(), AggregateError> {
@@ -221,13 +289,13 @@ impl Aggregator {
     async fn drop_committed_elsewhere(&mut self) -> Result<(), AggregateError> {
         let (committed, _) = self.read_new_commits().await?;
         let (duplicates, keep): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.pending).into_iter().partition(|(_, pending)| committed.contains(&pending.id()));
+            std::mem::take(&mut self.pending).into_iter().partition(|held| committed.contains(&held.pending.id()));
         self.pending = keep;
         if !duplicates.is_empty() {
             info!(dropped = duplicates.len(), "already committed by another writer; dropped");
             self.report.duplicates_dropped += duplicates.len();
         }
-        for (delivery, _) in duplicates {
+        for delivery in duplicates.into_iter().flat_map(|held| held.deliveries) {
             let _ = delivery.ack().await;
         }
         self.seen.extend(committed);
@@ -237,8 +305,8 @@ impl Aggregator {
     async fn write_pending(&mut self) -> Result<(), AggregateError> {
         let now = OffsetDateTime::now_utc();
         let (mut results, mut quarantine, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
-        for (_, pending) in &self.pending {
-            match pending {
+        for held in &self.pending {
+            match &held.pending {
                 Pending::Result(scored) => results.push(scored),
                 Pending::Quarantine(record) => quarantine.push(record.clone()),
                 Pending::Ignored(chunk) => ignored.push(chunk),
@@ -291,7 +359,9 @@ impl Aggregator {
         })
     }
 
-    /// Writes what is pending, then settles it: ack when written, nak when not.
+    /// Writes what is pending, then acks it. When the write fails (the store is down),
+    /// everything stays held, with in-progress acks, for the next attempt: an outage
+    /// spends none of a message's delivery attempts.
     pub async fn flush(&mut self) -> Result<(), AggregateError> {
         if self.pending.is_empty() {
             return Ok(());
@@ -301,16 +371,29 @@ impl Aggregator {
             Ok(()) => self.write_pending().await,
             Err(error) => Err(error),
         };
-        let pending = std::mem::take(&mut self.pending);
         if let Err(error) = written {
-            warn!(%error, "writing Parquet failed; messages handed back for redelivery");
-            for (delivery, pending) in pending {
-                self.seen.remove(&pending.id());
-                let _ = delivery.nak(Duration::from_secs(2)).await;
+            self.failed_flushes += 1;
+            let backoff = &self.config.retry_backoff;
+            let pause = backoff
+                .get((self.failed_flushes as usize - 1).min(backoff.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(Duration::from_secs(1));
+            self.retry_at = Some(tokio::time::Instant::now() + pause);
+            if let Some(readiness) = &self.readiness {
+                readiness.set(false);
             }
+            warn!(%error, held = self.pending.len(), retry_in_s = pause.as_secs_f64(), "writing Parquet failed; messages held for the next attempt");
             return Err(error);
         }
-        for (delivery, pending) in pending {
+        if self.failed_flushes > 0 {
+            info!(failed_flushes = self.failed_flushes, "writing works again");
+            if let Some(readiness) = &self.readiness {
+                readiness.set(true);
+            }
+        }
+        self.failed_flushes = 0;
+        self.retry_at = None;
+        for Held { deliveries, pending } in std::mem::take(&mut self.pending) {
             match pending {
                 Pending::Result(row) => {
                     let region =
@@ -331,12 +414,49 @@ impl Aggregator {
                 }
                 Pending::Ignored(chunk) => self.report.ignored_written += chunk.inputs.len(),
             }
-            if let Err(error) = delivery.ack().await {
-                warn!(%error, "ack failed after a durable write; the duplicate will be dropped on redelivery");
+            for delivery in deliveries {
+                if let Err(error) = delivery.ack().await {
+                    warn!(%error, "ack failed after a durable write; the duplicate will be dropped on redelivery");
+                }
             }
         }
         info!(sequence = self.sequence, "flushed");
         Ok(())
+    }
+
+    /// Whether a flush may be tried now (not while waiting out a failed one).
+    fn may_flush(&self) -> bool {
+        self.retry_at.is_none_or(|at| tokio::time::Instant::now() >= at)
+    }
+
+    /// Keeps every held message from being handed out again while it waits.
+    async fn keep_held(&self) {
+        for delivery in self.pending.iter().flat_map(|held| &held.deliveries) {
+            if let Err(error) = delivery.progress().await {
+                warn!(%error, "in-progress ack failed");
+            }
+        }
+    }
+
+    /// Flushes, trying again through a store outage until `deadline`; what is still not
+    /// written then is handed back to the queue for another aggregate (or a later run).
+    async fn flush_until(&mut self, deadline: tokio::time::Instant) -> Result<(), AggregateError> {
+        loop {
+            match self.flush().await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    let retry_at = self.retry_at.unwrap_or_else(tokio::time::Instant::now);
+                    if retry_at >= deadline {
+                        for delivery in std::mem::take(&mut self.pending).into_iter().flat_map(|held| held.deliveries) {
+                            let _ = delivery.nak(Duration::from_secs(1)).await;
+                        }
+                        return Err(error);
+                    }
+                    self.keep_held().await;
+                    tokio::time::sleep_until(retry_at).await;
+                }
+            }
+        }
     }
 
     /// Writes the regional summary and the recall worklist for everything flushed.
@@ -374,16 +494,22 @@ impl Aggregator {
         queue: Arc<dyn Queue>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AggregateError> {
-        let consumer = &subjects::consumer(panscreen_shared::contracts::Stage::Aggregate);
+        let consumer = &subjects::consumer(Stage::Aggregate);
         let mut scored = queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
         let mut quarantine = queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
         let mut ignored = queue.subscribe(&subjects::ignored(&self.config.campaign), consumer).await?;
         let (mut scored_open, mut quarantine_open, mut ignored_open) = (true, true, true);
         let mut next_flush = tokio::time::Instant::now() + self.config.flush_interval;
+        let every = self.config.progress_every.max(Duration::from_millis(100));
+        let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // While the store fails, messages are still taken and held (with in-progress acks):
+        // the queue bounds how many (JetStream's max_ack_pending), and a message left
+        // unread in the client's buffer would be redelivered and spend an attempt.
         tokio::pin!(shutdown);
+        let mut stopping = false;
         while scored_open || quarantine_open || ignored_open {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => { stopping = true; break }
                 next = scored.next(), if scored_open => match next {
                     None => scored_open = false,
                     Some(Ok(delivery)) => self.accept(delivery, PendingKind::Result).await,
@@ -400,18 +526,23 @@ impl Aggregator {
                     Some(Err(error)) => warn!(%error, "receiving ignored inputs failed"),
                 },
                 _ = tokio::time::sleep_until(next_flush) => {
-                    if let Err(error) = self.flush().await {
-                        warn!(%error, "flush failed, will retry");
+                    if self.may_flush() {
+                        // A failure is logged and retried after its backoff.
+                        let _ = self.flush().await;
                     }
-                    next_flush = tokio::time::Instant::now() + self.config.flush_interval;
+                    next_flush = self.retry_at.unwrap_or_else(tokio::time::Instant::now).max(tokio::time::Instant::now() + self.config.flush_interval);
                 }
+                _ = progress.tick() => self.keep_held().await,
             }
-            if self.pending.len() >= self.config.flush_rows {
-                self.flush().await?;
+            if self.pending.len() >= self.config.flush_rows && self.may_flush() {
+                let _ = self.flush().await;
                 next_flush = tokio::time::Instant::now() + self.config.flush_interval;
             }
         }
-        self.flush().await?;
+        // The subjects ended (an embedded run) or shutdown: write what is held, through a
+        // short outage; on shutdown what cannot be written goes back to the queue.
+        let patience = if stopping { Duration::from_secs(10) } else { Duration::from_secs(120) };
+        self.flush_until(tokio::time::Instant::now() + patience).await?;
         if self.config.write_summary {
             self.write_summary_and_worklist().await?;
         }

@@ -3,7 +3,7 @@
 //! | table        | path                                                        | one row per |
 //! |--------------|-------------------------------------------------------------|-------------|
 //! | results      | `results/region_code=…/scan_month=YYYY-MM/part-….parquet`   | screened study |
-//! | quarantine   | `quarantine/part-….parquet`                                 | input that did not make it |
+//! | quarantine   | `quarantine/part-….parquet`                                 | input that did not make it (`inputs`: every object key behind it) |
 //! | ignored      | `ignored/part-….parquet`                                    | input left out on purpose |
 //! | summary      | `summary/summary.parquet`                                   | region |
 //! | worklist     | `worklist/worklist.parquet`                                 | flagged study, for recall |
@@ -14,7 +14,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, StringArray, TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
 };
 use arrow::datatypes::{Field, Schema};
 use arrow::error::ArrowError;
@@ -24,6 +25,18 @@ use time::{Date, OffsetDateTime};
 
 fn strings<'a>(values: impl Iterator<Item = Option<&'a str>>) -> ArrayRef {
     Arc::new(values.collect::<StringArray>())
+}
+
+/// A `list<string>` column.
+fn string_lists<'a>(values: impl Iterator<Item = &'a [String]>) -> ArrayRef {
+    let mut builder = ListBuilder::new(StringBuilder::new());
+    for list in values {
+        for value in list {
+            builder.values().append_value(value);
+        }
+        builder.append(true);
+    }
+    Arc::new(builder.finish())
 }
 
 fn floats(values: impl Iterator<Item = Option<f64>>) -> ArrayRef {
@@ -100,6 +113,7 @@ pub fn quarantine_batch(rows: &[QuarantineRecord]) -> Result<RecordBatch, ArrowE
         ("campaign", strings(rows.iter().map(|r| Some(r.campaign.as_str())))),
         ("stage", strings(rows.iter().map(|r| Some(r.stage.as_str())))),
         ("input", strings(rows.iter().map(|r| Some(r.input.as_str())))),
+        ("inputs", string_lists(rows.iter().map(|r| r.inputs.as_slice()))),
         ("study_key", strings(rows.iter().map(|r| r.study_key.as_deref()))),
         ("site_id", strings(rows.iter().map(|r| r.site_id.as_deref()))),
         ("reason", strings(rows.iter().map(|r| Some(r.reason.as_str())))),

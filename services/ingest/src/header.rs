@@ -86,6 +86,8 @@ pub enum HeaderProblem {
     Truncated(String),
     /// DICOM, but a required attribute is missing or malformed.
     Invalid(String),
+    /// A deflated data set that inflates beyond the limit (a deflate bomb).
+    Inflates(String),
     /// A DICOM object that is not an image (a structured report, a presentation state,
     /// an encapsulated PDF…): its SOP class name.
     NonImage(String),
@@ -97,6 +99,7 @@ impl HeaderProblem {
             HeaderProblem::NotDicom(_) => "not a DICOM file",
             HeaderProblem::Truncated(_) => "DICOM file is truncated",
             HeaderProblem::Invalid(_) => "DICOM header is missing required attributes",
+            HeaderProblem::Inflates(_) => "object expands beyond the decompressed size limit",
             HeaderProblem::NonImage(_) => "not an image",
         }
     }
@@ -106,6 +109,7 @@ impl HeaderProblem {
             HeaderProblem::NotDicom(detail)
             | HeaderProblem::Truncated(detail)
             | HeaderProblem::Invalid(detail)
+            | HeaderProblem::Inflates(detail)
             | HeaderProblem::NonImage(detail) => detail,
         }
     }
@@ -131,6 +135,8 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(|message| {
         if message.starts_with(panscreen_shared::dicom::TRUNCATED_PIXEL_DATA) {
             HeaderProblem::Truncated(message)
+        } else if message.starts_with(panscreen_shared::dicom::INFLATES_BEYOND_LIMIT) {
+            HeaderProblem::Inflates(message)
         } else {
             HeaderProblem::Invalid(message)
         }

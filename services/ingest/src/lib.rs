@@ -26,7 +26,7 @@ use panscreen_shared::contracts::{
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
 use panscreen_shared::sites::SiteRegistry;
-use panscreen_shared::store::{Store, StoreError};
+use panscreen_shared::store::{Store, StoreError, StoreErrorKind, UnlistedObject};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -134,6 +134,7 @@ fn quarantine(
         campaign: campaign.to_string(),
         stage: Stage::Ingest,
         input: input.to_string(),
+        inputs: vec![input.to_string()],
         study_key,
         site_id,
         reason: reason.to_string(),
@@ -147,6 +148,61 @@ pub(crate) enum ObjectOutcome {
     Instance(Box<InstanceHeader>),
     Quarantined(QuarantineRecord),
     Ignored(IgnoredInput),
+}
+
+/// An object the listing found but could not name as a key.
+pub(crate) fn unlisted_outcome(config: &IngestConfig, unlisted: UnlistedObject) -> ObjectOutcome {
+    ObjectOutcome::Quarantined(quarantine(
+        &config.campaign,
+        &unlisted.key_lossy,
+        None,
+        None,
+        "object cannot be read by its name",
+        &unlisted.reason,
+    ))
+}
+
+/// What becomes of an object whose read failed for a reason other than an outage (those
+/// are retried, see [`read_object_retrying`] and the watcher).
+pub(crate) fn unreadable_outcome(config: &IngestConfig, key: String, error: &StoreError) -> ObjectOutcome {
+    let (reason, detail) = match error.kind() {
+        StoreErrorKind::NotFound => {
+            return ObjectOutcome::Ignored(IgnoredInput {
+                input: key,
+                reason: "removed between listing and reading (nothing left to screen)".to_string(),
+            })
+        }
+        StoreErrorKind::Denied => ("object cannot be read: permission denied", error.to_string()),
+        StoreErrorKind::InvalidKey => ("object cannot be read by its name", error.to_string()),
+        StoreErrorKind::Unavailable | StoreErrorKind::Configuration => {
+            ("the store kept failing while this object was read", error.to_string())
+        }
+    };
+    ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, reason, &detail))
+}
+
+/// Reads one object's header, trying again on store outages (`attempts` in all, with
+/// growing pauses), and always ends with an outcome: one object never stops a run.
+pub(crate) async fn read_object_retrying(
+    store: &Store,
+    config: &IngestConfig,
+    key: String,
+    size: u64,
+    attempts: u32,
+) -> ObjectOutcome {
+    let mut pause = std::time::Duration::from_millis(200);
+    for attempt in 1..=attempts.max(1) {
+        match read_object(store, config, key.clone(), size).await {
+            Ok(outcome) => return outcome,
+            Err(error) if error.is_transient() && attempt < attempts => {
+                warn!(attempt, kind = ?error.kind(), "reading an object failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+            }
+            Err(error) => return unreadable_outcome(config, key, &error),
+        }
+    }
+    unreachable!("the last attempt returns")
 }
 
 pub(crate) async fn read_object(
@@ -225,20 +281,31 @@ pub(crate) async fn read_object(
     })
 }
 
-fn common_prefix(keys: &[&str]) -> String {
+/// The folder all `keys` share, by whole path segments ("" when they share none).
+fn common_folder(keys: &[&str]) -> String {
+    let folder = |key: &str| -> Vec<String> {
+        let mut parts: Vec<String> = key.split('/').map(str::to_string).collect();
+        parts.pop();
+        parts
+    };
     let Some(first) = keys.first() else {
         return String::new();
     };
-    let mut end = first.len();
-    for key in keys {
-        end = end.min(first.bytes().zip(key.bytes()).take_while(|(a, b)| a == b).count());
+    let mut common = folder(first);
+    for key in &keys[1..] {
+        let other = folder(key);
+        let same = common.iter().zip(&other).take_while(|(a, b)| a == b).count();
+        common.truncate(same);
     }
-    let prefix = &first[..end];
-    match prefix.rfind('/') {
-        Some(slash) => prefix[..=slash].to_string(),
-        None => prefix.to_string(),
+    if common.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", common.join("/"))
     }
 }
+
+/// Attempts at reading one object in an embedded run before a store outage quarantines it.
+const READ_ATTEMPTS: u32 = 4;
 
 /// Lists the input, reads every header, and decides every study.
 pub async fn scan(
@@ -247,17 +314,22 @@ pub async fn scan(
     pseudonymizer: &Pseudonymizer,
     sites: &SiteRegistry,
 ) -> Result<IngestReport, StoreError> {
-    let objects = store.list(&config.prefix).await?;
-    let mut report = IngestReport { objects_listed: objects.len(), ..IngestReport::default() };
-    let outcomes: Vec<Result<ObjectOutcome, StoreError>> = futures::stream::iter(objects)
-        .map(|meta| read_object(store, config, meta.location.to_string(), meta.size))
-        .buffer_unordered(config.concurrency.max(1))
-        .collect()
-        .await;
+    let listing = store.scan(&config.prefix).await?;
+    let mut report =
+        IngestReport { objects_listed: listing.objects.len() + listing.unlisted.len(), ..IngestReport::default() };
+    let mut outcomes: Vec<ObjectOutcome> =
+        listing.unlisted.into_iter().map(|unlisted| unlisted_outcome(config, unlisted)).collect();
+    outcomes.extend(
+        futures::stream::iter(listing.objects)
+            .map(|object| read_object_retrying(store, config, object.key, object.size, READ_ATTEMPTS))
+            .buffer_unordered(config.concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await,
+    );
 
     let mut studies: BTreeMap<String, Vec<InstanceHeader>> = BTreeMap::new();
     for outcome in outcomes {
-        match outcome? {
+        match outcome {
             ObjectOutcome::Instance(instance) => {
                 studies.entry(instance.study_instance_uid.clone()).or_default().push(*instance)
             }
@@ -363,14 +435,17 @@ pub fn decide_study(
             let keys: Vec<&str> = all_keys.iter().map(String::as_str).collect();
             warn!(study = %context.study_key, reason = %rejection.reason, "study quarantined");
             report.quarantined_objects(&rejection.reason, study_files);
-            report.quarantined.push(quarantine(
+            let folder = common_folder(&keys);
+            let mut record = quarantine(
                 &config.campaign,
-                &common_prefix(&keys),
+                if folder.is_empty() { "(top level of the store)" } else { &folder },
                 Some(context.study_key.clone()),
                 Some(context.site_id.clone()),
                 &rejection.reason,
                 &format!("{} ({study_files} files)", rejection.detail),
-            ));
+            );
+            record.inputs = all_keys;
+            report.quarantined.push(record);
         }
     }
 }
@@ -417,8 +492,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn common_prefix_stops_at_a_folder() {
-        assert_eq!(common_prefix(&["a/b/c1.dcm", "a/b/c2.dcm"]), "a/b/");
-        assert_eq!(common_prefix(&["a/x.dcm"]), "a/");
+    fn common_folder_is_whole_segments_of_any_script() {
+        assert_eq!(common_folder(&["a/b/c1.dcm", "a/b/c2.dcm"]), "a/b/");
+        assert_eq!(common_folder(&["a/x.dcm"]), "a/");
+        assert_eq!(common_folder(&["site-x/1.dcm", "site-x/2.dcm"]), "site-x/");
+        // The byte prefix of these two ends inside '增' and '平' (the panic of issue 10).
+        assert_eq!(common_folder(&["病人甲/增强/IM_1.dcm", "病人甲/平扫/IM_2.dcm"]), "病人甲/");
+        assert_eq!(common_folder(&["Müller/a.dcm", "Möller/a.dcm"]), "");
+        assert_eq!(common_folder(&["ab/1.dcm", "abc/1.dcm"]), "");
+        assert_eq!(common_folder(&["x.dcm", "y.dcm"]), "");
+        assert_eq!(common_folder(&[]), "");
     }
 }

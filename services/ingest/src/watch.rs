@@ -26,18 +26,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use object_store::ObjectMeta;
 use panscreen_shared::contracts::IgnoredInput;
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::Queue;
 use panscreen_shared::sites::SiteRegistry;
-use panscreen_shared::store::Store;
+use panscreen_shared::store::{ObjectInfo, Store};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
 use crate::header::InstanceHeader;
-use crate::{decide_study, publish, read_object, IngestConfig, IngestReport, ObjectOutcome};
+use crate::{
+    decide_study, publish, read_object, unlisted_outcome, unreadable_outcome, IngestConfig, IngestReport, ObjectOutcome,
+};
 
 /// When a study counts as complete.
 #[derive(Debug, Clone)]
@@ -100,7 +101,12 @@ pub struct Watcher {
     handled_studies: HashSet<String>,
     /// Headers of instances whose study is not complete yet, with their write time.
     waiting: HashMap<String, (InstanceHeader, OffsetDateTime)>,
+    /// Passes in a row in which the store failed to serve an object.
+    read_failures: HashMap<String, u32>,
 }
+
+/// An object the store fails to serve in this many passes in a row is quarantined.
+const PASSES_BEFORE_GIVING_UP: u32 = 10;
 
 fn folder(key: &str) -> &str {
     key.rsplit_once('/').map(|(folder, _)| folder).unwrap_or("")
@@ -138,10 +144,11 @@ impl Watcher {
             handled_objects: HashSet::new(),
             handled_studies: HashSet::new(),
             waiting: HashMap::new(),
+            read_failures: HashMap::new(),
         };
         let segments = watcher.state.list("ledger").await?;
         for segment in &segments {
-            let bytes = watcher.state.get(segment.location.as_ref()).await?;
+            let bytes = watcher.state.get(&segment.key).await?;
             let segment: LedgerSegment = serde_json::from_slice(&bytes)?;
             watcher.handled_objects.extend(segment.objects);
             watcher.handled_studies.extend(segment.studies);
@@ -153,7 +160,7 @@ impl Watcher {
             };
             watcher.write_segment(&merged).await?;
             for segment in segments {
-                watcher.state.delete(segment.location.as_ref()).await?;
+                watcher.state.delete(&segment.key).await?;
             }
         }
         info!(objects = watcher.handled_objects.len(), studies = watcher.handled_studies.len(), "ledger read");
@@ -178,15 +185,30 @@ impl Watcher {
 
     /// Lists `prefixes`, reads the headers of objects not handled before, decides every
     /// complete study, publishes, and writes the ledger segment.
+    ///
+    /// One object never fails a pass: an object the store cannot name or read is
+    /// quarantined (or ignored when it vanished), and one the store failed to serve
+    /// (an outage) stays unhandled for the next pass. A prefix whose listing fails is
+    /// left for the next pass too, and no study with files under it is decided now.
     pub async fn pass(&mut self, queue: &dyn Queue, prefixes: &[String]) -> anyhow::Result<PassReport> {
-        let mut listed: BTreeMap<String, ObjectMeta> = BTreeMap::new();
+        let mut listed: BTreeMap<String, ObjectInfo> = BTreeMap::new();
+        let mut unlisted = BTreeMap::new();
+        let mut failed_prefixes = Vec::new();
         for prefix in prefixes {
-            for meta in self.input.list(prefix).await? {
-                listed.insert(meta.location.to_string(), meta);
+            match self.input.scan(prefix).await {
+                Ok(listing) => {
+                    listed.extend(listing.objects.into_iter().map(|object| (object.key.clone(), object)));
+                    unlisted.extend(listing.unlisted.into_iter().map(|entry| (entry.key_lossy.clone(), entry)));
+                }
+                Err(error) => {
+                    warn!(kind = ?error.kind(), "listing a watched prefix failed; the next pass tries again");
+                    failed_prefixes.push(prefix.trim_matches('/').to_string());
+                }
             }
         }
+        let under_failed = |key: &str| failed_prefixes.iter().any(|p| p.is_empty() || key.starts_with(p.as_str()));
         let now = OffsetDateTime::now_utc();
-        let mut report = PassReport { listed: listed.len(), ..PassReport::default() };
+        let mut report = PassReport { listed: listed.len() + unlisted.len(), ..PassReport::default() };
         let decided = &mut report.decided;
         let mut segment = LedgerSegment::default();
         let marker = self.completion.marker.as_str();
@@ -196,28 +218,29 @@ impl Watcher {
         // Objects no earlier pass decided, with their ledger ids (one keyed hash each).
         let unhandled: Vec<(&String, String)> = listed
             .keys()
+            .chain(unlisted.keys())
             .map(|key| (key, self.object_id(key)))
             .filter(|(_, id)| !self.handled_objects.contains(id))
             .collect();
-        let fresh: Vec<&ObjectMeta> = unhandled
-            .iter()
-            .filter(|(key, _)| !self.waiting.contains_key(*key))
-            .map(|(key, _)| &listed[*key])
-            .collect();
         let mut markers = Vec::new();
         let mut to_read = Vec::new();
-        for meta in fresh {
-            if is_marker(meta.location.as_ref()) {
-                markers.push(meta.location.to_string());
+        for (key, _) in unhandled.iter().filter(|(key, _)| !self.waiting.contains_key(*key)) {
+            if let Some(entry) = unlisted.get(*key) {
+                if let ObjectOutcome::Quarantined(record) = unlisted_outcome(&self.config, entry.clone()) {
+                    decided.quarantined_objects(&record.reason, 1);
+                    decided.quarantined.push(record);
+                }
+            } else if is_marker(key) {
+                markers.push(key.to_string());
             } else {
-                to_read.push(meta);
+                to_read.push(&listed[*key]);
             }
         }
         let (input, config) = (&self.input, &self.config);
         let outcomes: Vec<_> = futures::stream::iter(to_read)
-            .map(|meta| async move {
-                let outcome = read_object(input, config, meta.location.to_string(), meta.size).await;
-                (meta.last_modified, outcome)
+            .map(|object| async move {
+                let outcome = read_object(input, config, object.key.clone(), object.size).await;
+                (object, outcome)
             })
             .buffer_unordered(self.config.concurrency.max(1))
             .collect()
@@ -225,11 +248,29 @@ impl Watcher {
         for key in markers {
             decided.ignored.push(IgnoredInput { input: key, reason: "completion marker, not an image".to_string() });
         }
-        for (written, outcome) in outcomes {
-            match outcome? {
+        // Objects the store failed to serve this time: not decided, read again next pass.
+        let mut read_later: HashSet<String> = HashSet::new();
+        for (object, outcome) in outcomes {
+            let outcome = match outcome {
+                Ok(outcome) => {
+                    self.read_failures.remove(&object.key);
+                    outcome
+                }
+                Err(error) if error.is_transient() => {
+                    let failures = self.read_failures.entry(object.key.clone()).or_default();
+                    *failures += 1;
+                    if *failures < PASSES_BEFORE_GIVING_UP {
+                        read_later.insert(object.key.clone());
+                        continue;
+                    }
+                    self.read_failures.remove(&object.key);
+                    unreadable_outcome(&self.config, object.key.clone(), &error)
+                }
+                Err(error) => unreadable_outcome(&self.config, object.key.clone(), &error),
+            };
+            match outcome {
                 ObjectOutcome::Instance(header) => {
-                    let written = OffsetDateTime::from_unix_timestamp(written.timestamp()).unwrap_or(now);
-                    self.waiting.insert(header.key.clone(), (*header, written));
+                    self.waiting.insert(header.key.clone(), (*header, object.last_modified));
                 }
                 ObjectOutcome::Quarantined(record) => {
                     decided.quarantined_objects(&record.reason, 1);
@@ -237,6 +278,10 @@ impl Watcher {
                 }
                 ObjectOutcome::Ignored(ignored) => decided.ignored.push(ignored),
             }
+        }
+        let read_later_folders: HashSet<&str> = read_later.iter().map(|k| folder(k)).collect();
+        if !read_later.is_empty() {
+            warn!(objects = read_later.len(), "the store failed to serve some objects; the next pass reads them again");
         }
 
         // Complete studies leave the waiting room.
@@ -248,7 +293,9 @@ impl Watcher {
         for keys in by_study.into_values() {
             let last_write = keys.iter().map(|k| self.waiting[k].1).max().expect("a study has an instance");
             let complete = keys.iter().any(|k| under_marker(&marked, k)) || last_write + quiet <= now;
-            if !complete {
+            // Some of its files may be among those not listed or read this time.
+            let maybe_partial = keys.iter().any(|k| under_failed(k) || read_later_folders.contains(folder(k)));
+            if !complete || maybe_partial {
                 continue;
             }
             let instances: Vec<InstanceHeader> =
@@ -272,8 +319,11 @@ impl Watcher {
         report.waiting_studies = self.waiting_studies();
 
         // Every listed object neither handled before nor still waiting was decided now.
-        segment.objects =
-            unhandled.into_iter().filter(|(key, _)| !self.waiting.contains_key(*key)).map(|(_, id)| id).collect();
+        segment.objects = unhandled
+            .into_iter()
+            .filter(|(key, _)| !self.waiting.contains_key(*key) && !read_later.contains(*key))
+            .map(|(_, id)| id)
+            .collect();
         decided.objects_listed = segment.objects.len();
         if segment.objects.is_empty() {
             return Ok(report);

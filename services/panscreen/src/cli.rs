@@ -261,8 +261,27 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             panscreen_shared::telemetry::init_stderr("warn", false);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let campaign = args.cluster.campaign.clone();
-            let prefix = runtime.block_on(crate::serve::submit(args))?;
+            if args.list {
+                for request in runtime.block_on(crate::serve::submitted(&args.cluster))? {
+                    println!("{}\tsubmitted {}", request.prefix, request.requested_at);
+                }
+                return Ok(());
+            }
+            if let Some(prefix) = &args.remove {
+                let removed = runtime.block_on(crate::serve::withdraw(&args.cluster, prefix))?;
+                anyhow::ensure!(removed, "'{prefix}' is not submitted to campaign {campaign} (see submit --list)");
+                println!("campaign {campaign} no longer watches '{prefix}'; what was screened stays in the tables");
+                return Ok(());
+            }
+            let submitted = runtime.block_on(crate::serve::submit(args))?;
+            let prefix = &submitted.prefix;
             println!("submitted prefix '{prefix}' to campaign {campaign}; the ingest service screens it");
+            if submitted.empty {
+                println!("note: '{prefix}' holds no objects yet; ingest screens what arrives there");
+            }
+            if !submitted.notified {
+                println!("note: NATS did not take the wake-up; ingest finds the prefix at its next rescan");
+            }
             Ok(())
         }
         Command::Setup(cluster) => {

@@ -26,6 +26,7 @@ use panscreen_shared::contracts::{subjects, ScanRequest, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
 use panscreen_shared::queue::jetstream::{consumer_name, JetStreamQueue, JetStreamSettings, NatsConfig};
+use panscreen_shared::queue::large::{self, LargePayloads};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::status;
 use panscreen_shared::store::{OpenMode, Store};
@@ -97,7 +98,7 @@ impl ClusterArgs {
     }
 
     pub fn campaign_prefix(&self) -> String {
-        format!("campaigns/{}", self.campaign)
+        format!("{CAMPAIGNS}/{}", self.campaign)
     }
 }
 
@@ -161,6 +162,12 @@ pub struct SubmitArgs {
     /// (s3://bucket/prefix/incoming/, file:///root/incoming).
     #[arg(long, default_value = "incoming", env = "PANSCREEN_INPUT_PREFIX")]
     pub prefix: String,
+    /// List the prefixes submitted to the campaign instead.
+    #[arg(long, conflicts_with = "remove")]
+    pub list: bool,
+    /// Stop watching this prefix (what was screened stays in the tables).
+    #[arg(long, value_name = "PREFIX")]
+    pub remove: Option<String>,
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -186,7 +193,10 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     let root = cluster.store()?;
     let campaign_root = root.sub(&cluster.campaign_prefix());
     let jetstream = Arc::new(cluster.queue().await?);
-    let queue: Arc<dyn Queue> = jetstream.clone();
+    // Messages over NATS' payload limit (a study of thousands of slices with long keys)
+    // travel by reference through the store.
+    let queue: Arc<dyn Queue> =
+        Arc::new(LargePayloads::new(jetstream.clone(), campaign_root.sub("messages"), large::DEFAULT_LIMIT));
     let stage = match args.stage {
         ServiceStage::Ingest => Stage::Ingest,
         ServiceStage::Preprocess => Stage::Preprocess,
@@ -201,9 +211,13 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     config.backoff = args.retry_backoff.iter().map(|s| Duration::from_secs_f64(s.max(0.0))).collect();
     let counters = Arc::new(StageCounters::default());
     let readiness = Arc::new(Readiness::default());
-    let listener = tokio::net::TcpListener::bind(&args.metrics_addr)
-        .await
-        .with_context(|| format!("cannot listen for metrics on {}", args.metrics_addr))?;
+    let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await.with_context(|| {
+        format!(
+            "cannot listen for /healthz, /readyz and /metrics on {}; give each service on one host its own \
+             --metrics-addr (PANSCREEN_METRICS_ADDR), e.g. 127.0.0.1:9465",
+            args.metrics_addr
+        )
+    })?;
     let metrics = tokio::spawn(metrics::serve(listener, stage, counters.clone(), readiness.clone()));
     // Unique across restarts of the same pod (same hostname, often pid 1).
     let started = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
@@ -262,7 +276,11 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             aggregate_config.flush_rows = args.flush_rows.clamp(1, max_ack_pending * 3 / 4);
             aggregate_config.flush_interval = Duration::from_secs(args.flush_seconds.max(1));
             aggregate_config.write_summary = false;
-            let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone());
+            aggregate_config.max_deliver = config.max_deliver;
+            aggregate_config.progress_every = config.progress_every;
+            aggregate_config.retry_backoff = config.backoff.clone();
+            let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone())
+                .with_readiness(readiness.clone());
             let existing = aggregator.recover().await?;
             info!(existing, "studies already in the results");
             readiness.set(true);
@@ -279,23 +297,47 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".to_string())
 }
 
-/// Where ingest keeps the prefixes submitted to it, so that a restart keeps watching them.
+/// Where the prefixes submitted to a campaign are recorded (under its ingest state), so
+/// that a restarted ingest keeps watching them. `submit` writes the record itself, so a
+/// submission is either recorded (and then never lost) or refused with an error.
 fn watch_key(prefix: &str) -> String {
     use sha2::{Digest, Sha256};
     format!("watch/{}.json", &hex::encode(Sha256::digest(prefix.as_bytes()))[..24])
 }
 
-async fn watched_prefixes(state: &Store, configured: &[String]) -> anyhow::Result<BTreeSet<String>> {
-    let mut prefixes: BTreeSet<String> = configured.iter().map(|p| p.trim_matches('/').to_string()).collect();
+/// The prefixes submitted to a campaign, read from their records.
+pub async fn submitted_prefixes(state: &Store) -> anyhow::Result<Vec<ScanRequest>> {
+    let mut requests = Vec::new();
     for object in state.list("watch").await? {
-        let request: ScanRequest = serde_json::from_slice(&state.get(object.location.as_ref()).await?)?;
-        prefixes.insert(request.prefix);
+        let bytes = state.get(&object.key).await?;
+        match serde_json::from_slice::<ScanRequest>(&bytes) {
+            Ok(request) => requests.push(request),
+            Err(error) => warn!(%error, record = %object.key, "unreadable submission record, skipped"),
+        }
     }
-    Ok(prefixes)
+    requests.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+    Ok(requests)
+}
+
+/// The configured prefixes and every submitted one; `last` when the records cannot be
+/// read now (a store outage must not make ingest forget what it watches).
+async fn watched_prefixes(state: &Store, configured: &[String], last: &BTreeSet<String>) -> BTreeSet<String> {
+    match submitted_prefixes(state).await {
+        Ok(requests) => {
+            let mut prefixes: BTreeSet<String> = configured.iter().cloned().collect();
+            prefixes.extend(requests.into_iter().map(|request| request.prefix));
+            prefixes
+        }
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "cannot read the submitted prefixes; watching the last known set");
+            last.clone()
+        }
+    }
 }
 
 /// The ingest service: a pass over every watched prefix on each tick and on each
-/// submitted prefix.
+/// submission (a submission message only wakes it up: the record in the store is what
+/// counts).
 async fn serve_ingest(
     args: &ServeArgs,
     root: Store,
@@ -308,13 +350,20 @@ async fn serve_ingest(
     let campaign = &args.cluster.campaign;
     let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.ingest.key_file)?;
     anyhow::ensure!(!ephemeral, "ingest needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)");
+    let configured: Vec<String> = args
+        .ingest
+        .watch
+        .iter()
+        .map(|prefix| prefix_within(&args.cluster.store, prefix))
+        .collect::<anyhow::Result<_>>()
+        .context("--watch")?;
     let mut config = IngestConfig::new(campaign);
     config.rules.min_slices = args.ingest.min_slices;
     let completion =
         Completion { quiet: Duration::from_secs(args.ingest.quiet_seconds), marker: args.ingest.marker.clone() };
     let sites = crate::cli::load_sites(&args.sites)?;
     let mut watcher = Watcher::open(root, state.clone(), config, completion, pseudonymizer, sites).await?;
-    let mut prefixes = watched_prefixes(&state, &args.ingest.watch).await?;
+    let mut prefixes = watched_prefixes(&state, &configured, &BTreeSet::new()).await;
     let mut requests = queue.subscribe(&subjects::submitted(campaign), &subjects::consumer(Stage::Ingest)).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(args.ingest.rescan_seconds.max(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -322,38 +371,27 @@ async fn serve_ingest(
     info!(prefixes = prefixes.len(), "ingest watching");
     tokio::pin!(shutdown);
     loop {
-        let request = tokio::select! {
+        tokio::select! {
             _ = &mut shutdown => break,
             next = requests.next() => match next {
-                Some(Ok(delivery)) => Some(delivery),
+                // A wake-up: the submission is already recorded in the store.
+                Some(Ok(delivery)) => {
+                    if let Err(error) = delivery.ack().await {
+                        warn!(%error, "acknowledging a submission failed");
+                    }
+                }
                 Some(Err(error)) => {
-                    warn!(%error, "receiving submitted prefixes failed");
+                    warn!(%error, "receiving submissions failed");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
                 None => break,
             },
-            _ = tick.tick() => None,
+            _ = tick.tick() => {},
         };
-        if let Some(delivery) = &request {
-            match serde_json::from_slice::<ScanRequest>(&delivery.payload) {
-                Ok(submitted) => {
-                    let prefix = submitted.prefix.trim_matches('/').to_string();
-                    let body = Bytes::from(serde_json::to_vec(&ScanRequest { prefix: prefix.clone(), ..submitted })?);
-                    if let Err(error) = state.put(&watch_key(&prefix), body).await {
-                        warn!(%error, "cannot record the submitted prefix; will retry");
-                        let _ = request.expect("a request").nak(Duration::from_secs(5)).await;
-                        continue;
-                    }
-                    info!(prefix = %prefix, "prefix submitted");
-                    prefixes.insert(prefix);
-                }
-                Err(error) => warn!(%error, "unreadable scan request, dropped"),
-            }
-        }
+        prefixes = watched_prefixes(&state, &configured, &prefixes).await;
         let listed: Vec<String> = prefixes.iter().cloned().collect();
-        let outcome = watcher.pass(&*queue, &listed).await;
-        match &outcome {
+        match watcher.pass(&*queue, &listed).await {
             Ok(pass) => {
                 counters.processed.fetch_add(pass.decided.studies.len() as u64, Ordering::Relaxed);
                 counters.quarantined.fetch_add(pass.decided.quarantined.len() as u64, Ordering::Relaxed);
@@ -361,43 +399,110 @@ async fn serve_ingest(
             }
             Err(error) => warn!(error = %format!("{error:#}"), "ingest pass failed; the next pass retries"),
         }
-        if let Some(delivery) = request {
-            let settled =
-                if outcome.is_ok() { delivery.ack().await } else { delivery.nak(Duration::from_secs(5)).await };
-            if let Err(error) = settled {
-                warn!(%error, "settling a scan request failed");
-            }
-        }
     }
     Ok(())
 }
 
+/// Where every campaign's work and tables live in the store; never input.
+const CAMPAIGNS: &str = "campaigns";
+
 /// The key prefix `--prefix` names within the store: a bare prefix, or a URL that
-/// starts with the store's own.
-fn prefix_within(store: &str, prefix: &str) -> anyhow::Result<String> {
-    if !prefix.contains("://") {
-        return Ok(prefix.trim_matches('/').to_string());
-    }
-    let store = store.trim_end_matches('/');
-    match prefix.strip_prefix(store) {
-        Some(rest) if rest.is_empty() || rest.starts_with('/') => Ok(rest.trim_matches('/').to_string()),
-        _ => anyhow::bail!("{prefix} is not inside the store {store}"),
-    }
+/// starts with the store's own. The store's root and panscreen's own outputs are refused:
+/// ingest would read its own tables and tensors as input.
+pub fn prefix_within(store: &str, prefix: &str) -> anyhow::Result<String> {
+    let key = if prefix.contains("://") {
+        let store = store.trim_end_matches('/');
+        match prefix.strip_prefix(store) {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_matches('/').to_string(),
+            _ => anyhow::bail!("{prefix} is not inside the store {store}"),
+        }
+    } else {
+        prefix.trim_matches('/').to_string()
+    };
+    anyhow::ensure!(
+        !key.is_empty(),
+        "{prefix} is the root of the store, which holds panscreen's own outputs under {CAMPAIGNS}/; \
+         submit the prefix the DICOM files are under (e.g. incoming/)"
+    );
+    anyhow::ensure!(
+        key != CAMPAIGNS && !key.starts_with(&format!("{CAMPAIGNS}/")),
+        "{prefix} is panscreen's own output ({CAMPAIGNS}/ holds every campaign's tables and tensors), not input"
+    );
+    Ok(key)
 }
 
-/// Registers `--prefix` with the ingest service, which scans it now and on every rescan.
-pub async fn submit(args: SubmitArgs) -> anyhow::Result<String> {
+/// What `submit` did.
+#[derive(Debug)]
+pub struct Submitted {
+    pub prefix: String,
+    /// Whether the prefix holds any object now (files may still be on their way).
+    pub empty: bool,
+    /// Whether the ingest service was woken at once (else it finds the prefix at its
+    /// next rescan).
+    pub notified: bool,
+}
+
+/// Writes `value` to `key`, trying again through a short store outage.
+async fn put_patiently(store: &Store, key: &str, value: Bytes) -> anyhow::Result<()> {
+    let mut pause = Duration::from_millis(250);
+    for attempt in 1..=6 {
+        match store.put(key, value.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.is_transient() && attempt < 6 => {
+                warn!(%error, attempt, "the store did not take the write; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Registers `--prefix` with the campaign: records it in the store (the ingest service
+/// watches every recorded prefix from its next pass on), then wakes the service.
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<Submitted> {
     let cluster = &args.cluster;
     let prefix = prefix_within(&cluster.store, &args.prefix)?;
-    let queue = cluster.queue().await?;
+    let root = cluster.store()?;
+    let empty = !root.has_objects(&prefix).await.with_context(|| format!("listing {prefix}"))?;
     let request = ScanRequest {
         campaign: cluster.campaign.clone(),
         prefix: prefix.clone(),
         requested_at: time::OffsetDateTime::now_utc(),
     };
+    let body = Bytes::from(serde_json::to_vec(&request)?);
+    let state = root.sub(&cluster.campaign_prefix()).sub("ingest");
+    put_patiently(&state, &watch_key(&prefix), body.clone())
+        .await
+        .with_context(|| format!("recording the submission of {prefix} in {}", cluster.store))?;
     let id = format!("submit:{prefix}:{}", request.requested_at.unix_timestamp_nanos());
-    queue.publish(&subjects::submitted(&cluster.campaign), &id, Bytes::from(serde_json::to_vec(&request)?)).await?;
-    Ok(prefix)
+    let notified = match cluster.queue().await {
+        Ok(queue) => queue.publish(&subjects::submitted(&cluster.campaign), &id, body).await.is_ok(),
+        Err(error) => {
+            warn!(error = %format!("{error:#}"), "cannot reach NATS; ingest finds the prefix at its next rescan");
+            false
+        }
+    };
+    Ok(Submitted { prefix, empty, notified })
+}
+
+/// The prefixes submitted to the campaign.
+pub async fn submitted(cluster: &ClusterArgs) -> anyhow::Result<Vec<ScanRequest>> {
+    submitted_prefixes(&cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest")).await
+}
+
+/// Stops watching `prefix` (what was screened stays screened). Returns whether it was
+/// submitted.
+pub async fn withdraw(cluster: &ClusterArgs, prefix: &str) -> anyhow::Result<bool> {
+    let prefix = prefix_within(&cluster.store, prefix)?;
+    let state = cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest");
+    let key = watch_key(&prefix);
+    if state.head(&key).await.is_err() {
+        return Ok(false);
+    }
+    state.delete(&key).await?;
+    Ok(true)
 }
 
 /// Creates the campaign's stream, every durable consumer and the status bucket.
@@ -435,5 +540,10 @@ mod tests {
         assert_eq!(prefix_within("file:///data", "file:///data/x").unwrap(), "x");
         assert!(prefix_within("s3://bucket/root", "s3://other/incoming").is_err());
         assert!(prefix_within("s3://bucket/root", "s3://bucket/rootless").is_err());
+        for own in ["", "/", "s3://bucket/root", "s3://bucket/root/", "campaigns", "campaigns/c1/out", "/campaigns/"] {
+            let error = prefix_within("s3://bucket/root", own).unwrap_err().to_string();
+            assert!(error.contains("root of the store") || error.contains("own output"), "{own}: {error}");
+        }
+        assert_eq!(prefix_within("s3://bucket", "campaigns-2026/a").unwrap(), "campaigns-2026/a");
     }
 }

@@ -16,6 +16,7 @@
 
 pub mod conformance;
 pub mod jetstream;
+pub mod large;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
