@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub use panscreen::evaluate::{parquet_files, read_batches};
+use panscreen::synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
@@ -58,6 +59,76 @@ pub fn files_below(directory: &Path) -> Vec<PathBuf> {
     }
     files.sort();
     files
+}
+
+/// The header of a 64×64 plain axial CT series of an odd case `study`: patient
+/// identifiers the leak checks look for (`ODD^CASE`, `ODD0000…`, `ACCODD…`, `19550505`).
+pub fn odd_case_header(study: u32, description: &str) -> SeriesHeader {
+    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
+    SeriesHeader {
+        patient_name: format!("ODD^CASE^{study}"),
+        patient_id: format!("ODD{study:05}"),
+        issuer_of_patient_id: "NB-J01".into(),
+        patient_birth_date: "19550505".into(),
+        patient_sex: "M".into(),
+        patient_age: "070Y".into(),
+        accession_number: format!("ACCODD{study:04}"),
+        study_instance_uid: format!("2.25.77{study}"),
+        series_instance_uid: format!("2.25.78{study}"),
+        frame_of_reference_uid: format!("2.25.79{study}"),
+        study_date: "20250606".into(),
+        study_time: "090000".into(),
+        institution_name: "Jiangbei District Hospital".into(),
+        modality: "CT".into(),
+        series_number: 2,
+        series_description: description.into(),
+        rows: 64,
+        columns: 64,
+        pixel_spacing: [5.6, 5.6],
+        slice_thickness: 2.5,
+        signed_pixels: false,
+        bits_stored: 12,
+        rescale_slope: 1.0,
+        rescale_intercept: -1024.0,
+        padding_value: None,
+        sop_class_uid,
+        image_type,
+        orientation,
+        contrast_agent: None,
+        gantry_tilt: 0.0,
+    }
+}
+
+/// The HU of a 50-slice series; `position(i)` places slice i.
+pub fn series_hu(header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) -> Vec<([f64; 3], Vec<f32>)> {
+    let mut rng = Rng::derive(5, &[header.study_instance_uid.len() as u64]);
+    let phantom = Phantom::random(&mut rng, false);
+    (0..50).map(|index| (position(index), phantom.slice_hu(position(index), header.pixel_spacing, 64, 64))).collect()
+}
+
+/// The DICOM files of a 50-slice series, as (file name, bytes); `name(i)` names slice i.
+pub fn series_files(
+    header: &SeriesHeader,
+    position: impl Fn(usize) -> [f64; 3],
+    name: impl Fn(usize) -> String,
+) -> Vec<(String, Vec<u8>)> {
+    series_hu(header, position)
+        .into_iter()
+        .enumerate()
+        .map(|(index, (position, hu))| {
+            let uid = format!("{}.{index}", header.series_instance_uid);
+            let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
+            (name(index), encode_slice(header, &slice).expect("a slice encodes"))
+        })
+        .collect()
+}
+
+/// Writes a 50-slice series, one file per slice (`slice NN.dcm`).
+pub fn write_series(directory: &Path, header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) {
+    std::fs::create_dir_all(directory).unwrap();
+    for (name, bytes) in series_files(header, position, |index| format!("slice {index:02}.dcm")) {
+        std::fs::write(directory.join(name), bytes).unwrap();
+    }
 }
 
 pub mod servers;

@@ -308,8 +308,10 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(300));
+    let before_kill = processed(&preprocess_a) + processed(&preprocess_b);
     preprocess_a.signal("-KILL");
     infer_a.signal("-KILL");
+    assert!((1..16).contains(&before_kill), "the kills must land mid-run ({before_kill} of 16 preprocessed)");
     drop((preprocess_a, infer_a));
     let preprocess_c = cluster.serve("preprocess-c", "preprocess");
     let infer_c = cluster.serve("infer-c", "infer");

@@ -1,0 +1,255 @@
+//! Exports as hospitals make them: folders named after the patient in Chinese, `平扫/`
+//! and `增强/`, `Müller/` and `Möller #3/`, `IM#12` file names, 200-character names, a
+//! file name that is not UTF-8, a broken link, files that are not DICOM, an empty file,
+//! and a study of 2,000 slices whose message is larger than NATS takes. No run and no
+//! pass stops; every object ends screened, quarantined or ignored with its reason.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use panscreen::synth::{encode_slice, SeriesHeader, Slice};
+use panscreen_ingest::watch::{Completion, Watcher};
+use panscreen_ingest::IngestConfig;
+use panscreen_shared::contracts::{subjects, QuarantineRecord, StudyIngested};
+use panscreen_shared::pseudonym::Pseudonymizer;
+use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
+use panscreen_shared::queue::large::{self, LargePayloads};
+use panscreen_shared::queue::Queue;
+use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::store::Store;
+use panscreen_tests::servers::{NatsServer, SeaweedFs};
+use panscreen_tests::{files_below, odd_case_header, panscreen, python, series_files};
+
+const KEY: &str = "messy-inputs-key-0123456789abcdef0123";
+
+/// The two series of a study that both carry contrast (so none fits the rules).
+fn contrast_only_study(study: u32) -> [SeriesHeader; 2] {
+    let mut plain = odd_case_header(study, "PLAIN ABDOMEN");
+    plain.contrast_agent = Some("IOHEXOL 350".into());
+    let mut venous = odd_case_header(study, "ABDOMEN PV");
+    venous.contrast_agent = Some("IOHEXOL 350".into());
+    venous.series_instance_uid = format!("2.25.88{study}");
+    venous.series_number = 3;
+    [plain, venous]
+}
+
+fn along_z(i: usize) -> [f64; 3] {
+    [-180.0, -180.0, i as f64 * 2.5]
+}
+
+/// Every odd case as (key, bytes): two good studies, the contrast-only study in a folder
+/// named after its patient, and three objects that are not images.
+fn odd_objects() -> Vec<(String, Vec<u8>)> {
+    let mut objects = Vec::new();
+    let long = "x".repeat(190);
+    let good = [
+        (odd_case_header(11, "ABDOMEN"), Box::new(|i: usize| format!("Müller/平扫/IM#{i}")) as Box<dyn Fn(usize) -> String>),
+        (odd_case_header(12, "ABDOMEN"), Box::new(move |i: usize| format!("Möller #3/CT 0001/{long}-{i:03}.dcm"))),
+    ];
+    for (header, name) in good {
+        objects.extend(series_files(&header, along_z, name));
+    }
+    let [plain, venous] = contrast_only_study(13);
+    objects.extend(series_files(&plain, along_z, |i| format!("病人甲/平扫/IM_{i:04}.dcm")));
+    objects.extend(series_files(&venous, along_z, |i| format!("病人甲/增强/IM_{i:04}.dcm")));
+    objects.push(("notes.txt".into(), b"scanned on the new machine, see ward".to_vec()));
+    objects.push(("病人甲/report.pdf".into(), b"%PDF-1.4 not dicom".to_vec()));
+    objects.push(("empty.dcm".into(), Vec::new()));
+    objects
+}
+
+#[test]
+fn an_embedded_run_over_every_odd_name_screens_the_good_and_names_the_rest() {
+    let scratch = tempfile::tempdir().unwrap();
+    let input = scratch.path().join("export");
+    for (key, bytes) in odd_objects() {
+        let path = input.join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    // A name in a legacy code page (Latin-1 "Müller", not UTF-8), and a link to nowhere.
+    std::fs::write(input.join(OsStr::from_bytes(b"M\xfcller.dcm")), b"Latin-1 named").unwrap();
+    std::os::unix::fs::symlink(input.join("gone"), input.join("dangling.dcm")).unwrap();
+    let listed = files_below(&input).len();
+    assert_eq!(listed, 205);
+
+    let out = scratch.path().join("out");
+    let key_file = scratch.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let run = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        key_file.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "run failed: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let script = r#"
+import duckdb, json, sys
+out = sys.argv[1]
+q = lambda sql: duckdb.sql(sql.replace("OUT", out)).fetchall()
+print(json.dumps({
+    "results": q("select count(*) from read_parquet('OUT/results/**/*.parquet')"),
+    "quarantine": q("select reason, input, len(inputs), inputs from read_parquet('OUT/quarantine/**/*.parquet') order by reason, input"),
+    "accounting": q("select outcome, sum(objects), max(objects_listed) from read_parquet('OUT/accounting/*.parquet') group by all order by all"),
+}))
+"#;
+    let output = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(tables["results"][0][0], 2, "both good studies screened: {tables}");
+    let quarantine = tables["quarantine"].as_array().unwrap();
+    let rows: Vec<(&str, &str, u64)> = quarantine
+        .iter()
+        .map(|r| (r[0].as_str().unwrap(), r[1].as_str().unwrap(), r[2].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("empty file", "empty.dcm", 1),
+            ("no series fits the screening rules", "病人甲/", 100),
+            ("not a DICOM file", "notes.txt", 1),
+            ("not a DICOM file", "病人甲/report.pdf", 1),
+            ("object cannot be read by its name", "M\\xfcller.dcm", 1),
+            ("object cannot be read by its name", "dangling.dcm", 1),
+        ],
+        "{tables}"
+    );
+    // Every file of the quarantined study can be found from its row.
+    let study_keys: Vec<&str> = quarantine[1][3].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    for folder in ["病人甲/平扫/", "病人甲/增强/"] {
+        assert_eq!(study_keys.iter().filter(|k| k.starts_with(folder)).count(), 50, "{folder}");
+    }
+    let accounting = tables["accounting"].as_array().unwrap();
+    let total: u64 = accounting.iter().map(|r| r[1].as_u64().unwrap()).sum();
+    assert_eq!(total as usize, listed, "{accounting:?}");
+    assert!(accounting.iter().all(|r| r[2].as_u64().unwrap() as usize == listed), "{accounting:?}");
+    let screened = accounting.iter().find(|r| r[0] == "screened").unwrap();
+    assert_eq!(screened[1], 100);
+
+    // No identifier in any table; no folder name (here, the patient's) in any log line.
+    for file in files_below(&out) {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).to_string();
+        for secret in ["ODD^CASE", "ODD0000", "ACCODD", "19550505"] {
+            assert!(!text.contains(secret), "{secret} in {}", file.display());
+        }
+        if file.extension() == Some(OsStr::new("jsonl")) {
+            assert!(!text.contains("病人甲") && !text.contains("Müller"), "a folder name in {}", file.display());
+        }
+    }
+    assert!(!stderr.contains("病人甲") && !stderr.contains("Müller"), "{stderr}");
+}
+
+/// VmHWM of this process, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_too_large_for_nats() {
+    let (nats, seaweed) = (NatsServer::start(), SeaweedFs::start());
+    seaweed.create_bucket("messy");
+    let root = Store::open_s3_with("s3://messy", &seaweed.s3_options()).unwrap();
+
+    let mut objects = odd_objects();
+    // 2,000 slices under 500-byte keys: its message is over a megabyte.
+    let mut big = odd_case_header(14, "ABDOMEN THIN");
+    big.slice_thickness = 1.0;
+    let folder = format!("{}/{}", "Ω".repeat(100), "长".repeat(80));
+    let hu = vec![0.0f32; 64 * 64];
+    for index in 0..2000usize {
+        let uid = format!("{}.{index}", big.series_instance_uid);
+        let position = [-180.0, -180.0, index as f64];
+        let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
+        objects.push((format!("{folder}/{}-{index:05}.dcm", "s".repeat(40)), encode_slice(&big, &slice).unwrap()));
+    }
+    let count = objects.len();
+    futures::stream::iter(objects)
+        .map(|(key, bytes)| {
+            let root = root.clone();
+            async move { root.put(&format!("incoming/{key}"), Bytes::from(bytes)).await.unwrap() }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+
+    let nats_config = NatsConfig { url: nats.url(), ..NatsConfig::default() };
+    let jetstream = std::sync::Arc::new(
+        JetStreamQueue::connect(&nats_config, "messy", JetStreamSettings::default()).await.unwrap(),
+    );
+    let queue = LargePayloads::new(jetstream.clone(), root.sub("campaigns/messy/messages"), large::DEFAULT_LIMIT);
+    let mut preprocess = queue.subscribe(&subjects::ingested("messy"), "panscreen-preprocess").await.unwrap();
+    let mut quarantine = queue.subscribe(&subjects::quarantine("messy"), "panscreen-aggregate").await.unwrap();
+
+    let open_watcher = || {
+        Watcher::open(
+            root.clone(),
+            root.sub("campaigns/messy/ingest"),
+            IngestConfig::new("messy"),
+            Completion { quiet: std::time::Duration::ZERO, marker: "_COMPLETE".to_string() },
+            Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap(),
+            SiteRegistry::builtin(),
+        )
+    };
+    let mut watcher = open_watcher().await.unwrap();
+    let prefixes = vec!["incoming".to_string()];
+    let pass = watcher.pass(&queue, &prefixes).await.expect("a pass over odd inputs completes");
+    assert_eq!(pass.listed, count);
+    assert!(pass.decided.balanced(), "{:?}", pass.decided.accounting());
+    assert_eq!(pass.decided.studies.len(), 3);
+    let mut reasons: Vec<&str> = pass.decided.quarantined.iter().map(|q| q.reason.as_str()).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["empty file", "no series fits the screening rules", "not a DICOM file", "not a DICOM file"]);
+
+    // The large study arrives whole, though NATS would refuse its message as it is.
+    let (mut slices, mut largest) = (Vec::new(), Bytes::new());
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(30), preprocess.next())
+            .await
+            .expect("a study message within 30 s")
+            .unwrap()
+            .unwrap();
+        let study: StudyIngested = serde_json::from_slice(&delivery.payload).unwrap();
+        if study.slices.len() == 2000 {
+            largest = delivery.payload.clone();
+        }
+        slices.push(study.slices.len());
+        delivery.ack().await.unwrap();
+    }
+    slices.sort();
+    assert_eq!(slices, [50, 50, 2000]);
+    assert!(root.list("campaigns/messy/messages").await.unwrap().is_empty(), "references deleted once acked");
+
+    // The quarantined study's record lists all 100 keys.
+    let mut records = Vec::new();
+    for _ in 0..4 {
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(30), quarantine.next())
+            .await
+            .expect("a quarantine record within 30 s")
+            .unwrap()
+            .unwrap();
+        records.push(serde_json::from_slice::<QuarantineRecord>(&delivery.payload).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    let study = records.iter().find(|r| r.reason == "no series fits the screening rules").unwrap();
+    assert_eq!(study.input, "incoming/病人甲/");
+    assert_eq!(study.inputs.len(), 100);
+
+    // The next pass, and a restarted ingest, handle nothing again.
+    assert_eq!(watcher.pass(&queue, &prefixes).await.unwrap().decided.objects_listed, 0);
+    assert_eq!(open_watcher().await.unwrap().pass(&queue, &prefixes).await.unwrap().decided.objects_listed, 0);
+    assert!(peak_rss() < 512 << 20, "peak RSS {} MiB", peak_rss() >> 20);
+    // Last, as NATS may drop a connection that sends too much: the message as it is.
+    assert!(largest.len() > 1 << 20, "{} bytes", largest.len());
+    let refused = jetstream.publish(&subjects::ingested("messy"), "raw", largest.clone()).await;
+    assert!(refused.is_err(), "NATS took a {} byte message", largest.len());
+}
