@@ -106,7 +106,7 @@ pub const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
 /// bit in a length field makes the parser allocate gigabytes.
 ///
 /// Walks the file meta group and a data set in implicit or explicit VR, little or big
-/// endian, descending into sequences and items; stops at Pixel Data. A deflated data set
+/// endian, descending into sequences and items, past Pixel Data to the end. A deflated data set
 /// is inflated first, never beyond [`DEFLATED_MAX_BYTES`] (a deflate bomb is refused
 /// with [`INFLATES_BEYOND_LIMIT`]), and its inflated bytes are walked the same way.
 pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
@@ -117,14 +117,13 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
     if 144 + meta_length > size {
         return Err(format!("the file meta group declares {meta_length} bytes, more than the file holds"));
     }
-    // The meta group ends where group 0002 ends (as parsers read it), not where its
-    // declared length says.
-    let mut meta_end = 132;
+    // The meta group is read as dicom-object reads it: element after element, whatever
+    // their group, until its declared length is used up (a stray (0003,xxxx) element
+    // inside it belongs to it; the data set starts after the element that crosses it).
+    let mut meta_end = 144;
     let mut transfer_syntax = String::new();
-    while let Some(header) = bytes.get(meta_end..meta_end + 8) {
-        if u16::from_le_bytes([header[0], header[1]]) != 0x0002 {
-            break;
-        }
+    while (meta_end as u64) < 144 + meta_length {
+        let Some(header) = bytes.get(meta_end..meta_end + 8) else { break };
         let (length, value_at) = if SHORT_VRS.contains(&&[header[4], header[5]]) {
             (u16::from_le_bytes([header[6], header[7]]) as u64, meta_end + 8)
         } else {
@@ -136,7 +135,7 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
                 "a file meta element at byte {meta_end} declares {length} bytes, more than the file holds"
             ));
         }
-        if header[2..4] == [0x10, 0x00] {
+        if header[..4] == [0x02, 0x00, 0x10, 0x00] {
             let value = bytes.get(value_at..value_at + length as usize).unwrap_or_default();
             transfer_syntax = String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).to_string();
         }
@@ -231,18 +230,22 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
         Ok(())
     };
     // Fragments: items of raw bytes after the Pixel Data header, up to the delimiter.
-    let fragments = |mut at: usize| -> Result<(), String> {
+    // Returns where the walk goes on (after the delimiter), or None where it cannot.
+    let fragments = |mut at: usize| -> Result<Option<usize>, String> {
         while at + 8 <= end {
             let (Some(0xFFFE), Some(element), Some(length)) = (u16_at(at), u16_at(at + 2), u32_at(at + 4)) else {
-                return Ok(());
+                return Ok(None);
             };
+            if element == 0xE0DD {
+                return Ok(Some(at + 8));
+            }
             if element != 0xE000 || length == u32::MAX {
-                return Ok(());
+                return Ok(None);
             }
             fits(at, length, at + 8)?;
             at += 8 + length as usize;
         }
-        Ok(())
+        Ok(None)
     };
     let mut at = start;
     while at + 8 <= end {
@@ -271,14 +274,26 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
             }
         };
         if (group, element) == (0x7FE0, 0x0010) {
-            // Pixel Data: one value, or encapsulated fragments (items of raw bytes).
+            // Pixel Data: one value, or encapsulated fragments (items of raw bytes). What
+            // follows it (padding, vendor elements, garbage) is walked too: a parser that
+            // reads the whole object reads those lengths as well.
             if length != u32::MAX && length as u64 > size.saturating_sub(value_at as u64) {
                 return Err(format!(
                     "{TRUNCATED_PIXEL_DATA}: it declares {length} bytes but the file has only {} after it",
                     size.saturating_sub(value_at as u64)
                 ));
             }
-            return if length == u32::MAX { fragments(value_at) } else { Ok(()) };
+            if length != u32::MAX {
+                at = value_at + length as usize;
+                continue;
+            }
+            match fragments(value_at)? {
+                Some(after) => {
+                    at = after;
+                    continue;
+                }
+                None => return Ok(()),
+            }
         }
         if length == u32::MAX {
             at = value_at; // undefined length: a sequence, walked into

@@ -1,16 +1,22 @@
 //! Error classes shared by every stage.
 //!
-//! A stage error knows whether trying again can help. The worker loop turns the class
-//! into a queue action in one place: retryable → nak with backoff (until the delivery
-//! limit, then quarantine), permanent → quarantine and terminate.
+//! A stage error knows whether trying again can help, and whose fault it is. The worker
+//! loop turns the class into a queue action in one place: infrastructure → the worker
+//! pauses and tries the same message again, spending none of its attempts; retryable →
+//! nak with backoff (until the delivery limit, then quarantine); permanent → quarantine
+//! and terminate.
 
 use std::fmt;
 
 /// Whether an error may go away on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Transient: storage or broker unavailable, a timeout. Try again later.
+    /// The input may succeed on another attempt (a task that failed, a timeout):
+    /// retried, and each try spends one of its attempts.
     Retryable,
+    /// The store or the broker is unreachable or failing: nothing is wrong with the
+    /// input. The worker pauses and tries again; no attempt is spent.
+    Infrastructure,
     /// The input itself is wrong. Trying again gives the same answer.
     Permanent,
 }
@@ -34,8 +40,16 @@ impl StageError {
         StageError { class: ErrorClass::Retryable, reason: reason.into(), detail: detail.into() }
     }
 
+    pub fn infrastructure(reason: impl Into<String>, detail: impl Into<String>) -> Self {
+        StageError { class: ErrorClass::Infrastructure, reason: reason.into(), detail: detail.into() }
+    }
+
     pub fn is_retryable(&self) -> bool {
         self.class == ErrorClass::Retryable
+    }
+
+    pub fn is_infrastructure(&self) -> bool {
+        self.class == ErrorClass::Infrastructure
     }
 }
 
@@ -63,7 +77,7 @@ impl From<crate::store::StoreError> for StageError {
                 StageError::permanent("object key cannot be used with the store", error.to_string())
             }
             StoreErrorKind::Unavailable | StoreErrorKind::Configuration => {
-                StageError::retryable("object store error", error.to_string())
+                StageError::infrastructure("object store error", error.to_string())
             }
         }
     }

@@ -25,17 +25,41 @@ pub const STAGE_SECONDS: &str = "panscreen_stage_seconds";
 /// Upper bounds of the stage latency histogram, in seconds.
 pub const LATENCY_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
-/// Readiness, flipped by the service.
+/// Readiness: the service has started, and nothing blocks it now. Each part of a service
+/// reports its own blocker ("store unreachable", "NATS disconnected", …), so one part
+/// clearing its blocker does not hide another's.
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness {
+    started: AtomicBool,
+    blockers: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+}
 
 impl Readiness {
+    /// Started (true) or draining (false).
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.started.store(ready, Ordering::Relaxed);
+    }
+
+    /// Adds (`blocked`) or clears a named blocker.
+    pub fn block(&self, blocker: &'static str, blocked: bool) {
+        let mut blockers = self.blockers.lock().expect("readiness lock");
+        if blocked {
+            blockers.insert(blocker);
+        } else {
+            blockers.remove(blocker);
+        }
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.started.load(Ordering::Relaxed) && self.blockers.lock().expect("readiness lock").is_empty()
+    }
+
+    /// Why the service is not ready, for the /readyz body ("" when ready).
+    pub fn why_not(&self) -> String {
+        if !self.started.load(Ordering::Relaxed) {
+            return "starting or draining".to_string();
+        }
+        self.blockers.lock().expect("readiness lock").iter().copied().collect::<Vec<_>>().join("; ")
     }
 }
 
@@ -80,7 +104,7 @@ pub async fn serve(listener: TcpListener, stage: Stage, counters: Arc<StageCount
             let (status, body) = match path {
                 "/healthz" => ("200 OK", "ok\n".to_string()),
                 "/readyz" if readiness.get() => ("200 OK", "ready\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", format!("not ready: {}\n", readiness.why_not())),
                 "/metrics" => ("200 OK", render(stage, &counters)),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };

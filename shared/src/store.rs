@@ -309,7 +309,14 @@ impl Store {
         if bucket.len() < 3 {
             return Err(unsupported("bucket names have at least 3 characters".to_string()));
         }
-        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // The client's own retries stay short (about 20 s at most): the stages retry an
+        // outage themselves, holding their messages, and must hear of it in time to.
+        let retry = object_store::RetryConfig {
+            max_retries: 4,
+            retry_timeout: std::time::Duration::from_secs(20),
+            ..Default::default()
+        };
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retry);
         for (key, value) in options {
             let key = key.parse().map_err(|_| unsupported(format!("unknown S3 option {key}")))?;
             builder = builder.with_config(key, value);

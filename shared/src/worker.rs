@@ -10,8 +10,13 @@
 //! | handler says quarantine / permanent    | quarantine record, then term      |
 //! | retryable, attempts left               | nak with backoff                  |
 //! | retryable, `max_deliver` reached       | quarantine "gave up after N attempts: …", term |
-//! | publishing the outcome failed          | nak with backoff                  |
+//! | infrastructure (store or broker down)  | hold the message (in-progress acks), pause pulling, readiness false, try again after backoff: no attempt spent |
+//! | publishing the outcome failed          | the same: hold and publish again  |
+//! | handler ran past `handler_timeout`     | retryable ("ran past its limit")  |
 //! | delivered past `max_deliver` (earlier attempts never settled: the worker died or hung) | quarantine without handling, term |
+//!
+//! On shutdown, a message held through an outage is handed back (nak) for another
+//! worker, and the subscription hands back what it had fetched but not started.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,7 +77,14 @@ pub struct WorkerConfig {
     /// After shutdown, how long work in flight may take to finish. What is not settled
     /// by then is redelivered by the queue (JetStream's ack wait).
     pub drain_deadline: Duration,
+    /// A handler still running after this long is abandoned and its messages retried.
+    pub handler_timeout: Duration,
+    /// Told when the worker pauses for an outage (not ready) and resumes.
+    pub readiness: Option<Arc<crate::metrics::Readiness>>,
 }
+
+/// The readiness blocker while an outage holds the worker.
+const OUTAGE: &str = "the store or the queue is failing; work is held";
 
 impl WorkerConfig {
     pub fn new(campaign: &str, stage: Stage) -> Self {
@@ -90,6 +102,8 @@ impl WorkerConfig {
             batch_linger: Duration::from_millis(50),
             progress_every: Duration::from_secs(20),
             drain_deadline: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(600),
+            readiness: None,
         }
     }
 
@@ -108,6 +122,10 @@ pub struct StageCounters {
     /// Deliveries after the first (naks, and work a stopped worker never settled).
     pub redelivered: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Handlers abandoned at `handler_timeout`.
+    pub timed_out: AtomicU64,
+    /// Messages held through an outage right now.
+    pub held: AtomicU64,
     pub latency: LatencyHistogram,
 }
 
@@ -147,6 +165,20 @@ impl StageCounters {
     }
 }
 
+/// Whether the worker is pausing for an outage, and whether it is stopping.
+#[derive(Default)]
+struct Pause {
+    /// Tasks holding messages through an outage.
+    holding: AtomicU64,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Pause {
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
 /// Runs `handler` on `input_subject` until the subscription ends or `shutdown` fires;
 /// then waits for the work in flight to be settled.
 pub async fn run_worker<H: Handler>(
@@ -160,9 +192,17 @@ pub async fn run_worker<H: Handler>(
     let mut subscription = queue.subscribe(input_subject, &config.consumer).await?;
     let permits = Arc::new(Semaphore::new(config.concurrency.max(1)));
     let config = Arc::new(config);
+    let pause = Arc::new(Pause::default());
     tokio::pin!(shutdown);
 
     loop {
+        // While an outage holds messages, pull no more: they would wait and time out.
+        while pause.holding.load(Ordering::Relaxed) > 0 {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
         let permit = tokio::select! {
             _ = &mut shutdown => break,
             permit = permits.clone().acquire_owned() => permit.expect("semaphore is never closed"),
@@ -180,12 +220,16 @@ pub async fn run_worker<H: Handler>(
             }
         }
         counters.in_flight.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let (queue, handler, config, counters) = (queue.clone(), handler.clone(), config.clone(), counters.clone());
+        let (queue, handler, config, counters, pause) =
+            (queue.clone(), handler.clone(), config.clone(), counters.clone(), pause.clone());
         tokio::spawn(async move {
-            handle_batch(&*queue, &*handler, &config, &counters, batch).await;
+            handle_batch(&*queue, &*handler, &config, &counters, &pause, batch).await;
             drop(permit);
         });
     }
+    pause.stopping.store(true, Ordering::Relaxed);
+    // What the subscription fetched but no handler started goes back at once.
+    subscription.drain().await;
     // Drain: every permit back means nothing is in flight.
     let drained =
         tokio::time::timeout(config.drain_deadline, permits.acquire_many(config.concurrency.max(1) as u32)).await;
@@ -203,33 +247,92 @@ async fn handle_batch<H: Handler>(
     handler: &H,
     config: &WorkerConfig,
     counters: &StageCounters,
+    pause: &Pause,
     batch: Vec<Delivery>,
 ) {
     let stage = handler.stage();
     // A message delivered past the limit took its earlier workers down with it (crash,
     // out of memory, hang): it is not handled again.
-    let (batch, poisoned): (Vec<Delivery>, Vec<Delivery>) =
+    let (mut batch, poisoned): (Vec<Delivery>, Vec<Delivery>) =
         batch.into_iter().partition(|delivery| delivery.attempt <= config.max_deliver);
-    let results = if batch.is_empty() { Vec::new() } else { run_handler(handler, config, counters, &batch).await };
-    debug_assert_eq!(results.len(), batch.len(), "one result per payload");
-    let given_up = poisoned.into_iter().map(|delivery| {
+    for delivery in poisoned {
         let attempts = delivery.attempt - 1;
         let error = StageError::permanent(
             format!("gave up after {attempts} attempts: no worker finished it (crashed, killed or timed out)"),
             "the message was delivered past max_deliver without ever being settled",
         );
-        (delivery, Err(error))
-    });
-    for (delivery, result) in batch.into_iter().zip(results).chain(given_up) {
-        let envelope = Envelope::peek(&delivery.payload);
-        if delivery.attempt > 1 {
-            counters.redelivered.fetch_add(1, Ordering::Relaxed);
-            info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
-        }
-        let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-        settle(queue, stage, config, counters, delivery, envelope, result).instrument(span).await;
-        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        settle_one(queue, stage, config, counters, pause, delivery, Err(error)).await;
     }
+    // Messages held through an outage are handled again, until it passes or the
+    // worker stops; none of their attempts is spent meanwhile.
+    let mut outages = 0u32;
+    while !batch.is_empty() {
+        let results = run_handler(handler, config, counters, &batch).await;
+        debug_assert_eq!(results.len(), batch.len(), "one result per payload");
+        let mut held = Vec::new();
+        for (delivery, result) in batch.into_iter().zip(results) {
+            match result {
+                Err(error) if error.is_infrastructure() && !pause.stopping() => held.push((delivery, error)),
+                result => settle_one(queue, stage, config, counters, pause, delivery, result).await,
+            }
+        }
+        if held.is_empty() {
+            break;
+        }
+        outages += 1;
+        let wait = config.backoff_for(outages);
+        warn!(stage = %stage, messages = held.len(), reason = %held[0].1.reason, wait_s = wait.as_secs_f64(), "outage: holding the work and trying again");
+        batch = held.into_iter().map(|(delivery, _)| delivery).collect();
+        hold_through(config, counters, pause, &batch, wait).await;
+    }
+}
+
+/// Keeps `held` (in-progress acks) for `wait`, paused and not ready meanwhile.
+async fn hold_through(
+    config: &WorkerConfig,
+    counters: &StageCounters,
+    pause: &Pause,
+    held: &[Delivery],
+    wait: Duration,
+) {
+    pause.holding.fetch_add(1, Ordering::Relaxed);
+    counters.held.fetch_add(held.len() as u64, Ordering::Relaxed);
+    if let Some(readiness) = &config.readiness {
+        readiness.block(OUTAGE, true);
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let every = config.progress_every.max(Duration::from_millis(100));
+    while tokio::time::Instant::now() < deadline && !pause.stopping() {
+        for delivery in held {
+            let _ = delivery.progress().await;
+        }
+        tokio::time::sleep(every.min(Duration::from_millis(500)).min(deadline - tokio::time::Instant::now())).await;
+    }
+    counters.held.fetch_sub(held.len() as u64, Ordering::Relaxed);
+    if pause.holding.fetch_sub(1, Ordering::Relaxed) == 1 {
+        if let Some(readiness) = &config.readiness {
+            readiness.block(OUTAGE, false);
+        }
+    }
+}
+
+async fn settle_one(
+    queue: &dyn Queue,
+    stage: Stage,
+    config: &WorkerConfig,
+    counters: &StageCounters,
+    pause: &Pause,
+    delivery: Delivery,
+    result: Result<Outcome, StageError>,
+) {
+    let envelope = Envelope::peek(&delivery.payload);
+    if delivery.attempt > 1 {
+        counters.redelivered.fetch_add(1, Ordering::Relaxed);
+        info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
+    }
+    let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
+    settle(queue, stage, config, counters, pause, delivery, envelope, result).instrument(span).await;
+    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Runs the handler on a batch, sending in-progress acks while it works, and records
@@ -246,9 +349,23 @@ async fn run_handler<H: Handler>(
     tokio::pin!(work);
     let every = config.progress_every.max(Duration::from_millis(100));
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let deadline = tokio::time::sleep(config.handler_timeout);
+    tokio::pin!(deadline);
     let results = loop {
         tokio::select! {
             results = &mut work => break results,
+            _ = &mut deadline => {
+                counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                let limit = config.handler_timeout.as_secs_f64();
+                warn!(limit_s = limit, messages = batch.len(), "a handler ran past its limit; abandoned");
+                break batch
+                    .iter()
+                    .map(|_| Err(StageError::retryable(
+                        format!("the stage ran past its limit of {limit} s"),
+                        "abandoned and tried again (see handler_timeout)",
+                    )))
+                    .collect();
+            }
             _ = ticker.tick() => {
                 for delivery in batch {
                     if let Err(error) = delivery.progress().await {
@@ -265,11 +382,41 @@ async fn run_handler<H: Handler>(
     results
 }
 
+/// Publishes, holding `delivery` through an outage of the queue (in-progress acks,
+/// paused) until it goes through or the worker stops. Returns whether it went through.
+async fn publish_holding(
+    queue: &dyn Queue,
+    config: &WorkerConfig,
+    counters: &StageCounters,
+    pause: &Pause,
+    delivery: &Delivery,
+    (subject, message_id, payload): (&str, &str, Bytes),
+) -> bool {
+    let mut outages = 0u32;
+    loop {
+        match queue.publish(subject, message_id, payload.clone()).await {
+            Ok(()) => return true,
+            Err(error) if pause.stopping() => {
+                warn!(%error, "publishing failed while stopping; the message goes back to the queue");
+                return false;
+            }
+            Err(error) => {
+                outages += 1;
+                let wait = config.backoff_for(outages);
+                warn!(%error, wait_s = wait.as_secs_f64(), "publishing failed; holding the message and trying again");
+                hold_through(config, counters, pause, std::slice::from_ref(delivery), wait).await;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     queue: &dyn Queue,
     stage: Stage,
     config: &WorkerConfig,
     counters: &StageCounters,
+    pause: &Pause,
     delivery: Delivery,
     envelope: Envelope,
     result: Result<Outcome, StageError>,
@@ -277,22 +424,27 @@ async fn settle(
     let attempt = delivery.attempt;
     let quarantine = match result {
         Ok(Outcome::Publish { subject, message_id, payload }) => {
-            match queue.publish(&subject, &message_id, payload).await {
-                Ok(()) => {
-                    counters.processed.fetch_add(1, Ordering::Relaxed);
-                    log_settle_error(delivery.ack().await);
-                }
-                Err(error) => {
-                    warn!(%error, "publishing the outcome failed, will retry");
-                    counters.retried.fetch_add(1, Ordering::Relaxed);
-                    log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
-                }
+            if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload)).await {
+                counters.processed.fetch_add(1, Ordering::Relaxed);
+                log_settle_error(delivery.ack().await);
+            } else {
+                counters.retried.fetch_add(1, Ordering::Relaxed);
+                log_settle_error(delivery.nak(Duration::from_millis(500)).await);
             }
             return;
         }
         Ok(Outcome::Quarantine(record)) => record,
+        // Only while stopping: an outage hands the message back, whatever its attempt.
+        Err(error) if error.is_infrastructure() => {
+            warn!(reason = %error.reason, "stopping during an outage; the message goes back to the queue");
+            counters.retried.fetch_add(1, Ordering::Relaxed);
+            log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+            return;
+        }
         Err(error) if error.is_retryable() && attempt < config.max_deliver => {
-            warn!(reason = %error.reason, detail = %error.detail, "retryable failure, will retry");
+            // The detail may name object keys (folder names can be patients'): it goes
+            // to the quarantine table if the message is given up, not to the log.
+            warn!(reason = %error.reason, "retryable failure, will retry");
             counters.retried.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
             return;
@@ -309,15 +461,12 @@ async fn settle(
     warn!(reason = %quarantine.reason, "quarantined");
     let message_id = quarantine.message_id();
     let payload = Bytes::from(serde_json::to_vec(&quarantine).expect("quarantine record serializes"));
-    match queue.publish(&subjects::quarantine(&config.campaign), &message_id, payload).await {
-        Ok(()) => {
-            counters.quarantined.fetch_add(1, Ordering::Relaxed);
-            log_settle_error(delivery.term().await);
-        }
-        Err(error) => {
-            warn!(%error, "recording the quarantine failed, will retry");
-            log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
-        }
+    let subject = subjects::quarantine(&config.campaign);
+    if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload)).await {
+        counters.quarantined.fetch_add(1, Ordering::Relaxed);
+        log_settle_error(delivery.term().await);
+    } else {
+        log_settle_error(delivery.nak(Duration::from_millis(500)).await);
     }
 }
 
@@ -399,6 +548,114 @@ mod tests {
         permanent_for: &'static str,
     }
 
+    /// The store is down for the first `outage_calls` calls, then everything works;
+    /// records the attempt of every delivery it saw.
+    struct Outage {
+        outage_calls: u32,
+        calls: AtomicU32,
+        sleep: Duration,
+    }
+
+    #[async_trait]
+    impl Handler for Outage {
+        fn stage(&self) -> Stage {
+            Stage::Preprocess
+        }
+
+        async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+            tokio::time::sleep(self.sleep).await;
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            payloads
+                .into_iter()
+                .map(|payload| {
+                    if call < self.outage_calls {
+                        return Err(StageError::infrastructure("object store error", "connection refused"));
+                    }
+                    let id = String::from_utf8_lossy(&payload).to_string();
+                    Ok(Outcome::Publish { subject: "out".into(), message_id: id, payload })
+                })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_outage_holds_the_work_without_spending_attempts() {
+        let queue = MemoryQueue::new();
+        for input in ["a", "b"] {
+            let payload = format!(r#"{{"context":{{"study_key":"{input}","site_id":"S1"}}}}"#);
+            queue.publish("in", input, Bytes::from(payload)).await.unwrap();
+        }
+        queue.close("in").await;
+        let mut config = WorkerConfig::new("c", Stage::Preprocess);
+        config.max_deliver = 2;
+        config.backoff = vec![Duration::from_millis(5)];
+        let readiness = Arc::new(crate::metrics::Readiness::default());
+        readiness.set(true);
+        config.readiness = Some(readiness.clone());
+        let counters = Arc::new(StageCounters::default());
+        let handler = Arc::new(Outage { outage_calls: 6, calls: AtomicU32::new(0), sleep: Duration::ZERO });
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        let worker = tokio::spawn(run_worker(
+            dyn_queue,
+            "in",
+            handler.clone(),
+            config,
+            counters.clone(),
+            std::future::pending(),
+        ));
+        // While the outage lasts the service says it is not ready, and why.
+        let mut saw_not_ready = false;
+        while !worker.is_finished() {
+            saw_not_ready |= !readiness.get() && readiness.why_not().contains("work is held");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        worker.await.unwrap().unwrap();
+        assert!(saw_not_ready);
+        assert!(readiness.get(), "ready again after the outage");
+        // Six failed calls against max_deliver 2: both published, none quarantined, and
+        // no delivery past the first (nothing was handed back to the queue).
+        assert_eq!(queue.stats("out").published, 2);
+        assert_eq!(counters.snapshot(), (2, 0, 0));
+        assert_eq!(counters.redelivered.load(Ordering::SeqCst), 0);
+        assert!(handler.calls.load(Ordering::SeqCst) >= 7);
+    }
+
+    #[tokio::test]
+    async fn a_handler_past_its_limit_is_abandoned_and_retried() {
+        let queue = MemoryQueue::new();
+        queue.publish("in", "slow", Bytes::from_static(br#"{"context":{"study_key":"slow"}}"#)).await.unwrap();
+        queue.close("in").await;
+        let mut config = WorkerConfig::new("c", Stage::Preprocess);
+        config.max_deliver = 2;
+        config.backoff = vec![Duration::from_millis(1)];
+        config.handler_timeout = Duration::from_millis(50);
+        let counters = Arc::new(StageCounters::default());
+        let handler = Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::from_secs(5) });
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        run_worker(dyn_queue, "in", handler, config, counters.clone(), std::future::pending()).await.unwrap();
+        assert_eq!(counters.timed_out.load(Ordering::SeqCst), 2);
+        assert_eq!(counters.snapshot(), (0, 1, 1));
+        let mut quarantine = queue.subscribe(&subjects::quarantine("c"), "t").await.unwrap();
+        queue.close(&subjects::quarantine("c")).await;
+        let record: QuarantineRecord =
+            serde_json::from_slice(&quarantine.next().await.unwrap().unwrap().payload).unwrap();
+        assert_eq!(record.reason, "gave up after 2 attempts: the stage ran past its limit of 0.05 s");
+    }
+
+    #[test]
+    fn unreadable_messages_get_records_of_their_own() {
+        let record = |payload: &[u8]| {
+            Envelope::peek(payload).quarantine_record("c", Stage::Aggregate, "unreadable".into(), String::new(), 1)
+        };
+        let (a, b) = (record(b"\x00garbage"), record(b"other garbage"));
+        assert_ne!(a.message_id(), b.message_id());
+        assert!(a.input.starts_with("unreadable message "), "{}", a.input);
+        assert_eq!(record(b"\x00garbage").message_id(), a.message_id(), "the same bytes, the same record");
+        let study = br#"{"context":{"study_key":"k1","site_id":"S"},"slices":[{"key":"a/1.dcm"},{"key":"a/2.dcm"}]}"#;
+        let with_keys = record(study);
+        assert_eq!((with_keys.input.as_str(), with_keys.inputs.len()), ("k1", 2));
+    }
+
     #[async_trait]
     impl Handler for Flaky {
         fn stage(&self) -> Stage {
@@ -472,7 +729,7 @@ mod tests {
         config.max_deliver = 3;
         let counters = StageCounters::default();
         counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        handle_batch(&queue, &handler, &config, &counters, vec![delivery]).await;
+        handle_batch(&queue, &handler, &config, &counters, &Pause::default(), vec![delivery]).await;
         assert_eq!(handler.calls.load(Ordering::SeqCst), 0, "the handler never sees it");
         assert_eq!(counters.snapshot(), (0, 1, 0));
         queue.close(&subjects::quarantine("c")).await;

@@ -45,7 +45,10 @@ fn odd_objects() -> Vec<(String, Vec<u8>)> {
     let mut objects = Vec::new();
     let long = "x".repeat(190);
     let good = [
-        (odd_case_header(11, "ABDOMEN"), Box::new(|i: usize| format!("Müller/平扫/IM#{i}")) as Box<dyn Fn(usize) -> String>),
+        (
+            odd_case_header(11, "ABDOMEN"),
+            Box::new(|i: usize| format!("Müller/平扫/IM#{i}")) as Box<dyn Fn(usize) -> String>,
+        ),
         (odd_case_header(12, "ABDOMEN"), Box::new(move |i: usize| format!("Möller #3/CT 0001/{long}-{i:03}.dcm"))),
     ];
     for (header, name) in good {
@@ -106,10 +109,8 @@ print(json.dumps({
     let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(tables["results"][0][0], 2, "both good studies screened: {tables}");
     let quarantine = tables["quarantine"].as_array().unwrap();
-    let rows: Vec<(&str, &str, u64)> = quarantine
-        .iter()
-        .map(|r| (r[0].as_str().unwrap(), r[1].as_str().unwrap(), r[2].as_u64().unwrap()))
-        .collect();
+    let rows: Vec<(&str, &str, u64)> =
+        quarantine.iter().map(|r| (r[0].as_str().unwrap(), r[1].as_str().unwrap(), r[2].as_u64().unwrap())).collect();
     assert_eq!(
         rows,
         [

@@ -159,6 +159,28 @@ impl PendingKind {
     }
 }
 
+/// Runs `work`, sending in-progress acks for every held delivery meanwhile.
+async fn while_holding<F: Future>(held: &[Held], every: Duration, work: F) -> F::Output {
+    let every = every.max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            output = &mut work => return output,
+            _ = ticker.tick() => {
+                for delivery in held.iter().flat_map(|held| &held.deliveries) {
+                    if let Err(error) = delivery.progress().await {
+                        warn!(%error, "in-progress ack failed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The readiness blocker while flushes fail.
+const STORE_FAILING: &str = "writing to the store fails";
+
 /// A message waiting for the next flush, with every delivery of it this aggregate holds
 /// (a redelivered copy is settled with the original, never before it is written).
 struct Held {
@@ -285,12 +307,12 @@ impl Aggregator {
         Ok((ids, studies))
     }
 
-    /// Drops pending messages another writer committed meanwhile; acks them.
-    async fn drop_committed_elsewhere(&mut self) -> Result<(), AggregateError> {
-        let (committed, _) = self.read_new_commits().await?;
+    /// Drops from `held` what another writer committed meanwhile; acks it.
+    async fn drop_committed_elsewhere(&mut self, held: &mut Vec<Held>) -> Result<(), AggregateError> {
+        let (committed, _) = while_holding(held, self.config.progress_every, self.read_new_commits()).await?;
         let (duplicates, keep): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.pending).into_iter().partition(|held| committed.contains(&held.pending.id()));
-        self.pending = keep;
+            std::mem::take(held).into_iter().partition(|held| committed.contains(&held.pending.id()));
+        *held = keep;
         if !duplicates.is_empty() {
             info!(dropped = duplicates.len(), "already committed by another writer; dropped");
             self.report.duplicates_dropped += duplicates.len();
@@ -302,10 +324,10 @@ impl Aggregator {
         Ok(())
     }
 
-    async fn write_pending(&mut self) -> Result<(), AggregateError> {
+    async fn write_pending(&mut self, held: &[Held]) -> Result<(), AggregateError> {
         let now = OffsetDateTime::now_utc();
         let (mut results, mut quarantine, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
-        for held in &self.pending {
+        for held in held {
             match &held.pending {
                 Pending::Result(scored) => results.push(scored),
                 Pending::Quarantine(record) => quarantine.push(record.clone()),
@@ -366,12 +388,19 @@ impl Aggregator {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let written = match self.drop_committed_elsewhere().await {
-            Ok(()) if self.pending.is_empty() => return Ok(()),
-            Ok(()) => self.write_pending().await,
+        // The held messages get in-progress acks while the store is slow to answer.
+        let mut held = std::mem::take(&mut self.pending);
+        let written = match self.drop_committed_elsewhere(&mut held).await {
+            Ok(()) if held.is_empty() => return Ok(()),
+            Ok(()) => {
+                let every = self.config.progress_every;
+                let write = self.write_pending(&held);
+                while_holding(&held, every, write).await
+            }
             Err(error) => Err(error),
         };
         if let Err(error) = written {
+            self.pending = held;
             self.failed_flushes += 1;
             let backoff = &self.config.retry_backoff;
             let pause = backoff
@@ -380,7 +409,7 @@ impl Aggregator {
                 .unwrap_or(Duration::from_secs(1));
             self.retry_at = Some(tokio::time::Instant::now() + pause);
             if let Some(readiness) = &self.readiness {
-                readiness.set(false);
+                readiness.block(STORE_FAILING, true);
             }
             warn!(%error, held = self.pending.len(), retry_in_s = pause.as_secs_f64(), "writing Parquet failed; messages held for the next attempt");
             return Err(error);
@@ -388,12 +417,12 @@ impl Aggregator {
         if self.failed_flushes > 0 {
             info!(failed_flushes = self.failed_flushes, "writing works again");
             if let Some(readiness) = &self.readiness {
-                readiness.set(true);
+                readiness.block(STORE_FAILING, false);
             }
         }
         self.failed_flushes = 0;
         self.retry_at = None;
-        for Held { deliveries, pending } in std::mem::take(&mut self.pending) {
+        for Held { deliveries, pending } in held {
             match pending {
                 Pending::Result(row) => {
                     let region =

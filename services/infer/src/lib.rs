@@ -87,7 +87,8 @@ impl InferHandler {
         let started = Instant::now();
         let model = self.model.clone();
         let (output, identity, threshold, mask_threshold) = tokio::task::spawn_blocking(move || {
-            let mut model = model.lock().expect("model lock poisoned");
+            // A panic in an earlier study left the lock poisoned; the session itself is intact.
+            let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let output = model.run(&volumes);
             (output, Self::identity(&model), model.manifest.threshold, model.manifest.outputs.mask_threshold)
         })

@@ -372,6 +372,25 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 Some(campaign) => (store.sub(&format!("campaigns/{campaign}/out")), campaign.clone()),
                 None => (store, "default".to_string()),
             };
+            // Compaction writes tables: never into a place that holds none to begin with.
+            let holds_tables = runtime.block_on(async {
+                for table in ["_commits", "results", "quarantine"] {
+                    if out.has_objects(table).await? {
+                        return Ok::<_, anyhow::Error>(true);
+                    }
+                }
+                Ok(false)
+            })?;
+            if !holds_tables {
+                let hint = match &args.campaign {
+                    Some(campaign) => format!("campaign {campaign} has no tables yet (is --campaign spelled right?)"),
+                    None => {
+                        "for a distributed campaign give --campaign (its tables are under campaigns/<campaign>/out/)"
+                            .to_string()
+                    }
+                };
+                anyhow::bail!("{} holds no panscreen tables; nothing to compact: {hint}", out.location());
+            }
             let sites = load_sites(&args.sites)?;
             let report = runtime.block_on(panscreen_aggregate::compact::compact(&out, &campaign, &sites))?;
             println!(

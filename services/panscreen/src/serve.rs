@@ -73,7 +73,15 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// The campaign's queue, created where missing.
     pub async fn queue(&self) -> anyhow::Result<JetStreamQueue> {
+        let queue = self.existing_queue().await?;
+        queue.ensure_topology().await?;
+        Ok(queue)
+    }
+
+    /// The campaign's queue, creating nothing (read-only commands).
+    pub async fn existing_queue(&self) -> anyhow::Result<JetStreamQueue> {
         let nats = NatsConfig {
             url: self.nats_url.clone(),
             user: self.nats_user.clone(),
@@ -90,7 +98,7 @@ impl ClusterArgs {
             max_deliver: i64::from(self.max_deliver) + 2,
             ..JetStreamSettings::default()
         };
-        Ok(JetStreamQueue::connect(&nats, &self.campaign, settings).await?)
+        Ok(JetStreamQueue::connect_existing(&nats, &self.campaign, settings).await?)
     }
 
     pub fn store(&self) -> anyhow::Result<Store> {
@@ -116,6 +124,9 @@ pub struct ServeArgs {
     /// Seconds work in flight may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "PANSCREEN_DRAIN_SECONDS")]
     pub drain_seconds: u64,
+    /// Seconds one message (or infer batch) may take before it is abandoned and retried.
+    #[arg(long, default_value_t = 600, env = "PANSCREEN_HANDLER_TIMEOUT_SECONDS")]
+    pub handler_timeout_seconds: u64,
     #[arg(long, env = "PANSCREEN_SITES")]
     pub sites: Option<PathBuf>,
     /// Aggregate: flush when this many rows wait, or after this many seconds.
@@ -209,8 +220,11 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     config.max_deliver = cluster.max_deliver.max(1);
     config.progress_every = Duration::from_secs(cluster.ack_wait_seconds.max(3)) / 3;
     config.backoff = args.retry_backoff.iter().map(|s| Duration::from_secs_f64(s.max(0.0))).collect();
+    config.handler_timeout = Duration::from_secs(args.handler_timeout_seconds.max(1));
     let counters = Arc::new(StageCounters::default());
     let readiness = Arc::new(Readiness::default());
+    config.readiness = Some(readiness.clone());
+    let probe = tokio::spawn(probe_dependencies(jetstream.clone(), root.clone(), readiness.clone()));
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await.with_context(|| {
         format!(
             "cannot listen for /healthz, /readyz and /metrics on {}; give each service on one host its own \
@@ -289,8 +303,26 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     }
     metrics.abort();
     reporter.abort();
+    probe.abort();
     info!(stage = %stage, "service stopped");
     Ok(())
+}
+
+/// Every few seconds: is NATS connected, does the store answer? Each failure is a
+/// readiness blocker of its own (/readyz says which), so a load balancer and an operator
+/// see a service that cannot work as not ready.
+async fn probe_dependencies(jetstream: Arc<JetStreamQueue>, store: Store, readiness: Arc<Readiness>) {
+    const NATS: &str = "NATS is not connected";
+    const STORE: &str = "the store does not answer";
+    let client = jetstream.context().client();
+    loop {
+        let connected = client.connection_state() == async_nats::connection::State::Connected;
+        readiness.block(NATS, !connected);
+        let answered =
+            tokio::time::timeout(Duration::from_secs(5), store.has_objects(CAMPAIGNS)).await.is_ok_and(|r| r.is_ok());
+        readiness.block(STORE, !answered);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
 }
 
 fn hostname() -> String {

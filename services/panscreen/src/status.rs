@@ -42,7 +42,16 @@ pub struct CampaignStatus {
 }
 
 pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
-    let queue = cluster.queue().await?;
+    let queue = cluster.existing_queue().await?;
+    if !queue.campaign_exists().await? {
+        let known = queue.campaign_streams().await.unwrap_or_default();
+        anyhow::bail!(
+            "campaign {} has no stream ({}) on NATS: check --campaign / PANSCREEN_CAMPAIGN; streams there: {}",
+            cluster.campaign,
+            queue.stream_name(),
+            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+        );
+    }
     let now = OffsetDateTime::now_utc();
     let mut stages: BTreeMap<Stage, StageStatus> =
         Stage::ALL.iter().map(|s| (*s, StageStatus { stage: s.to_string(), ..Default::default() })).collect();
@@ -54,9 +63,13 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
         entry.in_flight += in_flight;
         entry.redelivered += redelivered;
     }
-    let bucket = queue.stats_bucket().await?;
-    let mut keys = bucket.keys().await?;
+    let buckets = queue.existing_stats_bucket().await?;
+    let mut keys = match &buckets {
+        Some(bucket) => bucket.keys().await?.boxed(),
+        None => futures::stream::empty().boxed(),
+    };
     while let Some(key) = keys.next().await {
+        let Some(bucket) = &buckets else { break };
         let Some(bytes) = bucket.get(key?).await? else { continue };
         let Ok(stats) = serde_json::from_slice::<InstanceStats>(&bytes) else { continue };
         let entry = stages.get_mut(&stats.stage).expect("every stage");

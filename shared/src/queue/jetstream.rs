@@ -105,6 +105,17 @@ pub fn consumer_name(consumer: &str, subject: &str) -> String {
 impl JetStreamQueue {
     /// Connects and makes sure the campaign's stream exists.
     pub async fn connect(nats: &NatsConfig, campaign: &str, settings: JetStreamSettings) -> Result<Self, QueueError> {
+        let queue = Self::connect_existing(nats, campaign, settings).await?;
+        queue.ensure_topology().await?;
+        Ok(queue)
+    }
+
+    /// Connects without creating anything (read-only commands such as `status`).
+    pub async fn connect_existing(
+        nats: &NatsConfig,
+        campaign: &str,
+        settings: JetStreamSettings,
+    ) -> Result<Self, QueueError> {
         let mut options = ConnectOptions::new().name("panscreen").retry_on_initial_connect();
         if let (Some(user), Some(password)) = (&nats.user, &nats.password) {
             options = options.user_and_password(user.clone(), password.clone());
@@ -120,16 +131,52 @@ impl JetStreamQueue {
         }
         let client = tokio::time::timeout(Duration::from_secs(30), options.connect(&nats.url))
             .await
-            .map_err(|_| QueueError::Unavailable(format!("no answer from NATS at {} within 30 s", nats.url)))?
-            .map_err(unavailable)?;
-        let queue = JetStreamQueue {
+            .map_err(|_| {
+                QueueError::Unavailable(format!(
+                    "no answer from NATS at {} within 30 s (set the address with --nats-url or PANSCREEN_NATS_URL)",
+                    nats.url
+                ))
+            })?
+            .map_err(|error| {
+                QueueError::Unavailable(format!(
+                    "cannot connect to NATS at {} (--nats-url, PANSCREEN_NATS_URL): {error}",
+                    nats.url
+                ))
+            })?;
+        Ok(JetStreamQueue {
             context: jetstream::new(client),
             stream_name: stream_name(campaign),
             campaign: campaign.to_string(),
             settings,
-        };
-        queue.ensure_topology().await?;
-        Ok(queue)
+        })
+    }
+
+    /// Whether the campaign's stream exists (a read-only look).
+    pub async fn campaign_exists(&self) -> Result<bool, QueueError> {
+        match self.context.get_stream(&self.stream_name).await {
+            Ok(_) => Ok(true),
+            Err(error) => match error.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(inner)
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    Ok(false)
+                }
+                _ => Err(unavailable(error)),
+            },
+        }
+    }
+
+    /// The names of every panscreen campaign stream on the server.
+    pub async fn campaign_streams(&self) -> Result<Vec<String>, QueueError> {
+        let mut names = self.context.stream_names();
+        let mut found = Vec::new();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(unavailable)?;
+            if name.starts_with("PANSCREEN_") && !name.ends_with("_STATS") {
+                found.push(name);
+            }
+        }
+        Ok(found)
     }
 
     /// Creates the campaign's stream if it is missing (idempotent).
@@ -184,6 +231,16 @@ impl JetStreamQueue {
         }
     }
 
+    /// The status bucket if it exists (read-only commands create nothing).
+    pub async fn existing_stats_bucket(&self) -> Result<Option<jetstream::kv::Store>, QueueError> {
+        let bucket = format!("{}_STATS", self.stream_name);
+        match self.context.get_key_value(&bucket).await {
+            Ok(store) => Ok(Some(store)),
+            Err(error) if error.kind() == jetstream::context::KeyValueErrorKind::GetBucket => Ok(None),
+            Err(error) => Err(unavailable(error)),
+        }
+    }
+
     /// Backlog of the durable consumer `consumer` on `subject`; zeros when it does not
     /// exist yet.
     pub async fn backlog(&self, subject: &str, consumer: &str) -> Result<Backlog, QueueError> {
@@ -195,7 +252,15 @@ impl JetStreamQueue {
                 redelivered: info.num_redelivered as u64,
                 consumers: 1,
             }),
-            Err(error) if error.to_string().contains("not found") => Ok(Backlog::default()),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    jetstream::context::ConsumerInfoErrorKind::NotFound
+                        | jetstream::context::ConsumerInfoErrorKind::StreamNotFound
+                ) =>
+            {
+                Ok(Backlog::default())
+            }
             Err(error) => Err(unavailable(error)),
         }
     }
@@ -226,9 +291,23 @@ impl Queue for JetStreamQueue {
 
     async fn subscribe(&self, subject: &str, consumer: &str) -> Result<Box<dyn Subscription>, QueueError> {
         let consumer = self.ensure_consumer(subject, consumer).await?;
-        let messages = consumer.messages().await.map_err(unavailable)?;
+        let messages = pull(&consumer).await?;
         Ok(Box::new(JetStreamSubscription { consumer, messages }))
     }
+}
+
+/// A pull stream that asks for one message at a time, when the subscriber asks for one:
+/// a worker holds only what it can start, so nothing waits in a buffer while its ack
+/// wait runs out (the default pull asks for 200).
+async fn pull(consumer: &consumer::PullConsumer) -> Result<consumer::pull::Stream, QueueError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(1)
+        .expires(Duration::from_secs(10))
+        .heartbeat(Duration::from_secs(4))
+        .messages()
+        .await
+        .map_err(unavailable)
 }
 
 struct JetStreamSubscription {
@@ -253,9 +332,17 @@ impl Subscription for JetStreamSubscription {
                 None => tracing::warn!("the pull stream ended; opening it again"),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-            match self.consumer.messages().await {
+            match pull(&self.consumer).await {
                 Ok(messages) => self.messages = messages,
                 Err(error) => tracing::warn!(%error, "cannot reopen the pull stream yet"),
+            }
+        }
+    }
+
+    async fn drain(&mut self) {
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_millis(100), self.messages.next()).await {
+            if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::warn!(%error, "handing back a fetched message failed; it returns after the ack wait");
             }
         }
     }

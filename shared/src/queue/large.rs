@@ -132,6 +132,10 @@ impl Subscription for LargeSubscription {
             Box::new(LargeSettle { inner: settle, store: self.store.clone(), key: reference.panscreen_payload_ref });
         Some(Ok(Delivery::new(payload, attempt, settle)))
     }
+
+    async fn drain(&mut self) {
+        self.inner.drain().await
+    }
 }
 
 struct LargeSettle {

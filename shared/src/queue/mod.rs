@@ -92,6 +92,10 @@ pub trait Settle: Send + Sync {
 pub trait Subscription: Send {
     /// The next delivery; `None` once the subject is closed and drained.
     async fn next(&mut self) -> Option<Result<Delivery, QueueError>>;
+
+    /// Hands back at once what was fetched but not taken (the subscriber is stopping),
+    /// instead of letting it wait out the queue's ack wait.
+    async fn drain(&mut self) {}
 }
 
 #[async_trait]
