@@ -254,3 +254,74 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     let refused = jetstream.publish(&subjects::ingested("messy"), "raw", largest.clone()).await;
     assert!(refused.is_err(), "NATS took a {} byte message", largest.len());
 }
+
+/// A JPEG-LS slice whose corruption crashes GDCM (found by flipping bits near the end of
+/// its compressed stream), and how the crash was reported.
+fn gdcm_crashing_slice(encoded: &[u8]) -> (Vec<u8>, String) {
+    panscreen_preprocess::gdcm_helper::set_program(panscreen_tests::binary());
+    for back in 16..encoded.len().min(4000) {
+        for bit in [7u8, 3] {
+            let mut corrupt = encoded.to_vec();
+            let at = encoded.len() - back;
+            corrupt[at] ^= 1 << bit;
+            if let Err(error) = panscreen_preprocess::decode::decode_slice("probe.dcm", &corrupt, -1000.0) {
+                if error.detail.contains("GDCM helper died") {
+                    return (corrupt, error.detail);
+                }
+            }
+        }
+    }
+    panic!("no single bit flip near the end of the JPEG-LS stream crashed GDCM");
+}
+
+#[test]
+fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on() {
+    let scratch = tempfile::tempdir().unwrap();
+    let input = scratch.path().join("input");
+    let plain = scratch.path().join("plain");
+    panscreen_tests::write_series(&input.join("good"), &odd_case_header(21, "ABDOMEN"), along_z);
+    panscreen_tests::write_series(&plain, &odd_case_header(22, "ABDOMEN"), along_z);
+    std::fs::create_dir_all(input.join("jpegls")).unwrap();
+    for file in files_below(&plain) {
+        let out = input.join("jpegls").join(file.file_name().unwrap());
+        let status = std::process::Command::new("gdcmconv").arg("--jpegls").arg(&file).arg(&out).status();
+        assert!(status.is_ok_and(|s| s.success()), "gdcmconv --jpegls failed; run `cargo xtask dicom-tools`");
+    }
+    let victim = input.join("jpegls/slice 25.dcm");
+    let (corrupt, crash) = gdcm_crashing_slice(&std::fs::read(&victim).unwrap());
+    eprintln!("the corrupt slice: {crash}");
+    std::fs::write(&victim, corrupt).unwrap();
+
+    let out = scratch.path().join("out");
+    let key_file = scratch.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let run = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        key_file.as_os_str(),
+    ]);
+    assert!(run.status.success(), "the run stopped: {}", String::from_utf8_lossy(&run.stderr));
+    let script = r#"
+import duckdb, json, sys
+out = sys.argv[1]
+q = lambda sql: duckdb.sql(sql.replace("OUT", out)).fetchall()
+print(json.dumps({
+    "results": q("select count(*) from read_parquet('OUT/results/**/*.parquet')"),
+    "quarantine": q("select stage, reason, detail, attempts from read_parquet('OUT/quarantine/**/*.parquet')"),
+}))
+"#;
+    let output = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(tables["results"][0][0], 1, "the good study is screened: {tables}");
+    let quarantine = tables["quarantine"].as_array().unwrap();
+    assert_eq!(quarantine.len(), 1, "{tables}");
+    let row = &quarantine[0];
+    assert_eq!((row[0].as_str().unwrap(), row[1].as_str().unwrap()), ("preprocess", "the decoder failed on this file"));
+    assert!(row[2].as_str().unwrap().contains("GDCM helper died"), "{row}");
+    assert_eq!(row[3], 1, "quarantined on its first attempt: {row}");
+}

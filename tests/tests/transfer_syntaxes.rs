@@ -246,6 +246,7 @@ fn encode(encoding: &Encoding, original: &Path, out: &Path) {
 
 #[test]
 fn every_transfer_syntax_decodes_to_the_original_hu() {
+    panscreen_preprocess::gdcm_helper::set_program(panscreen_tests::binary());
     let scratch = tempfile::tempdir().unwrap();
     let (mut report, mut failures) = (Vec::new(), Vec::new());
     for variant in &VARIANTS {

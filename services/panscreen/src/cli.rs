@@ -44,6 +44,10 @@ pub enum Command {
     Status(StatusArgs),
     /// Merge small result files, drop duplicates, write the summary and worklist.
     Compact(CompactArgs),
+    /// Internal: decodes JPEG-LS and 12-bit JPEG frames with GDCM for another panscreen
+    /// process, on stdin and stdout (a crash in GDCM ends only this helper).
+    #[command(name = "gdcm-decoder", hide = true)]
+    GdcmDecoder,
 }
 
 #[derive(Debug, Args)]
@@ -199,7 +203,15 @@ pub fn load_pseudonymizer(key_file: &Option<PathBuf>) -> anyhow::Result<(Pseudon
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
+    // GDCM frames are decoded by this same program, run as a helper.
+    if let Ok(program) = std::env::current_exe() {
+        panscreen_preprocess::gdcm_helper::set_program(program);
+    }
     match cli.command {
+        Command::GdcmDecoder => {
+            panscreen_preprocess::gdcm_helper::serve(std::io::stdin().lock(), std::io::stdout().lock())?;
+            Ok(())
+        }
         Command::Synth(args) => {
             panscreen_shared::telemetry::init_stderr("warn", false);
             let options = SynthOptions {

@@ -20,6 +20,7 @@ use dicom_pixeldata::PixelDecoder;
 use panscreen_shared::dicom::{frame_position, frame_rescale, number_of_frames};
 use panscreen_shared::error::StageError;
 
+use crate::gdcm_helper;
 use crate::hu::{frame_to_hu, PixelFormat};
 
 /// Upper bounds on what one object may expand to.
@@ -149,7 +150,7 @@ pub fn decode_frame(
     } else if jpeg_2000 {
         check_j2k_size(key, &compressed, rows, columns)?;
     }
-    let hu = if let Some(gdcm_syntax) = gdcm_transfer_syntax(transfer_syntax) {
+    let hu = if let Some(gdcm_syntax) = gdcm_helper::syntax_code(transfer_syntax) {
         let format = PixelFormat {
             bits_allocated: integer(object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
             bits_stored: integer(object, tags::BITS_STORED).unwrap_or(12) as u16,
@@ -159,7 +160,7 @@ pub fn decode_frame(
             padding_value,
         };
         let pixels = decode_with_gdcm(key, &compressed, rows, columns, &format, gdcm_syntax)?;
-        frame_to_hu(pixels.data(), rows * columns, &format, fill_hu)
+        frame_to_hu(&pixels, rows * columns, &format, fill_hu)
     } else {
         let decoded =
             contain_panic(key, || object.decode_pixel_data_frame(frame))?.map_err(|error| unreadable(key, error))?;
@@ -278,16 +279,6 @@ fn check_j2k_size(key: &str, codestream: &[u8], rows: usize, columns: usize) -> 
 
 /// Transfer syntaxes GDCM decodes: JPEG Extended (Process 2 & 4, 12-bit lossy JPEG) and
 /// JPEG-LS lossless and near-lossless.
-fn gdcm_transfer_syntax(uid: &str) -> Option<gdcm_rs::GDCMTransferSyntax> {
-    use gdcm_rs::GDCMTransferSyntax::*;
-    match uid {
-        "1.2.840.10008.1.2.4.51" => Some(JPEGExtendedProcess2_4),
-        "1.2.840.10008.1.2.4.80" => Some(JPEGLSLossless),
-        "1.2.840.10008.1.2.4.81" => Some(JPEGLSNearLossless),
-        _ => None,
-    }
-}
-
 /// The compressed bytes of one frame: one fragment per frame, or all fragments of a
 /// single-frame object.
 fn frame_fragments(key: &str, object: &DefaultDicomObject, frame: u32) -> Result<Vec<u8>, StageError> {
@@ -303,28 +294,34 @@ fn frame_fragments(key: &str, object: &DefaultDicomObject, frame: u32) -> Result
     Ok(fragments[frame as usize].clone())
 }
 
+/// Decodes a JPEG-LS or 12-bit JPEG frame with GDCM, in a helper process
+/// ([`crate::gdcm_helper`]): GDCM's C++ exceptions on corrupt streams would abort this
+/// process.
 fn decode_with_gdcm(
     key: &str,
     compressed: &[u8],
     rows: usize,
     columns: usize,
     format: &PixelFormat,
-    transfer_syntax: gdcm_rs::GDCMTransferSyntax,
-) -> Result<gdcm_rs::PixelData, StageError> {
-    let high_bit = format.bits_stored.saturating_sub(1);
-    gdcm_rs::decode_single_frame_compressed(
-        compressed,
-        columns as u32,
-        rows as u32,
-        gdcm_rs::GDCMPhotometricInterpretation::MONOCHROME2,
+    transfer_syntax: u8,
+) -> Result<Vec<u8>, StageError> {
+    let spec = gdcm_helper::FrameSpec {
         transfer_syntax,
-        1,
-        format.bits_allocated,
-        format.bits_stored,
-        high_bit,
-        format.pixel_representation,
-    )
-    .map_err(|error| unreadable(key, format!("GDCM: {error}")))
+        rows: rows as u32,
+        columns: columns as u32,
+        bits_allocated: format.bits_allocated,
+        bits_stored: format.bits_stored,
+        pixel_representation: format.pixel_representation,
+    };
+    gdcm_helper::decode(&spec, compressed).map_err(|error| match error {
+        gdcm_helper::HelperError::Refused(message) => unreadable(key, message),
+        gdcm_helper::HelperError::Crashed(message) => {
+            StageError::permanent("the decoder failed on this file", format!("{key}: {message}"))
+        }
+        gdcm_helper::HelperError::Unavailable(message) => {
+            StageError::retryable("the GDCM helper process cannot run", message)
+        }
+    })
 }
 
 /// Parses a single-frame object and converts it to HU.

@@ -10,6 +10,7 @@
 //! parsed object it came from: for an Enhanced CT object, all its frames, still encoded).
 
 pub mod decode;
+pub mod gdcm_helper;
 pub mod hu;
 pub mod resample;
 
