@@ -18,11 +18,23 @@ Run through `cargo xtask load-test` (builds, installs, then runs this), or direc
 with the venv's python: STUDIES=1000 python load-tests/distributed_load.py.
 COHORT=dir reuses a cohort `panscreen synth --studies STUDIES --seed 7 --prevalence 0.1`
 wrote there (and writes it there when missing).
+
+CHAOS=1 (`cargo xtask chaos`) adds faults while the campaign runs: a `kill -9` of a
+random service (ingest and aggregate included) every 30 s, restarted at once as
+Kubernetes would; one nats-server restart; one 10 s and one 5-minute cut of the store
+(a TCP proxy in front of SeaweedFS refuses and resets connections); and 5 poison
+objects among the studies. It then checks that every study is in the results exactly
+once, that each poison object has its quarantine row, that the accounting adds up to
+every object uploaded, and that every service exits 0 on SIGTERM; and reports the wall
+time, studies/min, the kills and the redeliveries.
 """
 
 import concurrent.futures
 import json
 import os
+import random
+import signal
+import threading
 import shutil
 import socket
 import subprocess
@@ -36,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".panscreen" / "venv" / "bin"
 PANSCREEN = Path(os.environ.get("PANSCREEN_BIN", ROOT / "target" / "release" / "panscreen"))
 STUDIES = int(os.environ.get("STUDIES", "1000"))
+CHAOS = os.environ.get("CHAOS") == "1"
 PREPROCESS_CONCURRENCY = os.environ.get("PREPROCESS_CONCURRENCY", "2")
 BUCKET = "panscreen-load"
 CAMPAIGN = "load"
@@ -67,6 +80,85 @@ def wait_for_port(port, what, process, seconds=60):
         except OSError:
             time.sleep(0.1)
     sys.exit(f"{what} did not listen on {port}")
+
+
+class CuttableProxy:
+    """A TCP proxy on a free loopback port in front of `target`; `cut(seconds)` refuses
+    and resets every connection for that long, as a network partition would."""
+
+    def __init__(self, target):
+        self.port = free_ports(1)[0]
+        self.target = target
+        self.open = []
+        self.lock = threading.Lock()
+        self.listener = None
+        self.listen()
+
+    def listen(self):
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(256)
+        self.listener = listener
+        threading.Thread(target=self.accept, args=(listener,), daemon=True).start()
+
+    def accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.open += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self.pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def pipe(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self, seconds):
+        self.listener.close()
+        with self.lock:
+            for connection in self.open:
+                try:
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    connection.close()
+                except OSError:
+                    pass
+            self.open = []
+        time.sleep(seconds)
+        self.listen()
+
+
+def poison_objects(cohort):
+    """Five objects that cannot be screened, as (key, bytes, expected quarantine reason)."""
+    a_slice = next(p for p in (cohort / "studies").rglob("*.dcm")).read_bytes()
+    garbage = bytearray(random.Random(5).randbytes(4000))
+    garbage[128:132] = b"DICM"
+    return [
+        ("incoming/poison/notes.txt", b"exported by the night shift", "not a DICOM file"),
+        ("incoming/poison/empty.dcm", b"", "empty file"),
+        ("incoming/poison/truncated.dcm", a_slice[:1000], "DICOM file is truncated"),
+        ("incoming/poison/garbage.dcm", bytes(garbage), None),
+        ("incoming/poison/report.pdf", b"%PDF-1.4 not an image", "not a DICOM file"),
+    ]
 
 
 def percentile(values, fraction):
@@ -137,11 +229,18 @@ def main():
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(put, files))
         objects = len(files)
+        poison = poison_objects(cohort) if CHAOS else []
+        for key, body, _ in poison:
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{s3}/{BUCKET}/{key}", data=body,
+                                                          method="PUT")).read()
+        objects += len(poison)
+        proxy = CuttableProxy(s3) if CHAOS else None
+        endpoint = proxy.port if proxy else s3
         print(f"uploaded {objects} objects in {time.time() - started:.1f} s", flush=True)
 
         environment = dict(
             os.environ,
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3}", AWS_ACCESS_KEY_ID="panscreen",
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{endpoint}", AWS_ACCESS_KEY_ID="panscreen",
             AWS_SECRET_ACCESS_KEY="panscreen-secret", AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true",
             PANSCREEN_STORE=f"s3://{BUCKET}", PANSCREEN_NATS_URL=f"nats://127.0.0.1:{nats_port}",
             PANSCREEN_CAMPAIGN=CAMPAIGN, PANSCREEN_PSEUDONYM_KEY=KEY, PANSCREEN_QUIET_SECONDS="5",
@@ -149,15 +248,20 @@ def main():
         logs = scratch / "logs"
         logs.mkdir()
         services = {}
-        for name, extra in [("ingest", []), ("preprocess", ["--concurrency", PREPROCESS_CONCURRENCY]),
-                            ("infer", []), ("aggregate", [])]:
+        extras = {"ingest": [], "preprocess": ["--concurrency", PREPROCESS_CONCURRENCY], "infer": [], "aggregate": []}
+
+        def start(name):
             port = free_ports(1)[0]
-            process = subprocess.Popen([PANSCREEN, "serve", name, "--metrics-addr", f"127.0.0.1:{port}", *extra],
+            process = subprocess.Popen([PANSCREEN, "serve", name, "--metrics-addr", f"127.0.0.1:{port}",
+                                        *extras[name]],
                                        env=environment, stdout=subprocess.DEVNULL,
-                                       stderr=open(logs / f"{name}.log", "w"), cwd=ROOT)
+                                       stderr=open(logs / f"{name}.log", "a"), cwd=ROOT)
             processes.append((name, process))
             services[name] = process
             wait_for_port(port, name, process)
+
+        for name in extras:
+            start(name)
 
         submitted = time.time()
         subprocess.run([PANSCREEN, "submit", "--prefix", "incoming"], env=environment, check=True,
@@ -165,9 +269,51 @@ def main():
         peak_backlog = {}
         done = 0
         deadline = submitted + float(os.environ.get("LOAD_TIMEOUT_SECONDS", "3600"))
+        faults = []
+        if CHAOS:
+            chaos = random.Random(int(os.environ.get("CHAOS_SEED", "1")))
+            # (seconds after submit, what): kills every 30 s; the other faults between them.
+            plan = [(30 * i, "kill") for i in range(1, 100)]
+            plan += [(45, "nats"), (75, "cut 10"), (135, "cut 300")]
+            plan.sort()
+            nats_args = nats.args
+
+            def run_faults():
+                nonlocal nats
+                for at, what in plan:
+                    while time.time() < submitted + at:
+                        if stop_faults.is_set():
+                            return
+                        time.sleep(0.2)
+                    if stop_faults.is_set():
+                        return
+                    if what == "kill":
+                        name = chaos.choice(list(services))
+                        services[name].send_signal(signal.SIGKILL)
+                        services[name].wait()
+                        faults.append((round(time.time() - submitted), f"kill -9 {name}"))
+                        start(name)
+                    elif what == "nats":
+                        nats.kill()
+                        nats.wait()
+                        time.sleep(2)
+                        nats = subprocess.Popen(nats_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                        processes.append(("nats-server", nats))
+                        faults.append((round(time.time() - submitted), "nats-server restarted (2 s down)"))
+                    else:
+                        seconds = int(what.split()[1])
+                        faults.append((round(time.time() - submitted), f"store cut for {seconds} s"))
+                        proxy.cut(seconds)
+
+            stop_faults = threading.Event()
+            fault_thread = threading.Thread(target=run_faults, daemon=True)
+            fault_thread.start()
         while time.time() < deadline:
-            status = json.loads(subprocess.run([PANSCREEN, "status", "--json"], env=environment, check=True,
-                                               capture_output=True).stdout)
+            answer = subprocess.run([PANSCREEN, "status", "--json"], env=environment, capture_output=True)
+            if answer.returncode != 0:  # NATS restarting
+                time.sleep(2)
+                continue
+            status = json.loads(answer.stdout)
             stages = {s["stage"]: s for s in status["stages"]}
             for stage, s in stages.items():
                 peak_backlog[stage] = max(peak_backlog.get(stage, 0), s["pending"] + s["in_flight"])
@@ -176,11 +322,15 @@ def main():
                 break
             time.sleep(2)
         finished = time.time()
+        if CHAOS:
+            stop_faults.set()
+            fault_thread.join()
+            # Let late redeliveries and the quarantine records of the poison settle.
+            time.sleep(20)
         memory = {name: peak_rss_mb(process.pid) for name, process in services.items()}
         for process in services.values():
             process.terminate()
-        for process in services.values():
-            process.wait(timeout=120)
+        exits = {name: process.wait(timeout=120) for name, process in services.items()}
 
         results = ds.dataset(f"{BUCKET}/campaigns/{CAMPAIGN}/out/results", filesystem=s3fs, format="parquet",
                              partitioning="hive").to_table()
@@ -212,6 +362,40 @@ def main():
         print("|---|---|---|")
         for name in ["ingest", "preprocess", "infer", "aggregate"]:
             print(f"| {name} | {peak_backlog.get(name, 0)} | {memory[name]:.0f} MB |")
+        if CHAOS:
+            quarantine = ds.dataset(f"{BUCKET}/campaigns/{CAMPAIGN}/out/quarantine", filesystem=s3fs,
+                                    format="parquet").to_table().to_pylist()
+            accounting = ds.dataset(f"{BUCKET}/campaigns/{CAMPAIGN}/out/accounting", filesystem=s3fs,
+                                    format="parquet").to_table().to_pylist()
+            accounted = sum(row["objects"] for row in accounting)
+            redelivered = sum(log.read_text(errors="replace").count("redelivered message")
+                              for log in logs.glob("*.log"))
+            held = sum(log.read_text(errors="replace").count("outage: holding the work")
+                       for log in logs.glob("*.log"))
+            print()
+            print(f"faults ({len(faults)}):")
+            for at, what in faults:
+                print(f"  t+{at:>4} s  {what}")
+            print(f"kills: {sum(1 for _, what in faults if what.startswith('kill'))}; "
+                  f"redelivered messages: {redelivered}; outage holds logged: {held}")
+            print(f"quarantine rows: {len(quarantine)}; accounting: {accounted} of {objects} objects")
+            print(f"exit codes on SIGTERM: {exits}")
+            problems = []
+            by_input = {row["input"]: row["reason"] for row in quarantine}
+            for key, _, reason in poison:
+                if key not in by_input:
+                    problems.append(f"{key} has no quarantine row")
+                elif reason and by_input[key] != reason:
+                    problems.append(f"{key}: {by_input[key]}, expected {reason}")
+            if len(quarantine) != len(poison):
+                problems.append(f"{len(quarantine)} quarantine rows for {len(poison)} poison objects: "
+                                f"{[(r['input'], r['reason']) for r in quarantine]}")
+            if accounted != objects:
+                problems.append(f"accounting adds up to {accounted}, {objects} objects were uploaded")
+            if any(code != 0 for code in exits.values()):
+                problems.append(f"exit codes {exits}")
+            if problems:
+                sys.exit("chaos run failed:\n" + "\n".join(problems) + f"\nlogs in {logs}")
         if len(keys) < STUDIES:
             sys.exit(f"only {len(keys)} of {STUDIES} studies arrived; logs in {logs}")
     finally:

@@ -55,6 +55,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// One result per payload, in order.
     async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>>;
+
+    /// Called once a message is settled for good (its outcome published and acked, or
+    /// quarantined and terminated): the queue will not deliver it again, so what only it
+    /// needed (a work tensor) can go.
+    async fn finished(&self, _payload: &Bytes) {}
 }
 
 /// Settings chosen on purpose for every stage worker.
@@ -261,7 +266,7 @@ async fn handle_batch<H: Handler>(
             format!("gave up after {attempts} attempts: no worker finished it (crashed, killed or timed out)"),
             "the message was delivered past max_deliver without ever being settled",
         );
-        settle_one(queue, stage, config, counters, pause, delivery, Err(error)).await;
+        settle_one(queue, handler, config, counters, pause, delivery, Err(error)).await;
     }
     // Messages held through an outage are handled again, until it passes or the
     // worker stops; none of their attempts is spent meanwhile.
@@ -273,7 +278,7 @@ async fn handle_batch<H: Handler>(
         for (delivery, result) in batch.into_iter().zip(results) {
             match result {
                 Err(error) if error.is_infrastructure() && !pause.stopping() => held.push((delivery, error)),
-                result => settle_one(queue, stage, config, counters, pause, delivery, result).await,
+                result => settle_one(queue, handler, config, counters, pause, delivery, result).await,
             }
         }
         if held.is_empty() {
@@ -316,22 +321,26 @@ async fn hold_through(
     }
 }
 
-async fn settle_one(
+async fn settle_one<H: Handler>(
     queue: &dyn Queue,
-    stage: Stage,
+    handler: &H,
     config: &WorkerConfig,
     counters: &StageCounters,
     pause: &Pause,
     delivery: Delivery,
     result: Result<Outcome, StageError>,
 ) {
+    let stage = handler.stage();
+    let payload = delivery.payload.clone();
     let envelope = Envelope::peek(&delivery.payload);
     if delivery.attempt > 1 {
         counters.redelivered.fetch_add(1, Ordering::Relaxed);
         info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
     }
     let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-    settle(queue, stage, config, counters, pause, delivery, envelope, result).instrument(span).await;
+    if settle(queue, stage, config, counters, pause, delivery, envelope, result).instrument(span).await {
+        handler.finished(&payload).await;
+    }
     counters.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -420,18 +429,17 @@ async fn settle(
     delivery: Delivery,
     envelope: Envelope,
     result: Result<Outcome, StageError>,
-) {
+) -> bool {
     let attempt = delivery.attempt;
     let quarantine = match result {
         Ok(Outcome::Publish { subject, message_id, payload }) => {
             if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload)).await {
                 counters.processed.fetch_add(1, Ordering::Relaxed);
-                log_settle_error(delivery.ack().await);
-            } else {
-                counters.retried.fetch_add(1, Ordering::Relaxed);
-                log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+                return log_settle_error(delivery.ack().await);
             }
-            return;
+            counters.retried.fetch_add(1, Ordering::Relaxed);
+            log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+            return false;
         }
         Ok(Outcome::Quarantine(record)) => record,
         // Only while stopping: an outage hands the message back, whatever its attempt.
@@ -439,7 +447,7 @@ async fn settle(
             warn!(reason = %error.reason, "stopping during an outage; the message goes back to the queue");
             counters.retried.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.nak(Duration::from_millis(500)).await);
-            return;
+            return false;
         }
         Err(error) if error.is_retryable() && attempt < config.max_deliver => {
             // The detail may name object keys (folder names can be patients'): it goes
@@ -447,7 +455,7 @@ async fn settle(
             warn!(reason = %error.reason, "retryable failure, will retry");
             counters.retried.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
-            return;
+            return false;
         }
         Err(error) => {
             let reason = if error.is_retryable() {
@@ -464,15 +472,20 @@ async fn settle(
     let subject = subjects::quarantine(&config.campaign);
     if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload)).await {
         counters.quarantined.fetch_add(1, Ordering::Relaxed);
-        log_settle_error(delivery.term().await);
-    } else {
-        log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+        return log_settle_error(delivery.term().await);
     }
+    log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+    false
 }
 
-fn log_settle_error(result: Result<(), QueueError>) {
-    if let Err(error) = result {
-        warn!(%error, "settling a message failed; it will be redelivered");
+/// Logs a failed settlement; returns whether it went through.
+fn log_settle_error(result: Result<(), QueueError>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(error) => {
+            warn!(%error, "settling a message failed; it will be redelivered");
+            false
+        }
     }
 }
 

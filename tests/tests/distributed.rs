@@ -320,6 +320,26 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     let rows = cluster.wait_for_results(Duration::from_secs(150), &services.iter().collect::<Vec<_>>());
     let expected = cluster.expected_study_keys();
     assert_exactly_once(&rows, &expected);
+    // Each study's tensor is deleted once it is scored: the work store empties.
+    let work = format!("campaigns/{CAMPAIGN}/work");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut tensors = usize::MAX;
+    while tensors > 0 && Instant::now() < deadline {
+        tensors = cluster.runtime.block_on(cluster.store.list(&work)).unwrap().len();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(tensors, 0, "tensors left in {work} after every study was scored");
+    // Every pass of ingest wrote its accounting beside the tables.
+    let accounted: i64 = cluster
+        .table("accounting")
+        .iter()
+        .map(|(_, batch)| {
+            let objects = batch.column_by_name("objects").unwrap();
+            objects.as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().iter().flatten().sum::<i64>()
+        })
+        .sum();
+    let uploaded = cluster.runtime.block_on(cluster.store.list("incoming")).unwrap().len();
+    assert_eq!(accounted as usize, uploaded, "the passes' accounting adds up to every object uploaded");
     let redelivered: usize = ["preprocess-b", "preprocess-c", "infer-b", "infer-c"]
         .iter()
         .map(|name| cluster.log(name).matches("redelivered message").count())

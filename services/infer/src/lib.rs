@@ -55,6 +55,9 @@ pub struct InferHandler {
     pub work: Store,
     pub model: Arc<Mutex<Model>>,
     pub batch_size: usize,
+    /// Keep each study's tensor in the work store after it is scored (for debugging);
+    /// by default it is deleted once its message is settled for good.
+    pub keep_tensors: bool,
 }
 
 impl InferHandler {
@@ -139,6 +142,17 @@ impl Handler for InferHandler {
 
     fn batch_size(&self) -> usize {
         self.batch_size.max(1)
+    }
+
+    /// The study is scored (or quarantined) for good: its tensor is not needed again.
+    async fn finished(&self, payload: &Bytes) {
+        if self.keep_tensors {
+            return;
+        }
+        let Ok(message) = serde_json::from_slice::<StudyPreprocessed>(payload) else { return };
+        if let Err(error) = self.work.delete_if_present(&message.tensor_key).await {
+            tracing::warn!(kind = ?error.kind(), "deleting a scored study's tensor failed; it stays in the work store");
+        }
     }
 
     async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {

@@ -129,7 +129,8 @@ impl RunSummary {
 
 /// The run's accounting table: objects by outcome and reason, adding up to the objects
 /// listed.
-fn accounting_table(run_id: &str, report: &IngestReport) -> anyhow::Result<bytes::Bytes> {
+/// The `accounting/` table of one run (embedded) or one ingest pass (distributed).
+pub fn accounting_table(run_id: &str, report: &IngestReport) -> anyhow::Result<bytes::Bytes> {
     use arrow::array::{ArrayRef, Int64Array, StringArray};
     let rows = report.accounting();
     let columns: Vec<(&str, ArrayRef)> = vec![
@@ -247,6 +248,7 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
             work: work.clone(),
             model: Arc::new(Mutex::new(model)),
             batch_size: options.batch_size,
+            keep_tensors: options.keep_work,
         });
         let config = WorkerConfig::new(&campaign, Stage::Infer);
         spawn_worker(dyn_queue.clone(), subjects::preprocessed(&campaign), handler, config, infer_counters.clone())

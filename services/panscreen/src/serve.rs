@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// Seconds work in flight may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "PANSCREEN_DRAIN_SECONDS")]
     pub drain_seconds: u64,
+    /// Infer: keep each study's work tensor after it is scored (by default it is deleted
+    /// once the scored message is published and acknowledged).
+    #[arg(long, env = "PANSCREEN_KEEP_TENSORS")]
+    pub keep_tensors: bool,
     /// Seconds one message (or infer batch) may take before it is abandoned and retried.
     #[arg(long, default_value_t = 600, env = "PANSCREEN_HANDLER_TIMEOUT_SECONDS")]
     pub handler_timeout_seconds: u64,
@@ -276,6 +280,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 work: campaign_root.sub("work"),
                 model: Arc::new(Mutex::new(model)),
                 batch_size: args.model.batch_size,
+                keep_tensors: args.keep_tensors,
             });
             readiness.set(true);
             run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters.clone(), shutdown)
@@ -394,6 +399,7 @@ async fn serve_ingest(
     let completion =
         Completion { quiet: Duration::from_secs(args.ingest.quiet_seconds), marker: args.ingest.marker.clone() };
     let sites = crate::cli::load_sites(&args.sites)?;
+    let out = root.sub(&args.cluster.campaign_prefix()).sub("out");
     let mut watcher = Watcher::open(root, state.clone(), config, completion, pseudonymizer, sites).await?;
     let mut prefixes = watched_prefixes(&state, &configured, &BTreeSet::new()).await;
     let mut requests = queue.subscribe(&subjects::submitted(campaign), &subjects::consumer(Stage::Ingest)).await?;
@@ -428,6 +434,9 @@ async fn serve_ingest(
                 counters.processed.fetch_add(pass.decided.studies.len() as u64, Ordering::Relaxed);
                 counters.quarantined.fetch_add(pass.decided.quarantined.len() as u64, Ordering::Relaxed);
                 counters.in_flight.store(pass.waiting_studies as u64, Ordering::Relaxed);
+                if pass.decided.objects_listed > 0 {
+                    write_accounting(&out, &pass.decided).await;
+                }
             }
             Err(error) => warn!(error = %format!("{error:#}"), "ingest pass failed; the next pass retries"),
         }
@@ -437,6 +446,20 @@ async fn serve_ingest(
 
 /// Where every campaign's work and tables live in the store; never input.
 const CAMPAIGNS: &str = "campaigns";
+
+/// One pass's accounting (where each object it decided went, and why), beside the
+/// tables, as an embedded run writes its own. A failed write is logged: the objects'
+/// rows are in the quarantine and ignored tables all the same.
+async fn write_accounting(out: &Store, decided: &panscreen_ingest::IngestReport) {
+    let pass_id = format!("ingest-{}", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
+    let written = match crate::pipeline::accounting_table(&pass_id, decided) {
+        Ok(table) => out.put(&format!("accounting/{pass_id}.parquet"), table).await.map_err(anyhow::Error::from),
+        Err(error) => Err(error),
+    };
+    if let Err(error) = written {
+        warn!(error = %format!("{error:#}"), "writing the pass's accounting failed");
+    }
+}
 
 /// The key prefix `--prefix` names within the store: a bare prefix, or a URL that
 /// starts with the store's own. The store's root and panscreen's own outputs are refused:

@@ -39,6 +39,28 @@ pub struct CampaignStatus {
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     pub stages: Vec<StageStatus>,
+    /// The prefixes submitted to the campaign, with whether each holds objects now
+    /// (absent when the store could not be read).
+    pub submitted: Option<Vec<SubmittedPrefix>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmittedPrefix {
+    pub prefix: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub submitted_at: OffsetDateTime,
+    /// False: nothing is there (yet); a typo in the prefix looks like this.
+    pub holds_objects: bool,
+}
+
+async fn submitted_prefixes(cluster: &ClusterArgs) -> anyhow::Result<Vec<SubmittedPrefix>> {
+    let root = cluster.store()?;
+    let mut prefixes = Vec::new();
+    for request in crate::serve::submitted(cluster).await? {
+        let holds_objects = root.has_objects(&request.prefix).await?;
+        prefixes.push(SubmittedPrefix { prefix: request.prefix, submitted_at: request.requested_at, holds_objects });
+    }
+    Ok(prefixes)
 }
 
 pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
@@ -91,7 +113,13 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
             (backlog, rate) => Some(backlog as f64 * 60.0 / rate as f64),
         };
     }
-    Ok(CampaignStatus { campaign: cluster.campaign.clone(), at: now, stages: stages.into_values().collect() })
+    let submitted = submitted_prefixes(cluster).await.ok();
+    Ok(CampaignStatus {
+        campaign: cluster.campaign.clone(),
+        at: now,
+        stages: stages.into_values().collect(),
+        submitted,
+    })
 }
 
 fn duration(seconds: Option<f64>) -> String {
@@ -136,6 +164,15 @@ impl CampaignStatus {
                 duration(s.seconds_left)
             )
             .unwrap();
+        }
+        match &self.submitted {
+            Some(prefixes) => {
+                for prefix in prefixes {
+                    let state = if prefix.holds_objects { "watched" } else { "watched, holds no objects" };
+                    writeln!(out, "submitted {} ({state}, since {})", prefix.prefix, prefix.submitted_at).unwrap();
+                }
+            }
+            None => writeln!(out, "submitted prefixes: the store cannot be read now").unwrap(),
         }
         if let Some(waiting) = self.stages.iter().find_map(|s| s.waiting_studies).filter(|w| *w > 0) {
             writeln!(out, "ingest: {waiting} studies still receiving files (quiet period or marker pending)").unwrap();
