@@ -94,9 +94,31 @@ pub struct StudyContext {
     /// Scan date, ISO 8601 (YYYY-MM-DD).
     pub scan_date: String,
     pub timings: StageTimes,
+    /// How often the study was requeued (`panscreen requeue`); part of its message ids,
+    /// so that a requeued study is not dropped as a repeat of its first pass.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+/// A message id with the requeue generation appended when there is one.
+fn with_generation(id: String, generation: u32) -> String {
+    if generation == 0 {
+        id
+    } else {
+        format!("{id}:r{generation}")
+    }
 }
 
 impl StudyContext {
+    /// The id of this study's message from `stage`.
+    pub fn message_id(&self, stage: Stage) -> String {
+        with_generation(message_id(&self.study_key, stage), self.generation)
+    }
+
     /// "YYYY-MM" of the scan, the partition key of the results.
     pub fn scan_month(&self) -> &str {
         self.scan_date.get(..7).unwrap_or("unknown")
@@ -257,12 +279,16 @@ pub struct QuarantineRecord {
     pub attempts: u32,
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// The requeue generation of the study or object (0: its first pass).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
 }
 
 impl QuarantineRecord {
-    /// Message id for the quarantine subject: one record per input per stage.
+    /// Message id for the quarantine subject: one record per input per stage and pass.
     pub fn message_id(&self) -> String {
-        format!("quarantine:{}:{}", self.stage, self.study_key.as_deref().unwrap_or(&self.input))
+        let id = format!("quarantine:{}:{}", self.stage, self.study_key.as_deref().unwrap_or(&self.input));
+        with_generation(id, self.generation)
     }
 }
 
@@ -319,6 +345,21 @@ mod tests {
         };
         assert_eq!(geometry.to_patient([1.0, 2.0, 3.0]), [13.0, 24.0, 33.0]);
         assert_eq!(geometry.voxel_volume_mm3(), 6.0);
+    }
+
+    #[test]
+    fn a_requeued_study_gets_new_message_ids() {
+        let mut context: StudyContext = serde_json::from_str(
+            r#"{"campaign":"c","study_key":"k","patient_key":"p","site_id":"s","region_code":"r",
+                "region_name":"n","province":"v","age_band":"60-64","sex":"F","scan_date":"2025-01-01",
+                "timings":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(context.generation, 0, "messages of earlier versions read as generation 0");
+        assert_eq!(context.message_id(Stage::Ingest), "k:ingest");
+        context.generation = 2;
+        assert_eq!(context.message_id(Stage::Ingest), "k:ingest:r2");
+        assert!(serde_json::to_string(&context).unwrap().contains(r#""generation":2"#));
     }
 
     #[test]

@@ -497,6 +497,8 @@ pub struct Envelope {
     pub site_id: Option<String>,
     /// The study's object keys, when the message still lists them (ingest → preprocess).
     pub inputs: Vec<String>,
+    /// The study's requeue generation.
+    pub generation: u32,
     /// For a message without a study key (not JSON, or not a study message): a digest
     /// of its bytes, so that two different unreadable messages get two records.
     pub unreadable_digest: Option<String>,
@@ -521,7 +523,8 @@ impl Envelope {
             .unwrap_or_default();
         let study_key = field("study_key");
         let unreadable_digest = study_key.is_none().then(|| digest(payload));
-        Envelope { study_key, site_id: field("site_id"), inputs, unreadable_digest }
+        let generation = value.pointer("/context/generation").and_then(|g| g.as_u64()).unwrap_or(0) as u32;
+        Envelope { study_key, site_id: field("site_id"), inputs, generation, unreadable_digest }
     }
 
     pub fn quarantine_record(
@@ -544,6 +547,7 @@ impl Envelope {
             detail,
             attempts,
             at: OffsetDateTime::now_utc(),
+            generation: self.generation,
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The long-running ingest on a local store: a study waits until it is complete
 //! (marker or quiet period), is decided once, is not handled again after a restart,
-//! and files that arrive after their study was decided are ignored with a reason.
+//! and files that arrive after their study was decided are ignored with a reason; a
+//! requeued study is decided again, once, under a new generation.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use panscreen::requeue::{requeue, Selection};
 use panscreen::synth::{synthesize, Size, SynthOptions};
 use panscreen_ingest::watch::{Completion, Watcher};
 use panscreen_ingest::{header, IngestConfig};
@@ -107,4 +109,78 @@ async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
         delivery.ack().await.unwrap();
     }
     assert_eq!(inputs.len(), 2, "the marker and the late file were published as ignored: {inputs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeued_study_is_decided_again_under_a_new_generation() {
+    let scratch = tempfile::tempdir().unwrap();
+    let options = SynthOptions {
+        out: scratch.path().join("cohort"),
+        studies: 1,
+        seed: 4,
+        prevalence: 0.0,
+        size: Size::Small,
+        sites: SiteRegistry::builtin(),
+        threads: 2,
+        realistic: false,
+        slices: None,
+    };
+    synthesize(&options, &|_| {}).unwrap();
+    let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
+    let studies = options.out.join("studies");
+    let z = |path: &std::path::PathBuf| {
+        let bytes = std::fs::read(path).unwrap();
+        header::parse("x", bytes.len() as u64, &bytes).unwrap().image_position.unwrap()[2]
+    };
+    let mut files = files_below(&studies);
+    files.sort_by(|a, b| z(a).total_cmp(&z(b)));
+    // A slice from the middle is missing at first: the series has a gap.
+    let missing = files.remove(files.len() / 2);
+    let key_of = |file: &std::path::PathBuf| format!("incoming/{}", file.strip_prefix(&studies).unwrap().display());
+    for file in &files {
+        root.put(&key_of(file), Bytes::from(std::fs::read(file).unwrap())).await.unwrap();
+    }
+    let prefixes = vec!["incoming".to_string()];
+    let first = MemoryQueue::new();
+    let pass = watcher(&root, Duration::ZERO).await.pass(&first, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.quarantined.len(), 1);
+    assert_eq!(pass.decided.quarantined[0].reason, "series has missing slices");
+
+    // Aggregate writes the quarantine row.
+    let out = root.sub("campaigns/w/out");
+    for subject in [subjects::scored("w"), subjects::quarantine("w"), subjects::ignored("w")] {
+        first.close(&subject).await;
+    }
+    let mut config = panscreen_aggregate::AggregateConfig::new("w", "test");
+    config.write_summary = false;
+    let counters = std::sync::Arc::new(panscreen_shared::worker::StageCounters::default());
+    let mut aggregator = panscreen_aggregate::Aggregator::new(config, out.clone(), SiteRegistry::builtin(), counters);
+    aggregator.run(std::sync::Arc::new(first), std::future::pending()).await.unwrap();
+
+    // The missing slice turns up; the study is requeued by its quarantine reason.
+    root.put(&key_of(&missing), Bytes::from(std::fs::read(&missing).unwrap())).await.unwrap();
+    let campaign = root.sub("campaigns/w");
+    let other = Selection { reason: Some("not a DICOM".into()), stage: None };
+    assert_eq!(requeue(&campaign, &other, true).await.unwrap().rows_requeued, 0);
+    let selection = Selection { reason: Some("missing slices".into()), stage: Some("ingest".into()) };
+    let dry = requeue(&campaign, &selection, true).await.unwrap();
+    assert_eq!((dry.rows_requeued, dry.objects_requeued), (1, files.len()));
+    assert!(root.list("campaigns/w/ingest/requeue").await.unwrap().is_empty(), "a dry run changes nothing");
+    let done = requeue(&campaign, &selection, false).await.unwrap();
+    assert_eq!(done.rows_requeued, 1);
+
+    // A restarted ingest takes the request: the study is decided again, whole, under
+    // generation 1 (its message id differs from the first pass's).
+    let second = MemoryQueue::new();
+    let mut restarted = watcher(&root, Duration::ZERO).await;
+    let pass = restarted.pass(&second, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.studies.len(), 1, "{:?}", pass.decided.quarantined);
+    let study = &pass.decided.studies[0];
+    assert_eq!(study.context.generation, 1);
+    assert_eq!(study.slices.len(), files.len() + 1);
+    assert!(study.context.message_id(panscreen_shared::contracts::Stage::Ingest).ends_with(":r1"));
+    assert!(root.list("campaigns/w/ingest/requeue").await.unwrap().is_empty(), "the request was taken");
+    // And a further restart does not decide it a third time.
+    let pass = watcher(&root, Duration::ZERO).await.pass(&second, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.objects_listed, 0);
 }

@@ -40,6 +40,7 @@ fn scored(index: usize) -> StudyScored {
             sex: "F".into(),
             scan_date: "2025-06-06".into(),
             timings: StageTimes::default(),
+            generation: 0,
         },
         series: SeriesChoice {
             series_key: format!("series-{index:03}"),
@@ -121,6 +122,25 @@ async fn aggregate_holds_its_messages_through_a_30_s_store_cut_and_writes_garbag
     queue.publish(&subjects::scored("cut"), "g1", Bytes::from_static(b"\x00\xffnot json")).await.unwrap();
     queue.publish(&subjects::scored("cut"), "g2", Bytes::from_static(b"{\"half\": ")).await.unwrap();
     queue.publish(&subjects::quarantine("cut"), "g3", Bytes::from_static(b"[1, 2, 3]")).await.unwrap();
+    // A stale quarantine record of a study that is screened (a redelivery after a
+    // nats-server crash forgot an ack): the result stays the study's only outcome.
+    let stale = panscreen_shared::contracts::QuarantineRecord {
+        campaign: "cut".into(),
+        stage: Stage::Infer,
+        input: "study-005".into(),
+        inputs: Vec::new(),
+        study_key: Some("study-005".into()),
+        site_id: None,
+        reason: "object not found in the store".into(),
+        detail: "tensors/study-005.npy is not in the store".into(),
+        attempts: 2,
+        at: time::OffsetDateTime::now_utc(),
+        generation: 0,
+    };
+    queue
+        .publish(&subjects::quarantine("cut"), "stale", Bytes::from(serde_json::to_vec(&stale).unwrap()))
+        .await
+        .unwrap();
     // A copy of a study that is still waiting: held with it, never acked before it.
     let copy = Bytes::from(serde_json::to_vec(&scored(3)).unwrap());
     queue.publish(&subjects::scored("cut"), "s3-again", copy).await.unwrap();
@@ -142,9 +162,11 @@ async fn aggregate_holds_its_messages_through_a_30_s_store_cut_and_writes_garbag
     result.expect("aggregate keeps running through the cut and stops cleanly");
     assert!(readiness.get(), "ready again once writing works");
     assert_eq!(rows(&out, "results").await, 10, "every study once");
-    assert_eq!(rows(&out, "quarantine").await, 3, "each unreadable message has a row of its own");
-    // The copy of study 3 was held with the original and settled with it, not written.
+    assert_eq!(rows(&out, "quarantine").await, 3, "each unreadable message has a row of its own, the stale one none");
+    // The copy of study 3 was held with the original and settled with it, not written;
+    // the stale record of study 5 was dropped.
     assert_eq!((report.results_written, report.quarantine_written), (10, 3), "{report:?}");
+    assert_eq!(report.duplicates_dropped, 1, "{report:?}");
     // Nothing was handed back while the store was away: no delivery past the first.
     let jetstream = connect(&nats, "cut", JetStreamSettings::default()).await;
     let backlog = jetstream.backlog(&subjects::scored("cut"), &subjects::consumer(Stage::Aggregate)).await.unwrap();

@@ -1,6 +1,7 @@
 //! `panscreen compact`: merges the many small files a long-running aggregate writes,
-//! drops any study that is in the results twice, and writes the summary and recall
-//! worklist from everything committed.
+//! drops any study that is in the results twice, keeps one final outcome per requeued
+//! study or object (its result, else its latest quarantine row), and writes the summary
+//! and recall worklist from everything committed.
 //!
 //! A merged file goes through the same staging and commit as a flush ([`crate::commit`]);
 //! its commit names the files it replaces, which are deleted once it is in place. A
@@ -8,9 +9,9 @@
 //! study twice for that moment; the window is a few requests long, and a reader that
 //! must never see it runs compaction when nobody reads, or deduplicates on `study_key`.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use arrow::array::{Array, BooleanArray, Date32Array, Float64Array, StringArray};
+use arrow::array::{Array, BooleanArray, Date32Array, Float64Array, StringArray, TimestampMicrosecondArray};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use panscreen_shared::sites::SiteRegistry;
@@ -32,6 +33,8 @@ pub struct CompactReport {
     pub quarantine_rows: usize,
     pub flagged: usize,
     pub regions: Vec<RegionCounts>,
+    /// Study keys in the results.
+    pub screened: HashSet<String>,
 }
 
 fn table_error(key: &str, error: impl std::fmt::Display) -> AggregateError {
@@ -171,8 +174,11 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
         report.files_after += 1;
     }
     report.studies = seen.len();
+    report.screened = seen.clone();
 
-    if let Some(merged) = merge_flat(out, "quarantine", &writer, &mut staged, &mut replaced, &mut report).await? {
+    if let Some(merged) =
+        merge_flat(out, "quarantine", &writer, &mut staged, &mut replaced, &mut report, Some(&seen)).await?
+    {
         report.quarantine_rows = merged.num_rows();
         let site = column::<StringArray>(&merged, "site_id")?;
         for row in 0..merged.num_rows() {
@@ -188,7 +194,7 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
                 .quarantined += 1;
         }
     }
-    merge_flat(out, "ignored", &writer, &mut staged, &mut replaced, &mut report).await?;
+    merge_flat(out, "ignored", &writer, &mut staged, &mut replaced, &mut report, None).await?;
 
     if !replaced.is_empty() {
         // The commits whose files are all replaced go; their ids move to this one.
@@ -227,7 +233,75 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
     Ok(report)
 }
 
-/// Merges the files of an unpartitioned table into one (when there is more than one).
+/// One quarantine row, as `panscreen requeue` needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantinedInput {
+    pub stage: String,
+    pub input: String,
+    pub inputs: Vec<String>,
+    pub study_key: Option<String>,
+    pub reason: String,
+}
+
+/// The quarantine rows of `out` that are final outcomes now (what `compact` keeps).
+pub async fn final_quarantine(out: &Store) -> Result<Vec<QuarantinedInput>, AggregateError> {
+    let mut screened = HashSet::new();
+    for key in parquet_keys(out, "results").await? {
+        for batch in read_parquet(out, &key).await? {
+            screened.extend(column::<StringArray>(&batch, "study_key")?.iter().flatten().map(str::to_string));
+        }
+    }
+    let mut batches = Vec::new();
+    for key in parquet_keys(out, "quarantine").await? {
+        batches.extend(read_parquet(out, &key).await?);
+    }
+    let Some(merged) = concat(&batches)? else { return Ok(Vec::new()) };
+    let kept = final_quarantine_rows(&merged, &screened)?;
+    let text = |name| column::<StringArray>(&kept, name);
+    let (stage, input, study, reason) = (text("stage")?, text("input")?, text("study_key")?, text("reason")?);
+    let inputs = column::<arrow::array::ListArray>(&kept, "inputs")?;
+    let mut rows = Vec::with_capacity(kept.num_rows());
+    for row in 0..kept.num_rows() {
+        let keys = inputs.value(row);
+        let keys =
+            keys.as_any().downcast_ref::<StringArray>().map(|k| k.iter().flatten().map(str::to_string).collect());
+        rows.push(QuarantinedInput {
+            stage: stage.value(row).to_string(),
+            input: input.value(row).to_string(),
+            inputs: keys.unwrap_or_default(),
+            study_key: study.is_valid(row).then(|| study.value(row).to_string()),
+            reason: reason.value(row).to_string(),
+        });
+    }
+    Ok(rows)
+}
+
+/// The quarantine rows that are a final outcome: none for a study in the results (it was
+/// requeued and screened), and of several rows for one study or object (requeued and
+/// quarantined again) only the latest.
+fn final_quarantine_rows(batch: &RecordBatch, screened: &HashSet<String>) -> Result<RecordBatch, AggregateError> {
+    let study = column::<StringArray>(batch, "study_key")?;
+    let input = column::<StringArray>(batch, "input")?;
+    let at = column::<TimestampMicrosecondArray>(batch, "at")?;
+    let mut latest: HashMap<(bool, &str), usize> = HashMap::new();
+    for row in 0..batch.num_rows() {
+        let identity = if study.is_valid(row) { (true, study.value(row)) } else { (false, input.value(row)) };
+        if identity.0 && screened.contains(identity.1) {
+            continue;
+        }
+        let kept = latest.entry(identity).or_insert(row);
+        if at.value(row) >= at.value(*kept) {
+            *kept = row;
+        }
+    }
+    let kept: HashSet<usize> = latest.into_values().collect();
+    let keep: BooleanArray = (0..batch.num_rows()).map(|row| Some(kept.contains(&row))).collect();
+    arrow::compute::filter_record_batch(batch, &keep).map_err(|e| AggregateError::Table(e.to_string()))
+}
+
+/// Merges the files of an unpartitioned table into one (when there is more than one, or
+/// when rows go: for quarantine, `screened` names the studies in the results, and only
+/// final outcomes stay).
 async fn merge_flat(
     out: &Store,
     table: &str,
@@ -235,6 +309,7 @@ async fn merge_flat(
     staged: &mut Staged,
     replaced: &mut Vec<String>,
     report: &mut CompactReport,
+    screened: Option<&HashSet<String>>,
 ) -> Result<Option<RecordBatch>, AggregateError> {
     let keys = parquet_keys(out, table).await?;
     report.files_before += keys.len();
@@ -242,10 +317,14 @@ async fn merge_flat(
     for key in &keys {
         batches.extend(read_parquet(out, key).await?);
     }
-    let merged = concat(&batches)?;
+    let merged = match (concat(&batches)?, screened) {
+        (Some(merged), Some(screened)) => Some(final_quarantine_rows(&merged, screened)?),
+        (merged, _) => merged,
+    };
+    let rows_before: usize = batches.iter().map(RecordBatch::num_rows).sum();
     if let Some(merged) = &merged {
         report.files_after += 1;
-        if keys.len() > 1 {
+        if keys.len() > 1 || merged.num_rows() != rows_before {
             staged
                 .stage(out, format!("{table}/part-{writer}.parquet"), merged.num_rows(), parquet_bytes(merged)?)
                 .await?;
@@ -257,4 +336,58 @@ async fn merge_flat(
 
 async fn put(out: &Store, key: &str, bytes: Bytes) -> Result<(), AggregateError> {
     out.put(key, bytes).await.map_err(|source| AggregateError::Write { key: key.to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use panscreen_shared::contracts::{QuarantineRecord, Stage};
+
+    fn record(input: &str, study: Option<&str>, reason: &str, seconds: i64) -> QuarantineRecord {
+        QuarantineRecord {
+            campaign: "c".into(),
+            stage: Stage::Preprocess,
+            input: input.into(),
+            inputs: vec![input.into()],
+            study_key: study.map(str::to_string),
+            site_id: None,
+            reason: reason.into(),
+            detail: String::new(),
+            attempts: 1,
+            at: OffsetDateTime::from_unix_timestamp(1_800_000_000 + seconds).unwrap(),
+            generation: 0,
+        }
+    }
+
+    #[test]
+    fn a_requeued_study_keeps_only_its_final_outcome() {
+        let rows = [
+            record("s1", Some("s1"), "gave up after 5 attempts: object store error", 0),
+            record("s2", Some("s2"), "cannot decode a slice", 0),
+            record("s2", Some("s2"), "the decoder failed on this file", 60),
+            record("a/x.txt", None, "not a DICOM file", 0),
+            record("a/x.txt", None, "not a DICOM file", 30),
+            record("b/y.txt", None, "not a DICOM file", 0),
+        ];
+        let batch = tables::quarantine_batch(&rows).unwrap();
+        let screened: HashSet<String> = ["s1".to_string()].into();
+        let kept = final_quarantine_rows(&batch, &screened).unwrap();
+        let reasons = column::<StringArray>(&kept, "reason").unwrap();
+        let inputs = column::<StringArray>(&kept, "input").unwrap();
+        let mut left: Vec<(&str, &str)> = (0..kept.num_rows()).map(|r| (inputs.value(r), reasons.value(r))).collect();
+        left.sort();
+        // s1 was screened after its requeue; s2 failed again (the later row stays); the
+        // requeued object keeps its later row; the other object is untouched.
+        assert_eq!(
+            left,
+            [
+                ("a/x.txt", "not a DICOM file"),
+                ("b/y.txt", "not a DICOM file"),
+                ("s2", "the decoder failed on this file")
+            ]
+        );
+        let at = column::<TimestampMicrosecondArray>(&kept, "at").unwrap();
+        let x = (0..kept.num_rows()).find(|r| inputs.value(*r) == "a/x.txt").unwrap();
+        assert_eq!(at.value(x), (1_800_000_030) * 1_000_000);
+    }
 }

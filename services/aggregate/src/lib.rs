@@ -140,6 +140,13 @@ impl Pending {
             Pending::Ignored(ignored) => ignored.message_id(),
         }
     }
+
+    /// A quarantine record of a study whose result is among `ids` (written or held): a
+    /// stale redelivery (JetStream is at least once: a nats-server crash can forget
+    /// acks) whose work was already done. The result is the study's outcome.
+    fn superseded_by(&self, ids: &HashSet<String>) -> bool {
+        matches!(self, Pending::Quarantine(record) if record.study_key.as_ref().is_some_and(|k| ids.contains(k)))
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -270,6 +277,14 @@ impl Aggregator {
             }
             Ok(pending) => pending,
         };
+        if pending.superseded_by(&self.seen) {
+            info!("a quarantine record of a study already screened; dropped");
+            self.report.duplicates_dropped += 1;
+            if let Err(error) = delivery.ack().await {
+                warn!(%error, "acking a superseded record failed; it comes back and is dropped again");
+            }
+            return;
+        }
         let id = pending.id();
         if let Some(held) = self.pending.iter_mut().find(|held| held.pending.id() == id) {
             held.deliveries.push(delivery);
@@ -310,17 +325,20 @@ impl Aggregator {
     /// Drops from `held` what another writer committed meanwhile; acks it.
     async fn drop_committed_elsewhere(&mut self, held: &mut Vec<Held>) -> Result<(), AggregateError> {
         let (committed, _) = while_holding(held, self.config.progress_every, self.read_new_commits()).await?;
-        let (duplicates, keep): (Vec<_>, Vec<_>) =
-            std::mem::take(held).into_iter().partition(|held| committed.contains(&held.pending.id()));
+        self.seen.extend(committed.iter().cloned());
+        // Also a quarantine record of a study whose result came in meanwhile.
+        let seen = &self.seen;
+        let (duplicates, keep): (Vec<_>, Vec<_>) = std::mem::take(held)
+            .into_iter()
+            .partition(|held| committed.contains(&held.pending.id()) || held.pending.superseded_by(seen));
         *held = keep;
         if !duplicates.is_empty() {
-            info!(dropped = duplicates.len(), "already committed by another writer; dropped");
+            info!(dropped = duplicates.len(), "already committed, or superseded by a study's result; dropped");
             self.report.duplicates_dropped += duplicates.len();
         }
         for delivery in duplicates.into_iter().flat_map(|held| held.deliveries) {
             let _ = delivery.ack().await;
         }
-        self.seen.extend(committed);
         Ok(())
     }
 

@@ -120,6 +120,7 @@ pub fn quarantine_batch(rows: &[QuarantineRecord]) -> Result<RecordBatch, ArrowE
         ("detail", strings(rows.iter().map(|r| Some(r.detail.as_str())))),
         ("attempts", Arc::new(rows.iter().map(|r| Some(r.attempts as i32)).collect::<Int32Array>())),
         ("at", timestamps(rows.iter().map(|r| Some(r.at)))),
+        ("generation", Arc::new(rows.iter().map(|r| Some(r.generation as i32)).collect::<Int32Array>())),
     ])
 }
 

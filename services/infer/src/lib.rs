@@ -17,7 +17,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use panscreen_shared::contracts::{
-    message_id, subjects, ModelIdentity, Prediction, Stage, StudyPreprocessed, StudyScored, TensorGeometry,
+    subjects, ModelIdentity, Prediction, Stage, StudyPreprocessed, StudyScored, TensorGeometry,
 };
 use panscreen_shared::error::StageError;
 use panscreen_shared::npy;
@@ -126,7 +126,7 @@ impl InferHandler {
             };
             outcomes.push(Outcome::Publish {
                 subject: subjects::scored(&self.campaign),
-                message_id: message_id(&scored.context.study_key, Stage::Infer),
+                message_id: scored.context.message_id(Stage::Infer),
                 payload: Bytes::from(serde_json::to_vec(&scored).expect("contracts serialize")),
             });
         }

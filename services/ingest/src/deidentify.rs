@@ -93,6 +93,7 @@ pub fn study_context(
         sex: sex(&instance.patient_sex),
         scan_date: iso_date(&instance.study_date),
         timings: StageTimes { ingested_at: Some(OffsetDateTime::now_utc()), ..StageTimes::default() },
+        generation: 0,
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use panscreen_shared::contracts::{
-    message_id, subjects, IgnoredInput, IgnoredInputs, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
+    subjects, IgnoredInput, IgnoredInputs, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
 };
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
@@ -141,6 +141,7 @@ fn quarantine(
         detail: detail.to_string(),
         attempts: 1,
         at: OffsetDateTime::now_utc(),
+        generation: 0,
     }
 }
 
@@ -342,22 +343,25 @@ pub async fn scan(
     }
 
     for instances in studies.into_values() {
-        decide_study(config, pseudonymizer, sites, instances, &mut report);
+        decide_study(config, pseudonymizer, sites, instances, 0, &mut report);
     }
     debug_assert!(report.balanced(), "every object accounted for once");
     Ok(report)
 }
 
 /// Decides one complete study: the series to screen and a message for preprocess, or a
-/// quarantine record; the files of other series are ignored with a reason.
+/// quarantine record; the files of other series are ignored with a reason. `generation`
+/// counts the study's requeues (0 on its first pass).
 pub fn decide_study(
     config: &IngestConfig,
     pseudonymizer: &Pseudonymizer,
     sites: &SiteRegistry,
     instances: Vec<InstanceHeader>,
+    generation: u32,
     report: &mut IngestReport,
 ) {
-    let context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
+    let mut context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
+    context.generation = generation;
     let study_files = instances.len();
     let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
     // The same instance sent twice (a re-send, a copy in two folders): keep one.
@@ -445,6 +449,7 @@ pub fn decide_study(
                 &format!("{} ({study_files} files)", rejection.detail),
             );
             record.inputs = all_keys;
+            record.generation = generation;
             report.quarantined.push(record);
         }
     }
@@ -458,9 +463,7 @@ pub const IGNORED_PER_MESSAGE: usize = 500;
 pub async fn publish(queue: &dyn Queue, campaign: &str, report: &IngestReport) -> Result<(), QueueError> {
     for study in &report.studies {
         let payload = Bytes::from(serde_json::to_vec(study).expect("contracts serialize"));
-        queue
-            .publish(&subjects::ingested(campaign), &message_id(&study.context.study_key, Stage::Ingest), payload)
-            .await?;
+        queue.publish(&subjects::ingested(campaign), &study.context.message_id(Stage::Ingest), payload).await?;
     }
     for record in &report.quarantined {
         let payload = Bytes::from(serde_json::to_vec(record).expect("contracts serialize"));

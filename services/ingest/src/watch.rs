@@ -75,7 +75,28 @@ struct LedgerSegment {
     objects: Vec<String>,
     /// Study keys decided.
     studies: Vec<String>,
+    /// Objects (keyed hashes) and studies requeued: decided again on the next pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    forgotten_objects: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    forgotten_studies: Vec<String>,
+    /// Requeue generation by study key or object hash (absent: 0).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    generations: BTreeMap<String, u32>,
 }
+
+/// What `panscreen requeue` asks of ingest: decide these objects and studies again.
+/// Written under `<state>/requeue/`, applied and deleted by the next pass.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct RequeueRequest {
+    /// Object keys, as in the quarantine table's `inputs`.
+    pub objects: Vec<String>,
+    /// Study keys (pseudonyms).
+    pub studies: Vec<String>,
+}
+
+/// Where requeue requests wait for ingest, under its state prefix.
+pub const REQUEUE: &str = "requeue";
 
 /// Segments beyond this many are merged into one when ingest starts.
 const SEGMENTS_BEFORE_MERGE: usize = 64;
@@ -103,6 +124,8 @@ pub struct Watcher {
     waiting: HashMap<String, (InstanceHeader, OffsetDateTime)>,
     /// Passes in a row in which the store failed to serve an object.
     read_failures: HashMap<String, u32>,
+    /// Requeue generation by study key or object hash.
+    generations: BTreeMap<String, u32>,
 }
 
 /// An object the store fails to serve in this many passes in a row is quarantined.
@@ -145,18 +168,21 @@ impl Watcher {
             handled_studies: HashSet::new(),
             waiting: HashMap::new(),
             read_failures: HashMap::new(),
+            generations: BTreeMap::new(),
         };
+        // Oldest first (keys are timestamps): a requeue forgets what came before it.
         let segments = watcher.state.list("ledger").await?;
         for segment in &segments {
             let bytes = watcher.state.get(&segment.key).await?;
             let segment: LedgerSegment = serde_json::from_slice(&bytes)?;
-            watcher.handled_objects.extend(segment.objects);
-            watcher.handled_studies.extend(segment.studies);
+            watcher.apply(segment);
         }
         if segments.len() > SEGMENTS_BEFORE_MERGE {
             let merged = LedgerSegment {
                 objects: watcher.handled_objects.iter().cloned().collect(),
                 studies: watcher.handled_studies.iter().cloned().collect(),
+                generations: watcher.generations.clone(),
+                ..LedgerSegment::default()
             };
             watcher.write_segment(&merged).await?;
             for segment in segments {
@@ -165,6 +191,52 @@ impl Watcher {
         }
         info!(objects = watcher.handled_objects.len(), studies = watcher.handled_studies.len(), "ledger read");
         Ok(watcher)
+    }
+
+    fn apply(&mut self, segment: LedgerSegment) {
+        self.handled_objects.extend(segment.objects);
+        self.handled_studies.extend(segment.studies);
+        for object in &segment.forgotten_objects {
+            self.handled_objects.remove(object);
+        }
+        for study in &segment.forgotten_studies {
+            self.handled_studies.remove(study);
+        }
+        for (id, generation) in segment.generations {
+            let known = self.generations.entry(id).or_default();
+            *known = (*known).max(generation);
+        }
+    }
+
+    /// Applies the requeue requests waiting under `requeue/`: their objects and studies
+    /// are forgotten (so this pass decides them again) with their generation raised, in
+    /// a ledger segment, before the request is deleted.
+    async fn take_requeue_requests(&mut self) -> anyhow::Result<usize> {
+        let mut applied = 0;
+        for request in self.state.list(REQUEUE).await? {
+            let bytes = self.state.get(&request.key).await?;
+            let Ok(asked) = serde_json::from_slice::<RequeueRequest>(&bytes) else {
+                warn!("an unreadable requeue request, deleted");
+                self.state.delete_if_present(&request.key).await?;
+                continue;
+            };
+            let mut segment = LedgerSegment {
+                forgotten_objects: asked.objects.iter().map(|key| self.object_id(key)).collect(),
+                forgotten_studies: asked.studies.clone(),
+                ..LedgerSegment::default()
+            };
+            for id in segment.forgotten_objects.iter().chain(&segment.forgotten_studies) {
+                segment.generations.insert(id.clone(), self.generations.get(id).copied().unwrap_or(0) + 1);
+            }
+            self.write_segment(&segment).await?;
+            self.state.delete_if_present(&request.key).await?;
+            applied += asked.objects.len();
+            self.apply(segment);
+        }
+        if applied > 0 {
+            info!(objects = applied, "requeued objects will be decided again");
+        }
+        Ok(applied)
     }
 
     fn object_id(&self, key: &str) -> String {
@@ -191,6 +263,7 @@ impl Watcher {
     /// (an outage) stays unhandled for the next pass. A prefix whose listing fails is
     /// left for the next pass too, and no study with files under it is decided now.
     pub async fn pass(&mut self, queue: &dyn Queue, prefixes: &[String]) -> anyhow::Result<PassReport> {
+        self.take_requeue_requests().await?;
         let mut listed: BTreeMap<String, ObjectInfo> = BTreeMap::new();
         let mut unlisted = BTreeMap::new();
         let mut failed_prefixes = Vec::new();
@@ -313,8 +386,9 @@ impl Watcher {
                 }));
                 continue;
             }
+            let generation = self.generations.get(&study_key).copied().unwrap_or(0);
             segment.studies.push(study_key);
-            decide_study(&self.config, &self.pseudonymizer, &self.sites, instances, decided);
+            decide_study(&self.config, &self.pseudonymizer, &self.sites, instances, generation, decided);
         }
         report.waiting_studies = self.waiting_studies();
 
@@ -327,6 +401,10 @@ impl Watcher {
         decided.objects_listed = segment.objects.len();
         if segment.objects.is_empty() {
             return Ok(report);
+        }
+        // An object requeued on its own (not part of a study) has a generation of its own.
+        for record in decided.quarantined.iter_mut().filter(|record| record.study_key.is_none()) {
+            record.generation = self.generations.get(&self.object_id(&record.input)).copied().unwrap_or(0);
         }
         publish(queue, &self.config.campaign, decided).await?;
         self.write_segment(&segment).await?;

@@ -44,6 +44,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Merge small result files, drop duplicates, write the summary and worklist.
     Compact(CompactArgs),
+    /// Send quarantined inputs through the pipeline again (after the cause is fixed).
+    Requeue(RequeueArgs),
     /// Internal: decodes JPEG-LS and 12-bit JPEG frames with GDCM for another panscreen
     /// process, on stdin and stdout (a crash in GDCM ends only this helper).
     #[command(name = "gdcm-decoder", hide = true)]
@@ -73,6 +75,21 @@ pub struct StatusArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RequeueArgs {
+    #[command(flatten)]
+    pub cluster: crate::serve::ClusterArgs,
+    /// Only rows whose reason contains this text.
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only rows of this stage (ingest, preprocess, infer, aggregate).
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// Say what would be requeued; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -382,7 +399,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 Store::open(&args.store, OpenMode::Existing).with_context(|| format!("store {}", args.store))?;
             let (out, campaign) = match &args.campaign {
                 Some(campaign) => (store.sub(&format!("campaigns/{campaign}/out")), campaign.clone()),
-                None => (store, "default".to_string()),
+                None => (store.clone(), "default".to_string()),
             };
             // Compaction writes tables: never into a place that holds none to begin with.
             let holds_tables = runtime.block_on(async {
@@ -405,6 +422,24 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             let sites = load_sites(&args.sites)?;
             let report = runtime.block_on(panscreen_aggregate::compact::compact(&out, &campaign, &sites))?;
+            if let Some(campaign) = &args.campaign {
+                // Tensors a redelivered (already scored) study left behind go too.
+                let work = store.sub(&format!("campaigns/{campaign}/work"));
+                let swept = runtime.block_on(async {
+                    let mut swept = 0;
+                    for object in work.list("tensors").await? {
+                        let study = object.key.trim_start_matches("tensors/").trim_end_matches(".npy");
+                        if report.screened.contains(study) {
+                            work.delete_if_present(&object.key).await?;
+                            swept += 1;
+                        }
+                    }
+                    Ok::<_, anyhow::Error>(swept)
+                })?;
+                if swept > 0 {
+                    println!("deleted {swept} work tensors of studies already in the results");
+                }
+            }
             println!(
                 "compacted {} files into {}: {} studies ({} duplicates dropped), {} flagged, {} quarantine rows",
                 report.files_before,
@@ -414,6 +449,22 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 report.flagged,
                 report.quarantine_rows
             );
+            Ok(())
+        }
+        Command::Requeue(args) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let campaign_root = args.cluster.store()?.sub(&args.cluster.campaign_prefix());
+            let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
+            let report = runtime.block_on(crate::requeue::requeue(&campaign_root, &selection, args.dry_run))?;
+            print!("{}", report.render(args.dry_run));
+            if !args.dry_run && report.rows_requeued > 0 {
+                // Wake ingest; without it the next rescan takes the request.
+                let woken = runtime.block_on(crate::serve::wake_ingest(&args.cluster));
+                if let Err(error) = woken {
+                    println!("note: ingest was not woken ({error:#}); it takes the request at its next rescan");
+                }
+            }
             Ok(())
         }
         Command::Evaluate(args) => {

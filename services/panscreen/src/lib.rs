@@ -1,18 +1,21 @@
 //! The panscreen command line and the embedded pipeline.
 //!
-//! - [`cli`]: the subcommands (`synth`, `run`, `evaluate`) and their flags; every flag
-//!   has a `PANSCREEN_…` environment twin.
+//! - [`cli`]: the subcommands (`synth`, `run`, `inspect`, `evaluate`, `serve`, `submit`,
+//!   `setup`, `status`, `compact`, `requeue`) and their flags; every flag has a
+//!   `PANSCREEN_…` environment twin.
 //! - [`synth`]: synthetic non-contrast abdominal CT cohorts written as DICOM.
 //! - [`pipeline`]: the four stages in one process over the in-memory queue and the
 //!   local filesystem, with nothing to install: the embedded default.
 //! - [`serve`]: distributed mode: a stage as a service over NATS JetStream and S3;
 //!   `submit`, which registers input with the ingest service; `setup`.
 //! - [`status`]: backlog, throughput and time left per stage of a running campaign.
+//! - [`requeue`]: quarantined inputs through the pipeline again, once the cause is fixed.
 //! - [`evaluate`]: sensitivity, specificity and AUC of a run against synthetic labels.
 
 pub mod cli;
 pub mod evaluate;
 pub mod pipeline;
+pub mod requeue;
 pub mod serve;
 pub mod status;
 pub mod synth;

@@ -300,7 +300,18 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             aggregate_config.retry_backoff = config.backoff.clone();
             let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone())
                 .with_readiness(readiness.clone());
-            let existing = aggregator.recover().await?;
+            let mut pause = Duration::from_millis(500);
+            let existing = loop {
+                // Started while the store is down: wait for it, not ready, not exiting.
+                match aggregator.recover().await {
+                    Ok(existing) => break existing,
+                    Err(error) => {
+                        warn!(%error, retry_in_s = pause.as_secs_f64(), "reading the committed tables failed at start-up; trying again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(15));
+                    }
+                }
+            };
             info!(existing, "studies already in the results");
             readiness.set(true);
             aggregator.run(queue, shutdown).await?;
@@ -327,6 +338,25 @@ async fn probe_dependencies(jetstream: Arc<JetStreamQueue>, store: Store, readin
             tokio::time::timeout(Duration::from_secs(5), store.has_objects(CAMPAIGNS)).await.is_ok_and(|r| r.is_ok());
         readiness.block(STORE, !answered);
         tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+/// Runs a start-up step until it succeeds: a service started (or restarted) while the
+/// store is down waits for it, not ready, instead of exiting.
+async fn until_it_works<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut step: impl FnMut() -> F,
+) -> T {
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match step().await {
+            Ok(value) => return value,
+            Err(error) => {
+                warn!(error = %error, retry_in_s = pause.as_secs_f64(), "{what} failed at start-up; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(15));
+            }
+        }
     }
 }
 
@@ -400,7 +430,17 @@ async fn serve_ingest(
         Completion { quiet: Duration::from_secs(args.ingest.quiet_seconds), marker: args.ingest.marker.clone() };
     let sites = crate::cli::load_sites(&args.sites)?;
     let out = root.sub(&args.cluster.campaign_prefix()).sub("out");
-    let mut watcher = Watcher::open(root, state.clone(), config, completion, pseudonymizer, sites).await?;
+    let mut watcher = until_it_works("reading the ingest ledger", || {
+        Watcher::open(
+            root.clone(),
+            state.clone(),
+            config.clone(),
+            completion.clone(),
+            pseudonymizer.clone(),
+            sites.clone(),
+        )
+    })
+    .await;
     let mut prefixes = watched_prefixes(&state, &configured, &BTreeSet::new()).await;
     let mut requests = queue.subscribe(&subjects::submitted(campaign), &subjects::consumer(Stage::Ingest)).await?;
     let mut tick = tokio::time::interval(Duration::from_secs(args.ingest.rescan_seconds.max(1)));
@@ -540,6 +580,16 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Submitted> {
         }
     };
     Ok(Submitted { prefix, empty, notified })
+}
+
+/// Wakes the ingest service for a pass now (a requeue request is waiting).
+pub async fn wake_ingest(cluster: &ClusterArgs) -> anyhow::Result<()> {
+    let queue = cluster.existing_queue().await?;
+    let now = time::OffsetDateTime::now_utc();
+    let wake = ScanRequest { campaign: cluster.campaign.clone(), prefix: String::new(), requested_at: now };
+    let id = format!("wake:{}", now.unix_timestamp_nanos());
+    queue.publish(&subjects::submitted(&cluster.campaign), &id, Bytes::from(serde_json::to_vec(&wake)?)).await?;
+    Ok(())
 }
 
 /// The prefixes submitted to the campaign.

@@ -21,9 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dicom_object::DefaultDicomObject;
 use futures::StreamExt;
-use panscreen_shared::contracts::{
-    message_id, subjects, SliceRef, Stage, StudyIngested, StudyPreprocessed, TensorGeometry,
-};
+use panscreen_shared::contracts::{subjects, SliceRef, Stage, StudyIngested, StudyPreprocessed, TensorGeometry};
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
@@ -188,7 +186,7 @@ impl PreprocessHandler {
         };
         Ok(Outcome::Publish {
             subject: subjects::preprocessed(&self.campaign),
-            message_id: message_id(&message.context.study_key, Stage::Preprocess),
+            message_id: message.context.message_id(Stage::Preprocess),
             payload: Bytes::from(serde_json::to_vec(&message).expect("contracts serialize")),
         })
     }
