@@ -301,9 +301,10 @@ def main():
                         processes.append(("nats-server", nats))
                         faults.append((round(time.time() - submitted), "nats-server restarted (2 s down)"))
                     else:
+                        # In a thread of its own: the kills go on during the cut.
                         seconds = int(what.split()[1])
                         faults.append((round(time.time() - submitted), f"store cut for {seconds} s"))
-                        proxy.cut(seconds)
+                        threading.Thread(target=proxy.cut, args=(seconds,), daemon=True).start()
 
             stop_faults = threading.Event()
             fault_thread = threading.Thread(target=run_faults, daemon=True)

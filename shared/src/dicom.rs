@@ -100,6 +100,13 @@ const SHORT_VRS: [&[u8; 2]; 21] = [
 /// Pixel Data (a truncated file rather than a corrupt one).
 pub const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
 
+/// How it begins its message for a file that ends inside another element's value.
+pub const FILE_ENDS_INSIDE: &str = "the file ends inside";
+
+/// A value running at most this far past the end of the object is taken for a cut
+/// (a truncated transfer), further for a corrupt length.
+const CUT_SHORT_BYTES: u64 = 16 << 20;
+
 /// Checks, before a parser allocates anything, that no element of a Part 10 object
 /// declares a value longer than what is left of the object (`size` bytes in all; `bytes`
 /// may be only a prefix, and the walk stops where it ends). Without this, one flipped
@@ -223,6 +230,15 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
     let fits = |at: usize, length: u32, value_at: usize| -> Result<(), String> {
         if length as u64 > size.saturating_sub(value_at as u64) {
             let (group, element) = (u16_at(at).unwrap_or(0), u16_at(at + 2).unwrap_or(0));
+            let missing = value_at as u64 + length as u64 - size;
+            // A value that runs a little past the end: the file was cut there. One that
+            // runs far past it: a corrupt length.
+            if missing <= CUT_SHORT_BYTES {
+                return Err(format!(
+                    "{FILE_ENDS_INSIDE} element ({group:04X},{element:04X}) at byte {at}: its value needs \
+                     {missing} bytes more than the file has"
+                ));
+            }
             return Err(format!(
                 "element ({group:04X},{element:04X}) at byte {at} declares {length} bytes, more than the file holds"
             ));
@@ -341,6 +357,10 @@ mod tests {
         assert!(error.contains("(0008,1100)") && error.contains("1073741824 bytes"), "{error}");
         // A prefix of a large object: the same length is plausible, so it passes.
         assert_eq!(check_declared_lengths(&bad, 2 << 30), Ok(()));
+        // A file cut inside a value is truncated, not corrupt.
+        let cut = &good[..good.len() - 3];
+        let error = check_declared_lengths(cut, cut.len() as u64).unwrap_err();
+        assert!(error.starts_with(FILE_ENDS_INSIDE) && error.contains("(0010,0010)"), "{error}");
     }
 
     fn deflate(bytes: &[u8]) -> Vec<u8> {

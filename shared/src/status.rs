@@ -35,11 +35,14 @@ pub struct InstanceStats {
     pub last_minute: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// The instance stopped (SIGTERM): its counts are final and it is not live.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 impl InstanceStats {
     pub fn is_fresh(&self, now: OffsetDateTime) -> bool {
-        now - self.updated_at <= FRESH
+        !self.stopped && now - self.updated_at <= FRESH
     }
 }
 
@@ -61,14 +64,20 @@ impl MinuteWindow {
 }
 
 /// Writes this instance's counters to `bucket` every [`REPORT_EVERY`] until aborted.
-pub async fn report_forever(
+/// Writes an instance's counters to the status bucket every [`REPORT_EVERY`] until
+/// `stop` fires, then once more marked stopped: a stopped service's last counts stay
+/// exact, and it drops out of the live instances at once.
+pub async fn report_until(
     bucket: async_nats::jetstream::kv::Store,
     stage: Stage,
     instance: String,
     counters: Arc<StageCounters>,
+    stop: impl std::future::Future<Output = ()>,
 ) {
     let mut window = MinuteWindow::default();
     let key = format!("{stage}.{}", instance.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"));
+    tokio::pin!(stop);
+    let mut stopped = false;
     loop {
         let (processed, quarantined, retried) = counters.snapshot();
         let stats = InstanceStats {
@@ -81,12 +90,19 @@ pub async fn report_forever(
             in_flight: counters.in_flight.load(Ordering::Relaxed),
             last_minute: window.observe(Instant::now(), processed + quarantined),
             updated_at: OffsetDateTime::now_utc(),
+            stopped,
         };
         let body = Bytes::from(serde_json::to_vec(&stats).expect("stats serialize"));
         if let Err(error) = bucket.put(&key, body).await {
             warn!(%error, "reporting counters to the status bucket failed");
         }
-        tokio::time::sleep(REPORT_EVERY).await;
+        if stopped {
+            return;
+        }
+        tokio::select! {
+            _ = &mut stop => stopped = true,
+            _ = tokio::time::sleep(REPORT_EVERY) => {}
+        }
     }
 }
 

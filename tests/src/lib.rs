@@ -40,6 +40,44 @@ pub fn panscreen(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(binary()).current_dir(workspace_root()).args(args).output().expect("panscreen starts")
 }
 
+/// `panscreen run --input INPUT --out OUT --key-file KEY_FILE` (the key written there
+/// first); returns the output, having checked that the run succeeded.
+pub fn run_embedded(input: &Path, out: &Path, key_file: &Path, key: &str) -> Output {
+    std::fs::write(key_file, key).unwrap();
+    let run = panscreen(&[
+        std::ffi::OsStr::new("run"),
+        std::ffi::OsStr::new("--input"),
+        input.as_os_str(),
+        std::ffi::OsStr::new("--out"),
+        out.as_os_str(),
+        std::ffi::OsStr::new("--key-file"),
+        key_file.as_os_str(),
+    ]);
+    assert!(run.status.success(), "the run stopped: {}", String::from_utf8_lossy(&run.stderr));
+    run
+}
+
+/// Runs each named DuckDB query over the tables under `out` (`OUT` in a query stands
+/// for it) and returns `{name: rows}` as JSON, as an epidemiologist would read them.
+pub fn query_tables(out: &Path, queries: &[(&str, &str)]) -> serde_json::Value {
+    let script = r#"
+import duckdb, json, sys
+out, queries = sys.argv[1], json.loads(sys.argv[2])
+print(json.dumps({name: duckdb.sql(sql.replace("OUT", out)).fetchall() for name, sql in queries.items()}))
+"#;
+    let queries: serde_json::Map<String, serde_json::Value> =
+        queries.iter().map(|(name, sql)| (name.to_string(), serde_json::Value::from(*sql))).collect();
+    let output = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .arg(out)
+        .arg(serde_json::Value::Object(queries).to_string())
+        .output()
+        .expect("python starts");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+}
+
 /// Every file below `directory`.
 pub fn files_below(directory: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();

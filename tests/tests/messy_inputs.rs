@@ -20,7 +20,7 @@ use panscreen_shared::queue::Queue;
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
 use panscreen_tests::servers::{NatsServer, SeaweedFs};
-use panscreen_tests::{files_below, odd_case_header, panscreen, python, series_files};
+use panscreen_tests::{files_below, odd_case_header, query_tables, run_embedded, series_files};
 
 const KEY: &str = "messy-inputs-key-0123456789abcdef0123";
 
@@ -79,34 +79,25 @@ fn an_embedded_run_over_every_odd_name_screens_the_good_and_names_the_rest() {
     assert_eq!(listed, 205);
 
     let out = scratch.path().join("out");
-    let key_file = scratch.path().join("key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let run = panscreen(&[
-        OsStr::new("run"),
-        OsStr::new("--input"),
-        input.as_os_str(),
-        OsStr::new("--out"),
-        out.as_os_str(),
-        OsStr::new("--key-file"),
-        key_file.as_os_str(),
-    ]);
+    let run = run_embedded(&input, &out, &scratch.path().join("key"), KEY);
     let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(run.status.success(), "run failed: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-
-    let script = r#"
-import duckdb, json, sys
-out = sys.argv[1]
-q = lambda sql: duckdb.sql(sql.replace("OUT", out)).fetchall()
-print(json.dumps({
-    "results": q("select count(*) from read_parquet('OUT/results/**/*.parquet')"),
-    "quarantine": q("select reason, input, len(inputs), inputs from read_parquet('OUT/quarantine/**/*.parquet') order by reason, input"),
-    "accounting": q("select outcome, sum(objects), max(objects_listed) from read_parquet('OUT/accounting/*.parquet') group by all order by all"),
-}))
-"#;
-    let output = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let tables = query_tables(
+        &out,
+        &[
+            ("results", "select count(*) from read_parquet('OUT/results/**/*.parquet')"),
+            (
+                "quarantine",
+                "select reason, input, len(inputs), inputs from read_parquet('OUT/quarantine/**/*.parquet') \
+                 order by reason, input",
+            ),
+            (
+                "accounting",
+                "select outcome, sum(objects), max(objects_listed) from read_parquet('OUT/accounting/*.parquet') \
+                 group by all order by all",
+            ),
+        ],
+    );
     assert_eq!(tables["results"][0][0], 2, "both good studies screened: {tables}");
     let quarantine = tables["quarantine"].as_array().unwrap();
     let rows: Vec<(&str, &str, u64)> =
@@ -293,30 +284,14 @@ fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on()
     std::fs::write(&victim, corrupt).unwrap();
 
     let out = scratch.path().join("out");
-    let key_file = scratch.path().join("key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let run = panscreen(&[
-        OsStr::new("run"),
-        OsStr::new("--input"),
-        input.as_os_str(),
-        OsStr::new("--out"),
-        out.as_os_str(),
-        OsStr::new("--key-file"),
-        key_file.as_os_str(),
-    ]);
-    assert!(run.status.success(), "the run stopped: {}", String::from_utf8_lossy(&run.stderr));
-    let script = r#"
-import duckdb, json, sys
-out = sys.argv[1]
-q = lambda sql: duckdb.sql(sql.replace("OUT", out)).fetchall()
-print(json.dumps({
-    "results": q("select count(*) from read_parquet('OUT/results/**/*.parquet')"),
-    "quarantine": q("select stage, reason, detail, attempts from read_parquet('OUT/quarantine/**/*.parquet')"),
-}))
-"#;
-    let output = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    run_embedded(&input, &out, &scratch.path().join("key"), KEY);
+    let tables = query_tables(
+        &out,
+        &[
+            ("results", "select count(*) from read_parquet('OUT/results/**/*.parquet')"),
+            ("quarantine", "select stage, reason, detail, attempts from read_parquet('OUT/quarantine/**/*.parquet')"),
+        ],
+    );
     assert_eq!(tables["results"][0][0], 1, "the good study is screened: {tables}");
     let quarantine = tables["quarantine"].as_array().unwrap();
     assert_eq!(quarantine.len(), 1, "{tables}");

@@ -3,12 +3,11 @@
 //! non-ASCII characters. Every object must end screened, quarantined or ignored, each
 //! with its reason, and the run's accounting table must add up to the objects listed.
 
-use std::ffi::OsStr;
 use std::path::Path;
 
 use panscreen::synth::{encode_enhanced_ct, encode_slice, synthesize, SeriesHeader, Size, Slice, SynthOptions};
 use panscreen_shared::sites::SiteRegistry;
-use panscreen_tests::{files_below, odd_case_header as header, panscreen, python, series_hu, write_series};
+use panscreen_tests::{files_below, odd_case_header as header, query_tables, run_embedded, series_hu, write_series};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-real-world";
 
@@ -116,33 +115,25 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
     let listed = files_below(&input).len();
 
     let out = scratch.path().join("out");
-    let key_file = scratch.path().join("key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let run = panscreen(&[
-        OsStr::new("run"),
-        OsStr::new("--input"),
-        input.as_os_str(),
-        OsStr::new("--out"),
-        out.as_os_str(),
-        OsStr::new("--key-file"),
-        key_file.as_os_str(),
-    ]);
-    assert!(run.status.success(), "run failed: {}", String::from_utf8_lossy(&run.stderr));
-
-    let script = r#"
-import duckdb, json, sys
-out = sys.argv[1]
-q = lambda sql: duckdb.sql(sql.replace("OUT", out)).fetchall()
-print(json.dumps({
-    "results": q("select series_number, series_reason, series_not_chosen from read_parquet('OUT/results/**/*.parquet')"),
-    "quarantine": q("select reason, detail from read_parquet('OUT/quarantine/**/*.parquet') order by reason"),
-    "ignored": q("select reason, count(*) from read_parquet('OUT/ignored/**/*.parquet') group by reason order by reason"),
-    "accounting": q("select outcome, reason, objects, objects_listed from read_parquet('OUT/accounting/*.parquet')"),
-}))
-"#;
-    let output = std::process::Command::new(python()).arg("-c").arg(script).arg(&out).output().unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let tables: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    run_embedded(&input, &out, &scratch.path().join("key"), KEY);
+    let tables = query_tables(
+        &out,
+        &[
+            (
+                "results",
+                "select series_number, series_reason, series_not_chosen from read_parquet('OUT/results/**/*.parquet')",
+            ),
+            ("quarantine", "select reason, detail from read_parquet('OUT/quarantine/**/*.parquet') order by reason"),
+            (
+                "ignored",
+                "select reason, count(*) from read_parquet('OUT/ignored/**/*.parquet') group by reason order by reason",
+            ),
+            (
+                "accounting",
+                "select outcome, reason, objects, objects_listed from read_parquet('OUT/accounting/*.parquet')",
+            ),
+        ],
+    );
     println!("{}", serde_json::to_string_pretty(&tables).unwrap());
 
     // Both realistic studies, one under a non-ASCII folder, screened from the plain

@@ -133,7 +133,9 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     // The parser allocates a value's declared length before reading it: refuse lengths
     // the object cannot hold first.
     panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(|message| {
-        if message.starts_with(panscreen_shared::dicom::TRUNCATED_PIXEL_DATA) {
+        if message.starts_with(panscreen_shared::dicom::TRUNCATED_PIXEL_DATA)
+            || message.starts_with(panscreen_shared::dicom::FILE_ENDS_INSIDE)
+        {
             HeaderProblem::Truncated(message)
         } else if message.starts_with(panscreen_shared::dicom::INFLATES_BEYOND_LIMIT) {
             HeaderProblem::Inflates(message)

@@ -141,11 +141,35 @@ pub struct ServeArgs {
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, default_value = "0.0.0.0:9464", env = "PANSCREEN_METRICS_ADDR")]
     pub metrics_addr: String,
-    /// Seconds before each retry of a failing message (the last repeats).
-    #[arg(long, value_delimiter = ',', default_values_t = [0.5, 2.0, 10.0, 30.0], env = "PANSCREEN_RETRY_BACKOFF")]
-    pub retry_backoff: Vec<f64>,
+    /// Seconds before each retry of a failing message, or of work held through an outage
+    /// (the last repeats): commas or spaces between them.
+    #[arg(long, default_value = "0.5,2,10,30", env = "PANSCREEN_RETRY_BACKOFF")]
+    pub retry_backoff: Backoff,
     #[command(flatten)]
     pub ingest: IngestArgs,
+}
+
+/// Pauses between retries: `0.5,2,10,30` or `0.5 2 10 30` (seconds).
+#[derive(Debug, Clone)]
+pub struct Backoff(pub Vec<Duration>);
+
+impl std::str::FromStr for Backoff {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let seconds: Vec<Duration> = text
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|part| !part.is_empty())
+            .map(|part| match part.parse::<f64>() {
+                Ok(value) if value.is_finite() && value >= 0.0 => Ok(Duration::from_secs_f64(value)),
+                _ => Err(format!("'{part}' is not a number of seconds (e.g. 0.5,2,10,30)")),
+            })
+            .collect::<Result<_, _>>()?;
+        if seconds.is_empty() {
+            return Err("give at least one number of seconds (e.g. 0.5,2,10,30)".to_string());
+        }
+        Ok(Backoff(seconds))
+    }
 }
 
 /// Settings of `serve ingest`.
@@ -223,7 +247,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
     config.max_deliver = cluster.max_deliver.max(1);
     config.progress_every = Duration::from_secs(cluster.ack_wait_seconds.max(3)) / 3;
-    config.backoff = args.retry_backoff.iter().map(|s| Duration::from_secs_f64(s.max(0.0))).collect();
+    config.backoff = args.retry_backoff.0.clone();
     config.handler_timeout = Duration::from_secs(args.handler_timeout_seconds.max(1));
     let counters = Arc::new(StageCounters::default());
     let readiness = Arc::new(Readiness::default());
@@ -240,11 +264,13 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     // Unique across restarts of the same pod (same hostname, often pid 1).
     let started = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let instance = format!("{}-{}-{started}", hostname(), std::process::id());
-    let reporter = tokio::spawn(status::report_forever(
+    let (stop_reporting, reporting_stopped) = tokio::sync::oneshot::channel::<()>();
+    let reporter = tokio::spawn(status::report_until(
         jetstream.stats_bucket().await?,
         stage,
         instance.clone(),
         counters.clone(),
+        async { reporting_stopped.await.unwrap_or(()) },
     ));
     let shutdown = {
         let readiness = readiness.clone();
@@ -318,8 +344,12 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
         }
     }
     metrics.abort();
-    reporter.abort();
     probe.abort();
+    // The last, final counts (bounded: NATS may be gone).
+    let _ = stop_reporting.send(());
+    if tokio::time::timeout(Duration::from_secs(5), reporter).await.is_err() {
+        warn!("the final counts did not reach the status bucket");
+    }
     info!(stage = %stage, "service stopped");
     Ok(())
 }
@@ -637,6 +667,15 @@ pub fn consumers(campaign: &str) -> Vec<(String, Stage)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_retry_backoff_parses_in_both_forms() {
+        let seconds = |text: &str| text.parse::<Backoff>().map(|b| b.0.iter().map(Duration::as_secs_f64).collect());
+        assert_eq!(seconds("0.5,2,10,30"), Ok(vec![0.5, 2.0, 10.0, 30.0]));
+        assert_eq!(seconds("0.5 2 10 30"), Ok(vec![0.5, 2.0, 10.0, 30.0]));
+        assert!(seconds("1,x").unwrap_err().contains("'x'"));
+        assert!(seconds("-1").is_err() && seconds("").is_err());
+    }
 
     #[test]
     fn submitted_prefixes_are_keys_within_the_store() {
