@@ -200,13 +200,20 @@ pub async fn run_worker<H: Handler>(
     let pause = Arc::new(Pause::default());
     tokio::pin!(shutdown);
 
+    let mut stopping = false;
     loop {
         // While an outage holds messages, pull no more: they would wait and time out.
         while pause.holding.load(Ordering::Relaxed) > 0 {
             tokio::select! {
-                _ = &mut shutdown => break,
+                _ = &mut shutdown => {
+                    stopping = true;
+                    break;
+                }
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
+        }
+        if stopping {
+            break;
         }
         let permit = tokio::select! {
             _ = &mut shutdown => break,
@@ -635,6 +642,29 @@ mod tests {
         assert_eq!(counters.snapshot(), (2, 0, 0));
         assert_eq!(counters.redelivered.load(Ordering::SeqCst), 0);
         assert!(handler.calls.load(Ordering::SeqCst) >= 7);
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_during_an_outage_hands_the_work_back() {
+        let queue = MemoryQueue::new();
+        queue.publish("in", "a", Bytes::from_static(br#"{"context":{"study_key":"a"}}"#)).await.unwrap();
+        let mut config = WorkerConfig::new("c", Stage::Preprocess);
+        config.backoff = vec![Duration::from_millis(20)];
+        config.drain_deadline = Duration::from_secs(5);
+        let counters = Arc::new(StageCounters::default());
+        let handler = Arc::new(Outage { outage_calls: u32::MAX, calls: AtomicU32::new(0), sleep: Duration::ZERO });
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        // An async block, as the services' shutdown is (one that must not be polled again
+        // once it has resolved).
+        let shutdown = async { tokio::time::sleep(Duration::from_millis(300)).await };
+        let started = std::time::Instant::now();
+        run_worker(dyn_queue, "in", handler, config, counters.clone(), shutdown).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(4), "stopped without waiting out the drain deadline");
+        // Handed back for another worker: not quarantined, not lost.
+        assert_eq!(counters.snapshot(), (0, 0, 1));
+        assert_eq!(queue.stats(&subjects::quarantine("c")).published, 0);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(queue.stats("in").pending, 1, "back in the queue");
     }
 
     #[tokio::test]

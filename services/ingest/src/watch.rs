@@ -263,7 +263,9 @@ impl Watcher {
     /// (an outage) stays unhandled for the next pass. A prefix whose listing fails is
     /// left for the next pass too, and no study with files under it is decided now.
     pub async fn pass(&mut self, queue: &dyn Queue, prefixes: &[String]) -> anyhow::Result<PassReport> {
-        self.take_requeue_requests().await?;
+        if let Err(error) = self.take_requeue_requests().await {
+            warn!(error = %format!("{error:#}"), "reading requeue requests failed; the next pass tries again");
+        }
         let mut listed: BTreeMap<String, ObjectInfo> = BTreeMap::new();
         let mut unlisted = BTreeMap::new();
         let mut failed_prefixes = Vec::new();
