@@ -360,8 +360,14 @@ impl Store {
     }
 
     /// The local file behind `key`, for a directory store.
-    fn local_path(&self, key: &str) -> Option<PathBuf> {
-        self.local_root.as_ref().map(|root| root.join(key.trim_start_matches('/')))
+    /// A key with a `..` segment would reach outside the root: refused.
+    fn local_path(&self, key: &str) -> Option<Result<PathBuf, StoreError>> {
+        let root = self.local_root.as_ref()?;
+        if key.split('/').any(|segment| segment == "..") {
+            let detail = "a \"..\" segment would lead outside the store".to_string();
+            return Some(Err(StoreError::InvalidKey { key: key.to_string(), detail }));
+        }
+        Some(Ok(root.join(key.trim_start_matches('/'))))
     }
 
     /// Every object under `prefix` (all objects when empty), sorted by key. For the
@@ -408,6 +414,7 @@ impl Store {
 
     async fn read(&self, key: &str, range: Option<(u64, u64)>) -> Result<Bytes, StoreError> {
         if let Some(path) = self.local_path(key) {
+            let path = path?;
             return tokio::task::spawn_blocking(move || read_local(&path, range))
                 .await
                 .map_err(|error| StoreError::Unavailable { key: key.to_string(), detail: error.to_string() })?
@@ -440,7 +447,7 @@ impl Store {
     /// Size and modification time of one object.
     pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
         if let Some(path) = self.local_path(key) {
-            let metadata = tokio::fs::metadata(&path).await.map_err(|error| StoreError::from_io(key, error))?;
+            let metadata = tokio::fs::metadata(path?).await.map_err(|error| StoreError::from_io(key, error))?;
             if !metadata.is_file() {
                 return Err(StoreError::NotFound { key: key.to_string() });
             }
@@ -578,6 +585,8 @@ mod tests {
         assert!(unlisted[1].1.contains("broken symbolic link"), "{}", unlisted[1].1);
         assert_eq!(store.scan("平扫").await.unwrap().objects.len(), 1);
         assert_eq!(store.get("gone.dcm").await.unwrap_err().kind(), StoreErrorKind::NotFound);
+        let outside = store.sub("平扫").get("../增强/IM 0001.dcm").await.unwrap_err();
+        assert_eq!(outside.kind(), StoreErrorKind::InvalidKey, "{outside}");
     }
 
     #[test]
