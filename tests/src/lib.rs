@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub use panscreen::evaluate::{parquet_files, read_batches};
-use panscreen::synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
+use panscreen::synth::{encode_slice, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
+use panscreen_shared::sites::SiteRegistry;
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
@@ -97,6 +98,21 @@ pub fn files_below(directory: &Path) -> Vec<PathBuf> {
     }
     files.sort();
     files
+}
+
+/// `studies` plain `small` studies without lesions, written to `out` by `synthesize`.
+pub fn small_cohort(out: PathBuf, studies: usize, seed: u64) -> SynthOptions {
+    SynthOptions {
+        out,
+        studies,
+        seed,
+        prevalence: 0.0,
+        size: Size::Small,
+        sites: SiteRegistry::builtin(),
+        threads: 2,
+        realistic: false,
+        slices: None,
+    }
 }
 
 /// The header of a 64×64 plain axial CT series of an odd case `study`: patient

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use panscreen::requeue::{requeue, Selection};
-use panscreen::synth::{synthesize, Size, SynthOptions};
+use panscreen::synth::synthesize;
 use panscreen_ingest::watch::{Completion, Watcher};
 use panscreen_ingest::{header, IngestConfig};
 use panscreen_shared::contracts::{subjects, IgnoredInputs};
@@ -15,7 +15,7 @@ use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{MemoryQueue, Queue};
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::{OpenMode, Store};
-use panscreen_tests::files_below;
+use panscreen_tests::{files_below, small_cohort};
 
 const KEY: &str = "watch-test-key-0123456789abcdef0123";
 
@@ -35,17 +35,7 @@ async fn watcher(root: &Store, quiet: Duration) -> Watcher {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
     let scratch = tempfile::tempdir().unwrap();
-    let options = SynthOptions {
-        out: scratch.path().join("cohort"),
-        studies: 2,
-        seed: 3,
-        prevalence: 0.0,
-        size: Size::Small,
-        sites: SiteRegistry::builtin(),
-        threads: 2,
-        realistic: false,
-        slices: None,
-    };
+    let options = small_cohort(scratch.path().join("cohort"), 2, 3);
     let truths = synthesize(&options, &|_| {}).unwrap();
     let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
     let studies = options.out.join("studies");
@@ -114,17 +104,7 @@ async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     let scratch = tempfile::tempdir().unwrap();
-    let options = SynthOptions {
-        out: scratch.path().join("cohort"),
-        studies: 1,
-        seed: 4,
-        prevalence: 0.0,
-        size: Size::Small,
-        sites: SiteRegistry::builtin(),
-        threads: 2,
-        realistic: false,
-        slices: None,
-    };
+    let options = small_cohort(scratch.path().join("cohort"), 1, 4);
     synthesize(&options, &|_| {}).unwrap();
     let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
     let studies = options.out.join("studies");
