@@ -8,7 +8,8 @@
 //!   pull, ack / nak / term) and its in-process implementation, the embedded default.
 //! - [`worker`]: the loop that pulls a message, runs a stage handler, publishes the
 //!   outcome and only then acks; errors are classified once, in [`error`].
-//! - [`store`]: object storage (`file://` or a local path) through `object_store`.
+//! - [`store`]: object storage (`file://`, a local path or `s3://`) with typed errors;
+//!   the only place that uses `object_store`.
 //! - [`pseudonym`]: keyed HMAC-SHA256 pseudonyms; the only identifiers that leave ingest.
 //! - [`manifest`]: the model manifest (`models/<name>/manifest.toml`).
 //! - [`npy`]: the model-ready tensor format (NumPy `.npy`, little-endian f32).
