@@ -185,4 +185,38 @@ pub fn write_series(directory: &Path, header: &SeriesHeader, position: impl Fn(u
     }
 }
 
+/// A stage handler that takes `delay` per batch and passes each payload on to
+/// `panscreen.slow.out` under its own text as message id; counts its batches.
+pub struct SlowEcho {
+    pub delay: std::time::Duration,
+    pub stage: panscreen_shared::contracts::Stage,
+    pub batches: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait::async_trait]
+impl panscreen_shared::worker::Handler for SlowEcho {
+    fn stage(&self) -> panscreen_shared::contracts::Stage {
+        self.stage
+    }
+
+    async fn handle_batch(
+        &self,
+        payloads: Vec<bytes::Bytes>,
+    ) -> Vec<Result<panscreen_shared::worker::Outcome, panscreen_shared::error::StageError>> {
+        tokio::time::sleep(self.delay).await;
+        self.batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        payloads
+            .into_iter()
+            .map(|payload| {
+                let id = String::from_utf8_lossy(&payload).to_string();
+                Ok(panscreen_shared::worker::Outcome::Publish {
+                    subject: "panscreen.slow.out".into(),
+                    message_id: id,
+                    payload,
+                })
+            })
+            .collect()
+    }
+}
+
 pub mod servers;

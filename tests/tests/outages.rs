@@ -6,20 +6,19 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use panscreen_aggregate::{AggregateConfig, Aggregator};
 use panscreen_shared::contracts::{
     subjects, ModelIdentity, Prediction, SeriesChoice, Stage, StageTimes, StudyContext, StudyScored,
 };
-use panscreen_shared::error::StageError;
 use panscreen_shared::metrics::Readiness;
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
-use panscreen_shared::worker::{run_worker, Handler, Outcome, StageCounters, WorkerConfig};
+use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
 use panscreen_tests::servers::{NatsServer, SeaweedFs, TcpProxy};
+use panscreen_tests::SlowEcho;
 
 async fn connect(server: &NatsServer, campaign: &str, settings: JetStreamSettings) -> JetStreamQueue {
     let nats = NatsConfig { url: server.url(), ..NatsConfig::default() };
@@ -173,28 +172,6 @@ async fn aggregate_holds_its_messages_through_a_30_s_store_cut_and_writes_garbag
     assert_eq!((backlog.pending, backlog.in_flight, backlog.redelivered), (0, 0, 0), "{backlog:?}");
 }
 
-/// Sleeps one second per message.
-struct Slow(AtomicU32);
-
-#[async_trait]
-impl Handler for Slow {
-    fn stage(&self) -> Stage {
-        Stage::Preprocess
-    }
-
-    async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        self.0.fetch_add(1, Ordering::SeqCst);
-        payloads
-            .into_iter()
-            .map(|payload| {
-                let id = String::from_utf8_lossy(&payload).to_string();
-                Ok(Outcome::Publish { subject: "panscreen.slow.out".into(), message_id: id, payload })
-            })
-            .collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_takes_only_what_it_can_start_so_nothing_times_out_waiting() {
     let nats = NatsServer::start();
@@ -210,7 +187,8 @@ async fn a_worker_takes_only_what_it_can_start_so_nothing_times_out_waiting() {
     config.max_deliver = 2;
     config.progress_every = Duration::from_millis(600);
     let counters = Arc::new(StageCounters::default());
-    let handler = Arc::new(Slow(AtomicU32::new(0)));
+    let handler =
+        Arc::new(SlowEcho { delay: Duration::from_secs(1), stage: Stage::Preprocess, batches: AtomicU32::new(0) });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(run_worker(
         queue.clone(),
@@ -228,5 +206,5 @@ async fn a_worker_takes_only_what_it_can_start_so_nothing_times_out_waiting() {
     worker.await.unwrap().unwrap();
     assert_eq!(counters.snapshot(), (40, 0, 0), "all published, none quarantined or retried");
     assert_eq!(counters.redelivered.load(Ordering::SeqCst), 0, "no message waited past its ack wait");
-    assert_eq!(handler.0.load(Ordering::SeqCst), 40, "each handled once");
+    assert_eq!(handler.batches.load(Ordering::SeqCst), 40, "each handled once");
 }

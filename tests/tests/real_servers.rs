@@ -14,6 +14,7 @@ use panscreen_shared::queue::{conformance, Queue};
 use panscreen_shared::store::{self, Store};
 use panscreen_shared::worker::{run_worker, Handler, Outcome, StageCounters, WorkerConfig};
 use panscreen_tests::servers::{NatsServer, SeaweedFs};
+use panscreen_tests::SlowEcho;
 
 async fn connect(server: &NatsServer, campaign: &str, settings: JetStreamSettings) -> JetStreamQueue {
     let nats = NatsConfig { url: server.url(), ..NatsConfig::default() };
@@ -158,27 +159,6 @@ async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_throu
     assert_eq!((backlog.pending, backlog.in_flight), (0, 0), "nothing left behind: {backlog:?}");
 }
 
-/// Takes longer than the ack wait on every message.
-struct Slow;
-
-#[async_trait]
-impl Handler for Slow {
-    fn stage(&self) -> Stage {
-        Stage::Infer
-    }
-
-    async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        payloads
-            .into_iter()
-            .map(|payload| {
-                let id = String::from_utf8_lossy(&payload).to_string();
-                Ok(Outcome::Publish { subject: "panscreen.slow.out".into(), message_id: id, payload })
-            })
-            .collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_work_sends_in_progress_acks_and_is_not_redelivered() {
     let server = NatsServer::start();
@@ -189,10 +169,16 @@ async fn long_work_sends_in_progress_acks_and_is_not_redelivered() {
     config.progress_every = Duration::from_millis(300);
     let counters = Arc::new(StageCounters::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker =
-        tokio::spawn(run_worker(queue.clone(), "panscreen.slow.in", Arc::new(Slow), config, counters.clone(), async {
+    let worker = tokio::spawn(run_worker(
+        queue.clone(),
+        "panscreen.slow.in",
+        Arc::new(SlowEcho { delay: Duration::from_secs(4), stage: Stage::Infer, batches: Default::default() }),
+        config,
+        counters.clone(),
+        async {
             let _ = stopped.await;
-        }));
+        },
+    ));
     let mut out = queue.subscribe("panscreen.slow.out", "check").await.unwrap();
     let delivery = tokio::time::timeout(Duration::from_secs(20), out.next()).await.unwrap().unwrap().unwrap();
     delivery.ack().await.unwrap();

@@ -174,7 +174,6 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
         report.files_after += 1;
     }
     report.studies = seen.len();
-    report.screened = seen.clone();
 
     if let Some(merged) =
         merge_flat(out, "quarantine", &writer, &mut staged, &mut replaced, &mut report, Some(&seen)).await?
@@ -195,6 +194,7 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
         }
     }
     merge_flat(out, "ignored", &writer, &mut staged, &mut replaced, &mut report, None).await?;
+    report.screened = seen;
 
     if !replaced.is_empty() {
         // The commits whose files are all replaced go; their ids move to this one.
