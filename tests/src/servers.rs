@@ -166,6 +166,28 @@ impl SeaweedFs {
         assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {name}: {response}");
     }
 
+    /// Writes an object under a key given as raw bytes, percent-encoded on the wire as
+    /// any S3 client would send it (for keys `object_store` itself cannot write, such
+    /// as one holding a control character).
+    pub fn put_raw(&self, bucket: &str, key: &[u8], body: &[u8]) {
+        use std::io::{Read, Write};
+        let path: String = key
+            .iter()
+            .map(|&b| if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect();
+        let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
+        let head = format!(
+            "PUT /{bucket}/{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.s3_port,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200"), "writing {key:?}: {response}");
+    }
+
     /// object_store's S3 options pointing at this server (any keys will do).
     pub fn s3_options(&self) -> Vec<(&'static str, String)> {
         vec![

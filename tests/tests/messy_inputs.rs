@@ -164,7 +164,9 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
         let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
         objects.push((format!("{folder}/{}-{index:05}.dcm", "s".repeat(40)), encode_slice(&big, &slice).unwrap()));
     }
-    let count = objects.len();
+    // A key object_store cannot read (a control character), written as another client would.
+    seaweed.put_raw("messy", b"incoming/\xe5\xb9\xb3\xe6\x89\xab/IM\x01.dcm", b"DICM?");
+    let count = objects.len() + 1;
     futures::stream::iter(objects)
         .map(|(key, bytes)| {
             let root = root.clone();
@@ -200,7 +202,16 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     assert_eq!(pass.decided.studies.len(), 3);
     let mut reasons: Vec<&str> = pass.decided.quarantined.iter().map(|q| q.reason.as_str()).collect();
     reasons.sort();
-    assert_eq!(reasons, ["empty file", "no series fits the screening rules", "not a DICOM file", "not a DICOM file"]);
+    assert_eq!(
+        reasons,
+        [
+            "empty file",
+            "no series fits the screening rules",
+            "not a DICOM file",
+            "not a DICOM file",
+            "object cannot be read by its name"
+        ]
+    );
 
     // The large study arrives whole, though NATS would refuse its message as it is.
     let (mut slices, mut largest) = (Vec::new(), Bytes::new());
@@ -223,7 +234,7 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
 
     // The quarantined study's record lists all 100 keys.
     let mut records = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..5 {
         let delivery = tokio::time::timeout(std::time::Duration::from_secs(30), quarantine.next())
             .await
             .expect("a quarantine record within 30 s")
@@ -232,6 +243,9 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
         records.push(serde_json::from_slice::<QuarantineRecord>(&delivery.payload).unwrap());
         delivery.ack().await.unwrap();
     }
+    let unreadable = records.iter().find(|r| r.reason == "object cannot be read by its name").unwrap();
+    assert_eq!(unreadable.input, "incoming/平扫/IM\\x01.dcm");
+    assert!(unreadable.detail.contains("control character"), "{}", unreadable.detail);
     let study = records.iter().find(|r| r.reason == "no series fits the screening rules").unwrap();
     assert_eq!(study.input, "incoming/病人甲/");
     assert_eq!(study.inputs.len(), 100);

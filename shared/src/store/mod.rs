@@ -21,6 +21,9 @@ use object_store::prefix::PrefixStore;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload};
 use time::OffsetDateTime;
 
+mod s3_listing;
+use s3_listing::RawLister;
+
 /// What went wrong with the store, classified once: callers branch on [`StoreError::kind`],
 /// never on message text.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +139,9 @@ pub struct Store {
     /// `object_store` local backend skips names such as `IMG#12` and stops a listing at
     /// the first name that is not UTF-8).
     local_root: Option<PathBuf>,
+    /// For S3, the lister that input scans use (it sees every key, see [`s3_listing`]),
+    /// and the key prefix of this store's root in the bucket.
+    s3: Option<(Arc<RawLister>, String)>,
 }
 
 /// The object path of a key, kept as written (non-ASCII included) when it is a valid
@@ -290,6 +296,7 @@ impl Store {
             inner: Arc::new(local.with_automatic_cleanup(true)),
             location: location.to_string(),
             local_root: Some(root),
+            s3: None,
         })
     }
 
@@ -330,16 +337,28 @@ impl Store {
                 "the endpoint {endpoint} is plain http; set AWS_ALLOW_HTTP=true to allow it (or use https)"
             )));
         }
+        let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".to_string());
+        let virtual_hosted = builder
+            .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+            .is_some_and(|value| value.eq_ignore_ascii_case("true"));
         let s3 = builder.build().map_err(|e| unsupported(e.to_string()))?;
+        let endpoint = (!endpoint.is_empty()).then_some(endpoint);
+        let lister = RawLister::new(s3.credentials().clone(), endpoint, bucket, region, virtual_hosted, allow_http)
+            .map_err(|e| unsupported(e.to_string()))?;
         let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
-        Ok(Store { inner, location: location.to_string(), local_root: None })
+        Ok(Store {
+            inner,
+            location: location.to_string(),
+            local_root: None,
+            s3: Some((Arc::new(lister), prefix.to_string())),
+        })
     }
 
     /// Wraps any `object_store` implementation (tests, other backends).
     pub fn from_object_store(inner: Arc<dyn ObjectStore>, location: impl Into<String>) -> Store {
-        Store { inner, location: location.into(), local_root: None }
+        Store { inner, location: location.into(), local_root: None, s3: None }
     }
 
     /// The same store seen from `prefix` down (keys are relative to it).
@@ -352,6 +371,10 @@ impl Store {
             inner: Arc::new(PrefixStore::new(self.inner.clone(), prefix)),
             location: format!("{}/{prefix}", self.location.trim_end_matches('/')),
             local_root: self.local_root.as_ref().map(|root| root.join(prefix)),
+            s3: self.s3.as_ref().map(|(lister, root)| {
+                let root = if root.is_empty() { prefix.to_string() } else { format!("{root}/{prefix}") };
+                (lister.clone(), root)
+            }),
         }
     }
 
@@ -401,6 +424,9 @@ impl Store {
     /// Every object under `prefix`, for input: an entry that cannot be used as a key is
     /// returned in [`Listing::unlisted`] with its reason, and the listing goes on.
     pub async fn scan(&self, prefix: &str) -> Result<Listing, StoreError> {
+        if let Some((lister, root)) = &self.s3 {
+            return lister.scan(root, prefix).await;
+        }
         let Some(root) = self.local_root.clone() else {
             return Ok(Listing { objects: self.list(prefix).await?, unlisted: Vec::new() });
         };
