@@ -96,12 +96,23 @@ const SHORT_VRS: [&[u8; 2]; 21] = [
     b"ST", b"TM", b"UI", b"UL", b"US",
 ];
 
-/// How [`check_declared_lengths`] begins its message for a file cut short inside its
-/// Pixel Data (a truncated file rather than a corrupt one).
-pub const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
+/// What [`check_declared_lengths`] found wrong, by what it means for the object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LengthProblem {
+    /// The object ends inside a value (Pixel Data or another element): a transfer cut
+    /// short rather than a corrupt file.
+    #[error("{0}")]
+    Cut(String),
+    /// A deflated data set that inflates beyond [`DEFLATED_MAX_BYTES`].
+    #[error("{0}")]
+    Inflates(String),
+    /// A length no object of this size could hold, or a corrupt deflate stream.
+    #[error("{0}")]
+    Corrupt(String),
+}
 
-/// How it begins its message for a file that ends inside another element's value.
-pub const FILE_ENDS_INSIDE: &str = "the file ends inside";
+const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
+const FILE_ENDS_INSIDE: &str = "the file ends inside";
 
 /// A value running at most this far past the end of the object is taken for a cut
 /// (a truncated transfer), further for a corrupt length.
@@ -115,14 +126,14 @@ const CUT_SHORT_BYTES: u64 = 16 << 20;
 /// Walks the file meta group and a data set in implicit or explicit VR, little or big
 /// endian, descending into sequences and items, past Pixel Data to the end. A deflated data set
 /// is inflated first, never beyond [`DEFLATED_MAX_BYTES`] (a deflate bomb is refused
-/// with [`INFLATES_BEYOND_LIMIT`]), and its inflated bytes are walked the same way.
-pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
+/// as [`LengthProblem::Inflates`]), and its inflated bytes are walked the same way.
+pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProblem> {
     if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
         return Ok(()); // not Part 10; the parser says so itself
     }
     let meta_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as u64;
     if 144 + meta_length > size {
-        return Err(format!("the file meta group declares {meta_length} bytes, more than the file holds"));
+        return Err(LengthProblem::Corrupt(format!("the file meta group declares {meta_length} bytes, more than the file holds")));
     }
     // The meta group is read as dicom-object reads it: element after element, whatever
     // their group, until its declared length is used up (a stray (0003,xxxx) element
@@ -138,9 +149,9 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), String> {
             (u32::from_le_bytes([long[0], long[1], long[2], long[3]]) as u64, meta_end + 12)
         };
         if length > size.saturating_sub(value_at as u64) {
-            return Err(format!(
+            return Err(LengthProblem::Corrupt(format!(
                 "a file meta element at byte {meta_end} declares {length} bytes, more than the file holds"
-            ));
+            )));
         }
         if header[..4] == [0x02, 0x00, 0x10, 0x00] {
             let value = bytes.get(value_at..value_at + length as usize).unwrap_or_default();
@@ -175,8 +186,7 @@ pub const DEFLATED_MAX_BYTES: u64 = 2 << 30;
 /// fit; a walk that reaches the end of these without meeting Pixel Data stops there.
 const DEFLATED_WALK_BYTES: u64 = 64 << 20;
 
-/// How [`check_declared_lengths`] begins its message for a deflate bomb.
-pub const INFLATES_BEYOND_LIMIT: &str = "the deflated data set inflates beyond the limit";
+const INFLATES_BEYOND_LIMIT: &str = "the deflated data set inflates beyond the limit";
 
 /// Inflates `deflated` as far as it goes, up to `cap` bytes into `sink`; returns how many
 /// bytes came out and whether the stream ended cleanly before the cap.
@@ -202,13 +212,13 @@ fn inflate_into(deflated: &[u8], cap: u64, sink: &mut impl std::io::Write) -> (u
 
 /// The declared-length walk over a deflated data set (explicit VR little endian once
 /// inflated). `whole` says whether `deflated` runs to the end of the object.
-fn check_deflated(deflated: &[u8], whole: bool) -> Result<(), String> {
+fn check_deflated(deflated: &[u8], whole: bool) -> Result<(), LengthProblem> {
     let (total, ended) = inflate_into(deflated, DEFLATED_MAX_BYTES, &mut std::io::sink());
     if total > DEFLATED_MAX_BYTES {
-        return Err(format!("{INFLATES_BEYOND_LIMIT}: over {DEFLATED_MAX_BYTES} bytes"));
+        return Err(LengthProblem::Inflates(format!("{INFLATES_BEYOND_LIMIT}: over {DEFLATED_MAX_BYTES} bytes")));
     }
     if whole && !ended {
-        return Err(format!("the deflated data set is corrupt after {total} inflated bytes"));
+        return Err(LengthProblem::Corrupt(format!("the deflated data set is corrupt after {total} inflated bytes")));
     }
     let mut head = Vec::new();
     inflate_into(deflated, DEFLATED_WALK_BYTES.min(total), &mut head);
@@ -217,7 +227,14 @@ fn check_deflated(deflated: &[u8], whole: bool) -> Result<(), String> {
     walk(&head, 0, head.len(), size, false, false)
 }
 
-fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_endian: bool) -> Result<(), String> {
+fn walk(
+    bytes: &[u8],
+    start: usize,
+    end: usize,
+    size: u64,
+    implicit: bool,
+    big_endian: bool,
+) -> Result<(), LengthProblem> {
     let u16_at = |at: usize| -> Option<u16> {
         let b = bytes.get(at..at + 2)?;
         Some(if big_endian { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) })
@@ -227,27 +244,27 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
         let array = [b[0], b[1], b[2], b[3]];
         Some(if big_endian { u32::from_be_bytes(array) } else { u32::from_le_bytes(array) })
     };
-    let fits = |at: usize, length: u32, value_at: usize| -> Result<(), String> {
+    let fits = |at: usize, length: u32, value_at: usize| -> Result<(), LengthProblem> {
         if length as u64 > size.saturating_sub(value_at as u64) {
             let (group, element) = (u16_at(at).unwrap_or(0), u16_at(at + 2).unwrap_or(0));
             let missing = value_at as u64 + length as u64 - size;
             // A value that runs a little past the end: the file was cut there. One that
             // runs far past it: a corrupt length.
             if missing <= CUT_SHORT_BYTES {
-                return Err(format!(
+                return Err(LengthProblem::Cut(format!(
                     "{FILE_ENDS_INSIDE} element ({group:04X},{element:04X}) at byte {at}: its value needs \
                      {missing} bytes more than the file has"
-                ));
+                )));
             }
-            return Err(format!(
+            return Err(LengthProblem::Corrupt(format!(
                 "element ({group:04X},{element:04X}) at byte {at} declares {length} bytes, more than the file holds"
-            ));
+            )));
         }
         Ok(())
     };
     // Fragments: items of raw bytes after the Pixel Data header, up to the delimiter.
     // Returns where the walk goes on (after the delimiter), or None where it cannot.
-    let fragments = |mut at: usize| -> Result<Option<usize>, String> {
+    let fragments = |mut at: usize| -> Result<Option<usize>, LengthProblem> {
         while at + 8 <= end {
             let (Some(0xFFFE), Some(element), Some(length)) = (u16_at(at), u16_at(at + 2), u32_at(at + 4)) else {
                 return Ok(None);
@@ -271,7 +288,9 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
             // Item or delimiter: tag and a 32-bit length, no VR. Items are walked into.
             let Some(length) = u32_at(at + 4) else { return Ok(()) };
             if element == 0xE000 && length != u32::MAX && length as u64 > remaining(at + 8) {
-                return Err(format!("an item at byte {at} declares {length} bytes, more than the file holds"));
+                return Err(LengthProblem::Corrupt(format!(
+                    "an item at byte {at} declares {length} bytes, more than the file holds"
+                )));
             }
             at += 8;
             continue;
@@ -294,10 +313,10 @@ fn walk(bytes: &[u8], start: usize, end: usize, size: u64, implicit: bool, big_e
             // follows it (padding, vendor elements, garbage) is walked too: a parser that
             // reads the whole object reads those lengths as well.
             if length != u32::MAX && length as u64 > size.saturating_sub(value_at as u64) {
-                return Err(format!(
+                return Err(LengthProblem::Cut(format!(
                     "{TRUNCATED_PIXEL_DATA}: it declares {length} bytes but the file has only {} after it",
                     size.saturating_sub(value_at as u64)
-                ));
+                )));
             }
             if length != u32::MAX {
                 at = value_at + length as usize;
@@ -354,13 +373,13 @@ mod tests {
         dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
         let bad = part10(&dataset);
         let error = check_declared_lengths(&bad, bad.len() as u64).unwrap_err();
-        assert!(error.contains("(0008,1100)") && error.contains("1073741824 bytes"), "{error}");
+        assert!(matches!(&error, LengthProblem::Corrupt(text) if text.contains("(0008,1100)") && text.contains("1073741824 bytes")), "{error}");
         // A prefix of a large object: the same length is plausible, so it passes.
         assert_eq!(check_declared_lengths(&bad, 2 << 30), Ok(()));
         // A file cut inside a value is truncated, not corrupt.
         let cut = &good[..good.len() - 3];
         let error = check_declared_lengths(cut, cut.len() as u64).unwrap_err();
-        assert!(error.starts_with(FILE_ENDS_INSIDE) && error.contains("(0010,0010)"), "{error}");
+        assert!(matches!(&error, LengthProblem::Cut(text) if text.starts_with(FILE_ENDS_INSIDE) && text.contains("(0010,0010)")), "{error}");
     }
 
     fn deflate(bytes: &[u8]) -> Vec<u8> {
@@ -383,12 +402,12 @@ mod tests {
         dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
         let bad = part10_in(DEFLATED_UID, &deflate(&dataset));
         let error = check_declared_lengths(&bad, bad.len() as u64).unwrap_err();
-        assert!(error.contains("(0008,1100)") && error.contains("1073741824 bytes"), "{error}");
+        assert!(matches!(&error, LengthProblem::Corrupt(text) if text.contains("(0008,1100)") && text.contains("1073741824 bytes")), "{error}");
         // A corrupt stream in a whole file, and a prefix of one, which is fine.
         let mut corrupt = good.clone();
         let last = corrupt.len() - 3;
         corrupt.truncate(last);
-        assert!(check_declared_lengths(&corrupt, corrupt.len() as u64).unwrap_err().contains("corrupt"));
+        assert!(check_declared_lengths(&corrupt, corrupt.len() as u64).unwrap_err().to_string().contains("corrupt"));
         assert_eq!(check_declared_lengths(&corrupt, good.len() as u64), Ok(()));
     }
 
@@ -404,6 +423,6 @@ mod tests {
         let bomb = part10_in(DEFLATED_UID, &encoder.finish().unwrap());
         assert!(bomb.len() < 4 << 20, "{} bytes", bomb.len());
         let error = check_declared_lengths(&bomb, bomb.len() as u64).unwrap_err();
-        assert!(error.starts_with(INFLATES_BEYOND_LIMIT), "{error}");
+        assert!(matches!(&error, LengthProblem::Inflates(text) if text.starts_with(INFLATES_BEYOND_LIMIT)), "{error}");
     }
 }

@@ -314,3 +314,32 @@ fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on()
     assert!(row[2].as_str().unwrap().contains("GDCM helper died"), "{row}");
     assert_eq!(row[3], 1, "quarantined on its first attempt: {row}");
 }
+
+/// A header longer than the prefix ingest reads first (a vendor's 100 KB private
+/// element before Pixel Data): the prefix asks for the whole object, which parses; the
+/// same object cut inside that element is truncated, not "more bytes needed".
+#[test]
+fn a_header_longer_than_the_first_read_is_read_whole() {
+    use panscreen_ingest::header::{needs_more_bytes, parse};
+    let header = odd_case_header(21, "ABDOMEN");
+    let hu = vec![0.0f32; 16 * 16];
+    let slice = Slice { sop_instance_uid: "1.2.3.21.1", instance_number: 1, position: [0.0, 0.0, 0.0], hu: &hu };
+    let plain = encode_slice(&header, &slice).unwrap();
+    let pixel_data = plain.windows(4).rposition(|w| w == [0xe0, 0x7f, 0x10, 0x00]).unwrap();
+    let mut bytes = plain[..pixel_data].to_vec();
+    bytes.extend_from_slice(&[0x29, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+    bytes.extend_from_slice(&(100_000u32).to_le_bytes());
+    bytes.extend(std::iter::repeat_n(0x5a, 100_000));
+    bytes.extend_from_slice(&plain[pixel_data..]);
+    let size = bytes.len() as u64;
+
+    let prefix = parse("long.dcm", size, &bytes[..64 * 1024]).unwrap_err();
+    assert!(needs_more_bytes(&prefix), "{prefix:?}");
+    let whole = parse("long.dcm", size, &bytes).unwrap();
+    assert_eq!(whole.sop_instance_uid, "1.2.3.21.1");
+
+    let cut = &bytes[..64 * 1024];
+    let problem = parse("cut.dcm", cut.len() as u64, cut).unwrap_err();
+    assert!(!needs_more_bytes(&problem));
+    assert_eq!(problem.reason(), "DICOM file is truncated", "{problem:?}");
+}

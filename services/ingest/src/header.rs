@@ -11,6 +11,7 @@ use dicom_core::Tag;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use panscreen_shared::dicom::LengthProblem;
 
 /// The header fields ingest uses. Patient identifiers are read only to be pseudonymized.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +85,8 @@ pub enum HeaderProblem {
     NotDicom(String),
     /// DICOM, but cut short.
     Truncated(String),
+    /// The prefix read ends inside the header: read the whole object and parse again.
+    NeedsMoreBytes(String),
     /// DICOM, but a required attribute is missing or malformed.
     Invalid(String),
     /// A deflated data set that inflates beyond the limit (a deflate bomb).
@@ -97,7 +100,7 @@ impl HeaderProblem {
     pub fn reason(&self) -> &'static str {
         match self {
             HeaderProblem::NotDicom(_) => "not a DICOM file",
-            HeaderProblem::Truncated(_) => "DICOM file is truncated",
+            HeaderProblem::Truncated(_) | HeaderProblem::NeedsMoreBytes(_) => "DICOM file is truncated",
             HeaderProblem::Invalid(_) => "DICOM header is missing required attributes",
             HeaderProblem::Inflates(_) => "object expands beyond the decompressed size limit",
             HeaderProblem::NonImage(_) => "not an image",
@@ -108,6 +111,7 @@ impl HeaderProblem {
         match self {
             HeaderProblem::NotDicom(detail)
             | HeaderProblem::Truncated(detail)
+            | HeaderProblem::NeedsMoreBytes(detail)
             | HeaderProblem::Invalid(detail)
             | HeaderProblem::Inflates(detail)
             | HeaderProblem::NonImage(detail) => detail,
@@ -132,16 +136,10 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     }
     // The parser allocates a value's declared length before reading it: refuse lengths
     // the object cannot hold first.
-    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(|message| {
-        if message.starts_with(panscreen_shared::dicom::TRUNCATED_PIXEL_DATA)
-            || message.starts_with(panscreen_shared::dicom::FILE_ENDS_INSIDE)
-        {
-            HeaderProblem::Truncated(message)
-        } else if message.starts_with(panscreen_shared::dicom::INFLATES_BEYOND_LIMIT) {
-            HeaderProblem::Inflates(message)
-        } else {
-            HeaderProblem::Invalid(message)
-        }
+    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(|problem| match problem {
+        LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
+        LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
+        LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
     })?;
     // A panic in the parser on a malformed file is that file's problem, not ingest's.
     let parsed = std::panic::catch_unwind(|| {
@@ -151,7 +149,7 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
             .from_reader(Cursor::new(&bytes[128..]))
     })
     .map_err(|_| HeaderProblem::Invalid("the DICOM parser failed on this file".to_string()))?;
-    let object = parsed.map_err(|error| classify_parse_error(size, bytes.len() as u64, error.to_string()))?;
+    let object = parsed.map_err(|error| classify_parse_error(size, bytes.len() as u64, &error))?;
     if let Some(name) = non_image_sop_class(&object) {
         return Err(HeaderProblem::NonImage(name));
     }
@@ -176,15 +174,22 @@ fn non_image_sop_class(object: &DefaultDicomObject) -> Option<String> {
     (!entry.name.contains("Image Storage")).then(|| entry.name.to_string())
 }
 
-/// A parse error on a prefix may only mean the header is longer than the prefix.
-fn classify_parse_error(size: u64, available: u64, message: String) -> HeaderProblem {
-    let ran_out = message.contains("failed to fill whole buffer")
-        || message.contains("UnexpectedEof")
-        || message.to_lowercase().contains("end of file");
+/// A parse error on a prefix may only mean the header is longer than the prefix: the
+/// parser ran out of bytes when an `UnexpectedEof` I/O error is among its causes.
+fn classify_parse_error(size: u64, available: u64, error: &(dyn std::error::Error + 'static)) -> HeaderProblem {
+    let message = error.to_string();
+    let mut cause = Some(error);
+    let mut ran_out = false;
+    while let Some(current) = cause {
+        ran_out |= current
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof);
+        cause = current.source();
+    }
     if ran_out && available >= size {
         HeaderProblem::Truncated(format!("the header ends early ({size} bytes): {message}"))
     } else if ran_out {
-        HeaderProblem::Truncated(format!("need more than {available} bytes: {message}"))
+        HeaderProblem::NeedsMoreBytes(format!("need more than {available} bytes: {message}"))
     } else {
         HeaderProblem::Invalid(message)
     }
@@ -192,7 +197,7 @@ fn classify_parse_error(size: u64, available: u64, message: String) -> HeaderPro
 
 /// Is a prefix-parse failure one that more bytes could cure?
 pub fn needs_more_bytes(problem: &HeaderProblem) -> bool {
-    matches!(problem, HeaderProblem::Truncated(detail) if detail.starts_with("need more than"))
+    matches!(problem, HeaderProblem::NeedsMoreBytes(_))
 }
 
 fn check_pixel_extent(object: &DefaultDicomObject, size: u64, bytes: &[u8]) -> Result<(), HeaderProblem> {

@@ -219,16 +219,14 @@ pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<C
                     .map(|(i, why)| (uid(*i), format!("{}: {why}", series_label(&series[*i]))))
                     .collect();
                 for other in fitting.iter().filter(|other| *other != index) {
-                    let why = if fitting.iter().position(|f| f == other) < Some(rank) {
-                        "fits, but its geometry failed".to_string()
-                    } else {
-                        "fits, but has fewer slices".to_string()
-                    };
-                    let mut text = format!("{}: {why}", series_label(&series[*other]));
-                    if why.starts_with("fits, but its geometry") {
-                        if let Some(failure) = &first_failure {
-                            text = format!("{text} ({}: {})", failure.reason, failure.detail);
-                        }
+                    let tried_before = fitting.iter().position(|f| f == other) < Some(rank);
+                    let mut text = format!(
+                        "{}: {}",
+                        series_label(&series[*other]),
+                        if tried_before { "fits, but its geometry failed" } else { "fits, but has fewer slices" }
+                    );
+                    if let (true, Some(failure)) = (tried_before, &first_failure) {
+                        text = format!("{text} ({}: {})", failure.reason, failure.detail);
                     }
                     not_chosen.push((uid(*other), text));
                 }
