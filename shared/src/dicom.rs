@@ -133,7 +133,9 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProbl
     }
     let meta_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as u64;
     if 144 + meta_length > size {
-        return Err(LengthProblem::Corrupt(format!("the file meta group declares {meta_length} bytes, more than the file holds")));
+        return Err(LengthProblem::Corrupt(format!(
+            "the file meta group declares {meta_length} bytes, more than the file holds"
+        )));
     }
     // The meta group is read as dicom-object reads it: element after element, whatever
     // their group, until its declared length is used up (a stray (0003,xxxx) element
@@ -373,13 +375,19 @@ mod tests {
         dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
         let bad = part10(&dataset);
         let error = check_declared_lengths(&bad, bad.len() as u64).unwrap_err();
-        assert!(matches!(&error, LengthProblem::Corrupt(text) if text.contains("(0008,1100)") && text.contains("1073741824 bytes")), "{error}");
+        assert!(
+            matches!(&error, LengthProblem::Corrupt(text) if text.contains("(0008,1100)") && text.contains("1073741824 bytes")),
+            "{error}"
+        );
         // A prefix of a large object: the same length is plausible, so it passes.
         assert_eq!(check_declared_lengths(&bad, 2 << 30), Ok(()));
         // A file cut inside a value is truncated, not corrupt.
         let cut = &good[..good.len() - 3];
         let error = check_declared_lengths(cut, cut.len() as u64).unwrap_err();
-        assert!(matches!(&error, LengthProblem::Cut(text) if text.starts_with(FILE_ENDS_INSIDE) && text.contains("(0010,0010)")), "{error}");
+        assert!(
+            matches!(&error, LengthProblem::Cut(text) if text.starts_with(FILE_ENDS_INSIDE) && text.contains("(0010,0010)")),
+            "{error}"
+        );
     }
 
     fn deflate(bytes: &[u8]) -> Vec<u8> {
@@ -402,7 +410,10 @@ mod tests {
         dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
         let bad = part10_in(DEFLATED_UID, &deflate(&dataset));
         let error = check_declared_lengths(&bad, bad.len() as u64).unwrap_err();
-        assert!(matches!(&error, LengthProblem::Corrupt(text) if text.contains("(0008,1100)") && text.contains("1073741824 bytes")), "{error}");
+        assert!(
+            matches!(&error, LengthProblem::Corrupt(text) if text.contains("(0008,1100)") && text.contains("1073741824 bytes")),
+            "{error}"
+        );
         // A corrupt stream in a whole file, and a prefix of one, which is fine.
         let mut corrupt = good.clone();
         let last = corrupt.len() - 3;

@@ -173,7 +173,13 @@ impl SeaweedFs {
         use std::io::{Read, Write};
         let path: String = key
             .iter()
-            .map(|&b| if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .map(|&b| {
+                if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
             .collect();
         let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
         let head = format!(

@@ -331,3 +331,69 @@ fn the_same_seed_gives_the_same_bytes() {
     assert_eq!(digests[0].len(), 3 * 60 + 1);
     assert_eq!(digests[0], digests[1]);
 }
+
+/// `panscreen run --requeue`: studies quarantined by a rule (here too few slices for
+/// `--min-slices`) are screened again once the rule is changed, into the same OUT, and
+/// each ends with one final outcome; what was not selected stays as it was.
+#[test]
+fn an_embedded_requeue_screens_the_selected_rows_again_into_the_same_out() {
+    let scratch = tempfile::tempdir().unwrap();
+    let options = panscreen_tests::small_cohort(scratch.path().join("cohort"), 3, 17);
+    synthesize(&options, &|_| {}).unwrap();
+    let input = options.out.join("studies");
+    std::fs::write(input.join("notes.txt"), "not an image").unwrap();
+    let (out, key_file) = (scratch.path().join("out"), scratch.path().join("key"));
+    std::fs::write(&key_file, KEY).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("run"),
+            OsStr::new("--input"),
+            input.as_os_str(),
+            OsStr::new("--out"),
+            out.as_os_str(),
+            OsStr::new("--no-progress"),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        panscreen(&args)
+    };
+    // Results as (rows, distinct studies), and quarantine rows by reason.
+    let tables = || {
+        let results = if parquet_files(&out.join("results")).map_or(true, |files| files.is_empty()) {
+            serde_json::json!([[0, 0]])
+        } else {
+            let query = "select count(*), count(distinct study_key) from read_parquet('OUT/results/**/*.parquet')";
+            panscreen_tests::query_tables(&out, &[("results", query)])["results"].clone()
+        };
+        let query = "select reason, count(*) from read_parquet('OUT/quarantine/**/*.parquet') group by reason \
+                     order by reason";
+        let quarantine = panscreen_tests::query_tables(&out, &[("quarantine", query)])["quarantine"].clone();
+        serde_json::json!({"results": results, "quarantine": quarantine})
+    };
+    let key = key_file.to_str().unwrap();
+    let first = run(&["--key-file", key, "--min-slices", "10000"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let before = tables();
+    assert_eq!(before["results"], serde_json::json!([[0, 0]]));
+    assert_eq!(
+        before["quarantine"],
+        serde_json::json!([["no series fits the screening rules", 3], ["not a DICOM file", 1]])
+    );
+
+    let keyless = run(&["--requeue"]);
+    assert!(!keyless.status.success());
+    assert!(String::from_utf8_lossy(&keyless.stderr).contains("--key-file"));
+    let dry = run(&["--key-file", key, "--requeue", "--reason", "no series fits", "--dry-run"]);
+    assert!(dry.status.success(), "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would screen again 3 quarantine rows"));
+    assert_eq!(tables(), before, "a dry run changes nothing");
+
+    let again = run(&["--key-file", key, "--requeue", "--reason", "no series fits"]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let after = tables();
+    assert_eq!(after["results"], serde_json::json!([[3, 3]]));
+    assert_eq!(after["quarantine"], serde_json::json!([["not a DICOM file", 1]]));
+    // Nothing left to select: a second requeue screens nothing and changes nothing.
+    let nothing = run(&["--key-file", key, "--requeue", "--reason", "no series fits"]);
+    assert!(String::from_utf8_lossy(&nothing.stdout).contains("screening again 0 quarantine rows"));
+    assert_eq!(tables(), after);
+}

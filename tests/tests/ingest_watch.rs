@@ -164,3 +164,65 @@ async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     let pass = watcher(&root, Duration::ZERO).await.pass(&second, &prefixes).await.unwrap();
     assert_eq!(pass.decided.objects_listed, 0);
 }
+
+/// A row written by infer names its study only by pseudonym; ingest's ledger knows the
+/// study's objects, so `requeue --stage infer` brings the whole study back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_quarantined_after_ingest_is_requeued_by_its_pseudonym() {
+    let scratch = tempfile::tempdir().unwrap();
+    let options = small_cohort(scratch.path().join("cohort"), 1, 5);
+    synthesize(&options, &|_| {}).unwrap();
+    let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
+    let studies = options.out.join("studies");
+    let files = files_below(&studies);
+    for file in &files {
+        let key = format!("incoming/{}", file.strip_prefix(&studies).unwrap().display());
+        root.put(&key, Bytes::from(std::fs::read(file).unwrap())).await.unwrap();
+    }
+    let prefixes = vec!["incoming".to_string()];
+    let first = MemoryQueue::new();
+    let pass = watcher(&root, Duration::ZERO).await.pass(&first, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.studies.len(), 1);
+    let study_key = pass.decided.studies[0].context.study_key.clone();
+
+    // Inference gave up on it (say its model file was corrupt): a row with no keys.
+    let row = panscreen_shared::contracts::QuarantineRecord {
+        campaign: "w".into(),
+        stage: panscreen_shared::contracts::Stage::Infer,
+        input: study_key.clone(),
+        inputs: Vec::new(),
+        study_key: Some(study_key.clone()),
+        site_id: None,
+        reason: "model failed on this study".into(),
+        detail: "the model file is corrupt".into(),
+        attempts: 5,
+        at: time::OffsetDateTime::now_utc(),
+        generation: 0,
+    };
+    first
+        .publish(&subjects::quarantine("w"), &row.message_id(), Bytes::from(serde_json::to_vec(&row).unwrap()))
+        .await
+        .unwrap();
+    for subject in [subjects::scored("w"), subjects::quarantine("w"), subjects::ignored("w")] {
+        first.close(&subject).await;
+    }
+    let mut config = panscreen_aggregate::AggregateConfig::new("w", "test");
+    config.write_summary = false;
+    let counters = std::sync::Arc::new(panscreen_shared::worker::StageCounters::default());
+    let out = root.sub("campaigns/w/out");
+    let mut aggregator = panscreen_aggregate::Aggregator::new(config, out, SiteRegistry::builtin(), counters);
+    aggregator.run(std::sync::Arc::new(first), std::future::pending()).await.unwrap();
+
+    let campaign = root.sub("campaigns/w");
+    let selection = Selection { reason: None, stage: Some("infer".into()) };
+    let done = requeue(&campaign, &selection, false).await.unwrap();
+    assert_eq!((done.rows_requeued, done.objects_requeued), (1, files.len()), "{}", done.render(false));
+    assert!(done.not_requeueable.is_empty());
+
+    let second = MemoryQueue::new();
+    let pass = watcher(&root, Duration::ZERO).await.pass(&second, &prefixes).await.unwrap();
+    assert_eq!(pass.decided.studies.len(), 1);
+    assert_eq!(pass.decided.studies[0].context.study_key, study_key);
+    assert_eq!(pass.decided.studies[0].context.generation, 1);
+    assert_eq!(pass.decided.objects_listed, files.len());
+}

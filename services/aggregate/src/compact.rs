@@ -126,11 +126,29 @@ fn tally(
     Ok(())
 }
 
+/// The batches of one table as one. Files written by an earlier version may lack
+/// columns added since (`inputs`, `generation` of the quarantine table): every batch is
+/// brought to the columns of the widest, a missing column read as nulls.
 fn concat(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, AggregateError> {
-    let Some(first) = batches.first() else { return Ok(None) };
-    arrow::compute::concat_batches(&first.schema(), batches)
-        .map(Some)
-        .map_err(|e| AggregateError::Table(format!("files of one table disagree on columns: {e}")))
+    let Some(widest) = batches.iter().max_by_key(|batch| batch.num_columns()) else { return Ok(None) };
+    let schema = widest.schema();
+    let disagree =
+        |e: arrow::error::ArrowError| AggregateError::Table(format!("files of one table disagree on columns: {e}"));
+    let aligned = batches
+        .iter()
+        .map(|batch| {
+            let columns = schema
+                .fields()
+                .iter()
+                .map(|field| match batch.column_by_name(field.name()) {
+                    Some(column) => column.clone(),
+                    None => arrow::array::new_null_array(field.data_type(), batch.num_rows()),
+                })
+                .collect();
+            RecordBatch::try_new(schema.clone(), columns).map_err(disagree)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    arrow::compute::concat_batches(&schema, &aligned).map(Some).map_err(disagree)
 }
 
 /// Compacts `out` (a campaign's output root) and writes its summary and worklist.
@@ -241,6 +259,8 @@ pub struct QuarantinedInput {
     pub inputs: Vec<String>,
     pub study_key: Option<String>,
     pub reason: String,
+    /// How many times it was requeued before (0: its first outcome).
+    pub generation: u32,
 }
 
 /// The quarantine rows of `out` that are final outcomes now (what `compact` keeps).
@@ -260,6 +280,7 @@ pub async fn final_quarantine(out: &Store) -> Result<Vec<QuarantinedInput>, Aggr
     let text = |name| column::<StringArray>(&kept, name);
     let (stage, input, study, reason) = (text("stage")?, text("input")?, text("study_key")?, text("reason")?);
     let inputs = column::<arrow::array::ListArray>(&kept, "inputs")?;
+    let generation = column::<arrow::array::Int32Array>(&kept, "generation")?;
     let mut rows = Vec::with_capacity(kept.num_rows());
     for row in 0..kept.num_rows() {
         let keys = inputs.value(row);
@@ -271,6 +292,7 @@ pub async fn final_quarantine(out: &Store) -> Result<Vec<QuarantinedInput>, Aggr
             inputs: keys.unwrap_or_default(),
             study_key: study.is_valid(row).then(|| study.value(row).to_string()),
             reason: reason.value(row).to_string(),
+            generation: if generation.is_valid(row) { generation.value(row).max(0) as u32 } else { 0 },
         });
     }
     Ok(rows)
@@ -389,5 +411,29 @@ mod tests {
         let at = column::<TimestampMicrosecondArray>(&kept, "at").unwrap();
         let x = (0..kept.num_rows()).find(|r| inputs.value(*r) == "a/x.txt").unwrap();
         assert_eq!(at.value(x), (1_800_000_030) * 1_000_000);
+    }
+
+    /// A quarantine file written before `inputs` and `generation` existed is read with
+    /// today's: by compaction and by requeue, its missing columns as nulls.
+    #[tokio::test]
+    async fn quarantine_files_of_an_earlier_version_are_read_with_todays() {
+        let directory = tempfile::tempdir().unwrap();
+        let out = Store::open(directory.path().to_str().unwrap(), panscreen_shared::store::OpenMode::Existing).unwrap();
+        let old = tables::quarantine_batch(&[record("a/old.dcm", Some("s-old"), "cannot decode a slice", 0)]).unwrap();
+        let keep: Vec<usize> = (0..old.num_columns())
+            .filter(|i| !["inputs", "generation"].contains(&old.schema().field(*i).name().as_str()))
+            .collect();
+        let old = old.project(&keep).unwrap();
+        let mut new = record("b/new.dcm", Some("s-new"), "cannot decode a slice", 10);
+        new.generation = 2;
+        put(&out, "quarantine/a-old.parquet", parquet_bytes(&old).unwrap()).await.unwrap();
+        put(&out, "quarantine/b-new.parquet", parquet_bytes(&tables::quarantine_batch(&[new]).unwrap()).unwrap())
+            .await
+            .unwrap();
+        let mut rows = final_quarantine(&out).await.unwrap();
+        rows.sort_by(|a, b| a.input.cmp(&b.input));
+        let seen: Vec<(&str, usize, u32)> =
+            rows.iter().map(|r| (r.input.as_str(), r.inputs.len(), r.generation)).collect();
+        assert_eq!(seen, [("a/old.dcm", 0, 0), ("b/new.dcm", 1, 2)]);
     }
 }

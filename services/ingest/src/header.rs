@@ -181,9 +181,8 @@ fn classify_parse_error(size: u64, available: u64, error: &(dyn std::error::Erro
     let mut cause = Some(error);
     let mut ran_out = false;
     while let Some(current) = cause {
-        ran_out |= current
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof);
+        ran_out |=
+            current.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof);
         cause = current.source();
     }
     if ran_out && available >= size {

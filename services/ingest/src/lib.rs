@@ -26,7 +26,7 @@ use panscreen_shared::contracts::{
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
 use panscreen_shared::sites::SiteRegistry;
-use panscreen_shared::store::{Store, StoreError, StoreErrorKind, UnlistedObject};
+use panscreen_shared::store::{ObjectInfo, Store, StoreError, StoreErrorKind, UnlistedObject};
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -308,6 +308,15 @@ fn common_folder(keys: &[&str]) -> String {
 /// Attempts at reading one object in an embedded run before a store outage quarantines it.
 const READ_ATTEMPTS: u32 = 4;
 
+/// What an embedded requeue decides again: objects by key and studies by key
+/// (pseudonym), each with the generation its new outcome carries (one more than the
+/// quarantine row it replaces).
+#[derive(Debug, Clone, Default)]
+pub struct Redo {
+    pub objects: BTreeMap<String, u32>,
+    pub studies: BTreeMap<String, u32>,
+}
+
 /// Lists the input, reads every header, and decides every study.
 pub async fn scan(
     store: &Store,
@@ -315,35 +324,75 @@ pub async fn scan(
     pseudonymizer: &Pseudonymizer,
     sites: &SiteRegistry,
 ) -> Result<IngestReport, StoreError> {
+    scan_selected(store, config, pseudonymizer, sites, None).await
+}
+
+/// As [`scan`], deciding only what `redo` names (when given): its objects, and every
+/// object of its studies and of the studies its objects belong to. Everything else is
+/// left out of the report (it was decided by the run before).
+pub async fn scan_selected(
+    store: &Store,
+    config: &IngestConfig,
+    pseudonymizer: &Pseudonymizer,
+    sites: &SiteRegistry,
+    redo: Option<&Redo>,
+) -> Result<IngestReport, StoreError> {
     let listing = store.scan(&config.prefix).await?;
-    let mut report =
-        IngestReport { objects_listed: listing.objects.len() + listing.unlisted.len(), ..IngestReport::default() };
-    let mut outcomes: Vec<ObjectOutcome> =
-        listing.unlisted.into_iter().map(|unlisted| unlisted_outcome(config, unlisted)).collect();
+    let object_generation = |key: &str| redo.and_then(|redo| redo.objects.get(key).copied());
+    let selected = |key: &str| redo.is_none() || object_generation(key).is_some();
+    let unlisted: Vec<UnlistedObject> =
+        listing.unlisted.into_iter().filter(|unlisted| selected(&unlisted.key_lossy)).collect();
+    // Objects of a study named only by its key can be anywhere: all headers are read then.
+    let read_all = redo.is_none_or(|redo| !redo.studies.is_empty());
+    let objects: Vec<ObjectInfo> = listing.objects.into_iter().filter(|o| read_all || selected(&o.key)).collect();
+    let mut outcomes: Vec<(String, ObjectOutcome)> =
+        unlisted.into_iter().map(|unlisted| (unlisted.key_lossy.clone(), unlisted_outcome(config, unlisted))).collect();
     outcomes.extend(
-        futures::stream::iter(listing.objects)
-            .map(|object| read_object_retrying(store, config, object.key, object.size, READ_ATTEMPTS))
+        futures::stream::iter(objects)
+            .map(|object| async move {
+                let key = object.key.clone();
+                (key, read_object_retrying(store, config, object.key, object.size, READ_ATTEMPTS).await)
+            })
             .buffer_unordered(config.concurrency.max(1))
             .collect::<Vec<_>>()
             .await,
     );
 
     let mut studies: BTreeMap<String, Vec<InstanceHeader>> = BTreeMap::new();
-    for outcome in outcomes {
+    let mut report = IngestReport::default();
+    for (key, outcome) in outcomes {
         match outcome {
             ObjectOutcome::Instance(instance) => {
                 studies.entry(instance.study_instance_uid.clone()).or_default().push(*instance)
             }
-            ObjectOutcome::Quarantined(record) => {
+            _ if !selected(&key) => {}
+            ObjectOutcome::Quarantined(mut record) => {
+                record.generation = object_generation(&key).unwrap_or(0);
+                report.objects_listed += 1;
                 report.quarantined_objects(&record.reason, 1);
                 report.quarantined.push(record);
             }
-            ObjectOutcome::Ignored(ignored) => report.ignored.push(ignored),
+            ObjectOutcome::Ignored(ignored) => {
+                report.objects_listed += 1;
+                report.ignored.push(ignored)
+            }
         }
     }
 
     for instances in studies.into_values() {
-        decide_study(config, pseudonymizer, sites, instances, 0, &mut report);
+        let generation = match redo {
+            None => 0,
+            Some(redo) => {
+                let study_key = pseudonymizer.study(&instances[0].study_instance_uid);
+                let by_object = instances.iter().filter_map(|i| object_generation(&i.key)).max();
+                match (redo.studies.get(&study_key).copied(), by_object) {
+                    (None, None) => continue,
+                    (by_study, by_object) => by_study.max(by_object).unwrap_or(0),
+                }
+            }
+        };
+        report.objects_listed += instances.len();
+        decide_study(config, pseudonymizer, sites, instances, generation, &mut report);
     }
     debug_assert!(report.balanced(), "every object accounted for once");
     Ok(report)
@@ -484,8 +533,9 @@ pub async fn run_once(
     config: &IngestConfig,
     pseudonymizer: &Pseudonymizer,
     sites: &SiteRegistry,
+    redo: Option<&Redo>,
 ) -> anyhow::Result<IngestReport> {
-    let report = scan(store, config, pseudonymizer, sites).await?;
+    let report = scan_selected(store, config, pseudonymizer, sites, redo).await?;
     publish(&*queue, &config.campaign, &report).await?;
     Ok(report)
 }

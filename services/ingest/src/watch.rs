@@ -83,6 +83,32 @@ struct LedgerSegment {
     /// Requeue generation by study key or object hash (absent: 0).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     generations: BTreeMap<String, u32>,
+    /// The objects (keyed hashes) of each study decided, so that a study known only by
+    /// its key (a row of infer or aggregate) can be requeued. Not held in memory: read
+    /// by [`objects_of_studies`] when a requeue asks.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    study_objects: BTreeMap<String, Vec<String>>,
+}
+
+/// The objects (keyed hashes, as the ledger holds them) of each of `studies` that the
+/// ledger under `state` names, from the latest segment that decided it.
+pub async fn objects_of_studies(
+    state: &Store,
+    studies: &BTreeSet<String>,
+) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    let mut found = BTreeMap::new();
+    if studies.is_empty() {
+        return Ok(found);
+    }
+    for segment in state.list("ledger").await? {
+        let segment: LedgerSegment = serde_json::from_slice(&state.get(&segment.key).await?)?;
+        for (study, objects) in segment.study_objects {
+            if studies.contains(&study) {
+                found.insert(study, objects);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// What `panscreen requeue` asks of ingest: decide these objects and studies again.
@@ -93,6 +119,9 @@ pub struct RequeueRequest {
     pub objects: Vec<String>,
     /// Study keys (pseudonyms).
     pub studies: Vec<String>,
+    /// Objects by their ledger id (keyed hash), for studies whose rows list no keys.
+    #[serde(default)]
+    pub object_ids: Vec<String>,
 }
 
 /// Where requeue requests wait for ingest, under its state prefix.
@@ -172,16 +201,22 @@ impl Watcher {
         };
         // Oldest first (keys are timestamps): a requeue forgets what came before it.
         let segments = watcher.state.list("ledger").await?;
+        let merge = segments.len() > SEGMENTS_BEFORE_MERGE;
+        let mut study_objects = BTreeMap::new();
         for segment in &segments {
             let bytes = watcher.state.get(&segment.key).await?;
-            let segment: LedgerSegment = serde_json::from_slice(&bytes)?;
+            let mut segment: LedgerSegment = serde_json::from_slice(&bytes)?;
+            if merge {
+                study_objects.append(&mut segment.study_objects);
+            }
             watcher.apply(segment);
         }
-        if segments.len() > SEGMENTS_BEFORE_MERGE {
+        if merge {
             let merged = LedgerSegment {
                 objects: watcher.handled_objects.iter().cloned().collect(),
                 studies: watcher.handled_studies.iter().cloned().collect(),
                 generations: watcher.generations.clone(),
+                study_objects,
                 ..LedgerSegment::default()
             };
             watcher.write_segment(&merged).await?;
@@ -221,7 +256,12 @@ impl Watcher {
                 continue;
             };
             let mut segment = LedgerSegment {
-                forgotten_objects: asked.objects.iter().map(|key| self.object_id(key)).collect(),
+                forgotten_objects: asked
+                    .objects
+                    .iter()
+                    .map(|key| self.object_id(key))
+                    .chain(asked.object_ids.iter().cloned())
+                    .collect(),
                 forgotten_studies: asked.studies.clone(),
                 ..LedgerSegment::default()
             };
@@ -230,7 +270,7 @@ impl Watcher {
             }
             self.write_segment(&segment).await?;
             self.state.delete_if_present(&request.key).await?;
-            applied += asked.objects.len();
+            applied += asked.objects.len() + asked.object_ids.len();
             self.apply(segment);
         }
         if applied > 0 {
@@ -389,6 +429,7 @@ impl Watcher {
                 continue;
             }
             let generation = self.generations.get(&study_key).copied().unwrap_or(0);
+            segment.study_objects.insert(study_key.clone(), keys.iter().map(|key| self.object_id(key)).collect());
             segment.studies.push(study_key);
             decide_study(&self.config, &self.pseudonymizer, &self.sites, instances, generation, decided);
         }

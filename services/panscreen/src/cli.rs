@@ -185,6 +185,19 @@ pub struct RunArgs {
     /// No progress bars.
     #[arg(long, env = "PANSCREEN_NO_PROGRESS")]
     pub no_progress: bool,
+    /// Screen again what OUT's quarantine table holds (after its cause is fixed), into
+    /// the same OUT: each study ends with one final outcome. Needs the run's --key-file.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub requeue: bool,
+    /// With --requeue: only rows whose reason contains this text.
+    #[arg(long, requires = "requeue")]
+    pub reason: Option<String>,
+    /// With --requeue: only rows of this stage (ingest, preprocess, infer, aggregate).
+    #[arg(long, requires = "requeue")]
+    pub stage: Option<String>,
+    /// With --requeue: say what would be screened again; change nothing.
+    #[arg(long, requires = "requeue")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +272,30 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run(args) => {
             let (pseudonymizer, ephemeral) = load_pseudonymizer(&args.key_file)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let redo = if args.requeue {
+                anyhow::ensure!(
+                    !ephemeral,
+                    "--requeue needs the pseudonym key of the run that wrote {} (--key-file): studies are \
+                     matched by their pseudonyms",
+                    args.out.display()
+                );
+                let out = Store::open(&args.out.to_string_lossy(), OpenMode::Existing)?;
+                anyhow::ensure!(
+                    runtime.block_on(out.has_objects("_commits"))?,
+                    "{} holds no tables of an earlier run; nothing to requeue",
+                    args.out.display()
+                );
+                let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
+                let (redo, report) = runtime.block_on(crate::requeue::redo(&out, &selection))?;
+                print!("{}", report.render_embedded(args.dry_run));
+                if args.dry_run || report.rows_requeued == 0 {
+                    return Ok(());
+                }
+                Some(redo)
+            } else {
+                None
+            };
             let options = EmbeddedOptions {
                 input: args.input,
                 out: args.out,
@@ -275,8 +312,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 keep_work: args.keep_work,
                 overwrite: args.overwrite,
                 progress: !args.no_progress,
+                redo,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(pipeline::run_embedded(options))?;
             print!("{}", summary.render());
             Ok(())

@@ -15,7 +15,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use panscreen_aggregate::tables::RegionCounts;
 use panscreen_aggregate::{AggregateConfig, Aggregator};
 use panscreen_infer::{Device, InferHandler, Model};
-use panscreen_ingest::{IngestConfig, IngestReport};
+use panscreen_ingest::{IngestConfig, IngestReport, Redo};
 use panscreen_preprocess::PreprocessHandler;
 use panscreen_shared::contracts::{subjects, Stage};
 use panscreen_shared::manifest::ModelManifest;
@@ -43,6 +43,9 @@ pub struct EmbeddedOptions {
     pub keep_work: bool,
     pub overwrite: bool,
     pub progress: bool,
+    /// Screen again only these objects and studies, into the tables already in `out`
+    /// (`panscreen run --requeue`), which are compacted afterwards.
+    pub redo: Option<Redo>,
 }
 
 /// What a run did, for the closing table.
@@ -193,7 +196,9 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let started = Instant::now();
     let input = Store::open(&options.input.to_string_lossy(), OpenMode::Existing).context("input")?;
     let manifest = Arc::new(ModelManifest::load(&options.model)?);
-    prepare_out(&options.out, options.overwrite)?;
+    if options.redo.is_none() {
+        prepare_out(&options.out, options.overwrite)?;
+    }
     let out = Store::open(&options.out.to_string_lossy(), OpenMode::Create)?;
     let work_dir = options.out.join("work");
     let work = Store::open(&work_dir.to_string_lossy(), OpenMode::Create)?;
@@ -263,9 +268,15 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let ingest_started = Instant::now();
     let mut ingest_config = IngestConfig::new(&campaign);
     ingest_config.rules.min_slices = options.min_slices;
-    let report: IngestReport =
-        panscreen_ingest::run_once(dyn_queue.clone(), &input, &ingest_config, &options.pseudonymizer, &options.sites)
-            .await?;
+    let report: IngestReport = panscreen_ingest::run_once(
+        dyn_queue.clone(),
+        &input,
+        &ingest_config,
+        &options.pseudonymizer,
+        &options.sites,
+        options.redo.as_ref(),
+    )
+    .await?;
     queue.close(&subjects::ingested(&campaign)).await;
     queue.close(&subjects::ignored(&campaign)).await;
     let ingest_elapsed = ingest_started.elapsed();
@@ -326,7 +337,13 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         let _ = std::fs::remove_dir_all(&work_dir);
     }
 
-    let aggregate_report = aggregator.report().clone();
+    let mut aggregate_report = aggregator.report().clone();
+    if options.redo.is_some() {
+        // The earlier outcomes of what was screened again go; each study keeps its final one.
+        let compacted = panscreen_aggregate::compact::compact(&out, &campaign, &options.sites).await?;
+        info!(studies = compacted.studies, quarantine_rows = compacted.quarantine_rows, "compacted after the requeue");
+        aggregate_report.regions = compacted.regions;
+    }
     let summary = RunSummary {
         out: options.out.clone(),
         objects_listed: report.objects_listed,

@@ -9,16 +9,21 @@
 //! the new quarantine rows. Afterwards each study has one final outcome: its result, or
 //! its latest quarantine row; `compact` keeps only that (`final_quarantine_rows`).
 //!
-//! A row can be requeued when it lists its objects (`inputs`): ingest and preprocess
-//! rows do; a row written by infer or aggregate knows its study only by pseudonym, and
-//! is reported as not requeueable.
+//! A row of ingest or preprocess lists its objects (`inputs`); a row of infer or
+//! aggregate knows its study only by pseudonym, and ingest's ledger names that study's
+//! objects (as keyed hashes), so the request carries those. A study the ledger does not
+//! name (decided before the ledger kept studies' objects) is reported as not requeueable.
+//!
+//! The embedded run has the same in `panscreen run --requeue` ([`redo`]): it screens the
+//! selected rows' studies and objects again into the same OUT, then compacts it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context;
 use bytes::Bytes;
 use panscreen_aggregate::compact::{final_quarantine, QuarantinedInput};
-use panscreen_ingest::watch::{RequeueRequest, REQUEUE};
+use panscreen_ingest::watch::{objects_of_studies, RequeueRequest, REQUEUE};
+use panscreen_ingest::Redo;
 use panscreen_shared::store::Store;
 
 /// Which quarantine rows to requeue.
@@ -67,35 +72,85 @@ impl RequeueReport {
         }
         text
     }
+
+    /// The same for `panscreen run --requeue`.
+    pub fn render_embedded(&self, dry_run: bool) -> String {
+        let mut text = String::new();
+        for ((stage, reason), rows) in &self.selected {
+            text.push_str(&format!("{rows:>7}  {stage:<10} {reason}\n"));
+        }
+        let verb = if dry_run { "would screen again" } else { "screening again" };
+        text.push_str(&format!(
+            "{verb} {} quarantine rows ({} objects named)\n",
+            self.rows_requeued, self.objects_requeued
+        ));
+        text
+    }
+}
+
+/// The final quarantine rows of the tables in `out` that `selection` picks.
+async fn selected_rows(out: &Store, selection: &Selection) -> anyhow::Result<Vec<QuarantinedInput>> {
+    let rows = final_quarantine(out).await.context("reading the quarantine table")?;
+    Ok(rows.into_iter().filter(|row| selection.matches(row)).collect())
 }
 
 /// Requeues the selected final quarantine rows of a campaign (`campaign_root` is
 /// `campaigns/<campaign>` in the store).
 pub async fn requeue(campaign_root: &Store, selection: &Selection, dry_run: bool) -> anyhow::Result<RequeueReport> {
-    let rows = final_quarantine(&campaign_root.sub("out")).await.context("reading the quarantine table")?;
+    let rows = selected_rows(&campaign_root.sub("out"), selection).await?;
+    let state = campaign_root.sub("ingest");
+    let keyless: BTreeSet<String> =
+        rows.iter().filter(|row| row.inputs.is_empty()).filter_map(|row| row.study_key.clone()).collect();
+    let ledger = objects_of_studies(&state, &keyless).await.context("reading ingest's ledger")?;
     let mut report = RequeueReport::default();
-    let (mut objects, mut studies) = (BTreeSet::new(), BTreeSet::new());
-    for row in rows.into_iter().filter(|row| selection.matches(row)) {
+    let (mut objects, mut object_ids, mut studies) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for row in rows {
         let label = (row.stage.clone(), row.reason.clone());
         *report.selected.entry(label.clone()).or_default() += 1;
-        if row.inputs.is_empty() {
-            *report.not_requeueable.entry(label).or_default() += 1;
-            continue;
+        let from_ledger = row.study_key.as_ref().and_then(|study| ledger.get(study));
+        match (row.inputs.is_empty(), from_ledger) {
+            (false, _) => objects.extend(row.inputs),
+            (true, Some(ids)) => object_ids.extend(ids.iter().cloned()),
+            (true, None) => {
+                *report.not_requeueable.entry(label).or_default() += 1;
+                continue;
+            }
         }
         report.rows_requeued += 1;
-        objects.extend(row.inputs);
         studies.extend(row.study_key);
     }
-    report.objects_requeued = objects.len();
-    if dry_run || objects.is_empty() {
+    report.objects_requeued = objects.len() + object_ids.len();
+    if dry_run || report.objects_requeued == 0 {
         return Ok(report);
     }
-    let request = RequeueRequest { objects: objects.into_iter().collect(), studies: studies.into_iter().collect() };
+    let request = RequeueRequest {
+        objects: objects.into_iter().collect(),
+        studies: studies.into_iter().collect(),
+        object_ids: object_ids.into_iter().collect(),
+    };
     let key = format!("{REQUEUE}/{:024}.json", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
-    campaign_root
-        .sub("ingest")
-        .put(&key, Bytes::from(serde_json::to_vec(&request)?))
-        .await
-        .context("writing the requeue request")?;
+    state.put(&key, Bytes::from(serde_json::to_vec(&request)?)).await.context("writing the requeue request")?;
     Ok(report)
+}
+
+/// What an embedded run screens again for the selected rows of the tables in `out`:
+/// their objects and studies, each one generation up.
+pub async fn redo(out: &Store, selection: &Selection) -> anyhow::Result<(Redo, RequeueReport)> {
+    let mut report = RequeueReport::default();
+    let mut redo = Redo::default();
+    for row in selected_rows(out, selection).await? {
+        *report.selected.entry((row.stage.clone(), row.reason.clone())).or_default() += 1;
+        report.rows_requeued += 1;
+        let generation = row.generation + 1;
+        for key in row.inputs {
+            let known = redo.objects.entry(key).or_default();
+            *known = (*known).max(generation);
+        }
+        if let Some(study) = row.study_key {
+            let known = redo.studies.entry(study).or_default();
+            *known = (*known).max(generation);
+        }
+    }
+    report.objects_requeued = redo.objects.len();
+    Ok((redo, report))
 }
