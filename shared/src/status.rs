@@ -18,8 +18,9 @@ use crate::worker::StageCounters;
 
 /// How often a service reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(5);
-/// A report older than this is from an instance that stopped.
-pub const FRESH: Duration = Duration::from_secs(30);
+/// A report older than this (three missed reports) is from an instance that is gone
+/// (killed without a word); a stopped one says so itself and drops out at once.
+pub const FRESH: Duration = Duration::from_secs(15);
 
 /// One instance's counters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +34,10 @@ pub struct InstanceStats {
     pub in_flight: u64,
     /// Messages finished (processed or quarantined) in the last minute.
     pub last_minute: u64,
+    /// The rate over that window, per minute: the growth divided by the time the window
+    /// really spans, so that an instance started 20 s ago is not read as a slow one.
+    #[serde(default)]
+    pub per_minute: f64,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
     /// The instance stopped (SIGTERM): its counts are final and it is not live.
@@ -60,6 +65,16 @@ impl MinuteWindow {
             self.samples.pop_front();
         }
         total - self.samples.front().map(|(_, first)| *first).unwrap_or(total)
+    }
+
+    /// The growth per minute over the span the window holds (none before two samples).
+    pub fn per_minute(&self) -> f64 {
+        match (self.samples.front(), self.samples.back()) {
+            (Some((first_at, first)), Some((last_at, last))) if last_at > first_at => {
+                (last - first) as f64 * 60.0 / last_at.duration_since(*first_at).as_secs_f64()
+            }
+            _ => 0.0,
+        }
     }
 }
 
@@ -89,6 +104,7 @@ pub async fn report_until(
             redelivered: counters.redelivered.load(Ordering::Relaxed),
             in_flight: counters.in_flight.load(Ordering::Relaxed),
             last_minute: window.observe(Instant::now(), processed + quarantined),
+            per_minute: window.per_minute(),
             updated_at: OffsetDateTime::now_utc(),
             stopped,
         };
@@ -118,5 +134,18 @@ mod tests {
         assert_eq!(window.observe(start + Duration::from_secs(30), 40), 30);
         assert_eq!(window.observe(start + Duration::from_secs(61), 50), 10);
         assert_eq!(window.observe(start + Duration::from_secs(200), 50), 0);
+    }
+
+    #[test]
+    fn the_rate_is_over_the_time_the_window_spans() {
+        let start = Instant::now();
+        let mut window = MinuteWindow::default();
+        window.observe(start, 0);
+        assert_eq!(window.per_minute(), 0.0);
+        // 5 finished in the first 20 s of an instance's life: 15 a minute, not 5.
+        window.observe(start + Duration::from_secs(20), 5);
+        assert!((window.per_minute() - 15.0).abs() < 1e-9);
+        window.observe(start + Duration::from_secs(60), 20);
+        assert!((window.per_minute() - 20.0).abs() < 1e-9);
     }
 }

@@ -372,6 +372,7 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
             (Some(0), Some(0)),
             "{status:#}"
         );
+        assert_eq!(stage(name)["progress"], "done", "{status:#}");
     }
     let table = cluster.command(&["status"]);
     assert!(

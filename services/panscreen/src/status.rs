@@ -17,17 +17,22 @@ use crate::serve::{consumers, ClusterArgs};
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageStatus {
     pub stage: String,
-    /// Instances heard from in the last 30 s.
+    /// Instances heard from in the last 15 s.
     pub instances: u32,
     pub pending: u64,
     pub in_flight: u64,
     pub redelivered: u64,
     pub processed: u64,
     pub quarantined: u64,
-    /// Messages finished in the last minute, across live instances.
+    /// Messages finished per minute across live instances (each over the last minute,
+    /// or over its life when younger).
     pub per_minute: u64,
-    /// (pending + in flight) / per minute; absent when nothing is moving.
+    /// (pending + in flight) / rate; absent when it cannot be estimated (see `progress`).
     pub seconds_left: Option<f64>,
+    /// "done", "moving", or why there is no estimate: "no instances" (backlog, nobody
+    /// live), "working" (studies in flight, none finished yet in the window), "stalled"
+    /// (backlog, live instances, nothing in flight or finished).
+    pub progress: String,
     /// Ingest only: studies seen whose files are still arriving.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_studies: Option<u64>,
@@ -77,6 +82,7 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
     let now = OffsetDateTime::now_utc();
     let mut stages: BTreeMap<Stage, StageStatus> =
         Stage::ALL.iter().map(|s| (*s, StageStatus { stage: s.to_string(), ..Default::default() })).collect();
+    let mut rates: BTreeMap<Stage, f64> = BTreeMap::new();
     for (subject, stage) in consumers(&cluster.campaign) {
         let Backlog { pending, in_flight, redelivered, .. } =
             queue.backlog(&subject, &subjects::consumer(stage)).await?;
@@ -99,19 +105,18 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
         entry.quarantined += stats.quarantined;
         if stats.is_fresh(now) {
             entry.instances += 1;
-            entry.per_minute += stats.last_minute;
+            // Reports from before `per_minute` existed carry only the minute's count.
+            let rate = if stats.per_minute > 0.0 { stats.per_minute } else { stats.last_minute as f64 };
+            *rates.entry(stats.stage).or_default() += rate;
             if stats.stage == Stage::Ingest {
                 *entry.waiting_studies.get_or_insert(0) += stats.in_flight;
             }
         }
     }
-    for entry in stages.values_mut() {
-        let backlog = entry.pending + entry.in_flight;
-        entry.seconds_left = match (backlog, entry.per_minute) {
-            (0, _) => Some(0.0),
-            (_, 0) => None,
-            (backlog, rate) => Some(backlog as f64 * 60.0 / rate as f64),
-        };
+    for (stage, entry) in stages.iter_mut() {
+        let rate = rates.get(stage).copied().unwrap_or(0.0);
+        entry.per_minute = rate.round() as u64;
+        (entry.seconds_left, entry.progress) = estimate(entry.pending, entry.in_flight, entry.instances, rate);
     }
     let submitted = submitted_prefixes(cluster).await.ok();
     Ok(CampaignStatus {
@@ -122,9 +127,22 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
     })
 }
 
-fn duration(seconds: Option<f64>) -> String {
+/// Time left and what the stage is doing, from its backlog, live instances and rate.
+fn estimate(pending: u64, in_flight: u64, instances: u32, per_minute: f64) -> (Option<f64>, String) {
+    let backlog = pending + in_flight;
+    let (seconds, progress) = match (backlog, instances, per_minute > 0.0) {
+        (0, _, _) => (Some(0.0), "done"),
+        (_, 0, _) => (None, "no instances"),
+        (_, _, true) => (Some(backlog as f64 * 60.0 / per_minute), "moving"),
+        _ if in_flight > 0 => (None, "working"),
+        _ => (None, "stalled"),
+    };
+    (seconds, progress.to_string())
+}
+
+fn time_left(seconds: Option<f64>, progress: &str) -> String {
     match seconds {
-        None => "stalled".to_string(),
+        None => progress.to_string(),
         Some(s) if s < 1.0 => "-".to_string(),
         Some(s) if s < 120.0 => format!("{s:.0} s"),
         Some(s) if s < 7200.0 => format!("{:.0} min", s / 60.0),
@@ -161,7 +179,7 @@ impl CampaignStatus {
                 s.processed,
                 s.quarantined,
                 s.per_minute,
-                duration(s.seconds_left)
+                time_left(s.seconds_left, &s.progress)
             )
             .unwrap();
         }
@@ -178,5 +196,23 @@ impl CampaignStatus {
             writeln!(out, "ingest: {waiting} studies still receiving files (quiet period or marker pending)").unwrap();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_left_says_why_when_it_cannot_be_estimated() {
+        assert_eq!(estimate(0, 0, 0, 0.0), (Some(0.0), "done".to_string()));
+        assert_eq!(estimate(10, 2, 0, 0.0), (None, "no instances".to_string()));
+        // A young instance busy with its first long studies is working, not stalled.
+        assert_eq!(estimate(56, 2, 1, 0.0), (None, "working".to_string()));
+        assert_eq!(estimate(56, 0, 1, 0.0), (None, "stalled".to_string()));
+        let (seconds, progress) = estimate(54, 6, 2, 30.0);
+        assert_eq!((seconds, progress.as_str()), (Some(120.0), "moving"));
+        assert_eq!(time_left(Some(120.0), "moving"), "2 min");
+        assert_eq!(time_left(None, "working"), "working");
     }
 }
