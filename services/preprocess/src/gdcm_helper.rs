@@ -28,6 +28,24 @@ pub const PROGRAM_ENV: &str = "PANSCREEN_GDCM_HELPER";
 /// A helper's address space is capped (a corrupt frame cannot exhaust the host).
 const HELPER_MEMORY_LIMIT: u64 = 4 << 30;
 
+/// A helper that has not answered one frame after this long is killed, and the frame's
+/// study quarantined (a CT frame decodes in milliseconds; a hang in GDCM would otherwise
+/// hold a blocking thread and a core until the process ends). `PANSCREEN_GDCM_FRAME_SECONDS`
+/// sets another limit.
+const FRAME_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The environment variable that overrides [`FRAME_DEADLINE`] (whole seconds).
+pub const FRAME_DEADLINE_ENV: &str = "PANSCREEN_GDCM_FRAME_SECONDS";
+
+fn frame_deadline() -> std::time::Duration {
+    std::env::var(FRAME_DEADLINE_ENV)
+        .ok()
+        .and_then(|value| value.parse::<u64>().ok())
+        .filter(|seconds| *seconds > 0)
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(FRAME_DEADLINE)
+}
+
 /// Compressed frames larger than this are not sent (a CT frame is far smaller).
 const MAX_FRAME_BYTES: u64 = 1 << 30;
 
@@ -90,8 +108,11 @@ struct Helper {
 
 impl Helper {
     fn start() -> Result<Helper, HelperError> {
-        let program = program().map_err(HelperError::Unavailable)?;
-        let mut process = Command::new(&program)
+        Self::start_program(&program().map_err(HelperError::Unavailable)?)
+    }
+
+    fn start_program(program: &std::path::Path) -> Result<Helper, HelperError> {
+        let mut process = Command::new(program)
             .arg(SUBCOMMAND)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -133,6 +154,32 @@ impl Helper {
         })
     }
 
+    /// [`Helper::decode`] under a deadline: a watchdog thread kills the helper when it
+    /// has not answered in time. Returns whether the watchdog fired (the helper is then
+    /// dead, whatever `decode` returned).
+    fn decode_within(
+        &mut self,
+        deadline: std::time::Duration,
+        spec: &FrameSpec,
+        compressed: &[u8],
+    ) -> (std::io::Result<Result<Vec<u8>, String>>, bool) {
+        let pid = self.process.id() as libc::pid_t;
+        let (answered, wait) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            let fired = matches!(wait.recv_timeout(deadline), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+            if fired {
+                // SAFETY: kill only sends a signal to the helper's own process id.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            fired
+        });
+        let outcome = self.decode(spec, compressed);
+        drop(answered);
+        (outcome, watchdog.join().unwrap_or(true))
+    }
+
     /// How the helper ended, once it has (for the quarantine reason).
     fn ending(mut self) -> String {
         drop(self.stdin);
@@ -161,12 +208,20 @@ pub fn decode(spec: &FrameSpec, compressed: &[u8]) -> Result<Vec<u8>, HelperErro
         Some(helper) => helper,
         None => Helper::start()?,
     };
-    match helper.decode(spec, compressed) {
-        Ok(result) => {
+    let deadline = frame_deadline();
+    match helper.decode_within(deadline, spec, compressed) {
+        (Ok(result), false) => {
             IDLE.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(helper);
             result.map_err(HelperError::Refused)
         }
-        Err(error) => {
+        (_, true) => {
+            let _ = helper.ending();
+            Err(HelperError::Crashed(format!(
+                "the GDCM helper did not finish this frame within {} s and was killed (GDCM hangs on it)",
+                deadline.as_secs()
+            )))
+        }
+        (Err(error), false) => {
             let _ = helper.process.kill();
             let ending = helper.ending();
             Err(HelperError::Crashed(format!("the GDCM helper died on this frame: {ending} ({error})")))
@@ -244,5 +299,47 @@ fn limit_memory() {
     // SAFETY: setrlimit only reads the struct it is given.
     unsafe {
         libc::setrlimit(libc::RLIMIT_AS, &limit);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A helper that takes a frame and never answers (as GDCM looping on a corrupt
+    /// stream would) is killed at the deadline, and says so.
+    #[test]
+    fn a_helper_that_hangs_is_killed_at_the_deadline() {
+        let directory = tempfile::tempdir().unwrap();
+        let program = directory.path().join("hanging-helper");
+        std::fs::write(&program, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        let mut permissions = std::fs::metadata(&program).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o755);
+        std::fs::set_permissions(&program, permissions).unwrap();
+        let spec = FrameSpec {
+            transfer_syntax: 2,
+            rows: 4,
+            columns: 4,
+            bits_allocated: 16,
+            bits_stored: 12,
+            pixel_representation: 0,
+        };
+        // A fork elsewhere in this test process may briefly hold the new file open for
+        // writing ("text file busy"): try again.
+        let mut helper = (0..20)
+            .find_map(|_| match Helper::start_program(&program) {
+                Ok(helper) => Some(helper),
+                Err(_) => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    None
+                }
+            })
+            .expect("the stand-in helper starts");
+        let started = std::time::Instant::now();
+        let (outcome, fired) = helper.decode_within(std::time::Duration::from_secs(1), &spec, &[0u8; 64]);
+        assert!(fired, "{outcome:?}");
+        assert!(outcome.is_err(), "a killed helper gives no answer");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
+        assert_eq!(helper.ending(), "it was killed (the memory cap, or the system)");
     }
 }
