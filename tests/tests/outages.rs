@@ -77,7 +77,7 @@ async fn rows(store: &Store, prefix: &str) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aggregate_holds_its_messages_through_a_30_s_store_cut_and_writes_garbage_as_rows() {
+async fn aggregate_holds_its_messages_through_a_60_s_store_cut_and_writes_garbage_as_rows() {
     let (nats, seaweed) = (NatsServer::start(), SeaweedFs::start());
     seaweed.create_bucket("cut");
     let mut proxy = TcpProxy::start(seaweed.s3_port);
@@ -110,7 +110,7 @@ async fn aggregate_holds_its_messages_through_a_30_s_store_cut_and_writes_garbag
     // The store goes away; meanwhile studies, two unreadable messages and a garbage
     // quarantine record arrive.
     let cut = tokio::task::spawn_blocking(move || {
-        proxy.cut(Duration::from_secs(30));
+        proxy.cut(Duration::from_secs(60));
         proxy
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
