@@ -32,6 +32,19 @@ async fn watcher(root: &Store, quiet: Duration) -> Watcher {
     .unwrap()
 }
 
+/// Aggregate writes what `queue` holds for it to campaign w's tables, and ends.
+async fn write_tables(queue: MemoryQueue, root: &Store) {
+    for subject in [subjects::scored("w"), subjects::quarantine("w"), subjects::ignored("w")] {
+        queue.close(&subject).await;
+    }
+    let mut config = panscreen_aggregate::AggregateConfig::new("w", "test");
+    config.write_summary = false;
+    let counters = std::sync::Arc::new(panscreen_shared::worker::StageCounters::default());
+    let out = root.sub("campaigns/w/out");
+    let mut aggregator = panscreen_aggregate::Aggregator::new(config, out, SiteRegistry::builtin(), counters);
+    aggregator.run(std::sync::Arc::new(queue), std::future::pending()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
     let scratch = tempfile::tempdir().unwrap();
@@ -127,15 +140,7 @@ async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     assert_eq!(pass.decided.quarantined[0].reason, "series has missing slices");
 
     // Aggregate writes the quarantine row.
-    let out = root.sub("campaigns/w/out");
-    for subject in [subjects::scored("w"), subjects::quarantine("w"), subjects::ignored("w")] {
-        first.close(&subject).await;
-    }
-    let mut config = panscreen_aggregate::AggregateConfig::new("w", "test");
-    config.write_summary = false;
-    let counters = std::sync::Arc::new(panscreen_shared::worker::StageCounters::default());
-    let mut aggregator = panscreen_aggregate::Aggregator::new(config, out.clone(), SiteRegistry::builtin(), counters);
-    aggregator.run(std::sync::Arc::new(first), std::future::pending()).await.unwrap();
+    write_tables(first, &root).await;
 
     // The missing slice turns up; the study is requeued by its quarantine reason.
     root.put(&key_of(&missing), Bytes::from(std::fs::read(&missing).unwrap())).await.unwrap();
@@ -203,15 +208,7 @@ async fn a_study_quarantined_after_ingest_is_requeued_by_its_pseudonym() {
         .publish(&subjects::quarantine("w"), &row.message_id(), Bytes::from(serde_json::to_vec(&row).unwrap()))
         .await
         .unwrap();
-    for subject in [subjects::scored("w"), subjects::quarantine("w"), subjects::ignored("w")] {
-        first.close(&subject).await;
-    }
-    let mut config = panscreen_aggregate::AggregateConfig::new("w", "test");
-    config.write_summary = false;
-    let counters = std::sync::Arc::new(panscreen_shared::worker::StageCounters::default());
-    let out = root.sub("campaigns/w/out");
-    let mut aggregator = panscreen_aggregate::Aggregator::new(config, out, SiteRegistry::builtin(), counters);
-    aggregator.run(std::sync::Arc::new(first), std::future::pending()).await.unwrap();
+    write_tables(first, &root).await;
 
     let campaign = root.sub("campaigns/w");
     let selection = Selection { reason: None, stage: Some("infer".into()) };

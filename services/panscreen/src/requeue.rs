@@ -49,16 +49,19 @@ pub struct RequeueReport {
     pub selected: BTreeMap<(String, String), usize>,
     pub rows_requeued: usize,
     pub objects_requeued: usize,
-    /// Rows that list no objects (infer and aggregate rows), by (stage, reason).
+    /// Rows that list no objects and whose study the ledger does not name, by (stage, reason).
     pub not_requeueable: BTreeMap<(String, String), usize>,
 }
 
 impl RequeueReport {
+    /// The rows selected, by stage and reason, one line each.
+    fn selected_lines(&self) -> String {
+        self.selected.iter().map(|((stage, reason), rows)| format!("{rows:>7}  {stage:<10} {reason}\n")).collect()
+    }
+
+    /// What `panscreen requeue` did (or would do) to a campaign.
     pub fn render(&self, dry_run: bool) -> String {
-        let mut text = String::new();
-        for ((stage, reason), rows) in &self.selected {
-            text.push_str(&format!("{rows:>7}  {stage:<10} {reason}\n"));
-        }
+        let mut text = self.selected_lines();
         let verb = if dry_run { "would requeue" } else { "requeued" };
         text.push_str(&format!(
             "{verb} {} quarantine rows ({} objects); ingest decides them again at its next pass\n",
@@ -66,25 +69,22 @@ impl RequeueReport {
         ));
         for ((stage, reason), rows) in &self.not_requeueable {
             text.push_str(&format!(
-                "{rows} {stage} rows ({reason}) list no objects and cannot be requeued; their files must be \
-                 submitted again under a new prefix\n"
+                "{rows} {stage} rows ({reason}) cannot be requeued: they list no objects and ingest's ledger does \
+                 not name their study's (decided by an earlier version); submit their files again under a new prefix\n"
             ));
         }
         text
     }
 
-    /// The same for `panscreen run --requeue`.
+    /// What `panscreen run --requeue` screens (or would screen) again.
     pub fn render_embedded(&self, dry_run: bool) -> String {
-        let mut text = String::new();
-        for ((stage, reason), rows) in &self.selected {
-            text.push_str(&format!("{rows:>7}  {stage:<10} {reason}\n"));
-        }
         let verb = if dry_run { "would screen again" } else { "screening again" };
-        text.push_str(&format!(
-            "{verb} {} quarantine rows ({} objects named)\n",
-            self.rows_requeued, self.objects_requeued
-        ));
-        text
+        format!(
+            "{}{verb} {} quarantine rows ({} objects named)\n",
+            self.selected_lines(),
+            self.rows_requeued,
+            self.objects_requeued
+        )
     }
 }
 
