@@ -1,6 +1,7 @@
 //! Health and Prometheus metrics over HTTP, for a service.
 //!
-//! `GET /healthz` answers 200 while the process runs; `GET /readyz` 200 once the
+//! `GET /healthz` answers 200 while the process runs and its handlers still finish (503
+//! once it is wedged, see [`crate::worker::WEDGED_AFTER`]); `GET /readyz` 200 once the
 //! service is connected and working, 503 before and while draining; `GET /metrics`
 //! the counters of [`StageCounters`] in Prometheus text format. Metric names are
 //! defined here and nowhere else.
@@ -102,7 +103,10 @@ pub async fn serve(listener: TcpListener, stage: Stage, counters: Arc<StageCount
             let line = String::from_utf8_lossy(&request[..read]);
             let path = line.split_whitespace().nth(1).unwrap_or("/");
             let (status, body) = match path {
-                "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/healthz" => match counters.wedged() {
+                    None => ("200 OK", "ok\n".to_string()),
+                    Some(why) => ("503 Service Unavailable", format!("{why}\n")),
+                },
                 "/readyz" if readiness.get() => ("200 OK", "ready\n".to_string()),
                 "/readyz" => ("503 Service Unavailable", format!("not ready: {}\n", readiness.why_not())),
                 "/metrics" => ("200 OK", render(stage, &counters)),
@@ -122,6 +126,27 @@ pub async fn serve(listener: TcpListener, stage: Stage, counters: Arc<StageCount
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn get(port: u16, path: &str) -> String {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        socket.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes()).await.unwrap();
+        let mut response = String::new();
+        socket.read_to_string(&mut response).await.unwrap();
+        response
+    }
+
+    #[tokio::test]
+    async fn healthz_fails_once_the_worker_is_wedged() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let counters = Arc::new(StageCounters::default());
+        let server = tokio::spawn(serve(listener, Stage::Infer, counters.clone(), Arc::new(Readiness::default())));
+        assert!(get(port, "/healthz").await.starts_with("HTTP/1.1 200"));
+        counters.timed_out_in_a_row.store(crate::worker::WEDGED_AFTER, Ordering::Relaxed);
+        let response = get(port, "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 503") && response.contains("wedged"), "{response}");
+        server.abort();
+    }
 
     #[test]
     fn renders_counters_and_histogram() {

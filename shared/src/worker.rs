@@ -129,9 +129,25 @@ pub struct StageCounters {
     pub in_flight: AtomicU64,
     /// Handlers abandoned at `handler_timeout`.
     pub timed_out: AtomicU64,
+    /// Handlers abandoned in a row, none finishing in between (see [`StageCounters::wedged`]).
+    pub timed_out_in_a_row: AtomicU64,
     /// Messages held through an outage right now.
     pub held: AtomicU64,
     pub latency: LatencyHistogram,
+}
+
+/// This many handler runs abandoned in a row, none finishing in between, and the worker
+/// counts as wedged: `/healthz` fails, so that Kubernetes restarts it (an abandoned
+/// handler may still hold a thread or a lock that every later run waits for).
+pub const WEDGED_AFTER: u64 = 3;
+
+impl StageCounters {
+    /// Why the worker is wedged, or `None` while handlers still finish.
+    pub fn wedged(&self) -> Option<String> {
+        let in_a_row = self.timed_out_in_a_row.load(Ordering::Relaxed);
+        (in_a_row >= WEDGED_AFTER)
+            .then(|| format!("wedged: the last {in_a_row} handler runs ran past their limit and none finished since"))
+    }
 }
 
 /// Handler time per message, in the buckets of [`crate::metrics::LATENCY_BUCKETS`].
@@ -369,9 +385,13 @@ async fn run_handler<H: Handler>(
     tokio::pin!(deadline);
     let results = loop {
         tokio::select! {
-            results = &mut work => break results,
+            results = &mut work => {
+                counters.timed_out_in_a_row.store(0, Ordering::Relaxed);
+                break results;
+            }
             _ = &mut deadline => {
                 counters.timed_out.fetch_add(1, Ordering::Relaxed);
+                counters.timed_out_in_a_row.fetch_add(1, Ordering::Relaxed);
                 let limit = config.handler_timeout.as_secs_f64();
                 warn!(limit_s = limit, messages = batch.len(), "a handler ran past its limit; abandoned");
                 break batch
@@ -682,11 +702,39 @@ mod tests {
         run_worker(dyn_queue, "in", handler, config, counters.clone(), std::future::pending()).await.unwrap();
         assert_eq!(counters.timed_out.load(Ordering::SeqCst), 2);
         assert_eq!(counters.snapshot(), (0, 1, 1));
+        assert_eq!(counters.wedged(), None, "two abandoned runs are not yet a wedged worker");
         let mut quarantine = queue.subscribe(&subjects::quarantine("c"), "t").await.unwrap();
         queue.close(&subjects::quarantine("c")).await;
         let record: QuarantineRecord =
             serde_json::from_slice(&quarantine.next().await.unwrap().unwrap().payload).unwrap();
         assert_eq!(record.reason, "gave up after 2 attempts: the stage ran past its limit of 0.05 s");
+    }
+
+    /// Three runs past the limit in a row, with no run finishing: wedged, until one finishes.
+    #[tokio::test]
+    async fn a_worker_whose_handlers_keep_hanging_is_wedged_until_one_finishes() {
+        let queue = MemoryQueue::new();
+        for id in ["a", "b", "c"] {
+            let payload = Bytes::from(format!(r#"{{"context":{{"study_key":"{id}"}}}}"#));
+            queue.publish("in", id, payload).await.unwrap();
+        }
+        queue.close("in").await;
+        let mut config = WorkerConfig::new("c", Stage::Preprocess);
+        config.max_deliver = 1;
+        config.handler_timeout = Duration::from_millis(50);
+        let counters = Arc::new(StageCounters::default());
+        let handler = Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::from_secs(5) });
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        run_worker(dyn_queue, "in", handler, config.clone(), counters.clone(), std::future::pending()).await.unwrap();
+        let why = counters.wedged().expect("wedged after three abandoned runs");
+        assert!(why.contains("last 3 handler runs"), "{why}");
+
+        queue.publish("in2", "d", Bytes::from_static(br#"{"context":{"study_key":"d"}}"#)).await.unwrap();
+        queue.close("in2").await;
+        let quick = Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::ZERO });
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        run_worker(dyn_queue, "in2", quick, config, counters.clone(), std::future::pending()).await.unwrap();
+        assert_eq!(counters.wedged(), None);
     }
 
     #[test]
