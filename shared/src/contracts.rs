@@ -68,6 +68,114 @@ pub mod subjects {
     }
 }
 
+/// The campaign's wiring in one place: which stage consumes which subject (and under
+/// which durable consumer), and what it publishes. `setup` creates a consumer for each
+/// pair of [`topology::consumers`], `status` reads their backlog, each stage's service
+/// subscribes to its own, and the KEDA manifest test checks its triggers against it.
+pub mod topology {
+    use super::{subjects, Stage};
+
+    /// The subjects of a campaign, by role.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Subject {
+        Submitted,
+        Ingested,
+        Preprocessed,
+        Scored,
+        Quarantine,
+        Ignored,
+    }
+
+    impl Subject {
+        /// The NATS subject of this role in `campaign`.
+        pub fn name(self, campaign: &str) -> String {
+            match self {
+                Subject::Submitted => subjects::submitted(campaign),
+                Subject::Ingested => subjects::ingested(campaign),
+                Subject::Preprocessed => subjects::preprocessed(campaign),
+                Subject::Scored => subjects::scored(campaign),
+                Subject::Quarantine => subjects::quarantine(campaign),
+                Subject::Ignored => subjects::ignored(campaign),
+            }
+        }
+    }
+
+    /// One stage's place in the campaign.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Wiring {
+        pub stage: Stage,
+        /// What its instances read, in order (a worker stage reads exactly one).
+        pub consumes: &'static [Subject],
+        pub publishes: &'static [Subject],
+    }
+
+    /// Every stage, in pipeline order.
+    pub const STAGES: [Wiring; 4] = [
+        Wiring {
+            stage: Stage::Ingest,
+            consumes: &[Subject::Submitted],
+            publishes: &[Subject::Ingested, Subject::Quarantine, Subject::Ignored],
+        },
+        Wiring {
+            stage: Stage::Preprocess,
+            consumes: &[Subject::Ingested],
+            publishes: &[Subject::Preprocessed, Subject::Quarantine],
+        },
+        Wiring {
+            stage: Stage::Infer,
+            consumes: &[Subject::Preprocessed],
+            publishes: &[Subject::Scored, Subject::Quarantine],
+        },
+        Wiring {
+            stage: Stage::Aggregate,
+            consumes: &[Subject::Scored, Subject::Quarantine, Subject::Ignored],
+            publishes: &[],
+        },
+    ];
+
+    /// The wiring of `stage`.
+    pub fn of(stage: Stage) -> Wiring {
+        *STAGES.iter().find(|wiring| wiring.stage == stage).expect("every stage is wired")
+    }
+
+    /// The subject a worker stage (preprocess, infer) reads in `campaign`.
+    pub fn input(stage: Stage, campaign: &str) -> String {
+        of(stage).consumes[0].name(campaign)
+    }
+
+    /// The durable consumer the instances of `stage` share on every subject they read.
+    pub fn consumer(stage: Stage) -> String {
+        subjects::consumer(stage)
+    }
+
+    /// Every subject of `campaign` with the stage that consumes it.
+    pub fn consumers(campaign: &str) -> Vec<(String, Stage)> {
+        STAGES
+            .iter()
+            .flat_map(|wiring| wiring.consumes.iter().map(move |subject| (subject.name(campaign), wiring.stage)))
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Whatever a stage publishes, exactly one stage consumes; every stage is wired.
+        #[test]
+        fn every_published_subject_has_one_consumer() {
+            for wiring in STAGES {
+                for subject in wiring.publishes {
+                    let readers = STAGES.iter().filter(|other| other.consumes.contains(subject)).count();
+                    assert_eq!(readers, 1, "{subject:?} published by {} has {readers} consumers", wiring.stage);
+                }
+            }
+            assert_eq!(STAGES.map(|wiring| wiring.stage), Stage::ALL);
+            assert_eq!(consumers("c").len(), 6);
+            assert_eq!(input(Stage::Infer, "c"), "panscreen.c.preprocessed");
+        }
+    }
+}
+
 /// Deterministic message id: the same study at the same stage always gets the same id,
 /// so a retried publish is dropped as a duplicate.
 pub fn message_id(study_key: &str, stage: Stage) -> String {

@@ -1,7 +1,8 @@
 //! Everything the four panscreen services share.
 //!
 //! - [`contracts`]: the messages that cross a service boundary, the subjects they are
-//!   published on, and the quarantine record. Pure serde types, no I/O.
+//!   published on, which stage consumes and publishes which ([`contracts::topology`]),
+//!   and the quarantine record. Pure serde types, no I/O.
 //! - [`dicom`]: attribute look-ups shared by ingest and preprocess (Enhanced CT
 //!   functional groups).
 //! - [`queue`]: the work-queue abstraction (publish with a deterministic message id,
@@ -16,6 +17,8 @@
 //! - [`sites`]: the site registry (site id → region, province).
 //! - [`telemetry`]: logging set-up.
 //! - [`metrics`]: /healthz, /readyz and Prometheus /metrics for a service.
+//! - [`status`]: the counters each service reports for `panscreen status`.
+//! - [`retry`]: start-up steps that wait for the store or NATS.
 //!
 //! Bulky data (DICOM, volumes, masks) stays in the object store; messages carry keys.
 
@@ -27,6 +30,7 @@ pub mod metrics;
 pub mod npy;
 pub mod pseudonym;
 pub mod queue;
+pub mod retry;
 pub mod sites;
 pub mod status;
 pub mod store;

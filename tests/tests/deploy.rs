@@ -5,7 +5,7 @@
 
 use std::process::Command;
 
-use panscreen_shared::contracts::subjects;
+use panscreen_shared::contracts::{topology, Stage};
 use panscreen_shared::queue::jetstream::{consumer_name, stream_name};
 use panscreen_tests::{panscreen, workspace_root};
 
@@ -56,11 +56,9 @@ fn keda_triggers_name_the_campaigns_stream_and_consumers() {
         .expect("config.yaml sets the campaign");
     let scaling = manifest("scaling.yaml");
     assert_eq!(scaling.matches(&format!("stream: \"{}\"", stream_name(&campaign))).count(), 2, "{scaling}");
-    for (consumer, subject) in [
-        ("panscreen-preprocess", subjects::ingested(&campaign)),
-        ("panscreen-infer", subjects::preprocessed(&campaign)),
-    ] {
-        let name = consumer_name(consumer, &subject);
+    // The worker stages KEDA scales, on the subject and consumer the topology gives them.
+    for stage in [Stage::Preprocess, Stage::Infer] {
+        let name = consumer_name(&topology::consumer(stage), &topology::input(stage, &campaign));
         assert!(scaling.contains(&format!("consumer: \"{name}\"")), "{name} missing from scaling.yaml");
     }
 }

@@ -151,6 +151,17 @@ fn concat(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, AggregateError
     arrow::compute::concat_batches(&schema, &aligned).map(Some).map_err(disagree)
 }
 
+/// Whether `out` holds panscreen tables (compaction never writes tables into a place
+/// that holds none to begin with: a mistyped campaign or store).
+pub async fn holds_tables(out: &Store) -> Result<bool, AggregateError> {
+    for table in ["_commits", "results", "quarantine"] {
+        if out.has_objects(table).await.map_err(|source| AggregateError::Write { key: table.to_string(), source })? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Compacts `out` (a campaign's output root) and writes its summary and worklist.
 pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Result<CompactReport, AggregateError> {
     let manifests = commit::read_commits(out, &BTreeSet::new()).await?;

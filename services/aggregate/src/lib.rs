@@ -7,9 +7,19 @@
 //!   message is acked only after the file holding it is committed ([`commit`]).
 //! - [`compact`]: merges small files, drops duplicates, and writes the summary and
 //!   worklist from everything committed (`panscreen compact`).
+//! - [`service`]: the stage as it runs, for `panscreen serve aggregate` and `run`.
+//!
+//! Why aggregate is not a [`panscreen_shared::worker::Handler`]: a handler settles each
+//! message when its outcome is published, one batch at a time. Aggregate must hold
+//! messages from three subjects across many deliveries until the Parquet file holding
+//! them is committed (a flush by row count or age), settle a redelivered copy together
+//! with the original, and keep holding everything through a store outage. That is its
+//! own loop ([`Aggregator::run`]); it shares the worker's envelope reading, attempt
+//! counting and quarantine records ([`panscreen_shared::worker::Envelope`]).
 
 pub mod commit;
 pub mod compact;
+pub mod service;
 pub mod tables;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -20,7 +30,7 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use panscreen_shared::contracts::{subjects, IgnoredInputs, QuarantineRecord, Stage, StudyScored};
+use panscreen_shared::contracts::{subjects, topology, IgnoredInputs, QuarantineRecord, Stage, StudyScored};
 use panscreen_shared::metrics::Readiness;
 use panscreen_shared::queue::{Delivery, Queue, QueueError};
 use panscreen_shared::sites::SiteRegistry;
@@ -541,7 +551,7 @@ impl Aggregator {
         queue: Arc<dyn Queue>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AggregateError> {
-        let consumer = &subjects::consumer(Stage::Aggregate);
+        let consumer = &topology::consumer(Stage::Aggregate);
         let mut scored = queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
         let mut quarantine = queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
         let mut ignored = queue.subscribe(&subjects::ignored(&self.config.campaign), consumer).await?;

@@ -10,6 +10,7 @@
 
 pub mod model;
 pub mod runtime;
+pub mod service;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;

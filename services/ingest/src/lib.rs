@@ -6,13 +6,24 @@
 //! - [`select`]: instances grouped into series; the series to screen chosen and its
 //!   geometry checked (orientation, size, spacing, missing or duplicate slices).
 //! - [`deidentify`]: pseudonyms, age band, site and region.
+//! - [`watch`]: the long-running ingest: a ledger of what was decided, completion of a
+//!   study (marker or quiet period), requeue requests.
+//! - [`submissions`]: the prefixes submitted to a campaign, as records in the store.
+//! - [`accounting`]: the accounting table of a run or a pass.
+//! - [`inspect`]: what a run would do with every object (`panscreen inspect`).
+//! - [`service`]: the stage as it runs (`panscreen serve ingest`); the embedded run
+//!   calls [`run_once`].
 //!
 //! Every listed object ends in exactly one place: part of a screened series, quarantined
 //! with a reason, or ignored with a reason. [`IngestReport`] counts them.
 
+pub mod accounting;
 pub mod deidentify;
 pub mod header;
+pub mod inspect;
 pub mod select;
+pub mod service;
+pub mod submissions;
 pub mod watch;
 
 use std::collections::BTreeMap;

@@ -238,277 +238,246 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         panscreen_preprocess::gdcm_helper::set_program(program);
     }
     match cli.command {
-        Command::GdcmDecoder => {
-            panscreen_preprocess::gdcm_helper::serve(std::io::stdin().lock(), std::io::stdout().lock())?;
-            Ok(())
+        Command::GdcmDecoder => gdcm_decoder(),
+        Command::Synth(args) => synth(args),
+        Command::Run(args) => run(args),
+        Command::Serve(args) => serve(args),
+        Command::Submit(args) => submit(args),
+        Command::Setup(cluster) => setup(cluster),
+        Command::Status(args) => status(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Compact(args) => compact(args),
+        Command::Requeue(args) => requeue(args),
+        Command::Evaluate(args) => evaluate(args),
+    }
+}
+
+/// The runtime a command's async work runs on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Serves GDCM frame decoding on stdin and stdout (the hidden helper).
+fn gdcm_decoder() -> anyhow::Result<()> {
+    panscreen_preprocess::gdcm_helper::serve(std::io::stdin().lock(), std::io::stdout().lock())?;
+    Ok(())
+}
+
+/// `panscreen synth`.
+fn synth(args: SynthArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let options = SynthOptions {
+        out: args.out.clone(),
+        studies: args.studies,
+        seed: args.seed,
+        prevalence: args.prevalence,
+        size: args.size,
+        sites: load_sites(&args.sites)?,
+        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        realistic: args.realistic_studies,
+        slices: args.slices,
+    };
+    let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
+    let truths = synth::synthesize(&options, &|_| bar.inc(1))?;
+    bar.finish_and_clear();
+    let lesions = truths.iter().filter(|t| t.lesion.is_some()).count();
+    println!(
+        "wrote {} studies ({} with a lesion) to {}; ground truth in {}",
+        truths.len(),
+        lesions,
+        args.out.join("studies").display(),
+        args.out.join("labels.parquet").display()
+    );
+    Ok(())
+}
+
+/// `panscreen run` (and `run --requeue`).
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (pseudonymizer, ephemeral) = load_pseudonymizer(&args.key_file)?;
+    let runtime = runtime()?;
+    let redo = if args.requeue {
+        anyhow::ensure!(
+            !ephemeral,
+            "--requeue needs the pseudonym key of the run that wrote {} (--key-file): studies are \
+             matched by their pseudonyms",
+            args.out.display()
+        );
+        let out = Store::open(&args.out.to_string_lossy(), OpenMode::Existing)?;
+        anyhow::ensure!(
+            runtime.block_on(out.has_objects("_commits"))?,
+            "{} holds no tables of an earlier run; nothing to requeue",
+            args.out.display()
+        );
+        let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
+        let (redo, report) = runtime.block_on(crate::requeue::redo(&out, &selection))?;
+        print!("{}", report.render_embedded(args.dry_run));
+        if args.dry_run || report.rows_requeued == 0 {
+            return Ok(());
         }
-        Command::Synth(args) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let options = SynthOptions {
-                out: args.out.clone(),
-                studies: args.studies,
-                seed: args.seed,
-                prevalence: args.prevalence,
-                size: args.size,
-                sites: load_sites(&args.sites)?,
-                threads: args
-                    .threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
-                realistic: args.realistic_studies,
-                slices: args.slices,
-            };
-            let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
-            let truths = synth::synthesize(&options, &|_| bar.inc(1))?;
-            bar.finish_and_clear();
-            let lesions = truths.iter().filter(|t| t.lesion.is_some()).count();
-            println!(
-                "wrote {} studies ({} with a lesion) to {}; ground truth in {}",
-                truths.len(),
-                lesions,
-                args.out.join("studies").display(),
-                args.out.join("labels.parquet").display()
-            );
-            Ok(())
+        Some(redo)
+    } else {
+        None
+    };
+    let options = EmbeddedOptions {
+        input: args.input,
+        out: args.out,
+        model: args.model.model,
+        campaign: args.campaign,
+        sites: load_sites(&args.sites)?,
+        pseudonymizer,
+        ephemeral_key: ephemeral,
+        device: args.model.device,
+        batch_size: args.model.batch_size,
+        preprocess_workers: args.preprocess_workers,
+        infer_threads: args.model.infer_threads,
+        min_slices: args.min_slices,
+        keep_work: args.keep_work,
+        overwrite: args.overwrite,
+        progress: !args.no_progress,
+        redo,
+    };
+    let summary = runtime.block_on(pipeline::run_embedded(options))?;
+    print!("{}", summary.render());
+    Ok(())
+}
+
+/// `panscreen serve <stage>`.
+fn serve(args: crate::serve::ServeArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("info", true);
+    let runtime = runtime()?;
+    runtime.block_on(crate::serve::serve(args, crate::serve::shutdown_signal()))
+}
+
+/// `panscreen submit` (and `--list`, `--remove`).
+fn submit(args: crate::serve::SubmitArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let runtime = runtime()?;
+    let campaign = args.cluster.campaign.clone();
+    if args.list {
+        for request in runtime.block_on(crate::serve::submitted(&args.cluster))? {
+            println!("{}\tsubmitted {}", request.prefix, request.requested_at);
         }
-        Command::Run(args) => {
-            let (pseudonymizer, ephemeral) = load_pseudonymizer(&args.key_file)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let redo = if args.requeue {
-                anyhow::ensure!(
-                    !ephemeral,
-                    "--requeue needs the pseudonym key of the run that wrote {} (--key-file): studies are \
-                     matched by their pseudonyms",
-                    args.out.display()
-                );
-                let out = Store::open(&args.out.to_string_lossy(), OpenMode::Existing)?;
-                anyhow::ensure!(
-                    runtime.block_on(out.has_objects("_commits"))?,
-                    "{} holds no tables of an earlier run; nothing to requeue",
-                    args.out.display()
-                );
-                let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
-                let (redo, report) = runtime.block_on(crate::requeue::redo(&out, &selection))?;
-                print!("{}", report.render_embedded(args.dry_run));
-                if args.dry_run || report.rows_requeued == 0 {
-                    return Ok(());
-                }
-                Some(redo)
-            } else {
-                None
-            };
-            let options = EmbeddedOptions {
-                input: args.input,
-                out: args.out,
-                model: args.model.model,
-                campaign: args.campaign,
-                sites: load_sites(&args.sites)?,
-                pseudonymizer,
-                ephemeral_key: ephemeral,
-                device: args.model.device,
-                batch_size: args.model.batch_size,
-                preprocess_workers: args.preprocess_workers,
-                infer_threads: args.model.infer_threads,
-                min_slices: args.min_slices,
-                keep_work: args.keep_work,
-                overwrite: args.overwrite,
-                progress: !args.no_progress,
-                redo,
-            };
-            let summary = runtime.block_on(pipeline::run_embedded(options))?;
-            print!("{}", summary.render());
-            Ok(())
-        }
-        Command::Serve(args) => {
-            panscreen_shared::telemetry::init_stderr("info", true);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(crate::serve::serve(args, crate::serve::shutdown_signal()))
-        }
-        Command::Submit(args) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let campaign = args.cluster.campaign.clone();
-            if args.list {
-                for request in runtime.block_on(crate::serve::submitted(&args.cluster))? {
-                    println!("{}\tsubmitted {}", request.prefix, request.requested_at);
-                }
-                return Ok(());
-            }
-            if let Some(prefix) = &args.remove {
-                let removed = runtime.block_on(crate::serve::withdraw(&args.cluster, prefix))?;
-                anyhow::ensure!(removed, "'{prefix}' is not submitted to campaign {campaign} (see submit --list)");
-                println!("campaign {campaign} no longer watches '{prefix}'; what was screened stays in the tables");
-                return Ok(());
-            }
-            let submitted = runtime.block_on(crate::serve::submit(args))?;
-            let prefix = &submitted.prefix;
-            println!("submitted prefix '{prefix}' to campaign {campaign}; the ingest service screens it");
-            if submitted.empty {
-                println!("note: '{prefix}' holds no objects yet; ingest screens what arrives there");
-            }
-            if !submitted.notified {
-                println!("note: NATS did not take the wake-up; ingest finds the prefix at its next rescan");
-            }
-            Ok(())
-        }
-        Command::Setup(cluster) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let consumers = runtime.block_on(crate::serve::setup(&cluster))?;
-            println!(
-                "stream {} ready with consumers {}",
-                panscreen_shared::queue::jetstream::stream_name(&cluster.campaign),
-                consumers.join(", ")
-            );
-            Ok(())
-        }
-        Command::Status(args) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let status = runtime.block_on(crate::status::status(&args.cluster))?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                print!("{}", status.render());
-            }
-            Ok(())
-        }
-        Command::Inspect(args) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let store =
-                Store::open(&args.input, OpenMode::Existing).with_context(|| format!("input {}", args.input))?;
-            let mut config = panscreen_ingest::IngestConfig::new("inspect");
-            config.rules.min_slices = args.min_slices;
-            config.concurrency = args.concurrency.max(1);
-            let started = std::time::Instant::now();
-            let pseudonymizer = Pseudonymizer::ephemeral();
-            let sites = panscreen_shared::sites::SiteRegistry::builtin();
-            let report = runtime.block_on(panscreen_ingest::scan(&store, &config, &pseudonymizer, &sites))?;
-            let elapsed = started.elapsed().as_secs_f64();
-            let accounting: Vec<serde_json::Value> = report
-                .accounting()
-                .iter()
-                .map(|row| serde_json::json!({"outcome": row.outcome, "reason": row.reason, "objects": row.objects}))
-                .collect();
-            let studies: Vec<serde_json::Value> = report
-                .studies
-                .iter()
-                .map(|study| {
-                    serde_json::json!({
-                        "series_number": study.series.series_number,
-                        "slices": study.series.slices,
-                        "reason": study.series.reason,
-                        "not_chosen": study.series.not_chosen,
-                    })
-                })
-                .collect();
-            if args.json {
-                let document = serde_json::json!({
-                    "objects_listed": report.objects_listed,
-                    "seconds": elapsed,
-                    "files_per_second": report.objects_listed as f64 / elapsed.max(1e-9),
-                    "accounting": accounting,
-                    "studies": studies,
-                });
-                println!("{}", serde_json::to_string_pretty(&document)?);
-            } else {
-                println!(
-                    "{} objects read (headers only) in {elapsed:.2} s, {:.0} files/s",
-                    report.objects_listed,
-                    report.objects_listed as f64 / elapsed.max(1e-9)
-                );
-                for row in report.accounting() {
-                    println!("  {:<12} {:>7}  {}", row.outcome, row.objects, row.reason);
-                }
-                for study in &report.studies {
-                    println!("study: {}", study.series.reason);
-                }
-                for record in &report.quarantined {
-                    println!("quarantined {}: {} ({})", record.input, record.reason, record.detail);
-                }
-            }
-            Ok(())
-        }
-        Command::Compact(args) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let store =
-                Store::open(&args.store, OpenMode::Existing).with_context(|| format!("store {}", args.store))?;
-            let (out, campaign) = match &args.campaign {
-                Some(campaign) => (store.sub(&format!("campaigns/{campaign}/out")), campaign.clone()),
-                None => (store.clone(), "default".to_string()),
-            };
-            // Compaction writes tables: never into a place that holds none to begin with.
-            let holds_tables = runtime.block_on(async {
-                for table in ["_commits", "results", "quarantine"] {
-                    if out.has_objects(table).await? {
-                        return Ok::<_, anyhow::Error>(true);
-                    }
-                }
-                Ok(false)
-            })?;
-            if !holds_tables {
-                let hint = match &args.campaign {
-                    Some(campaign) => format!("campaign {campaign} has no tables yet (is --campaign spelled right?)"),
-                    None => {
-                        "for a distributed campaign give --campaign (its tables are under campaigns/<campaign>/out/)"
-                            .to_string()
-                    }
-                };
-                anyhow::bail!("{} holds no panscreen tables; nothing to compact: {hint}", out.location());
-            }
-            let sites = load_sites(&args.sites)?;
-            let report = runtime.block_on(panscreen_aggregate::compact::compact(&out, &campaign, &sites))?;
-            if let Some(campaign) = &args.campaign {
-                // Tensors a redelivered (already scored) study left behind go too.
-                let work = store.sub(&format!("campaigns/{campaign}/work"));
-                let swept = runtime.block_on(async {
-                    let mut swept = 0;
-                    for object in work.list("tensors").await? {
-                        let study = object.key.trim_start_matches("tensors/").trim_end_matches(".npy");
-                        if report.screened.contains(study) {
-                            work.delete_if_present(&object.key).await?;
-                            swept += 1;
-                        }
-                    }
-                    Ok::<_, anyhow::Error>(swept)
-                })?;
-                if swept > 0 {
-                    println!("deleted {swept} work tensors of studies already in the results");
-                }
-            }
-            println!(
-                "compacted {} files into {}: {} studies ({} duplicates dropped), {} flagged, {} quarantine rows",
-                report.files_before,
-                report.files_after,
-                report.studies,
-                report.duplicates_dropped,
-                report.flagged,
-                report.quarantine_rows
-            );
-            Ok(())
-        }
-        Command::Requeue(args) => {
-            panscreen_shared::telemetry::init_stderr("warn", false);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let campaign_root = args.cluster.store()?.sub(&args.cluster.campaign_prefix());
-            let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
-            let report = runtime.block_on(crate::requeue::requeue(&campaign_root, &selection, args.dry_run))?;
-            print!("{}", report.render(args.dry_run));
-            if !args.dry_run && report.rows_requeued > 0 {
-                // Wake ingest; without it the next rescan takes the request.
-                let woken = runtime.block_on(crate::serve::wake_ingest(&args.cluster));
-                if let Err(error) = woken {
-                    println!("note: ingest was not woken ({error:#}); it takes the request at its next rescan");
-                }
-            }
-            Ok(())
-        }
-        Command::Evaluate(args) => {
-            let pseudonymizer = Pseudonymizer::from_file(&args.key_file)?;
-            let evaluation = crate::evaluate::evaluate(&args.labels, &args.results, &pseudonymizer)?;
-            print!("{}", evaluation.render());
-            Ok(())
+        return Ok(());
+    }
+    if let Some(prefix) = &args.remove {
+        let removed = runtime.block_on(crate::serve::withdraw(&args.cluster, prefix))?;
+        anyhow::ensure!(removed, "'{prefix}' is not submitted to campaign {campaign} (see submit --list)");
+        println!("campaign {campaign} no longer watches '{prefix}'; what was screened stays in the tables");
+        return Ok(());
+    }
+    let submitted = runtime.block_on(crate::serve::submit(args))?;
+    let prefix = &submitted.prefix;
+    println!("submitted prefix '{prefix}' to campaign {campaign}; the ingest service screens it");
+    if submitted.empty {
+        println!("note: '{prefix}' holds no objects yet; ingest screens what arrives there");
+    }
+    if !submitted.notified {
+        println!("note: NATS did not take the wake-up; ingest finds the prefix at its next rescan");
+    }
+    Ok(())
+}
+
+/// `panscreen setup`.
+fn setup(cluster: crate::serve::ClusterArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let runtime = runtime()?;
+    let consumers = runtime.block_on(crate::serve::setup(&cluster))?;
+    println!(
+        "stream {} ready with consumers {}",
+        panscreen_shared::queue::jetstream::stream_name(&cluster.campaign),
+        consumers.join(", ")
+    );
+    Ok(())
+}
+
+/// `panscreen status`.
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let runtime = runtime()?;
+    let status = runtime.block_on(crate::status::status(&args.cluster))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", status.render());
+    }
+    Ok(())
+}
+
+/// `panscreen inspect`.
+fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let store = Store::open(&args.input, OpenMode::Existing).with_context(|| format!("input {}", args.input))?;
+    let mut config = panscreen_ingest::IngestConfig::new("inspect");
+    config.rules.min_slices = args.min_slices;
+    config.concurrency = args.concurrency.max(1);
+    let inspection = runtime()?.block_on(panscreen_ingest::inspect::inspect(&store, &config))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&inspection.to_json())?);
+    } else {
+        print!("{}", inspection.render());
+    }
+    Ok(())
+}
+
+/// `panscreen compact`.
+fn compact(args: CompactArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let runtime = runtime()?;
+    let store = Store::open(&args.store, OpenMode::Existing).with_context(|| format!("store {}", args.store))?;
+    let (out, campaign) = match &args.campaign {
+        Some(campaign) => (store.sub(&format!("campaigns/{campaign}/out")), campaign.clone()),
+        None => (store.clone(), "default".to_string()),
+    };
+    if !runtime.block_on(panscreen_aggregate::compact::holds_tables(&out))? {
+        let hint = match &args.campaign {
+            Some(campaign) => format!("campaign {campaign} has no tables yet (is --campaign spelled right?)"),
+            None => "for a distributed campaign give --campaign (its tables are under campaigns/<campaign>/out/)"
+                .to_string(),
+        };
+        anyhow::bail!("{} holds no panscreen tables; nothing to compact: {hint}", out.location());
+    }
+    let report = runtime.block_on(panscreen_aggregate::compact::compact(&out, &campaign, &load_sites(&args.sites)?))?;
+    if let Some(campaign) = &args.campaign {
+        let work = store.sub(&format!("campaigns/{campaign}/work"));
+        let swept = runtime.block_on(panscreen_preprocess::sweep_tensors(&work, &report.screened))?;
+        if swept > 0 {
+            println!("deleted {swept} work tensors of studies already in the results");
         }
     }
+    println!(
+        "compacted {} files into {}: {} studies ({} duplicates dropped), {} flagged, {} quarantine rows",
+        report.files_before,
+        report.files_after,
+        report.studies,
+        report.duplicates_dropped,
+        report.flagged,
+        report.quarantine_rows
+    );
+    Ok(())
+}
+
+/// `panscreen requeue`.
+fn requeue(args: RequeueArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let runtime = runtime()?;
+    let campaign_root = args.cluster.store()?.sub(&args.cluster.campaign_prefix());
+    let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
+    let report = runtime.block_on(crate::requeue::requeue(&campaign_root, &selection, args.dry_run))?;
+    print!("{}", report.render(args.dry_run));
+    if !args.dry_run && report.rows_requeued > 0 {
+        // Wake ingest; without it the next rescan takes the request.
+        let woken = runtime.block_on(crate::serve::wake_ingest(&args.cluster));
+        if let Err(error) = woken {
+            println!("note: ingest was not woken ({error:#}); it takes the request at its next rescan");
+        }
+    }
+    Ok(())
+}
+
+/// `panscreen evaluate`.
+fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let pseudonymizer = Pseudonymizer::from_file(&args.key_file)?;
+    let evaluation = crate::evaluate::evaluate(&args.labels, &args.results, &pseudonymizer)?;
+    print!("{}", evaluation.render());
+    Ok(())
 }

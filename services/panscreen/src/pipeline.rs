@@ -7,23 +7,24 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use panscreen_aggregate::tables::RegionCounts;
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_infer::{Device, InferHandler, Model};
+use panscreen_infer::service::{load_model, InferConfig};
+use panscreen_infer::Device;
 use panscreen_ingest::{IngestConfig, IngestReport, Redo};
-use panscreen_preprocess::PreprocessHandler;
+use panscreen_preprocess::service::PreprocessConfig;
 use panscreen_shared::contracts::{subjects, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::pseudonym::Pseudonymizer;
-use panscreen_shared::queue::{MemoryQueue, Queue, QueueError};
+use panscreen_shared::queue::{MemoryQueue, Queue};
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::{OpenMode, Store};
-use panscreen_shared::worker::{run_worker, Handler, StageCounters, WorkerConfig};
+use panscreen_shared::worker::{StageCounters, WorkerConfig};
 use tracing::{info, warn};
 
 #[derive(Debug)]
@@ -130,23 +131,6 @@ impl RunSummary {
     }
 }
 
-/// The run's accounting table: objects by outcome and reason, adding up to the objects
-/// listed.
-/// The `accounting/` table of one run (embedded) or one ingest pass (distributed).
-pub fn accounting_table(run_id: &str, report: &IngestReport) -> anyhow::Result<bytes::Bytes> {
-    use arrow::array::{ArrayRef, Int64Array, StringArray};
-    let rows = report.accounting();
-    let columns: Vec<(&str, ArrayRef)> = vec![
-        ("run_id", Arc::new(rows.iter().map(|_| Some(run_id)).collect::<StringArray>())),
-        ("outcome", Arc::new(rows.iter().map(|r| Some(r.outcome)).collect::<StringArray>())),
-        ("reason", Arc::new(rows.iter().map(|r| Some(r.reason.as_str())).collect::<StringArray>())),
-        ("objects", Arc::new(rows.iter().map(|r| Some(r.objects as i64)).collect::<Int64Array>())),
-        ("objects_listed", Arc::new(rows.iter().map(|_| Some(report.objects_listed as i64)).collect::<Int64Array>())),
-    ];
-    let batch = arrow::record_batch::RecordBatch::try_from_iter(columns)?;
-    Ok(panscreen_aggregate::parquet_bytes(&batch)?)
-}
-
 /// A progress bar on stderr (hidden when asked; indicatif also hides it when stderr
 /// is not a terminal). Bars meant for a `MultiProgress` are made hidden and drawn once
 /// added to it.
@@ -180,17 +164,6 @@ fn prepare_out(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One stage's workers, until its input subject is closed and drained.
-fn spawn_worker<H: Handler>(
-    queue: Arc<dyn Queue>,
-    subject: String,
-    handler: Arc<H>,
-    config: WorkerConfig,
-    counters: Arc<StageCounters>,
-) -> tokio::task::JoinHandle<Result<(), QueueError>> {
-    tokio::spawn(async move { run_worker(queue, &subject, handler, config, counters, std::future::pending()).await })
-}
-
 /// Runs the four stages over `options.input` and writes the tables to `options.out`.
 pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
@@ -208,11 +181,7 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         warn!("no pseudonym key given (--key-file or PANSCREEN_PSEUDONYM_KEY): using a throwaway key for this run");
     }
 
-    let model = {
-        let manifest = (*manifest).clone();
-        let (device, threads) = (options.device, options.infer_threads);
-        tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??
-    };
+    let model = load_model((*manifest).clone(), options.device, options.infer_threads).await?;
     info!(model = %manifest.name, version = %manifest.version, device = %options.device, "model loaded");
 
     let queue = MemoryQueue::new();
@@ -231,32 +200,28 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let aggregate_task = {
         let queue = dyn_queue.clone();
         tokio::spawn(async move {
-            let result = aggregator.run(queue, std::future::pending()).await;
+            let result = panscreen_aggregate::service::serve(&mut aggregator, queue, std::future::pending()).await;
             (aggregator, result)
         })
     };
+    // Each worker stage ends once its input subject is closed and drained.
     let preprocess_task = {
-        let handler = Arc::new(PreprocessHandler {
-            campaign: campaign.clone(),
-            input: input.clone(),
-            work: work.clone(),
-            manifest: manifest.clone(),
-            fetch_ahead: 4,
-        });
-        let mut config = WorkerConfig::new(&campaign, Stage::Preprocess);
-        config.concurrency = options.preprocess_workers.max(1);
-        spawn_worker(dyn_queue.clone(), subjects::ingested(&campaign), handler, config, preprocess_counters.clone())
+        let mut worker = WorkerConfig::new(&campaign, Stage::Preprocess);
+        worker.concurrency = options.preprocess_workers.max(1);
+        let config = PreprocessConfig { campaign: campaign.clone(), manifest: manifest.clone(), worker };
+        let (queue, input, work, counters) =
+            (dyn_queue.clone(), input.clone(), work.clone(), preprocess_counters.clone());
+        tokio::spawn(panscreen_preprocess::service::serve(config, queue, input, work, counters, std::future::pending()))
     };
     let infer_task = {
-        let handler = Arc::new(InferHandler {
+        let config = InferConfig {
             campaign: campaign.clone(),
-            work: work.clone(),
-            model: Arc::new(Mutex::new(model)),
             batch_size: options.batch_size,
             keep_tensors: options.keep_work,
-        });
-        let config = WorkerConfig::new(&campaign, Stage::Infer);
-        spawn_worker(dyn_queue.clone(), subjects::preprocessed(&campaign), handler, config, infer_counters.clone())
+            worker: WorkerConfig::new(&campaign, Stage::Infer),
+        };
+        let (queue, work, counters) = (dyn_queue.clone(), work.clone(), infer_counters.clone());
+        tokio::spawn(panscreen_infer::service::serve(config, model, queue, work, counters, std::future::pending()))
     };
 
     let hidden = !options.progress;
@@ -281,7 +246,7 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     queue.close(&subjects::ignored(&campaign)).await;
     let ingest_elapsed = ingest_started.elapsed();
     anyhow::ensure!(report.balanced(), "ingest lost track of an input object; this is a bug");
-    out.put(&format!("accounting/run{run_id}.parquet"), accounting_table(&run_id, &report)?).await?;
+    out.put(&format!("accounting/run{run_id}.parquet"), panscreen_ingest::accounting::table(&run_id, &report)?).await?;
     ingest_bar.set_length(report.objects_listed as u64);
     ingest_bar.set_position(report.objects_listed as u64);
     ingest_bar.finish_with_message(format!(

@@ -8,21 +8,20 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_infer::{InferHandler, Model};
-use std::collections::BTreeSet;
-use std::sync::atomic::Ordering;
-
-use bytes::Bytes;
-use panscreen_ingest::watch::{Completion, Watcher};
+use panscreen_infer::service::{load_model, InferConfig};
+use panscreen_ingest::service::{IngestServiceConfig, IngestStores};
+use panscreen_ingest::submissions;
+use panscreen_ingest::watch::Completion;
 use panscreen_ingest::IngestConfig;
-use panscreen_preprocess::PreprocessHandler;
-use panscreen_shared::contracts::{subjects, ScanRequest, Stage};
+use panscreen_preprocess::service::PreprocessConfig;
+use panscreen_shared::contracts::{subjects, topology, ScanRequest, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
 use panscreen_shared::queue::jetstream::{consumer_name, JetStreamQueue, JetStreamSettings, NatsConfig};
@@ -30,7 +29,7 @@ use panscreen_shared::queue::large::{self, LargePayloads};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::status;
 use panscreen_shared::store::{OpenMode, Store};
-use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
+use panscreen_shared::worker::{StageCounters, WorkerConfig};
 use tracing::{info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -282,35 +281,29 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     info!(stage = %stage, campaign = %cluster.campaign, metrics = %args.metrics_addr, "service starting");
     match args.stage {
         ServiceStage::Ingest => {
-            serve_ingest(&args, root, campaign_root.sub("ingest"), queue, counters.clone(), &readiness, shutdown)
-                .await?
+            let stores =
+                IngestStores { input: root.clone(), state: campaign_root.sub("ingest"), out: campaign_root.sub("out") };
+            let config = ingest_config(&args)?;
+            panscreen_ingest::service::serve(config, queue, stores, counters.clone(), readiness.clone(), shutdown)
+                .await?;
         }
         ServiceStage::Preprocess => {
-            let handler = Arc::new(PreprocessHandler {
-                campaign: cluster.campaign.clone(),
-                input: root.clone(),
-                work: campaign_root.sub("work"),
-                manifest: Arc::new(ModelManifest::load(&args.model.model)?),
-                fetch_ahead: 4,
-            });
-            readiness.set(true);
-            run_worker(queue, &subjects::ingested(&cluster.campaign), handler, config, counters.clone(), shutdown)
-                .await?;
+            let manifest = Arc::new(ModelManifest::load(&args.model.model)?);
+            let config = PreprocessConfig { campaign: cluster.campaign.clone(), manifest, worker: config };
+            let work = campaign_root.sub("work");
+            panscreen_preprocess::service::serve(config, queue, root.clone(), work, counters.clone(), shutdown).await?;
         }
         ServiceStage::Infer => {
             let manifest = ModelManifest::load(&args.model.model)?;
-            let (device, threads) = (args.model.device, args.model.infer_threads);
-            let model = tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??;
-            let handler = Arc::new(InferHandler {
+            let model = load_model(manifest, args.model.device, args.model.infer_threads).await?;
+            let config = InferConfig {
                 campaign: cluster.campaign.clone(),
-                work: campaign_root.sub("work"),
-                model: Arc::new(Mutex::new(model)),
                 batch_size: args.model.batch_size,
                 keep_tensors: args.keep_tensors,
-            });
-            readiness.set(true);
-            run_worker(queue, &subjects::preprocessed(&cluster.campaign), handler, config, counters.clone(), shutdown)
-                .await?;
+                worker: config,
+            };
+            let work = campaign_root.sub("work");
+            panscreen_infer::service::serve(config, model, queue, work, counters.clone(), shutdown).await?;
         }
         ServiceStage::Aggregate => {
             let sites = crate::cli::load_sites(&args.sites)?;
@@ -326,21 +319,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             aggregate_config.retry_backoff = config.backoff.clone();
             let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone())
                 .with_readiness(readiness.clone());
-            let mut pause = Duration::from_millis(500);
-            let existing = loop {
-                // Started while the store is down: wait for it, not ready, not exiting.
-                match aggregator.recover().await {
-                    Ok(existing) => break existing,
-                    Err(error) => {
-                        warn!(%error, retry_in_s = pause.as_secs_f64(), "reading the committed tables failed at start-up; trying again");
-                        tokio::time::sleep(pause).await;
-                        pause = (pause * 2).min(Duration::from_secs(15));
-                    }
-                }
-            };
-            info!(existing, "studies already in the results");
-            readiness.set(true);
-            aggregator.run(queue, shutdown).await?;
+            panscreen_aggregate::service::serve(&mut aggregator, queue, shutdown).await?;
         }
     }
     metrics.abort();
@@ -371,165 +350,38 @@ async fn probe_dependencies(jetstream: Arc<JetStreamQueue>, store: Store, readin
     }
 }
 
-/// Runs a start-up step until it succeeds: a service started (or restarted) while the
-/// store is down waits for it, not ready, instead of exiting.
-async fn until_it_works<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
-    what: &str,
-    mut step: impl FnMut() -> F,
-) -> T {
-    let mut pause = Duration::from_millis(500);
-    loop {
-        match step().await {
-            Ok(value) => return value,
-            Err(error) => {
-                warn!(error = %error, retry_in_s = pause.as_secs_f64(), "{what} failed at start-up; trying again");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(15));
-            }
-        }
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".to_string())
 }
 
-/// Where the prefixes submitted to a campaign are recorded (under its ingest state), so
-/// that a restarted ingest keeps watching them. `submit` writes the record itself, so a
-/// submission is either recorded (and then never lost) or refused with an error.
-fn watch_key(prefix: &str) -> String {
-    use sha2::{Digest, Sha256};
-    format!("watch/{}.json", &hex::encode(Sha256::digest(prefix.as_bytes()))[..24])
-}
-
-/// The prefixes submitted to a campaign, read from their records.
-pub async fn submitted_prefixes(state: &Store) -> anyhow::Result<Vec<ScanRequest>> {
-    let mut requests = Vec::new();
-    for object in state.list("watch").await? {
-        let bytes = state.get(&object.key).await?;
-        match serde_json::from_slice::<ScanRequest>(&bytes) {
-            Ok(request) => requests.push(request),
-            Err(error) => warn!(%error, record = %object.key, "unreadable submission record, skipped"),
-        }
-    }
-    requests.sort_by(|a, b| a.prefix.cmp(&b.prefix));
-    Ok(requests)
-}
-
-/// The configured prefixes and every submitted one; `last` when the records cannot be
-/// read now (a store outage must not make ingest forget what it watches).
-async fn watched_prefixes(state: &Store, configured: &[String], last: &BTreeSet<String>) -> BTreeSet<String> {
-    match submitted_prefixes(state).await {
-        Ok(requests) => {
-            let mut prefixes: BTreeSet<String> = configured.iter().cloned().collect();
-            prefixes.extend(requests.into_iter().map(|request| request.prefix));
-            prefixes
-        }
-        Err(error) => {
-            warn!(error = %format!("{error:#}"), "cannot read the submitted prefixes; watching the last known set");
-            last.clone()
-        }
-    }
-}
-
-/// The ingest service: a pass over every watched prefix on each tick and on each
-/// submission (a submission message only wakes it up: the record in the store is what
-/// counts).
-async fn serve_ingest(
-    args: &ServeArgs,
-    root: Store,
-    state: Store,
-    queue: Arc<dyn Queue>,
-    counters: Arc<StageCounters>,
-    readiness: &Readiness,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let campaign = &args.cluster.campaign;
+/// The ingest service's settings from the command line.
+fn ingest_config(args: &ServeArgs) -> anyhow::Result<IngestServiceConfig> {
     let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.ingest.key_file)?;
     anyhow::ensure!(!ephemeral, "ingest needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)");
-    let configured: Vec<String> = args
+    let watch = args
         .ingest
         .watch
         .iter()
         .map(|prefix| prefix_within(&args.cluster.store, prefix))
         .collect::<anyhow::Result<_>>()
         .context("--watch")?;
-    let mut config = IngestConfig::new(campaign);
-    config.rules.min_slices = args.ingest.min_slices;
-    let completion =
-        Completion { quiet: Duration::from_secs(args.ingest.quiet_seconds), marker: args.ingest.marker.clone() };
-    let sites = crate::cli::load_sites(&args.sites)?;
-    let out = root.sub(&args.cluster.campaign_prefix()).sub("out");
-    let mut watcher = until_it_works("reading the ingest ledger", || {
-        Watcher::open(
-            root.clone(),
-            state.clone(),
-            config.clone(),
-            completion.clone(),
-            pseudonymizer.clone(),
-            sites.clone(),
-        )
+    let mut ingest = IngestConfig::new(&args.cluster.campaign);
+    ingest.rules.min_slices = args.ingest.min_slices;
+    Ok(IngestServiceConfig {
+        ingest,
+        watch,
+        completion: Completion {
+            quiet: Duration::from_secs(args.ingest.quiet_seconds),
+            marker: args.ingest.marker.clone(),
+        },
+        rescan: Duration::from_secs(args.ingest.rescan_seconds),
+        pseudonymizer,
+        sites: crate::cli::load_sites(&args.sites)?,
     })
-    .await;
-    let mut prefixes = watched_prefixes(&state, &configured, &BTreeSet::new()).await;
-    let mut requests = queue.subscribe(&subjects::submitted(campaign), &subjects::consumer(Stage::Ingest)).await?;
-    let mut tick = tokio::time::interval(Duration::from_secs(args.ingest.rescan_seconds.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    readiness.set(true);
-    info!(prefixes = prefixes.len(), "ingest watching");
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            next = requests.next() => match next {
-                // A wake-up: the submission is already recorded in the store.
-                Some(Ok(delivery)) => {
-                    if let Err(error) = delivery.ack().await {
-                        warn!(%error, "acknowledging a submission failed");
-                    }
-                }
-                Some(Err(error)) => {
-                    warn!(%error, "receiving submissions failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-                None => break,
-            },
-            _ = tick.tick() => {},
-        };
-        prefixes = watched_prefixes(&state, &configured, &prefixes).await;
-        let listed: Vec<String> = prefixes.iter().cloned().collect();
-        match watcher.pass(&*queue, &listed).await {
-            Ok(pass) => {
-                counters.processed.fetch_add(pass.decided.studies.len() as u64, Ordering::Relaxed);
-                counters.quarantined.fetch_add(pass.decided.quarantined.len() as u64, Ordering::Relaxed);
-                counters.in_flight.store(pass.waiting_studies as u64, Ordering::Relaxed);
-                if pass.decided.objects_listed > 0 {
-                    write_accounting(&out, &pass.decided).await;
-                }
-            }
-            Err(error) => warn!(error = %format!("{error:#}"), "ingest pass failed; the next pass retries"),
-        }
-    }
-    Ok(())
 }
 
 /// Where every campaign's work and tables live in the store; never input.
 const CAMPAIGNS: &str = "campaigns";
-
-/// One pass's accounting (where each object it decided went, and why), beside the
-/// tables, as an embedded run writes its own. A failed write is logged: the objects'
-/// rows are in the quarantine and ignored tables all the same.
-async fn write_accounting(out: &Store, decided: &panscreen_ingest::IngestReport) {
-    let pass_id = format!("ingest-{}", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
-    let written = match crate::pipeline::accounting_table(&pass_id, decided) {
-        Ok(table) => out.put(&format!("accounting/{pass_id}.parquet"), table).await.map_err(anyhow::Error::from),
-        Err(error) => Err(error),
-    };
-    if let Err(error) = written {
-        warn!(error = %format!("{error:#}"), "writing the pass's accounting failed");
-    }
-}
 
 /// The key prefix `--prefix` names within the store: a bare prefix, or a URL that
 /// starts with the store's own. The store's root and panscreen's own outputs are refused:
@@ -567,23 +419,6 @@ pub struct Submitted {
     pub notified: bool,
 }
 
-/// Writes `value` to `key`, trying again through a short store outage.
-async fn put_patiently(store: &Store, key: &str, value: Bytes) -> anyhow::Result<()> {
-    let mut pause = Duration::from_millis(250);
-    for attempt in 1..=6 {
-        match store.put(key, value.clone()).await {
-            Ok(()) => return Ok(()),
-            Err(error) if error.is_transient() && attempt < 6 => {
-                warn!(%error, attempt, "the store did not take the write; trying again");
-                tokio::time::sleep(pause).await;
-                pause *= 2;
-            }
-            Err(error) => return Err(error.into()),
-        }
-    }
-    unreachable!("the last attempt returns")
-}
-
 /// Registers `--prefix` with the campaign: records it in the store (the ingest service
 /// watches every recorded prefix from its next pass on), then wakes the service.
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<Submitted> {
@@ -596,11 +431,11 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Submitted> {
         prefix: prefix.clone(),
         requested_at: time::OffsetDateTime::now_utc(),
     };
-    let body = Bytes::from(serde_json::to_vec(&request)?);
     let state = root.sub(&cluster.campaign_prefix()).sub("ingest");
-    put_patiently(&state, &watch_key(&prefix), body.clone())
+    submissions::record(&state, &request)
         .await
         .with_context(|| format!("recording the submission of {prefix} in {}", cluster.store))?;
+    let body = Bytes::from(serde_json::to_vec(&request)?);
     let id = format!("submit:{prefix}:{}", request.requested_at.unix_timestamp_nanos());
     let notified = match cluster.queue().await {
         Ok(queue) => queue.publish(&subjects::submitted(&cluster.campaign), &id, body).await.is_ok(),
@@ -624,7 +459,7 @@ pub async fn wake_ingest(cluster: &ClusterArgs) -> anyhow::Result<()> {
 
 /// The prefixes submitted to the campaign.
 pub async fn submitted(cluster: &ClusterArgs) -> anyhow::Result<Vec<ScanRequest>> {
-    submitted_prefixes(&cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest")).await
+    Ok(submissions::submitted(&cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest")).await?)
 }
 
 /// Stops watching `prefix` (what was screened stays screened). Returns whether it was
@@ -632,36 +467,19 @@ pub async fn submitted(cluster: &ClusterArgs) -> anyhow::Result<Vec<ScanRequest>
 pub async fn withdraw(cluster: &ClusterArgs, prefix: &str) -> anyhow::Result<bool> {
     let prefix = prefix_within(&cluster.store, prefix)?;
     let state = cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest");
-    let key = watch_key(&prefix);
-    if state.head(&key).await.is_err() {
-        return Ok(false);
-    }
-    state.delete(&key).await?;
-    Ok(true)
+    Ok(submissions::remove(&state, &prefix).await?)
 }
 
 /// Creates the campaign's stream, every durable consumer and the status bucket.
 pub async fn setup(cluster: &ClusterArgs) -> anyhow::Result<Vec<String>> {
     let queue = cluster.queue().await?;
     let mut created = Vec::new();
-    for (subject, stage) in consumers(&cluster.campaign) {
-        queue.ensure_consumer(&subject, &subjects::consumer(stage)).await?;
-        created.push(consumer_name(&subjects::consumer(stage), &subject));
+    for (subject, stage) in topology::consumers(&cluster.campaign) {
+        queue.ensure_consumer(&subject, &topology::consumer(stage)).await?;
+        created.push(consumer_name(&topology::consumer(stage), &subject));
     }
     queue.stats_bucket().await?;
     Ok(created)
-}
-
-/// Every subject of a campaign with the stage that consumes it.
-pub fn consumers(campaign: &str) -> Vec<(String, Stage)> {
-    vec![
-        (subjects::submitted(campaign), Stage::Ingest),
-        (subjects::ingested(campaign), Stage::Preprocess),
-        (subjects::preprocessed(campaign), Stage::Infer),
-        (subjects::scored(campaign), Stage::Aggregate),
-        (subjects::quarantine(campaign), Stage::Aggregate),
-        (subjects::ignored(campaign), Stage::Aggregate),
-    ]
 }
 
 #[cfg(test)]

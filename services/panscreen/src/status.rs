@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use futures::StreamExt;
-use panscreen_shared::contracts::{subjects, Stage};
+use panscreen_shared::contracts::{topology, Stage};
 use panscreen_shared::queue::jetstream::Backlog;
 use panscreen_shared::status::InstanceStats;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::serve::{consumers, ClusterArgs};
+use crate::serve::ClusterArgs;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageStatus {
@@ -83,9 +83,9 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
     let mut stages: BTreeMap<Stage, StageStatus> =
         Stage::ALL.iter().map(|s| (*s, StageStatus { stage: s.to_string(), ..Default::default() })).collect();
     let mut rates: BTreeMap<Stage, f64> = BTreeMap::new();
-    for (subject, stage) in consumers(&cluster.campaign) {
+    for (subject, stage) in topology::consumers(&cluster.campaign) {
         let Backlog { pending, in_flight, redelivered, .. } =
-            queue.backlog(&subject, &subjects::consumer(stage)).await?;
+            queue.backlog(&subject, &topology::consumer(stage)).await?;
         let entry = stages.get_mut(&stage).expect("every stage");
         entry.pending += pending;
         entry.in_flight += in_flight;

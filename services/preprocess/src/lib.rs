@@ -13,6 +13,7 @@ pub mod decode;
 pub mod gdcm_helper;
 pub mod hu;
 pub mod resample;
+pub mod service;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +37,23 @@ use crate::resample::{axis_weights, centred_positions, resample_plane, SliceAccu
 /// Key of a study's tensor in the work store.
 pub fn tensor_key(study_key: &str) -> String {
     format!("tensors/{study_key}.npy")
+}
+
+/// Deletes the tensors of `done` studies left in the work store (by a study scored
+/// twice after a redelivery, whose second tensor nobody deletes); returns how many.
+pub async fn sweep_tensors(
+    work: &Store,
+    done: &std::collections::HashSet<String>,
+) -> Result<usize, panscreen_shared::store::StoreError> {
+    let mut swept = 0;
+    for object in work.list("tensors").await? {
+        let study = object.key.trim_start_matches("tensors/").trim_end_matches(".npy");
+        if done.contains(study) {
+            work.delete_if_present(&object.key).await?;
+            swept += 1;
+        }
+    }
+    Ok(swept)
 }
 
 pub struct PreprocessHandler {
