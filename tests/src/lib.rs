@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub use panscreen::evaluate::{parquet_files, read_batches};
-use panscreen::synth::{encode_slice, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
 use panscreen_shared::sites::SiteRegistry;
+use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
 
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
@@ -118,11 +118,9 @@ pub fn small_cohort(out: PathBuf, studies: usize, seed: u64) -> SynthOptions {
 /// The header of a 64×64 plain axial CT series of an odd case `study`: patient
 /// identifiers the leak checks look for (`ODD^CASE`, `ODD0000…`, `ACCODD…`, `19550505`).
 pub fn odd_case_header(study: u32, description: &str) -> SeriesHeader {
-    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     SeriesHeader {
         patient_name: format!("ODD^CASE^{study}"),
         patient_id: format!("ODD{study:05}"),
-        issuer_of_patient_id: "NB-J01".into(),
         patient_birth_date: "19550505".into(),
         patient_sex: "M".into(),
         patient_age: "070Y".into(),
@@ -132,24 +130,9 @@ pub fn odd_case_header(study: u32, description: &str) -> SeriesHeader {
         frame_of_reference_uid: format!("2.25.79{study}"),
         study_date: "20250606".into(),
         study_time: "090000".into(),
-        institution_name: "Jiangbei District Hospital".into(),
-        modality: "CT".into(),
-        series_number: 2,
         series_description: description.into(),
-        rows: 64,
-        columns: 64,
         pixel_spacing: [5.6, 5.6],
-        slice_thickness: 2.5,
-        signed_pixels: false,
-        bits_stored: 12,
-        rescale_slope: 1.0,
-        rescale_intercept: -1024.0,
-        padding_value: None,
-        sop_class_uid,
-        image_type,
-        orientation,
-        contrast_agent: None,
-        gantry_tilt: 0.0,
+        ..SeriesHeader::plain_ct()
     }
 }
 

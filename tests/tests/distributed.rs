@@ -13,12 +13,11 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, Int64Array, StringArray};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use panscreen::synth::{synthesize, Size, StudyTruth, SynthOptions};
 use panscreen_shared::pseudonym::Pseudonymizer;
-use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
+use panscreen_synth::{synthesize, StudyTruth, SynthOptions};
 use panscreen_tests::servers::{free_ports, NatsServer, SeaweedFs, TcpProxy};
-use panscreen_tests::{binary, files_below, workspace_root};
+use panscreen_tests::{binary, files_below, small_cohort, workspace_root};
 
 const KEY: &str = "distributed-test-key-0123456789abcdef";
 const BUCKET: &str = "panscreen-e2e";
@@ -77,17 +76,7 @@ impl Cluster {
         let seaweed = SeaweedFs::start();
         seaweed.create_bucket(BUCKET);
         let scratch = tempfile::tempdir().unwrap();
-        let options = SynthOptions {
-            out: scratch.path().join("cohort"),
-            studies,
-            seed,
-            prevalence: 0.25,
-            size: Size::Small,
-            sites: SiteRegistry::builtin(),
-            threads: 2,
-            realistic: false,
-            slices: None,
-        };
+        let options = SynthOptions { prevalence: 0.25, ..small_cohort(scratch.path().join("cohort"), studies, seed) };
         let truths = synthesize(&options, &|_| {}).unwrap();
         let store = Store::open_s3_with(&format!("s3://{BUCKET}"), &seaweed.s3_options()).unwrap();
         let cohort = options.out.join("studies");

@@ -6,10 +6,9 @@ use std::ffi::OsStr;
 use std::path::Path;
 
 use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
-use panscreen::synth::{encode_slice, synthesize, SeriesHeader, Size, Slice, StudyTruth, SynthOptions};
 use panscreen_ingest::header;
 use panscreen_shared::pseudonym::Pseudonymizer;
-use panscreen_shared::sites::SiteRegistry;
+use panscreen_synth::{encode_slice, synthesize, SeriesHeader, Slice, StudyTruth, SynthOptions};
 use panscreen_tests::{files_below, panscreen, parquet_files, python, read_batches};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-test-key";
@@ -30,11 +29,9 @@ fn slices_by_position(study_dir: &Path) -> Vec<std::path::PathBuf> {
 
 /// A 25-slice MR series: a study with nothing to screen.
 fn write_mr_study(directory: &Path) -> SeriesHeader {
-    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     let header = SeriesHeader {
         patient_name: "MRONLY^PATIENT^X".into(),
         patient_id: "MR0000777".into(),
-        issuer_of_patient_id: "NB-J01".into(),
         patient_birth_date: "19581203".into(),
         patient_sex: "M".into(),
         patient_age: "066Y".into(),
@@ -43,8 +40,6 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
         series_instance_uid: "2.25.2222222222222222222".into(),
         frame_of_reference_uid: "2.25.3333333333333333333".into(),
         study_date: "20250505".into(),
-        study_time: "101010".into(),
-        institution_name: "Jiangbei District Hospital".into(),
         modality: "MR".into(),
         series_number: 1,
         series_description: "T1 AXIAL".into(),
@@ -54,14 +49,8 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
         slice_thickness: 5.0,
         signed_pixels: true,
         bits_stored: 16,
-        rescale_slope: 1.0,
         rescale_intercept: 0.0,
-        padding_value: None,
-        sop_class_uid,
-        image_type,
-        orientation,
-        contrast_agent: None,
-        gantry_tilt: 0.0,
+        ..SeriesHeader::plain_ct()
     };
     std::fs::create_dir_all(directory).unwrap();
     let pixels = vec![100.0f32; 32 * 32];
@@ -90,17 +79,7 @@ fn strings_of(column: &dyn Array) -> Vec<String> {
 fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     let scratch = tempfile::tempdir().unwrap();
     let cohort = scratch.path().join("cohort");
-    let options = SynthOptions {
-        out: cohort.clone(),
-        studies: 20,
-        seed: 42,
-        prevalence: 0.3,
-        size: Size::Small,
-        sites: SiteRegistry::builtin(),
-        threads: 2,
-        realistic: false,
-        slices: None,
-    };
+    let options = SynthOptions { prevalence: 0.3, ..panscreen_tests::small_cohort(cohort.clone(), 20, 42) };
     let truths: Vec<StudyTruth> = synthesize(&options, &|_| {}).unwrap();
     let studies = cohort.join("studies");
 

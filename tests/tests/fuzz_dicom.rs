@@ -24,8 +24,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use panscreen::synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 use panscreen_preprocess::decode::{decode_frame, open, DecodeLimits};
+use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -60,38 +60,22 @@ const DECODE_LIMIT: u64 = 64 << 20;
 const ALLOCATION_BOUND: usize = 768 << 20;
 
 fn seeds() -> Vec<Vec<u8>> {
-    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     let header = SeriesHeader {
         patient_name: "FUZZ^SEED".into(),
         patient_id: "FUZZ1".into(),
-        issuer_of_patient_id: "NB-J01".into(),
-        patient_birth_date: "19600101".into(),
-        patient_sex: "F".into(),
-        patient_age: "065Y".into(),
         accession_number: "ACCFUZZ".into(),
         study_instance_uid: "2.25.61".into(),
         series_instance_uid: "2.25.62".into(),
         frame_of_reference_uid: "2.25.63".into(),
-        study_date: "20250101".into(),
-        study_time: "101010".into(),
-        institution_name: "Jiangbei District Hospital".into(),
-        modality: "CT".into(),
-        series_number: 2,
         series_description: "FUZZ".into(),
         rows: 32,
         columns: 32,
         pixel_spacing: [10.0, 10.0],
-        slice_thickness: 2.5,
         signed_pixels: true,
         bits_stored: 16,
-        rescale_slope: 1.0,
         rescale_intercept: 0.0,
         padding_value: Some(-2000),
-        sop_class_uid,
-        image_type,
-        orientation,
-        contrast_agent: None,
-        gantry_tilt: 0.0,
+        ..SeriesHeader::plain_ct()
     };
     let mut rng = Rng::derive(3, &[]);
     let hu = Phantom::random(&mut rng, false).slice_hu([-160.0, -160.0, 0.0], [10.0, 10.0], 32, 32);

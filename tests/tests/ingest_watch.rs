@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use panscreen::requeue::{requeue, Selection};
-use panscreen::synth::synthesize;
 use panscreen_ingest::watch::{Completion, Watcher};
 use panscreen_ingest::{header, IngestConfig};
 use panscreen_shared::contracts::{subjects, IgnoredInputs};
@@ -15,6 +14,7 @@ use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{MemoryQueue, Queue};
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::{OpenMode, Store};
+use panscreen_synth::synthesize;
 use panscreen_tests::{files_below, small_cohort};
 
 const KEY: &str = "watch-test-key-0123456789abcdef0123";

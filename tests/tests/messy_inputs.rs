@@ -9,7 +9,6 @@ use std::os::unix::ffi::OsStrExt;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use panscreen::synth::{encode_slice, SeriesHeader, Slice};
 use panscreen_ingest::watch::{Completion, Watcher};
 use panscreen_ingest::IngestConfig;
 use panscreen_shared::contracts::{subjects, QuarantineRecord, StudyIngested};
@@ -19,6 +18,7 @@ use panscreen_shared::queue::large::{self, LargePayloads};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
+use panscreen_synth::{encode_slice, SeriesHeader, Slice};
 use panscreen_tests::servers::{NatsServer, SeaweedFs};
 use panscreen_tests::{files_below, odd_case_header, query_tables, run_embedded, series_files};
 

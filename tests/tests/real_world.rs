@@ -5,9 +5,10 @@
 
 use std::path::Path;
 
-use panscreen::synth::{encode_enhanced_ct, encode_slice, synthesize, SeriesHeader, Size, Slice, SynthOptions};
-use panscreen_shared::sites::SiteRegistry;
-use panscreen_tests::{files_below, odd_case_header as header, query_tables, run_embedded, series_hu, write_series};
+use panscreen_synth::{encode_enhanced_ct, encode_slice, synthesize, SeriesHeader, Slice, SynthOptions};
+use panscreen_tests::{
+    files_below, odd_case_header as header, query_tables, run_embedded, series_hu, small_cohort, write_series,
+};
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-real-world";
 
@@ -65,17 +66,7 @@ fn enhanced_ct_frames_decode_like_the_slices_they_hold() {
 fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted_for() {
     let scratch = tempfile::tempdir().unwrap();
     let cohort = scratch.path().join("cohort");
-    let options = SynthOptions {
-        out: cohort.clone(),
-        studies: 2,
-        seed: 77,
-        prevalence: 0.5,
-        size: Size::Small,
-        sites: SiteRegistry::builtin(),
-        threads: 2,
-        realistic: true,
-        slices: None,
-    };
+    let options = SynthOptions { prevalence: 0.5, realistic: true, ..small_cohort(cohort.clone(), 2, 77) };
     synthesize(&options, &|_| {}).unwrap();
     let input = cohort.join("studies");
     // Keys with spaces and non-ASCII characters: a hospital's own folder names.

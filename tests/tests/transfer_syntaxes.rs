@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use panscreen::synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 use panscreen_preprocess::decode::decode_slice;
+use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 
 const FILL: f32 = -1000.0;
 
@@ -173,38 +173,23 @@ const ENCODINGS: &[Encoding] = &[
 ];
 
 fn header(variant: &Variant) -> SeriesHeader {
-    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     SeriesHeader {
         patient_name: "CODEC^TEST".into(),
         patient_id: "CODEC0001".into(),
-        issuer_of_patient_id: "NB-J01".into(),
-        patient_birth_date: "19600101".into(),
-        patient_sex: "F".into(),
-        patient_age: "065Y".into(),
         accession_number: "ACCCODEC1".into(),
         study_instance_uid: "2.25.9100".into(),
         series_instance_uid: "2.25.9101".into(),
         frame_of_reference_uid: "2.25.9102".into(),
-        study_date: "20250101".into(),
-        study_time: "101010".into(),
-        institution_name: "Jiangbei District Hospital".into(),
-        modality: "CT".into(),
-        series_number: 2,
         series_description: "ABDOMEN PLAIN".into(),
         rows: 128,
         columns: 128,
         pixel_spacing: [2.8, 2.8],
-        slice_thickness: 2.5,
         signed_pixels: variant.signed,
         bits_stored: variant.bits_stored,
         rescale_slope: variant.slope,
         rescale_intercept: variant.intercept,
         padding_value: variant.padding,
-        sop_class_uid,
-        image_type,
-        orientation,
-        contrast_agent: None,
-        gantry_tilt: 0.0,
+        ..SeriesHeader::plain_ct()
     }
 }
 

@@ -10,7 +10,7 @@ use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::{OpenMode, Store};
 
 use crate::pipeline::{self, EmbeddedOptions};
-use crate::synth::{self, Size, SynthOptions};
+use panscreen_synth::{Size, SynthOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -278,7 +278,7 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         slices: args.slices,
     };
     let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
-    let truths = synth::synthesize(&options, &|_| bar.inc(1))?;
+    let truths = panscreen_synth::synthesize(&options, &|_| bar.inc(1))?;
     bar.finish_and_clear();
     let lesions = truths.iter().filter(|t| t.lesion.is_some()).count();
     println!(

@@ -3,7 +3,6 @@
 //! - [`cli`]: the subcommands (`synth`, `run`, `inspect`, `evaluate`, `serve`, `submit`,
 //!   `setup`, `status`, `compact`, `requeue`) and their flags; every flag has a
 //!   `PANSCREEN_…` environment twin.
-//! - [`synth`]: synthetic non-contrast abdominal CT cohorts written as DICOM.
 //! - [`pipeline`]: the four stages in one process over the in-memory queue and the
 //!   local filesystem, with nothing to install: the embedded default.
 //! - [`serve`]: distributed mode: a stage as a service over NATS JetStream and S3;
@@ -18,4 +17,3 @@ pub mod pipeline;
 pub mod requeue;
 pub mod serve;
 pub mod status;
-pub mod synth;

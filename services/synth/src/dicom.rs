@@ -49,6 +49,45 @@ pub struct SeriesHeader {
 }
 
 impl SeriesHeader {
+    /// A plain original axial CT series (64×64, 2.5 mm slices, unsigned 12 bits) of a
+    /// made-up patient (`TEST^PATIENT`, `PID0001`, `ACC1`, born 1960-01-01). A test
+    /// states only what it changes: `SeriesHeader { rows: 32, ..SeriesHeader::plain_ct() }`.
+    pub fn plain_ct() -> SeriesHeader {
+        let (sop_class_uid, image_type, orientation) = Self::axial_ct();
+        SeriesHeader {
+            patient_name: "TEST^PATIENT".into(),
+            patient_id: "PID0001".into(),
+            issuer_of_patient_id: "NB-J01".into(),
+            patient_birth_date: "19600101".into(),
+            patient_sex: "F".into(),
+            patient_age: "065Y".into(),
+            accession_number: "ACC1".into(),
+            study_instance_uid: "2.25.1".into(),
+            series_instance_uid: "2.25.2".into(),
+            frame_of_reference_uid: "2.25.3".into(),
+            study_date: "20250101".into(),
+            study_time: "101010".into(),
+            institution_name: "Jiangbei District Hospital".into(),
+            modality: "CT".into(),
+            series_number: 2,
+            series_description: "ABD 2.5mm".into(),
+            rows: 64,
+            columns: 64,
+            pixel_spacing: [0.7, 0.7],
+            slice_thickness: 2.5,
+            signed_pixels: false,
+            bits_stored: 12,
+            rescale_slope: 1.0,
+            rescale_intercept: -1024.0,
+            padding_value: None,
+            sop_class_uid,
+            image_type,
+            orientation,
+            contrast_agent: None,
+            gantry_tilt: 0.0,
+        }
+    }
+
     /// The ImageType, orientation and SOP class of a plain original axial CT series.
     pub fn axial_ct() -> (String, Vec<String>, [f64; 6]) {
         (
@@ -357,36 +396,11 @@ mod tests {
 
     pub(crate) fn test_header() -> SeriesHeader {
         SeriesHeader {
-            patient_name: "TEST^PATIENT".into(),
-            patient_id: "PID0001".into(),
             issuer_of_patient_id: "HOSP".into(),
-            patient_birth_date: "19600101".into(),
-            patient_sex: "F".into(),
-            patient_age: "065Y".into(),
-            accession_number: "ACC1".into(),
-            study_instance_uid: "2.25.1".into(),
-            series_instance_uid: "2.25.2".into(),
-            frame_of_reference_uid: "2.25.3".into(),
-            study_date: "20250101".into(),
-            study_time: "101010".into(),
             institution_name: "Somewhere".into(),
-            modality: "CT".into(),
-            series_number: 2,
-            series_description: "ABD 2.5mm".into(),
             rows: 2,
             columns: 2,
-            pixel_spacing: [0.7, 0.7],
-            slice_thickness: 2.5,
-            signed_pixels: false,
-            bits_stored: 12,
-            rescale_slope: 1.0,
-            rescale_intercept: -1024.0,
-            padding_value: None,
-            sop_class_uid: uids::CT_IMAGE_STORAGE.into(),
-            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
-            orientation: [1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-            contrast_agent: None,
-            gantry_tilt: 0.0,
+            ..SeriesHeader::plain_ct()
         }
     }
 }

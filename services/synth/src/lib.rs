@@ -1,10 +1,19 @@
-//! `panscreen synth`: a cohort of synthetic non-contrast abdominal CT studies, written
-//! as real DICOM files (one file per slice), with the ground truth kept apart in
-//! `labels.parquet`. The same seed gives the same bytes.
+//! Synthetic non-contrast abdominal CT cohorts, written as real DICOM files (one file
+//! per slice), with the ground truth kept apart in `labels.parquet`. The same seed
+//! gives the same bytes.
+//!
+//! - [`anatomy`]: the phantom: body, organs, pancreas, lesion, noise.
+//! - [`dicom`]: the DICOM writer (classic CT slices, Enhanced CT objects).
+//! - [`rng`]: a small seeded generator, so that a cohort does not change with a crate.
+//!
+//! Why a crate of its own, under `services/`: the `panscreen synth` command, the demo,
+//! `panscreen evaluate` and the tests all write cohorts with it, and everything the
+//! `panscreen` binary links lives under `services/` and `shared/` (`tests/` holds only
+//! what tests use). None of the stages depends on it.
 
-mod anatomy;
-mod dicom;
-mod rng;
+pub mod anatomy;
+pub mod dicom;
+pub mod rng;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +32,8 @@ pub use dicom::{encode_enhanced_ct, encode_slice, SeriesHeader, Slice};
 pub use rng::Rng;
 
 /// Study size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Size {
     /// About 256×256×60 at 1.4 mm in-plane and 2.5 mm slices: for tests.
     Small,
