@@ -170,7 +170,6 @@ fn write_study(
     };
     let slices = options.slices.unwrap_or(slices);
     let signed_pixels = rng.chance(0.5);
-    let (sop_class_uid, image_type, orientation) = SeriesHeader::axial_ct();
     let header = SeriesHeader {
         patient_name: patient_name.clone(),
         patient_id: patient_id.clone(),
@@ -185,8 +184,6 @@ fn write_study(
         study_date: date_text(scan_date),
         study_time: format!("{:02}{:02}{:02}", rng.range(7, 19), rng.range(0, 59), rng.range(0, 59)),
         institution_name: site.institution_name.clone(),
-        modality: "CT".to_string(),
-        series_number: 2,
         series_description: format!("ABDOMEN PLAIN {slice_spacing}mm"),
         rows: rows as u16,
         columns: rows as u16,
@@ -194,14 +191,8 @@ fn write_study(
         slice_thickness: slice_spacing,
         signed_pixels,
         bits_stored: if signed_pixels { 16 } else { 12 },
-        rescale_slope: 1.0,
         rescale_intercept: if signed_pixels { 0.0 } else { -1024.0 },
-        padding_value: None,
-        sop_class_uid,
-        image_type,
-        orientation,
-        contrast_agent: None,
-        gantry_tilt: 0.0,
+        ..SeriesHeader::plain_ct()
     };
     let noise_sigma = rng.uniform(10.0, 20.0);
     let phantom = Phantom::random(&mut rng, with_lesion);
