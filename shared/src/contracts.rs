@@ -152,7 +152,9 @@ pub mod topology {
     pub fn consumers(campaign: &str) -> Vec<(String, Stage)> {
         STAGES
             .iter()
-            .flat_map(|wiring| wiring.consumes.iter().map(move |subject| (subject.name(campaign), wiring.stage)))
+            .flat_map(|wiring| {
+                wiring.consumes.iter().map(move |subject| (subject.name(campaign), wiring.stage))
+            })
             .collect()
     }
 
@@ -165,8 +167,13 @@ pub mod topology {
         fn every_published_subject_has_one_consumer() {
             for wiring in STAGES {
                 for subject in wiring.publishes {
-                    let readers = STAGES.iter().filter(|other| other.consumes.contains(subject)).count();
-                    assert_eq!(readers, 1, "{subject:?} published by {} has {readers} consumers", wiring.stage);
+                    let readers =
+                        STAGES.iter().filter(|other| other.consumes.contains(subject)).count();
+                    assert_eq!(
+                        readers, 1,
+                        "{subject:?} published by {} has {readers} consumers",
+                        wiring.stage
+                    );
                 }
             }
             assert_eq!(STAGES.map(|wiring| wiring.stage), Stage::ALL);
@@ -395,7 +402,11 @@ pub struct QuarantineRecord {
 impl QuarantineRecord {
     /// Message id for the quarantine subject: one record per input per stage and pass.
     pub fn message_id(&self) -> String {
-        let id = format!("quarantine:{}:{}", self.stage, self.study_key.as_deref().unwrap_or(&self.input));
+        let id = format!(
+            "quarantine:{}:{}",
+            self.stage,
+            self.study_key.as_deref().unwrap_or(&self.input)
+        );
         with_generation(id, self.generation)
     }
 }

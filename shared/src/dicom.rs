@@ -40,7 +40,12 @@ fn first_item(object: &InMemDicomObject, group: Tag) -> Option<&InMemDicomObject
 
 /// `attribute` for frame `frame` (0-based): in the frame's functional group `group`, then
 /// in the shared functional group, then at the top level.
-pub fn frame_attribute(object: &InMemDicomObject, frame: usize, group: Tag, attribute: Tag) -> Option<&InMemElement> {
+pub fn frame_attribute(
+    object: &InMemDicomObject,
+    frame: usize,
+    group: Tag,
+    attribute: Tag,
+) -> Option<&InMemElement> {
     let per_frame = element(object, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
         .and_then(|sequence| sequence.items())
         .and_then(|items| items.get(frame))
@@ -56,31 +61,45 @@ pub fn frame_attribute(object: &InMemDicomObject, frame: usize, group: Tag, attr
 }
 
 /// Numbers of `attribute` for a frame, if present and numeric.
-pub fn frame_floats(object: &InMemDicomObject, frame: usize, group: Tag, attribute: Tag) -> Option<Vec<f64>> {
-    frame_attribute(object, frame, group, attribute).and_then(|element| element.to_multi_float64().ok())
+pub fn frame_floats(
+    object: &InMemDicomObject,
+    frame: usize,
+    group: Tag,
+    attribute: Tag,
+) -> Option<Vec<f64>> {
+    frame_attribute(object, frame, group, attribute)
+        .and_then(|element| element.to_multi_float64().ok())
 }
 
 /// ImagePositionPatient of a frame.
 pub fn frame_position(object: &InMemDicomObject, frame: usize) -> Option<[f64; 3]> {
-    frame_floats(object, frame, groups::PLANE_POSITION, tags::IMAGE_POSITION_PATIENT)?.try_into().ok()
+    frame_floats(object, frame, groups::PLANE_POSITION, tags::IMAGE_POSITION_PATIENT)?
+        .try_into()
+        .ok()
 }
 
 /// ImageOrientationPatient of a frame.
 pub fn frame_orientation(object: &InMemDicomObject, frame: usize) -> Option<[f64; 6]> {
-    frame_floats(object, frame, groups::PLANE_ORIENTATION, tags::IMAGE_ORIENTATION_PATIENT)?.try_into().ok()
+    frame_floats(object, frame, groups::PLANE_ORIENTATION, tags::IMAGE_ORIENTATION_PATIENT)?
+        .try_into()
+        .ok()
 }
 
 /// (RescaleSlope, RescaleIntercept) of a frame; (1, 0) when absent.
 pub fn frame_rescale(object: &InMemDicomObject, frame: usize) -> (f64, f64) {
-    let first =
-        |tag| frame_floats(object, frame, groups::PIXEL_VALUE_TRANSFORMATION, tag).and_then(|v| v.first().copied());
+    let first = |tag| {
+        frame_floats(object, frame, groups::PIXEL_VALUE_TRANSFORMATION, tag)
+            .and_then(|v| v.first().copied())
+    };
     (first(tags::RESCALE_SLOPE).unwrap_or(1.0), first(tags::RESCALE_INTERCEPT).unwrap_or(0.0))
 }
 
 /// NumberOfFrames, at least 1.
 pub fn number_of_frames(object: &InMemDicomObject) -> u32 {
-    element(object, tags::NUMBER_OF_FRAMES).and_then(|e| e.to_int::<i64>().ok()).unwrap_or(1).clamp(1, u32::MAX as i64)
-        as u32
+    element(object, tags::NUMBER_OF_FRAMES)
+        .and_then(|e| e.to_int::<i64>().ok())
+        .unwrap_or(1)
+        .clamp(1, u32::MAX as i64) as u32
 }
 
 /// Is this an Enhanced CT (or other multi-frame functional-group) object?
@@ -92,8 +111,8 @@ pub fn has_functional_groups(object: &InMemDicomObject) -> bool {
 /// VRs whose explicit-VR header has a 16-bit length; every other VR, an unknown one
 /// included (a parser reads it as UN), has two reserved bytes and a 32-bit length.
 const SHORT_VRS: [&[u8; 2]; 21] = [
-    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
-    b"ST", b"TM", b"UI", b"UL", b"US",
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+    b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
 ];
 
 /// What [`check_declared_lengths`] found wrong, by what it means for the object.
@@ -157,7 +176,8 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProbl
         }
         if header[..4] == [0x02, 0x00, 0x10, 0x00] {
             let value = bytes.get(value_at..value_at + length as usize).unwrap_or_default();
-            transfer_syntax = String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).to_string();
+            transfer_syntax =
+                String::from_utf8_lossy(value).trim_end_matches(['\0', ' ']).to_string();
         }
         meta_end = value_at + length as usize;
     }
@@ -217,10 +237,14 @@ fn inflate_into(deflated: &[u8], cap: u64, sink: &mut impl std::io::Write) -> (u
 fn check_deflated(deflated: &[u8], whole: bool) -> Result<(), LengthProblem> {
     let (total, ended) = inflate_into(deflated, DEFLATED_MAX_BYTES, &mut std::io::sink());
     if total > DEFLATED_MAX_BYTES {
-        return Err(LengthProblem::Inflates(format!("{INFLATES_BEYOND_LIMIT}: over {DEFLATED_MAX_BYTES} bytes")));
+        return Err(LengthProblem::Inflates(format!(
+            "{INFLATES_BEYOND_LIMIT}: over {DEFLATED_MAX_BYTES} bytes"
+        )));
     }
     if whole && !ended {
-        return Err(LengthProblem::Corrupt(format!("the deflated data set is corrupt after {total} inflated bytes")));
+        return Err(LengthProblem::Corrupt(format!(
+            "the deflated data set is corrupt after {total} inflated bytes"
+        )));
     }
     let mut head = Vec::new();
     inflate_into(deflated, DEFLATED_WALK_BYTES.min(total), &mut head);
@@ -239,7 +263,11 @@ fn walk(
 ) -> Result<(), LengthProblem> {
     let u16_at = |at: usize| -> Option<u16> {
         let b = bytes.get(at..at + 2)?;
-        Some(if big_endian { u16::from_be_bytes([b[0], b[1]]) } else { u16::from_le_bytes([b[0], b[1]]) })
+        Some(if big_endian {
+            u16::from_be_bytes([b[0], b[1]])
+        } else {
+            u16::from_le_bytes([b[0], b[1]])
+        })
     };
     let u32_at = |at: usize| -> Option<u32> {
         let b = bytes.get(at..at + 4)?;
@@ -268,7 +296,9 @@ fn walk(
     // Returns where the walk goes on (after the delimiter), or None where it cannot.
     let fragments = |mut at: usize| -> Result<Option<usize>, LengthProblem> {
         while at + 8 <= end {
-            let (Some(0xFFFE), Some(element), Some(length)) = (u16_at(at), u16_at(at + 2), u32_at(at + 4)) else {
+            let (Some(0xFFFE), Some(element), Some(length)) =
+                (u16_at(at), u16_at(at + 2), u32_at(at + 4))
+            else {
                 return Ok(None);
             };
             if element == 0xE0DD {
@@ -392,7 +422,8 @@ mod tests {
 
     fn deflate(bytes: &[u8]) -> Vec<u8> {
         use std::io::Write;
-        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         encoder.write_all(bytes).unwrap();
         encoder.finish().unwrap()
     }
@@ -418,7 +449,10 @@ mod tests {
         let mut corrupt = good.clone();
         let last = corrupt.len() - 3;
         corrupt.truncate(last);
-        assert!(check_declared_lengths(&corrupt, corrupt.len() as u64).unwrap_err().to_string().contains("corrupt"));
+        assert!(check_declared_lengths(&corrupt, corrupt.len() as u64)
+            .unwrap_err()
+            .to_string()
+            .contains("corrupt"));
         assert_eq!(check_declared_lengths(&corrupt, good.len() as u64), Ok(()));
     }
 
@@ -426,7 +460,8 @@ mod tests {
     fn a_deflate_bomb_is_refused_without_being_kept() {
         // Only the first few bytes of a 2 GiB + 1 stream of zeros: a real bomb is the
         // same compressed pattern repeated; the check counts without keeping it.
-        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..(DEFLATED_MAX_BYTES >> 20) + 1 {
             std::io::Write::write_all(&mut encoder, &zeros).unwrap();
@@ -434,6 +469,9 @@ mod tests {
         let bomb = part10_in(DEFLATED_UID, &encoder.finish().unwrap());
         assert!(bomb.len() < 4 << 20, "{} bytes", bomb.len());
         let error = check_declared_lengths(&bomb, bomb.len() as u64).unwrap_err();
-        assert!(matches!(&error, LengthProblem::Inflates(text) if text.starts_with(INFLATES_BEYOND_LIMIT)), "{error}");
+        assert!(
+            matches!(&error, LengthProblem::Inflates(text) if text.starts_with(INFLATES_BEYOND_LIMIT)),
+            "{error}"
+        );
     }
 }

@@ -41,7 +41,11 @@ impl StageError {
     }
 
     pub fn infrastructure(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        StageError { class: ErrorClass::Infrastructure, reason: reason.into(), detail: detail.into() }
+        StageError {
+            class: ErrorClass::Infrastructure,
+            reason: reason.into(),
+            detail: detail.into(),
+        }
     }
 
     pub fn is_retryable(&self) -> bool {
@@ -69,10 +73,13 @@ impl From<crate::store::StoreError> for StageError {
     fn from(error: crate::store::StoreError) -> Self {
         use crate::store::StoreErrorKind;
         match error.kind() {
-            StoreErrorKind::NotFound => StageError::permanent("object not found in the store", error.to_string()),
-            StoreErrorKind::Denied => {
-                StageError::permanent("object cannot be read (permission denied)", error.to_string())
+            StoreErrorKind::NotFound => {
+                StageError::permanent("object not found in the store", error.to_string())
             }
+            StoreErrorKind::Denied => StageError::permanent(
+                "object cannot be read (permission denied)",
+                error.to_string(),
+            ),
             StoreErrorKind::InvalidKey => {
                 StageError::permanent("object key cannot be used with the store", error.to_string())
             }

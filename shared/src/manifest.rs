@@ -106,8 +106,9 @@ impl ModelManifest {
         }
         let text = std::fs::read_to_string(&file)
             .map_err(|source| ManifestError::Unreadable { path: file.clone(), source })?;
-        let mut manifest: ModelManifest = toml::from_str(&text)
-            .map_err(|error| ManifestError::Invalid { path: file.clone(), detail: error.message().to_string() })?;
+        let mut manifest: ModelManifest = toml::from_str(&text).map_err(|error| {
+            ManifestError::Invalid { path: file.clone(), detail: error.message().to_string() }
+        })?;
         manifest.directory = file.parent().map(Path::to_path_buf).unwrap_or_default();
         manifest.validate().map_err(|detail| ManifestError::Invalid { path: file, detail })?;
         Ok(manifest)
@@ -119,7 +120,10 @@ impl ModelManifest {
             return Err(format!("input batch dimension must be -1 or positive, not {batch}"));
         }
         if channels != 1 || depth < 1 || height < 1 || width < 1 {
-            return Err(format!("input shape must be [batch, 1, depth, height, width], not {:?}", self.input.shape));
+            return Err(format!(
+                "input shape must be [batch, 1, depth, height, width], not {:?}",
+                self.input.shape
+            ));
         }
         if self.input.spacing_mm.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(format!("input spacing must be positive, not {:?}", self.input.spacing_mm));
@@ -208,15 +212,19 @@ mask = "m"
     #[test]
     fn rejects_bad_values_with_the_reason() {
         let directory = tempfile::tempdir().unwrap();
-        std::fs::write(directory.path().join("manifest.toml"), EXAMPLE.replace("threshold = 0.5", "threshold = 5.0"))
-            .unwrap();
+        std::fs::write(
+            directory.path().join("manifest.toml"),
+            EXAMPLE.replace("threshold = 0.5", "threshold = 5.0"),
+        )
+        .unwrap();
         let error = ModelManifest::load(directory.path()).unwrap_err().to_string();
         assert!(error.contains("threshold must be within [0, 1], not 5"), "{error}");
     }
 
     #[test]
     fn missing_manifest_names_the_path() {
-        let error = ModelManifest::load(Path::new("/nowhere/manifest.toml")).unwrap_err().to_string();
+        let error =
+            ModelManifest::load(Path::new("/nowhere/manifest.toml")).unwrap_err().to_string();
         assert_eq!(error, "model manifest /nowhere/manifest.toml does not exist");
     }
 }

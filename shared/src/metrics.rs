@@ -52,7 +52,8 @@ impl Readiness {
     }
 
     pub fn get(&self) -> bool {
-        self.started.load(Ordering::Relaxed) && self.blockers.lock().expect("readiness lock").is_empty()
+        self.started.load(Ordering::Relaxed)
+            && self.blockers.lock().expect("readiness lock").is_empty()
     }
 
     /// Why the service is not ready, for the /readyz body ("" when ready).
@@ -70,33 +71,59 @@ pub fn render(stage: Stage, counters: &StageCounters) -> String {
     let (processed, quarantined, retried) = counters.snapshot();
     let mut text = String::new();
     let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{label} {value}\n"));
+        text.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{label} {value}\n"
+        ));
     };
     counter(PROCESSED_TOTAL, "Messages handled and passed on.", "counter", processed);
     counter(QUARANTINED_TOTAL, "Inputs quarantined.", "counter", quarantined);
     counter(RETRIED_TOTAL, "Retryable failures handed back for redelivery.", "counter", retried);
-    counter(REDELIVERED_TOTAL, "Deliveries after the first.", "counter", counters.redelivered.load(Ordering::Relaxed));
-    counter(IN_FLIGHT, "Messages being handled now.", "gauge", counters.in_flight.load(Ordering::Relaxed));
+    counter(
+        REDELIVERED_TOTAL,
+        "Deliveries after the first.",
+        "counter",
+        counters.redelivered.load(Ordering::Relaxed),
+    );
+    counter(
+        IN_FLIGHT,
+        "Messages being handled now.",
+        "gauge",
+        counters.in_flight.load(Ordering::Relaxed),
+    );
     text.push_str(&format!(
         "# HELP {STAGE_SECONDS} Time in the stage's handler per message.\n# TYPE {STAGE_SECONDS} histogram\n"
     ));
     let (buckets, count, sum) = counters.latency.snapshot();
     for (bound, cumulative) in LATENCY_BUCKETS.iter().zip(buckets) {
-        text.push_str(&format!("{STAGE_SECONDS}_bucket{{stage=\"{stage}\",le=\"{bound}\"}} {cumulative}\n"));
+        text.push_str(&format!(
+            "{STAGE_SECONDS}_bucket{{stage=\"{stage}\",le=\"{bound}\"}} {cumulative}\n"
+        ));
     }
     text.push_str(&format!("{STAGE_SECONDS}_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {count}\n"));
-    text.push_str(&format!("{STAGE_SECONDS}_sum{label} {sum}\n{STAGE_SECONDS}_count{label} {count}\n"));
+    text.push_str(&format!(
+        "{STAGE_SECONDS}_sum{label} {sum}\n{STAGE_SECONDS}_count{label} {count}\n"
+    ));
     text
 }
 
 /// Serves /healthz, /readyz and /metrics on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, stage: Stage, counters: Arc<StageCounters>, readiness: Arc<Readiness>) {
+pub async fn serve(
+    listener: TcpListener,
+    stage: Stage,
+    counters: Arc<StageCounters>,
+    readiness: Arc<Readiness>,
+) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else { continue };
         let (counters, readiness) = (counters.clone(), readiness.clone());
         tokio::spawn(async move {
             let mut request = [0u8; 1024];
-            let read = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await {
+            let read = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                socket.read(&mut request),
+            )
+            .await
+            {
                 Ok(Ok(read)) => read,
                 _ => return,
             };
@@ -108,7 +135,9 @@ pub async fn serve(listener: TcpListener, stage: Stage, counters: Arc<StageCount
                     Some(why) => ("503 Service Unavailable", format!("{why}\n")),
                 },
                 "/readyz" if readiness.get() => ("200 OK", "ready\n".to_string()),
-                "/readyz" => ("503 Service Unavailable", format!("not ready: {}\n", readiness.why_not())),
+                "/readyz" => {
+                    ("503 Service Unavailable", format!("not ready: {}\n", readiness.why_not()))
+                }
                 "/metrics" => ("200 OK", render(stage, &counters)),
                 _ => ("404 Not Found", "not found\n".to_string()),
             };
@@ -140,7 +169,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let counters = Arc::new(StageCounters::default());
-        let server = tokio::spawn(serve(listener, Stage::Infer, counters.clone(), Arc::new(Readiness::default())));
+        let server = tokio::spawn(serve(
+            listener,
+            Stage::Infer,
+            counters.clone(),
+            Arc::new(Readiness::default()),
+        ));
         assert!(get(port, "/healthz").await.starts_with("HTTP/1.1 200"));
         counters.timed_out_in_a_row.store(crate::worker::WEDGED_AFTER, Ordering::Relaxed);
         let response = get(port, "/healthz").await;
@@ -156,8 +190,14 @@ mod tests {
         counters.latency.observe(7.0);
         let text = render(Stage::Infer, &counters);
         assert!(text.contains("panscreen_processed_total{stage=\"infer\"} 3\n"), "{text}");
-        assert!(text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"0.25\"} 1\n"), "{text}");
-        assert!(text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"10\"} 2\n"), "{text}");
+        assert!(
+            text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"0.25\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"10\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("panscreen_stage_seconds_count{stage=\"infer\"} 2\n"), "{text}");
     }
 }

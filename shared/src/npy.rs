@@ -19,7 +19,8 @@ pub enum NpyError {
 pub fn encode_f32(shape: &[usize], data: &[f32]) -> Bytes {
     debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "shape matches data");
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text =
+        if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
     let unpadded = MAGIC.len() + 4 + header.len() + 1;
@@ -47,8 +48,10 @@ pub fn decode_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
     if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
         return Err(NpyError::Unsupported(header.trim().to_string()));
     }
-    let shape_start = header.find("'shape': (").ok_or_else(|| NpyError::Unsupported(header.to_string()))? + 10;
-    let shape_end = header[shape_start..].find(')').ok_or_else(|| NpyError::Unsupported(header.to_string()))?;
+    let shape_start =
+        header.find("'shape': (").ok_or_else(|| NpyError::Unsupported(header.to_string()))? + 10;
+    let shape_end =
+        header[shape_start..].find(')').ok_or_else(|| NpyError::Unsupported(header.to_string()))?;
     let shape: Vec<usize> = header[shape_start..shape_start + shape_end]
         .split(',')
         .map(str::trim)
@@ -79,7 +82,10 @@ mod tests {
     #[test]
     fn truncated_is_an_error() {
         let encoded = encode_f32(&[4], &[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(decode_f32(&encoded[..encoded.len() - 4]), Err(NpyError::Truncated { expected: 16, actual: 12 }));
+        assert_eq!(
+            decode_f32(&encoded[..encoded.len() - 4]),
+            Err(NpyError::Truncated { expected: 16, actual: 12 })
+        );
         assert_eq!(decode_f32(b"garbage garbage"), Err(NpyError::NotNpy));
     }
 }

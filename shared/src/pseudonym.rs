@@ -47,8 +47,8 @@ impl Pseudonymizer {
 
     /// Reads a key file: surrounding whitespace is ignored.
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let text =
-            std::fs::read(path).map_err(|source| KeyError::Unreadable { path: path.display().to_string(), source })?;
+        let text = std::fs::read(path)
+            .map_err(|source| KeyError::Unreadable { path: path.display().to_string(), source })?;
         let trimmed = String::from_utf8_lossy(&text).trim().as_bytes().to_vec();
         Self::new(trimmed)
     }
@@ -135,7 +135,10 @@ mod tests {
 
     #[test]
     fn debug_does_not_print_the_key() {
-        let text = format!("{:?}", Pseudonymizer::new(b"supersecretkeysupersecretkey12345".to_vec()).unwrap());
+        let text = format!(
+            "{:?}",
+            Pseudonymizer::new(b"supersecretkeysupersecretkey12345".to_vec()).unwrap()
+        );
         assert!(!text.contains("supersecret"));
     }
 }

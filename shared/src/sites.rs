@@ -64,12 +64,17 @@ impl SiteRegistry {
 
     pub fn load(path: &Path) -> Result<SiteRegistry, SiteError> {
         let display = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| SiteError::Unreadable { path: display.clone(), source })?;
-        let registry: SiteRegistry = toml::from_str(&text)
-            .map_err(|error| SiteError::Invalid { path: display.clone(), detail: error.message().to_string() })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| SiteError::Unreadable { path: display.clone(), source })?;
+        let registry: SiteRegistry = toml::from_str(&text).map_err(|error| SiteError::Invalid {
+            path: display.clone(),
+            detail: error.message().to_string(),
+        })?;
         if registry.sites.is_empty() {
-            return Err(SiteError::Invalid { path: display, detail: "no [[site]] entries".to_string() });
+            return Err(SiteError::Invalid {
+                path: display,
+                detail: "no [[site]] entries".to_string(),
+            });
         }
         Ok(registry)
     }
@@ -88,7 +93,10 @@ mod tests {
     #[test]
     fn builtin_matches_by_institution() {
         let registry = SiteRegistry::builtin();
-        assert_eq!(registry.by_institution(" jiangbei district hospital ").unwrap().region_code, "330205");
+        assert_eq!(
+            registry.by_institution(" jiangbei district hospital ").unwrap().region_code,
+            "330205"
+        );
         assert!(registry.by_institution("Elsewhere").is_none());
     }
 

@@ -61,7 +61,9 @@ impl MinuteWindow {
     /// Records the running total; returns how much it grew over the last minute.
     pub fn observe(&mut self, now: Instant, total: u64) -> u64 {
         self.samples.push_back((now, total));
-        while self.samples.len() > 1 && now.duration_since(self.samples[0].0) > Duration::from_secs(60) {
+        while self.samples.len() > 1
+            && now.duration_since(self.samples[0].0) > Duration::from_secs(60)
+        {
             self.samples.pop_front();
         }
         total - self.samples.front().map(|(_, first)| *first).unwrap_or(total)
@@ -90,7 +92,10 @@ pub async fn report_until(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut window = MinuteWindow::default();
-    let key = format!("{stage}.{}", instance.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_"));
+    let key = format!(
+        "{stage}.{}",
+        instance.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "_")
+    );
     tokio::pin!(stop);
     let mut stopped = false;
     loop {

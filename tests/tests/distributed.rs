@@ -31,7 +31,8 @@ struct Service {
 
 impl Service {
     fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
+        let status =
+            Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap();
         assert!(status.success(), "kill {signal} {}", self.name);
     }
 
@@ -76,7 +77,10 @@ impl Cluster {
         let seaweed = SeaweedFs::start();
         seaweed.create_bucket(BUCKET);
         let scratch = tempfile::tempdir().unwrap();
-        let options = SynthOptions { prevalence: 0.25, ..small_cohort(scratch.path().join("cohort"), studies, seed) };
+        let options = SynthOptions {
+            prevalence: 0.25,
+            ..small_cohort(scratch.path().join("cohort"), studies, seed)
+        };
         let truths = synthesize(&options, &|_| {}).unwrap();
         let store = Store::open_s3_with(&format!("s3://{BUCKET}"), &seaweed.s3_options()).unwrap();
         let cohort = options.out.join("studies");
@@ -138,7 +142,11 @@ impl Cluster {
             .envs(self.environment.iter().map(|(k, v)| (k.clone(), v.clone())))
             .output()
             .unwrap();
-        assert!(output.status.success(), "panscreen {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "panscreen {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         output
     }
 
@@ -150,13 +158,16 @@ impl Cluster {
     fn table(&self, table: &str) -> Vec<(String, RecordBatch)> {
         self.runtime.block_on(async {
             let mut batches = Vec::new();
-            for object in self.store.list(&format!("campaigns/{CAMPAIGN}/out/{table}")).await.unwrap() {
+            for object in
+                self.store.list(&format!("campaigns/{CAMPAIGN}/out/{table}")).await.unwrap()
+            {
                 let key = object.key.clone();
                 let bytes = self.store.get(&key).await.unwrap();
-                let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
-                    .unwrap()
-                    .build()
-                    .unwrap();
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
+                        .unwrap()
+                        .build()
+                        .unwrap();
                 batches.extend(reader.map(|batch| (key.clone(), batch.unwrap())));
             }
             batches
@@ -184,7 +195,12 @@ impl Cluster {
         }
         std::thread::sleep(Duration::from_secs(6));
         let rows = self.results();
-        assert_eq!(rows.len(), expected, "studies in the results after {limit:?}\n{}", self.log_tail(services));
+        assert_eq!(
+            rows.len(),
+            expected,
+            "studies in the results after {limit:?}\n{}",
+            self.log_tail(services)
+        );
         rows
     }
 
@@ -211,7 +227,12 @@ impl Cluster {
         self.truths
             .iter()
             .flat_map(|t| {
-                [t.patient_name.clone(), t.patient_id.clone(), t.patient_birth_date.clone(), t.accession_number.clone()]
+                [
+                    t.patient_name.clone(),
+                    t.patient_id.clone(),
+                    t.patient_birth_date.clone(),
+                    t.accession_number.clone(),
+                ]
             })
             .filter(|identifier| identifier.len() >= 4)
             .collect()
@@ -227,7 +248,8 @@ impl Cluster {
 
     /// Every object panscreen wrote (tables, commits, ledger, tensors) and every log.
     fn assert_nothing_leaked(&self) {
-        let written = self.runtime.block_on(self.store.list(&format!("campaigns/{CAMPAIGN}"))).unwrap();
+        let written =
+            self.runtime.block_on(self.store.list(&format!("campaigns/{CAMPAIGN}"))).unwrap();
         assert!(written.len() > 20, "the services wrote their tables, commits and ledger");
         for object in written {
             let key = object.key.clone();
@@ -236,14 +258,18 @@ impl Cluster {
         }
         for entry in std::fs::read_dir(self.logs()).unwrap().flatten() {
             if entry.path().extension().is_some_and(|e| e == "log") {
-                self.assert_no_identifiers(&entry.path().display().to_string(), &std::fs::read(entry.path()).unwrap());
+                self.assert_no_identifiers(
+                    &entry.path().display().to_string(),
+                    &std::fs::read(entry.path()).unwrap(),
+                );
             }
         }
     }
 }
 
 fn strings(batch: &RecordBatch, column: &str) -> Vec<String> {
-    let array = batch.column_by_name(column).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+    let array =
+        batch.column_by_name(column).unwrap().as_any().downcast_ref::<StringArray>().unwrap();
     array.iter().map(|v| v.unwrap_or_default().to_string()).collect()
 }
 
@@ -289,7 +315,11 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     // Kill a preprocess and an infer worker once the work is under way; start new ones.
     let processed = |service: &Service| {
         let metrics = http_get(service.metrics_port, "/metrics");
-        let line = metrics.lines().find(|l| l.starts_with("panscreen_processed_total")).unwrap_or_default().to_string();
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("panscreen_processed_total"))
+            .unwrap_or_default()
+            .to_string();
         line.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
     };
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -300,13 +330,18 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     let before_kill = processed(&preprocess_a) + processed(&preprocess_b);
     preprocess_a.signal("-KILL");
     infer_a.signal("-KILL");
-    assert!((1..16).contains(&before_kill), "the kills must land mid-run ({before_kill} of 16 preprocessed)");
+    assert!(
+        (1..16).contains(&before_kill),
+        "the kills must land mid-run ({before_kill} of 16 preprocessed)"
+    );
     drop((preprocess_a, infer_a));
     let preprocess_c = cluster.serve("preprocess-c", "preprocess");
     let infer_c = cluster.serve("infer-c", "infer");
 
-    let services = vec![ingest, preprocess_b, preprocess_c, infer_b, infer_c, aggregate_a, aggregate_b];
-    let rows = cluster.wait_for_results(Duration::from_secs(150), &services.iter().collect::<Vec<_>>());
+    let services =
+        vec![ingest, preprocess_b, preprocess_c, infer_b, infer_c, aggregate_a, aggregate_b];
+    let rows =
+        cluster.wait_for_results(Duration::from_secs(150), &services.iter().collect::<Vec<_>>());
     let expected = cluster.expected_study_keys();
     assert_exactly_once(&rows, &expected);
     // Each study's tensor is deleted once it is scored: the work store empties.
@@ -324,11 +359,20 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
         .iter()
         .map(|(_, batch)| {
             let objects = batch.column_by_name("objects").unwrap();
-            objects.as_any().downcast_ref::<arrow::array::Int64Array>().unwrap().iter().flatten().sum::<i64>()
+            objects
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .iter()
+                .flatten()
+                .sum::<i64>()
         })
         .sum();
     let uploaded = cluster.runtime.block_on(cluster.store.list("incoming")).unwrap().len();
-    assert_eq!(accounted as usize, uploaded, "the passes' accounting adds up to every object uploaded");
+    assert_eq!(
+        accounted as usize, uploaded,
+        "the passes' accounting adds up to every object uploaded"
+    );
     let redelivered: usize = ["preprocess-b", "preprocess-c", "infer-b", "infer-c"]
         .iter()
         .map(|name| cluster.log(name).matches("redelivered message").count())
@@ -336,9 +380,11 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     eprintln!("messages redelivered after the kills: {redelivered}");
 
     // Every input is accounted for: the non-DICOM file quarantined, the DICOMDIR ignored.
-    let quarantine: Vec<String> = cluster.table("quarantine").iter().flat_map(|(_, b)| strings(b, "input")).collect();
+    let quarantine: Vec<String> =
+        cluster.table("quarantine").iter().flat_map(|(_, b)| strings(b, "input")).collect();
     assert_eq!(quarantine, ["incoming/notes.txt"]);
-    let ignored: Vec<String> = cluster.table("ignored").iter().flat_map(|(_, b)| strings(b, "input")).collect();
+    let ignored: Vec<String> =
+        cluster.table("ignored").iter().flat_map(|(_, b)| strings(b, "input")).collect();
     assert_eq!(ignored, ["incoming/DICOMDIR"]);
 
     // Health, metrics and status while the services run.
@@ -350,7 +396,9 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     let status = cluster.command(&["status", "--json"]);
     cluster.assert_no_identifiers("status", &status.stdout);
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let stage = |name: &str| status["stages"].as_array().unwrap().iter().find(|s| s["stage"] == name).unwrap().clone();
+    let stage = |name: &str| {
+        status["stages"].as_array().unwrap().iter().find(|s| s["stage"] == name).unwrap().clone()
+    };
     assert_eq!(stage("ingest")["processed"], 16, "{status:#}");
     assert_eq!(stage("aggregate")["processed"], 16, "{status:#}");
     assert_eq!(stage("aggregate")["quarantined"], 1, "{status:#}");
@@ -374,12 +422,17 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
 
     // Compaction merges the many small files and writes the summary and worklist.
     let files_before = cluster.table("results").len();
-    let compacted = cluster.command(&["compact", "--store", &format!("s3://{BUCKET}"), "--campaign", CAMPAIGN]);
+    let compacted =
+        cluster.command(&["compact", "--store", &format!("s3://{BUCKET}"), "--campaign", CAMPAIGN]);
     eprintln!("{}", String::from_utf8_lossy(&compacted.stdout));
     let results = cluster.table("results");
     let partitions: std::collections::BTreeSet<&str> =
         results.iter().map(|(key, _)| key.rsplit_once('/').unwrap().0).collect();
-    assert_eq!(partitions.len(), results.len(), "one file per partition after compaction (was {files_before})");
+    assert_eq!(
+        partitions.len(),
+        results.len(),
+        "one file per partition after compaction (was {files_before})"
+    );
     assert_exactly_once(&cluster.results(), &expected);
     let summary = cluster.table("summary");
     let total = |column: &str| -> i64 {
@@ -401,8 +454,12 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     let flagged_in_results: usize = results
         .iter()
         .map(|(_, b)| {
-            let flagged =
-                b.column_by_name("flagged").unwrap().as_any().downcast_ref::<arrow::array::BooleanArray>().unwrap();
+            let flagged = b
+                .column_by_name("flagged")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow::array::BooleanArray>()
+                .unwrap();
             flagged.iter().filter(|f| *f == Some(true)).count()
         })
         .sum();
@@ -436,13 +493,18 @@ fn a_nats_restart_and_a_store_outage_mid_run_lose_nothing() {
     cluster.s3_proxy.cut(Duration::from_secs(10));
     eprintln!("results before the nats restart: {before_restart}; before the store outage: {before_outage}");
 
-    let rows = cluster.wait_for_results(Duration::from_secs(180), &services.iter().collect::<Vec<_>>());
+    let rows =
+        cluster.wait_for_results(Duration::from_secs(180), &services.iter().collect::<Vec<_>>());
     assert_exactly_once(&rows, &cluster.expected_study_keys());
-    let quarantine: Vec<String> = cluster.table("quarantine").iter().flat_map(|(_, b)| strings(b, "input")).collect();
+    let quarantine: Vec<String> =
+        cluster.table("quarantine").iter().flat_map(|(_, b)| strings(b, "input")).collect();
     assert_eq!(quarantine, ["incoming/notes.txt"]);
     let retried: usize = ["ingest", "preprocess", "infer", "aggregate"]
         .iter()
-        .map(|name| cluster.log(name).matches("will retry").count() + cluster.log(name).matches("retries").count())
+        .map(|name| {
+            cluster.log(name).matches("will retry").count()
+                + cluster.log(name).matches("retries").count()
+        })
         .sum();
     eprintln!("retry log lines across services: {retried}");
     stop_all(services);

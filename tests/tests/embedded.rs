@@ -62,7 +62,11 @@ fn write_mr_study(directory: &Path) -> SeriesHeader {
             position: [0.0, 0.0, index as f64 * 5.0],
             hu: &pixels,
         };
-        std::fs::write(directory.join(format!("mr{index:02}.dcm")), encode_slice(&header, &slice).unwrap()).unwrap();
+        std::fs::write(
+            directory.join(format!("mr{index:02}.dcm")),
+            encode_slice(&header, &slice).unwrap(),
+        )
+        .unwrap();
     }
     header
 }
@@ -79,7 +83,8 @@ fn strings_of(column: &dyn Array) -> Vec<String> {
 fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     let scratch = tempfile::tempdir().unwrap();
     let cohort = scratch.path().join("cohort");
-    let options = SynthOptions { prevalence: 0.3, ..panscreen_tests::small_cohort(cohort.clone(), 20, 42) };
+    let options =
+        SynthOptions { prevalence: 0.3, ..panscreen_tests::small_cohort(cohort.clone(), 20, 42) };
     let truths: Vec<StudyTruth> = synthesize(&options, &|_| {}).unwrap();
     let studies = cohort.join("studies");
 
@@ -123,10 +128,18 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     for file in parquet_files(&out.join("results")).unwrap() {
         let relative = file.strip_prefix(&out).unwrap().to_string_lossy().to_string();
         assert!(relative.starts_with("results/region_code="), "{relative}");
-        assert!(relative.contains("/scan_month=2025-") || relative.contains("/scan_month=2026-"), "{relative}");
+        assert!(
+            relative.contains("/scan_month=2025-") || relative.contains("/scan_month=2026-"),
+            "{relative}"
+        );
         for batch in read_batches(&file).unwrap() {
-            let keys =
-                batch.column_by_name("study_key").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            let keys = batch
+                .column_by_name("study_key")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<StringArray>()
+                .unwrap()
+                .clone();
             let p = batch
                 .column_by_name("lesion_probability")
                 .unwrap()
@@ -134,7 +147,13 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
                 .downcast_ref::<Float64Array>()
                 .unwrap()
                 .clone();
-            let f = batch.column_by_name("flagged").unwrap().as_any().downcast_ref::<BooleanArray>().unwrap().clone();
+            let f = batch
+                .column_by_name("flagged")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<BooleanArray>()
+                .unwrap()
+                .clone();
             for row in 0..batch.num_rows() {
                 assert!(
                     probability.insert(keys.value(row).to_string(), p.value(row)).is_none(),
@@ -148,7 +167,8 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     let mut quarantine_reasons = Vec::new();
     for file in parquet_files(&out.join("quarantine")).unwrap() {
         for batch in read_batches(&file).unwrap() {
-            quarantined_studies.extend(strings_of(batch.column_by_name("study_key").unwrap().as_ref()));
+            quarantined_studies
+                .extend(strings_of(batch.column_by_name("study_key").unwrap().as_ref()));
             quarantine_reasons.extend(strings_of(batch.column_by_name("reason").unwrap().as_ref()));
         }
     }
@@ -167,7 +187,12 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
         let key = pseudonymizer.study(&truth.study_instance_uid);
         let broken = truth.index == truncated_study.index || truth.index == gap_study.index;
         assert_eq!(probability.contains_key(&key), !broken, "study {} in results", truth.index);
-        assert_eq!(quarantined_studies.contains(&key), broken, "study {} in quarantine", truth.index);
+        assert_eq!(
+            quarantined_studies.contains(&key),
+            broken,
+            "study {} in quarantine",
+            truth.index
+        );
     }
     assert!(quarantined_studies.contains(&pseudonymizer.study(&mr.study_instance_uid)));
     assert_eq!(probability.len(), 18);
@@ -183,16 +208,31 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (with, without) = (scores(true), scores(false));
     assert!(with.len() >= 3 && without.len() >= 8);
-    assert!(mean(&with) > mean(&without), "mean probability with lesion {} <= without {}", mean(&with), mean(&without));
+    assert!(
+        mean(&with) > mean(&without),
+        "mean probability with lesion {} <= without {}",
+        mean(&with),
+        mean(&without)
+    );
 
     // No name, id, birth date or accession number anywhere: files, Parquet strings, output.
     let mut identifiers: Vec<String> = truths
         .iter()
         .flat_map(|t| {
-            [t.patient_name.clone(), t.patient_id.clone(), t.patient_birth_date.clone(), t.accession_number.clone()]
+            [
+                t.patient_name.clone(),
+                t.patient_id.clone(),
+                t.patient_birth_date.clone(),
+                t.accession_number.clone(),
+            ]
         })
         .collect();
-    identifiers.extend([mr.patient_name, mr.patient_id, mr.patient_birth_date, mr.accession_number]);
+    identifiers.extend([
+        mr.patient_name,
+        mr.patient_id,
+        mr.patient_birth_date,
+        mr.accession_number,
+    ]);
     let written = files_below(&out);
     assert!(written.iter().any(|p| p.ends_with("logs/panscreen.jsonl")), "the run writes a log");
     let mut texts = vec![stdout.clone(), stderr.clone()];
@@ -227,7 +267,9 @@ fn embedded_run_screens_every_study_once_and_leaks_nothing() {
     assert_eq!(seen["summary_screened"], 18);
     assert_eq!(seen["quarantine_reasons"]["series has missing slices"], 2);
     let columns: Vec<String> = serde_json::from_value(seen["pyarrow_columns"].clone()).unwrap();
-    assert!(columns.contains(&"region_code".to_string()) && columns.contains(&"scan_month".to_string()));
+    assert!(
+        columns.contains(&"region_code".to_string()) && columns.contains(&"scan_month".to_string())
+    );
 }
 
 /// `panscreen run` on an empty input with `extra` flags; returns (success, stderr).
@@ -266,7 +308,10 @@ fn a_missing_model_is_one_line_naming_it() {
     let (success, stderr) = run_with(&["--model", "/nonexistent/model"]);
     assert!(!success);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("model manifest /nonexistent/model/manifest.toml does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("model manifest /nonexistent/model/manifest.toml does not exist"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -337,7 +382,8 @@ fn an_embedded_requeue_screens_the_selected_rows_again_into_the_same_out() {
     };
     // Results as (rows, distinct studies), and quarantine rows by reason.
     let tables = || {
-        let results = if parquet_files(&out.join("results")).map_or(true, |files| files.is_empty()) {
+        let results = if parquet_files(&out.join("results")).map_or(true, |files| files.is_empty())
+        {
             serde_json::json!([[0, 0]])
         } else {
             let query = "select count(*), count(distinct study_key) from read_parquet('OUT/results/**/*.parquet')";
@@ -345,7 +391,8 @@ fn an_embedded_requeue_screens_the_selected_rows_again_into_the_same_out() {
         };
         let query = "select reason, count(*) from read_parquet('OUT/quarantine/**/*.parquet') group by reason \
                      order by reason";
-        let quarantine = panscreen_tests::query_tables(&out, &[("quarantine", query)])["quarantine"].clone();
+        let quarantine =
+            panscreen_tests::query_tables(&out, &[("quarantine", query)])["quarantine"].clone();
         serde_json::json!({"results": results, "quarantine": quarantine})
     };
     let key = key_file.to_str().unwrap();

@@ -35,16 +35,21 @@ struct Tracking;
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 static LARGEST_EVER: AtomicUsize = AtomicUsize::new(0);
 
+// SAFETY: every call is passed on unchanged to the system allocator; the wrapper only
+// records sizes in atomics.
 unsafe impl GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller's guarantees for `alloc` are passed on as they are.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` through this wrapper, with this layout.
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: as for `dealloc`; the new size is the caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -81,7 +86,12 @@ fn seeds() -> Vec<Vec<u8>> {
     let hu = Phantom::random(&mut rng, false).slice_hu([-160.0, -160.0, 0.0], [10.0, 10.0], 32, 32);
     let original = encode_slice(
         &header,
-        &Slice { sop_instance_uid: "2.25.64", instance_number: 1, position: [-160.0, -160.0, 0.0], hu: &hu },
+        &Slice {
+            sop_instance_uid: "2.25.64",
+            instance_number: 1,
+            position: [-160.0, -160.0, 0.0],
+            hu: &hu,
+        },
     )
     .unwrap();
     let scratch = tempfile::tempdir().unwrap();
@@ -100,7 +110,10 @@ fn seeds() -> Vec<Vec<u8>> {
     for (index, (program, args)) in encoders.iter().enumerate() {
         let out = scratch.path().join(format!("seed-{index}.dcm"));
         let status = Command::new(program).args(*args).arg(&source).arg(&out).status();
-        assert!(status.is_ok_and(|s| s.success()), "{program} {args:?} failed; run `cargo xtask dicom-tools`");
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "{program} {args:?} failed; run `cargo xtask dicom-tools`"
+        );
         seeds.push(std::fs::read(&out).unwrap());
     }
     seeds
@@ -167,7 +180,8 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
     let seeds = seeds();
     // Panics inside third-party decoders are caught by panscreen; keep their reports quiet.
     std::panic::set_hook(Box::new(|_| {}));
-    let cases: u32 = std::env::var("PANSCREEN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let cases: u32 =
+        std::env::var("PANSCREEN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
     let limits = DecodeLimits { max_decoded_bytes: DECODE_LIMIT };
     // A fixed seed: the same cases on every run, so a failure reproduces.
     let config = Config { cases, failure_persistence: None, ..Config::default() };
@@ -177,7 +191,8 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
     // GDCM (JPEG extended, JPEG-LS) runs in helper processes: a C++ exception there ends
     // the helper, not this process.
     panscreen_preprocess::gdcm_helper::set_program(panscreen_tests::binary());
-    let (parsed, decoded, contained) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let (parsed, decoded, contained) =
+        (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
     let outcome = runner.run(&strategy, |(seed, mutations, prefix_only)| {
         let bytes = apply(&seeds[seed], &mutations);
         let size = bytes.len() as u64;
@@ -200,11 +215,15 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
         }
         let largest = LARGEST.load(Ordering::Relaxed);
         LARGEST_EVER.fetch_max(largest, Ordering::Relaxed);
-        prop_assert!(largest <= ALLOCATION_BOUND, "one allocation of {largest} bytes for {mutations:?} on seed {seed}");
+        prop_assert!(
+            largest <= ALLOCATION_BOUND,
+            "one allocation of {largest} bytes for {mutations:?} on seed {seed}"
+        );
         Ok(())
     });
     let _ = std::panic::take_hook();
-    let (parsed, decoded, contained) = (parsed.into_inner(), decoded.into_inner(), contained.into_inner());
+    let (parsed, decoded, contained) =
+        (parsed.into_inner(), decoded.into_inner(), contained.into_inner());
     println!(
         "{cases} cases over {} seeds: {parsed} headers parsed, {decoded} frames decoded, {contained} GDCM crashes \
          contained in helpers; largest single allocation {} bytes",
@@ -218,5 +237,8 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
     assert!(parsed >= 20 && decoded >= 10, "{parsed} parsed, {decoded} decoded");
     // Some corrupt JPEG-LS and 12-bit JPEG streams do crash GDCM (an uncaught C++
     // exception, or a segmentation fault): this process went on all the same.
-    assert!(contained >= 1, "no GDCM crash among {cases} cases: the helper isolation went untested");
+    assert!(
+        contained >= 1,
+        "no GDCM crash among {cases} cases: the helper isolation went untested"
+    );
 }

@@ -41,7 +41,8 @@ async fn write_tables(queue: MemoryQueue, root: &Store) {
     config.write_summary = false;
     let counters = std::sync::Arc::new(panscreen_shared::worker::StageCounters::default());
     let out = root.sub("campaigns/w/out");
-    let mut aggregator = panscreen_aggregate::Aggregator::new(config, out, SiteRegistry::builtin(), counters);
+    let mut aggregator =
+        panscreen_aggregate::Aggregator::new(config, out, SiteRegistry::builtin(), counters);
     aggregator.run(std::sync::Arc::new(queue), std::future::pending()).await.unwrap();
 }
 
@@ -50,15 +51,18 @@ async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
     let scratch = tempfile::tempdir().unwrap();
     let options = small_cohort(scratch.path().join("cohort"), 2, 3);
     let truths = synthesize(&options, &|_| {}).unwrap();
-    let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
+    let root =
+        Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
     let studies = options.out.join("studies");
     // The last file of the first study (an edge slice, so no gap) arrives late.
     let z = |path: &std::path::PathBuf| {
         let bytes = std::fs::read(path).unwrap();
         header::parse("x", bytes.len() as u64, &bytes).unwrap().image_position.unwrap()[2]
     };
-    let late =
-        files_below(&studies.join(&truths[0].directory)).into_iter().max_by(|a, b| z(a).total_cmp(&z(b))).unwrap();
+    let late = files_below(&studies.join(&truths[0].directory))
+        .into_iter()
+        .max_by(|a, b| z(a).total_cmp(&z(b)))
+        .unwrap();
     let mut late_file = None;
     for file in files_below(&studies) {
         let key = format!("incoming/{}", file.strip_prefix(&studies).unwrap().display());
@@ -111,7 +115,11 @@ async fn studies_wait_for_completion_and_are_handled_once_across_restarts() {
         inputs.extend(chunk.inputs.into_iter().map(|i| i.input));
         delivery.ack().await.unwrap();
     }
-    assert_eq!(inputs.len(), 2, "the marker and the late file were published as ignored: {inputs:?}");
+    assert_eq!(
+        inputs.len(),
+        2,
+        "the marker and the late file were published as ignored: {inputs:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +127,8 @@ async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     let scratch = tempfile::tempdir().unwrap();
     let options = small_cohort(scratch.path().join("cohort"), 1, 4);
     synthesize(&options, &|_| {}).unwrap();
-    let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
+    let root =
+        Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
     let studies = options.out.join("studies");
     let z = |path: &std::path::PathBuf| {
         let bytes = std::fs::read(path).unwrap();
@@ -129,7 +138,9 @@ async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     files.sort_by(|a, b| z(a).total_cmp(&z(b)));
     // A slice from the middle is missing at first: the series has a gap.
     let missing = files.remove(files.len() / 2);
-    let key_of = |file: &std::path::PathBuf| format!("incoming/{}", file.strip_prefix(&studies).unwrap().display());
+    let key_of = |file: &std::path::PathBuf| {
+        format!("incoming/{}", file.strip_prefix(&studies).unwrap().display())
+    };
     for file in &files {
         root.put(&key_of(file), Bytes::from(std::fs::read(file).unwrap())).await.unwrap();
     }
@@ -147,10 +158,14 @@ async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     let campaign = root.sub("campaigns/w");
     let other = Selection { reason: Some("not a DICOM".into()), stage: None };
     assert_eq!(requeue(&campaign, &other, true).await.unwrap().rows_requeued, 0);
-    let selection = Selection { reason: Some("missing slices".into()), stage: Some("ingest".into()) };
+    let selection =
+        Selection { reason: Some("missing slices".into()), stage: Some("ingest".into()) };
     let dry = requeue(&campaign, &selection, true).await.unwrap();
     assert_eq!((dry.rows_requeued, dry.objects_requeued), (1, files.len()));
-    assert!(root.list("campaigns/w/ingest/requeue").await.unwrap().is_empty(), "a dry run changes nothing");
+    assert!(
+        root.list("campaigns/w/ingest/requeue").await.unwrap().is_empty(),
+        "a dry run changes nothing"
+    );
     let done = requeue(&campaign, &selection, false).await.unwrap();
     assert_eq!(done.rows_requeued, 1);
 
@@ -164,7 +179,10 @@ async fn a_requeued_study_is_decided_again_under_a_new_generation() {
     assert_eq!(study.context.generation, 1);
     assert_eq!(study.slices.len(), files.len() + 1);
     assert!(study.context.message_id(panscreen_shared::contracts::Stage::Ingest).ends_with(":r1"));
-    assert!(root.list("campaigns/w/ingest/requeue").await.unwrap().is_empty(), "the request was taken");
+    assert!(
+        root.list("campaigns/w/ingest/requeue").await.unwrap().is_empty(),
+        "the request was taken"
+    );
     // And a further restart does not decide it a third time.
     let pass = watcher(&root, Duration::ZERO).await.pass(&second, &prefixes).await.unwrap();
     assert_eq!(pass.decided.objects_listed, 0);
@@ -177,7 +195,8 @@ async fn a_study_quarantined_after_ingest_is_requeued_by_its_pseudonym() {
     let scratch = tempfile::tempdir().unwrap();
     let options = small_cohort(scratch.path().join("cohort"), 1, 5);
     synthesize(&options, &|_| {}).unwrap();
-    let root = Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
+    let root =
+        Store::open(scratch.path().join("store").to_str().unwrap(), OpenMode::Create).unwrap();
     let studies = options.out.join("studies");
     let files = files_below(&studies);
     for file in &files {
@@ -205,7 +224,11 @@ async fn a_study_quarantined_after_ingest_is_requeued_by_its_pseudonym() {
         generation: 0,
     };
     first
-        .publish(&subjects::quarantine("w"), &row.message_id(), Bytes::from(serde_json::to_vec(&row).unwrap()))
+        .publish(
+            &subjects::quarantine("w"),
+            &row.message_id(),
+            Bytes::from(serde_json::to_vec(&row).unwrap()),
+        )
         .await
         .unwrap();
     write_tables(first, &root).await;
@@ -213,7 +236,12 @@ async fn a_study_quarantined_after_ingest_is_requeued_by_its_pseudonym() {
     let campaign = root.sub("campaigns/w");
     let selection = Selection { reason: None, stage: Some("infer".into()) };
     let done = requeue(&campaign, &selection, false).await.unwrap();
-    assert_eq!((done.rows_requeued, done.objects_requeued), (1, files.len()), "{}", done.render(false));
+    assert_eq!(
+        (done.rows_requeued, done.objects_requeued),
+        (1, files.len()),
+        "{}",
+        done.render(false)
+    );
     assert!(done.not_requeueable.is_empty());
 
     let second = MemoryQueue::new();

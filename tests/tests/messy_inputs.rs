@@ -49,7 +49,10 @@ fn odd_objects() -> Vec<(String, Vec<u8>)> {
             odd_case_header(11, "ABDOMEN"),
             Box::new(|i: usize| format!("Müller/平扫/IM#{i}")) as Box<dyn Fn(usize) -> String>,
         ),
-        (odd_case_header(12, "ABDOMEN"), Box::new(move |i: usize| format!("Möller #3/CT 0001/{long}-{i:03}.dcm"))),
+        (
+            odd_case_header(12, "ABDOMEN"),
+            Box::new(move |i: usize| format!("Möller #3/CT 0001/{long}-{i:03}.dcm")),
+        ),
     ];
     for (header, name) in good {
         objects.extend(series_files(&header, along_z, name));
@@ -100,8 +103,10 @@ fn an_embedded_run_over_every_odd_name_screens_the_good_and_names_the_rest() {
     );
     assert_eq!(tables["results"][0][0], 2, "both good studies screened: {tables}");
     let quarantine = tables["quarantine"].as_array().unwrap();
-    let rows: Vec<(&str, &str, u64)> =
-        quarantine.iter().map(|r| (r[0].as_str().unwrap(), r[1].as_str().unwrap(), r[2].as_u64().unwrap())).collect();
+    let rows: Vec<(&str, &str, u64)> = quarantine
+        .iter()
+        .map(|r| (r[0].as_str().unwrap(), r[1].as_str().unwrap(), r[2].as_u64().unwrap()))
+        .collect();
     assert_eq!(
         rows,
         [
@@ -115,7 +120,8 @@ fn an_embedded_run_over_every_odd_name_screens_the_good_and_names_the_rest() {
         "{tables}"
     );
     // Every file of the quarantined study can be found from its row.
-    let study_keys: Vec<&str> = quarantine[1][3].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    let study_keys: Vec<&str> =
+        quarantine[1][3].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
     for folder in ["病人甲/平扫/", "病人甲/增强/"] {
         assert_eq!(study_keys.iter().filter(|k| k.starts_with(folder)).count(), 50, "{folder}");
     }
@@ -133,7 +139,11 @@ fn an_embedded_run_over_every_odd_name_screens_the_good_and_names_the_rest() {
             assert!(!text.contains(secret), "{secret} in {}", file.display());
         }
         if file.extension() == Some(OsStr::new("jsonl")) {
-            assert!(!text.contains("病人甲") && !text.contains("Müller"), "a folder name in {}", file.display());
+            assert!(
+                !text.contains("病人甲") && !text.contains("Müller"),
+                "a folder name in {}",
+                file.display()
+            );
         }
     }
     assert!(!stderr.contains("病人甲") && !stderr.contains("Müller"), "{stderr}");
@@ -147,7 +157,8 @@ fn peak_rss() -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_too_large_for_nats() {
+async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_too_large_for_nats()
+{
     let (nats, seaweed) = (NatsServer::start(), SeaweedFs::start());
     seaweed.create_bucket("messy");
     let root = Store::open_s3_with("s3://messy", &seaweed.s3_options()).unwrap();
@@ -161,8 +172,12 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     for index in 0..2000usize {
         let uid = format!("{}.{index}", big.series_instance_uid);
         let position = [-180.0, -180.0, index as f64];
-        let slice = Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
-        objects.push((format!("{folder}/{}-{index:05}.dcm", "s".repeat(40)), encode_slice(&big, &slice).unwrap()));
+        let slice =
+            Slice { sop_instance_uid: &uid, instance_number: index as i32 + 1, position, hu: &hu };
+        objects.push((
+            format!("{folder}/{}-{index:05}.dcm", "s".repeat(40)),
+            encode_slice(&big, &slice).unwrap(),
+        ));
     }
     // A key object_store cannot read (a control character), written as another client would.
     seaweed.put_raw("messy", b"incoming/\xe5\xb9\xb3\xe6\x89\xab/IM\x01.dcm", b"DICM?");
@@ -180,9 +195,15 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     let jetstream = std::sync::Arc::new(
         JetStreamQueue::connect(&nats_config, "messy", JetStreamSettings::default()).await.unwrap(),
     );
-    let queue = LargePayloads::new(jetstream.clone(), root.sub("campaigns/messy/messages"), large::DEFAULT_LIMIT);
-    let mut preprocess = queue.subscribe(&subjects::ingested("messy"), "panscreen-preprocess").await.unwrap();
-    let mut quarantine = queue.subscribe(&subjects::quarantine("messy"), "panscreen-aggregate").await.unwrap();
+    let queue = LargePayloads::new(
+        jetstream.clone(),
+        root.sub("campaigns/messy/messages"),
+        large::DEFAULT_LIMIT,
+    );
+    let mut preprocess =
+        queue.subscribe(&subjects::ingested("messy"), "panscreen-preprocess").await.unwrap();
+    let mut quarantine =
+        queue.subscribe(&subjects::quarantine("messy"), "panscreen-aggregate").await.unwrap();
 
     let open_watcher = || {
         Watcher::open(
@@ -200,7 +221,8 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     assert_eq!(pass.listed, count);
     assert!(pass.decided.balanced(), "{:?}", pass.decided.accounting());
     assert_eq!(pass.decided.studies.len(), 3);
-    let mut reasons: Vec<&str> = pass.decided.quarantined.iter().map(|q| q.reason.as_str()).collect();
+    let mut reasons: Vec<&str> =
+        pass.decided.quarantined.iter().map(|q| q.reason.as_str()).collect();
     reasons.sort();
     assert_eq!(
         reasons,
@@ -230,7 +252,10 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     }
     slices.sort();
     assert_eq!(slices, [50, 50, 2000]);
-    assert!(root.list("campaigns/messy/messages").await.unwrap().is_empty(), "references deleted once acked");
+    assert!(
+        root.list("campaigns/messy/messages").await.unwrap().is_empty(),
+        "references deleted once acked"
+    );
 
     // The quarantined study's record lists all 100 keys.
     let mut records = Vec::new();
@@ -243,7 +268,8 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
         records.push(serde_json::from_slice::<QuarantineRecord>(&delivery.payload).unwrap());
         delivery.ack().await.unwrap();
     }
-    let unreadable = records.iter().find(|r| r.reason == "object cannot be read by its name").unwrap();
+    let unreadable =
+        records.iter().find(|r| r.reason == "object cannot be read by its name").unwrap();
     assert_eq!(unreadable.input, "incoming/平扫/IM\\x01.dcm");
     assert!(unreadable.detail.contains("control character"), "{}", unreadable.detail);
     let study = records.iter().find(|r| r.reason == "no series fits the screening rules").unwrap();
@@ -252,7 +278,10 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
 
     // The next pass, and a restarted ingest, handle nothing again.
     assert_eq!(watcher.pass(&queue, &prefixes).await.unwrap().decided.objects_listed, 0);
-    assert_eq!(open_watcher().await.unwrap().pass(&queue, &prefixes).await.unwrap().decided.objects_listed, 0);
+    assert_eq!(
+        open_watcher().await.unwrap().pass(&queue, &prefixes).await.unwrap().decided.objects_listed,
+        0
+    );
     assert!(peak_rss() < 512 << 20, "peak RSS {} MiB", peak_rss() >> 20);
     // Last, as NATS may drop a connection that sends too much: the message as it is.
     assert!(largest.len() > 1 << 20, "{} bytes", largest.len());
@@ -269,7 +298,9 @@ fn gdcm_crashing_slice(encoded: &[u8]) -> (Vec<u8>, String) {
             let mut corrupt = encoded.to_vec();
             let at = encoded.len() - back;
             corrupt[at] ^= 1 << bit;
-            if let Err(error) = panscreen_preprocess::decode::decode_slice("probe.dcm", &corrupt, -1000.0) {
+            if let Err(error) =
+                panscreen_preprocess::decode::decode_slice("probe.dcm", &corrupt, -1000.0)
+            {
                 if error.detail.contains("GDCM helper died") {
                     return (corrupt, error.detail);
                 }
@@ -289,8 +320,12 @@ fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on()
     std::fs::create_dir_all(input.join("jpegls")).unwrap();
     for file in files_below(&plain) {
         let out = input.join("jpegls").join(file.file_name().unwrap());
-        let status = std::process::Command::new("gdcmconv").arg("--jpegls").arg(&file).arg(&out).status();
-        assert!(status.is_ok_and(|s| s.success()), "gdcmconv --jpegls failed; run `cargo xtask dicom-tools`");
+        let status =
+            std::process::Command::new("gdcmconv").arg("--jpegls").arg(&file).arg(&out).status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "gdcmconv --jpegls failed; run `cargo xtask dicom-tools`"
+        );
     }
     let victim = input.join("jpegls/slice 25.dcm");
     let (corrupt, crash) = gdcm_crashing_slice(&std::fs::read(&victim).unwrap());
@@ -310,7 +345,10 @@ fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on()
     let quarantine = tables["quarantine"].as_array().unwrap();
     assert_eq!(quarantine.len(), 1, "{tables}");
     let row = &quarantine[0];
-    assert_eq!((row[0].as_str().unwrap(), row[1].as_str().unwrap()), ("preprocess", "the decoder failed on this file"));
+    assert_eq!(
+        (row[0].as_str().unwrap(), row[1].as_str().unwrap()),
+        ("preprocess", "the decoder failed on this file")
+    );
     assert!(row[2].as_str().unwrap().contains("GDCM helper died"), "{row}");
     assert_eq!(row[3], 1, "quarantined on its first attempt: {row}");
 }
@@ -323,7 +361,12 @@ fn a_header_longer_than_the_first_read_is_read_whole() {
     use panscreen_ingest::header::{needs_more_bytes, parse};
     let header = odd_case_header(21, "ABDOMEN");
     let hu = vec![0.0f32; 16 * 16];
-    let slice = Slice { sop_instance_uid: "1.2.3.21.1", instance_number: 1, position: [0.0, 0.0, 0.0], hu: &hu };
+    let slice = Slice {
+        sop_instance_uid: "1.2.3.21.1",
+        instance_number: 1,
+        position: [0.0, 0.0, 0.0],
+        hu: &hu,
+    };
     let plain = encode_slice(&header, &slice).unwrap();
     let pixel_data = plain.windows(4).rposition(|w| w == [0xe0, 0x7f, 0x10, 0x00]).unwrap();
     let mut bytes = plain[..pixel_data].to_vec();

@@ -17,9 +17,15 @@ use panscreen_shared::worker::{run_worker, Handler, Outcome, StageCounters, Work
 use panscreen_tests::servers::{NatsServer, SeaweedFs};
 use panscreen_tests::SlowEcho;
 
-async fn connect(server: &NatsServer, campaign: &str, settings: JetStreamSettings) -> JetStreamQueue {
+async fn connect(
+    server: &NatsServer,
+    campaign: &str,
+    settings: JetStreamSettings,
+) -> JetStreamQueue {
     let nats = NatsConfig { url: server.url(), ..NatsConfig::default() };
-    JetStreamQueue::connect(&nats, campaign, settings).await.expect("connect to the test nats-server")
+    JetStreamQueue::connect(&nats, campaign, settings)
+        .await
+        .expect("connect to the test nats-server")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,7 +38,8 @@ async fn jetstream_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsettled_message_comes_back_after_ack_wait() {
     let server = NatsServer::start();
-    let settings = JetStreamSettings { ack_wait: Duration::from_secs(1), ..JetStreamSettings::default() };
+    let settings =
+        JetStreamSettings { ack_wait: Duration::from_secs(1), ..JetStreamSettings::default() };
     let queue = connect(&server, "ackwait", settings).await;
     let subject = "panscreen.ackwait.work";
     let mut subscription = queue.subscribe(subject, "worker").await.unwrap();
@@ -40,7 +47,11 @@ async fn an_unsettled_message_comes_back_after_ack_wait() {
     let first = subscription.next().await.unwrap().unwrap();
     assert_eq!(first.attempt, 1);
     drop(first); // the worker died without settling it
-    let second = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await.unwrap().unwrap().unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(second.attempt, 2);
     assert_eq!(&second.payload[..], b"study");
     second.ack().await.unwrap();
@@ -75,8 +86,11 @@ async fn messages_survive_a_server_restart() {
     let mut subscription = queue.subscribe(subject, "worker").await.unwrap();
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 6 {
-        let delivery =
-            tokio::time::timeout(Duration::from_secs(10), subscription.next()).await.unwrap().unwrap().unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         seen.insert(String::from_utf8_lossy(&delivery.payload).to_string());
         delivery.ack().await.unwrap();
     }
@@ -103,7 +117,12 @@ async fn an_s3_scan_lists_every_key_and_names_the_ones_the_client_cannot_read() 
     let seaweed = SeaweedFs::start();
     seaweed.create_bucket("scans");
     let store = Store::open_s3_with("s3://scans/site", &seaweed.s3_options()).unwrap();
-    let odd = ["平扫/IM#12", "增强/IM 0001.dcm", "Müller/Möller #3/a+b&c.dcm", &format!("{}.dcm", "长".repeat(60))];
+    let odd = [
+        "平扫/IM#12",
+        "增强/IM 0001.dcm",
+        "Müller/Möller #3/a+b&c.dcm",
+        &format!("{}.dcm", "长".repeat(60)),
+    ];
     let mut keys: Vec<String> = (0..1100).map(|i| format!("bulk/{i:05}.dcm")).collect();
     keys.extend(odd.iter().map(|k| k.to_string()));
     futures::stream::iter(keys.clone())
@@ -129,15 +148,25 @@ async fn an_s3_scan_lists_every_key_and_names_the_ones_the_client_cannot_read() 
     }
     assert_eq!(listing.unlisted.len(), 1, "{:?}", listing.unlisted);
     assert_eq!(listing.unlisted[0].key_lossy, "in/ctl\\x01name.dcm");
-    assert!(listing.unlisted[0].reason.contains("control character"), "{}", listing.unlisted[0].reason);
+    assert!(
+        listing.unlisted[0].reason.contains("control character"),
+        "{}",
+        listing.unlisted[0].reason
+    );
     // Why the scan lists by itself: object_store's listing of the same prefix either
     // fails (a control character in the XML) or, as here, where SeaweedFS writes U+FFFD
     // in its place, lists a key that is not there, so the object would be missed.
     match store.list("in").await {
         Err(_) => {}
         Ok(plain) => {
-            let mangled = plain.iter().find(|o| o.key.starts_with("in/ctl")).expect("listed somehow");
-            assert_eq!(store.get(&mangled.key).await.unwrap_err().kind(), StoreErrorKind::NotFound, "{}", mangled.key);
+            let mangled =
+                plain.iter().find(|o| o.key.starts_with("in/ctl")).expect("listed somehow");
+            assert_eq!(
+                store.get(&mangled.key).await.unwrap_err().kind(),
+                StoreErrorKind::NotFound,
+                "{}",
+                mangled.key
+            );
         }
     }
     // A sub-store scans relative to its own root.
@@ -160,9 +189,16 @@ impl Handler for PoisonSensitive {
             .map(|payload| {
                 let text = String::from_utf8_lossy(&payload).to_string();
                 if text.contains("poison") {
-                    return Err(StageError::retryable("decoder task failed", "it fails every time"));
+                    return Err(StageError::retryable(
+                        "decoder task failed",
+                        "it fails every time",
+                    ));
                 }
-                Ok(Outcome::Publish { subject: "panscreen.poison.out".into(), message_id: text, payload })
+                Ok(Outcome::Publish {
+                    subject: "panscreen.poison.out".into(),
+                    message_id: text,
+                    payload,
+                })
             })
             .collect()
     }
@@ -171,8 +207,11 @@ impl Handler for PoisonSensitive {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_through() {
     let server = NatsServer::start();
-    let settings =
-        JetStreamSettings { ack_wait: Duration::from_secs(2), max_deliver: 5, ..JetStreamSettings::default() };
+    let settings = JetStreamSettings {
+        ack_wait: Duration::from_secs(2),
+        max_deliver: 5,
+        ..JetStreamSettings::default()
+    };
     let queue = Arc::new(connect(&server, "poison", settings).await);
     let input = "panscreen.poison.in";
     for name in ["a", "poison", "b", "c"] {
@@ -184,12 +223,22 @@ async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_throu
     config.backoff = vec![Duration::from_millis(100)];
     let counters = Arc::new(StageCounters::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker =
-        tokio::spawn(run_worker(queue.clone(), input, Arc::new(PoisonSensitive), config, counters.clone(), async {
+    let worker = tokio::spawn(run_worker(
+        queue.clone(),
+        input,
+        Arc::new(PoisonSensitive),
+        config,
+        counters.clone(),
+        async {
             let _ = stopped.await;
-        }));
+        },
+    ));
     let mut quarantine = queue.subscribe(&subjects::quarantine("poison"), "check").await.unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(30), quarantine.next()).await.unwrap().unwrap().unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(30), quarantine.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let record: QuarantineRecord = serde_json::from_slice(&delivery.payload).unwrap();
     delivery.ack().await.unwrap();
     assert_eq!(record.reason, "gave up after 3 attempts: decoder task failed");
@@ -197,7 +246,11 @@ async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_throu
     let mut out = queue.subscribe("panscreen.poison.out", "check").await.unwrap();
     let mut passed = std::collections::BTreeSet::new();
     while passed.len() < 3 {
-        let delivery = tokio::time::timeout(Duration::from_secs(10), out.next()).await.unwrap().unwrap().unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(10), out.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         passed.insert(String::from_utf8_lossy(&delivery.payload).to_string());
         delivery.ack().await.unwrap();
     }
@@ -212,7 +265,8 @@ async fn a_poison_message_is_quarantined_after_max_deliver_and_the_rest_go_throu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn long_work_sends_in_progress_acks_and_is_not_redelivered() {
     let server = NatsServer::start();
-    let settings = JetStreamSettings { ack_wait: Duration::from_secs(1), ..JetStreamSettings::default() };
+    let settings =
+        JetStreamSettings { ack_wait: Duration::from_secs(1), ..JetStreamSettings::default() };
     let queue = Arc::new(connect(&server, "slow", settings).await);
     queue.publish("panscreen.slow.in", "m1", Bytes::from_static(b"{}")).await.unwrap();
     let mut config = WorkerConfig::new("slow", Stage::Infer);
@@ -222,7 +276,11 @@ async fn long_work_sends_in_progress_acks_and_is_not_redelivered() {
     let worker = tokio::spawn(run_worker(
         queue.clone(),
         "panscreen.slow.in",
-        Arc::new(SlowEcho { delay: Duration::from_secs(4), stage: Stage::Infer, batches: Default::default() }),
+        Arc::new(SlowEcho {
+            delay: Duration::from_secs(4),
+            stage: Stage::Infer,
+            batches: Default::default(),
+        }),
         config,
         counters.clone(),
         async {
@@ -230,11 +288,16 @@ async fn long_work_sends_in_progress_acks_and_is_not_redelivered() {
         },
     ));
     let mut out = queue.subscribe("panscreen.slow.out", "check").await.unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(20), out.next()).await.unwrap().unwrap().unwrap();
+    let delivery =
+        tokio::time::timeout(Duration::from_secs(20), out.next()).await.unwrap().unwrap().unwrap();
     delivery.ack().await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
-    assert_eq!(counters.redelivered.load(std::sync::atomic::Ordering::Relaxed), 0, "redelivered despite progress acks");
+    assert_eq!(
+        counters.redelivered.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "redelivered despite progress acks"
+    );
     assert_eq!(counters.snapshot().0, 1);
 }

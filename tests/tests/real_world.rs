@@ -5,15 +5,22 @@
 
 use std::path::Path;
 
-use panscreen_synth::{encode_enhanced_ct, encode_slice, synthesize, SeriesHeader, Slice, SynthOptions};
+use panscreen_synth::{
+    encode_enhanced_ct, encode_slice, synthesize, SeriesHeader, Slice, SynthOptions,
+};
 use panscreen_tests::{
-    files_below, odd_case_header as header, query_tables, run_embedded, series_hu, small_cohort, write_series,
+    files_below, odd_case_header as header, query_tables, run_embedded, series_hu, small_cohort,
+    write_series,
 };
 
 const KEY: &str = "0123456789abcdef0123456789abcdef-real-world";
 
 /// Writes a 50-slice series as one Enhanced CT (multi-frame) object; returns its bytes.
-fn write_enhanced(path: &Path, header: &SeriesHeader, position: impl Fn(usize) -> [f64; 3]) -> Vec<u8> {
+fn write_enhanced(
+    path: &Path,
+    header: &SeriesHeader,
+    position: impl Fn(usize) -> [f64; 3],
+) -> Vec<u8> {
     let frames = series_hu(header, position);
     let slices: Vec<Slice<'_>> = frames
         .iter()
@@ -25,7 +32,8 @@ fn write_enhanced(path: &Path, header: &SeriesHeader, position: impl Fn(usize) -
             hu,
         })
         .collect();
-    let bytes = encode_enhanced_ct(header, &format!("{}.1", header.series_instance_uid), &slices).unwrap();
+    let bytes =
+        encode_enhanced_ct(header, &format!("{}.1", header.series_instance_uid), &slices).unwrap();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, &bytes).unwrap();
     bytes
@@ -55,8 +63,11 @@ fn enhanced_ct_frames_decode_like_the_slices_they_hold() {
             },
         )
         .unwrap();
-        let expected = panscreen_preprocess::decode::decode_slice("s.dcm", &single, -1000.0).unwrap();
-        let frame = panscreen_preprocess::decode::decode_frame("e.dcm", &object, index as u32, -1000.0).unwrap();
+        let expected =
+            panscreen_preprocess::decode::decode_slice("s.dcm", &single, -1000.0).unwrap();
+        let frame =
+            panscreen_preprocess::decode::decode_frame("e.dcm", &object, index as u32, -1000.0)
+                .unwrap();
         assert_eq!(frame.position, position);
         assert_eq!(frame.hu, expected.hu, "frame {index}");
     }
@@ -66,7 +77,8 @@ fn enhanced_ct_frames_decode_like_the_slices_they_hold() {
 fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted_for() {
     let scratch = tempfile::tempdir().unwrap();
     let cohort = scratch.path().join("cohort");
-    let options = SynthOptions { prevalence: 0.5, realistic: true, ..small_cohort(cohort.clone(), 2, 77) };
+    let options =
+        SynthOptions { prevalence: 0.5, realistic: true, ..small_cohort(cohort.clone(), 2, 77) };
     synthesize(&options, &|_| {}).unwrap();
     let input = cohort.join("studies");
     // Keys with spaces and non-ASCII characters: a hospital's own folder names.
@@ -76,7 +88,9 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
     let mut tilted = header(1, "ABDOMEN TILT");
     tilted.gantry_tilt = 15.0;
     let shift = 15f64.to_radians().tan() * 2.5;
-    write_series(&input.join("tilted"), &tilted, |i| [-180.0, -180.0 + i as f64 * shift, i as f64 * 2.5]);
+    write_series(&input.join("tilted"), &tilted, |i| {
+        [-180.0, -180.0 + i as f64 * shift, i as f64 * 2.5]
+    });
     // Oblique: slices rotated 20° about the left-right axis.
     let mut oblique = header(2, "ABDOMEN OBLIQUE");
     let angle = 20f64.to_radians();
@@ -92,16 +106,20 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
     write_series(&input.join("contrast only"), &contrast, |i| [-180.0, -180.0, i as f64 * 2.5]);
     // The same kind of series from a newer scanner: one Enhanced CT object, 50 frames,
     // listed in reverse order along the body.
-    write_enhanced(&input.join("enhanced/series 5/EnhancedCT.dcm"), &header(5, "ABDOMEN ENHANCED"), |i| {
-        [-180.0, -180.0, 120.0 - i as f64 * 2.5]
-    });
+    write_enhanced(
+        &input.join("enhanced/series 5/EnhancedCT.dcm"),
+        &header(5, "ABDOMEN ENHANCED"),
+        |i| [-180.0, -180.0, 120.0 - i as f64 * 2.5],
+    );
     // A header that declares a gigantic image: refused before anything is decoded.
     let mut huge = header(4, "HUGE");
     huge.rows = 65535;
     huge.columns = 65535;
-    let bytes =
-        encode_slice(&huge, &Slice { sop_instance_uid: "2.25.801", instance_number: 1, position: [0.0; 3], hu: &[] })
-            .expect("a header declaring 65535×65535 pixels is written");
+    let bytes = encode_slice(
+        &huge,
+        &Slice { sop_instance_uid: "2.25.801", instance_number: 1, position: [0.0; 3], hu: &[] },
+    )
+    .expect("a header declaring 65535×65535 pixels is written");
     std::fs::write(input.join("huge.dcm"), bytes).unwrap();
     let listed = files_below(&input).len();
 
@@ -137,23 +155,42 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
     for row in results.iter().filter(|row| !row[1].as_str().unwrap().contains("50 slices")) {
         assert_eq!(row[0], 2, "the plain axial series is series 2: {row:?}");
         let not_chosen = row[2].as_str().unwrap();
-        for why in ["LOCALIZER", "contrast agent IOPAMIDOL 370", "DERIVED\\SECONDARY\\AXIAL", "Secondary Capture"] {
+        for why in [
+            "LOCALIZER",
+            "contrast agent IOPAMIDOL 370",
+            "DERIVED\\SECONDARY\\AXIAL",
+            "Secondary Capture",
+        ] {
             assert!(not_chosen.contains(why), "{why} missing from {not_chosen}");
         }
     }
-    let quarantine: Vec<String> =
-        tables["quarantine"].as_array().unwrap().iter().map(|r| r[0].as_str().unwrap().to_string()).collect();
-    for reason in ["series was acquired with gantry tilt", "series is oblique", "no series fits the screening rules"] {
+    let quarantine: Vec<String> = tables["quarantine"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_string())
+        .collect();
+    for reason in [
+        "series was acquired with gantry tilt",
+        "series is oblique",
+        "no series fits the screening rules",
+    ] {
         assert!(quarantine.contains(&reason.to_string()), "{reason} not in {quarantine:?}");
     }
-    assert!(quarantine.contains(&"image would decode beyond the size limit".to_string()), "{quarantine:?}");
+    assert!(
+        quarantine.contains(&"image would decode beyond the size limit".to_string()),
+        "{quarantine:?}"
+    );
     let ignored: Vec<(String, u64)> = tables["ignored"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| (r[0].as_str().unwrap().to_string(), r[1].as_u64().unwrap()))
         .collect();
-    assert!(ignored.contains(&("not an image: X-Ray Radiation Dose SR Storage".to_string(), 2)), "{ignored:?}");
+    assert!(
+        ignored.contains(&("not an image: X-Ray Radiation Dose SR Storage".to_string(), 2)),
+        "{ignored:?}"
+    );
 
     // The accounting adds up to every file in the input, and each outcome is there.
     let accounting = tables["accounting"].as_array().unwrap();
@@ -164,7 +201,8 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
         assert!(accounting.iter().any(|r| r[0] == outcome), "no {outcome} row: {accounting:?}");
     }
     // Screened objects are exactly the two plain series and the Enhanced CT object.
-    let screened: u64 = accounting.iter().filter(|r| r[0] == "screened").map(|r| r[2].as_u64().unwrap()).sum();
+    let screened: u64 =
+        accounting.iter().filter(|r| r[0] == "screened").map(|r| r[2].as_u64().unwrap()).sum();
     assert_eq!(screened, 121);
 
     // No identifier of the odd cases leaks into any output.

@@ -25,7 +25,14 @@ struct Variant {
 }
 
 const VARIANTS: [Variant; 3] = [
-    Variant { name: "unsigned-12bit", signed: false, bits_stored: 12, slope: 1.0, intercept: -1024.0, padding: None },
+    Variant {
+        name: "unsigned-12bit",
+        signed: false,
+        bits_stored: 12,
+        slope: 1.0,
+        intercept: -1024.0,
+        padding: None,
+    },
     Variant {
         name: "signed-16bit-padded",
         signed: true,
@@ -209,15 +216,20 @@ fn write_original(directory: &Path, variant: &Variant) -> PathBuf {
             hu[row * 128..row * 128 + 10].fill(padded_hu);
         }
     }
-    let slice = Slice { sop_instance_uid: "2.25.9103", instance_number: 1, position: origin, hu: &hu };
+    let slice =
+        Slice { sop_instance_uid: "2.25.9103", instance_number: 1, position: origin, hu: &hu };
     let path = directory.join(format!("{}.dcm", variant.name));
     std::fs::write(&path, encode_slice(&header, &slice).unwrap()).unwrap();
     path
 }
 
 fn encode(encoding: &Encoding, original: &Path, out: &Path) {
-    let output =
-        Command::new(encoding.program).args(encoding.args).arg(original).arg(out).output().unwrap_or_else(|error| {
+    let output = Command::new(encoding.program)
+        .args(encoding.args)
+        .arg(original)
+        .arg(out)
+        .output()
+        .unwrap_or_else(|error| {
             panic!("{} cannot start ({error}); run `cargo xtask dicom-tools`", encoding.program)
         });
     assert!(
@@ -247,8 +259,14 @@ fn every_transfer_syntax_decodes_to_the_original_hu() {
             encode(encoding, &original_path, &path);
             let bytes = std::fs::read(&path).unwrap();
             let header = panscreen_ingest::header::parse("encoded.dcm", bytes.len() as u64, &bytes)
-                .unwrap_or_else(|problem| panic!("{} / {}: header: {problem:?}", variant.name, encoding.name));
-            assert_eq!(header.transfer_syntax, encoding.transfer_syntax, "{} / {}", variant.name, encoding.name);
+                .unwrap_or_else(|problem| {
+                    panic!("{} / {}: header: {problem:?}", variant.name, encoding.name)
+                });
+            assert_eq!(
+                header.transfer_syntax, encoding.transfer_syntax,
+                "{} / {}",
+                variant.name, encoding.name
+            );
             assert_eq!((header.rows, header.columns), (128, 128));
             let decoded = match decode_slice("encoded.dcm", &bytes, FILL) {
                 Ok(decoded) => decoded,
@@ -268,7 +286,11 @@ fn every_transfer_syntax_decodes_to_the_original_hu() {
                 .map(|index| (original.hu[index] - decoded.hu[index]).abs())
                 .collect();
             if variant.padding.is_some() && matches!(encoding.bound, Bound::Exact) {
-                assert_eq!(decoded.hu[0], FILL, "{} / {}: padding is kept", variant.name, encoding.name);
+                assert_eq!(
+                    decoded.hu[0], FILL,
+                    "{} / {}: padding is kept",
+                    variant.name, encoding.name
+                );
             }
             // An all-fill decode would compare nothing and pass: most pixels must be image.
             if errors.len() < 128 * 128 * 3 / 4 {
@@ -283,13 +305,21 @@ fn every_transfer_syntax_decodes_to_the_original_hu() {
             }
             let max = errors.iter().copied().fold(0.0f32, f32::max);
             let mean = errors.iter().sum::<f32>() / errors.len() as f32;
-            report.push(format!("{:<28} {:<40} max {max:7.2} HU  mean {mean:6.3} HU", variant.name, encoding.name));
+            report.push(format!(
+                "{:<28} {:<40} max {max:7.2} HU  mean {mean:6.3} HU",
+                variant.name, encoding.name
+            ));
             let within = match encoding.bound {
                 Bound::Exact => max == 0.0,
-                Bound::Lossy { max: max_bound, mean: mean_bound } => max <= max_bound && mean <= mean_bound,
+                Bound::Lossy { max: max_bound, mean: mean_bound } => {
+                    max <= max_bound && mean <= mean_bound
+                }
             };
             if !within {
-                failures.push(format!("{} / {}: {:?} expected", variant.name, encoding.name, encoding.bound));
+                failures.push(format!(
+                    "{} / {}: {:?} expected",
+                    variant.name, encoding.name, encoding.bound
+                ));
             }
         }
     }

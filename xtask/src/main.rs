@@ -28,7 +28,10 @@ const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
 const ORT_LIBRARY_SHA256: &str = "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits in the workspace")
+        .to_path_buf()
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
@@ -67,7 +70,10 @@ fn fetch_ort() -> anyhow::Result<PathBuf> {
     }
     let wheel_sha = sha256_file(&wheel)?;
     if wheel_sha != ORT_WHEEL_SHA256 {
-        bail!("{} has sha256 {wheel_sha}, expected {ORT_WHEEL_SHA256}; delete it and try again", wheel.display());
+        bail!(
+            "{} has sha256 {wheel_sha}, expected {ORT_WHEEL_SHA256}; delete it and try again",
+            wheel.display()
+        );
     }
     std::fs::create_dir_all(&directory)?;
     let script = format!(
@@ -96,7 +102,9 @@ fn setup_python() -> anyhow::Result<PathBuf> {
     let stamp = venv.join(".requirements.sha256");
     let wanted = sha256_file(&requirements)?;
     if std::fs::read_to_string(&stamp).unwrap_or_default() != wanted {
-        run(Command::new(&interpreter).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements))?;
+        run(Command::new(&interpreter)
+            .args(["-m", "pip", "install", "--quiet", "-r"])
+            .arg(&requirements))?;
         std::fs::write(&stamp, &wanted)?;
     }
     Ok(interpreter)
@@ -105,7 +113,12 @@ fn setup_python() -> anyhow::Result<PathBuf> {
 const CMAKE_VERSION: &str = "4.4.5";
 
 fn works(program: &str, arg: &str) -> bool {
-    Command::new(program).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new(program)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// A cmake for the GDCM build: the machine's own, or one from PyPI in .panscreen/venv.
@@ -141,7 +154,8 @@ fn dicom_tools() -> anyhow::Result<()> {
     if TOOLS.iter().all(|tool| works(tool, "--version")) {
         return Ok(());
     }
-    let root_user = Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0");
+    let root_user =
+        Command::new("id").arg("-u").output().is_ok_and(|out| out.stdout.trim_ascii() == b"0");
     if !root_user || !works("apt-get", "--version") {
         bail!(
             "the tests need dcmtk and GDCM's tools ({}): install the Debian packages dcmtk and libgdcm-tools",
@@ -158,7 +172,9 @@ fn dicom_tools() -> anyhow::Result<()> {
 fn build_release() -> anyhow::Result<PathBuf> {
     run(cargo()?.current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
     // CARGO_TARGET_DIR, when set, moves the binary.
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
     let target = if target.is_absolute() { target } else { root().join(target) };
     Ok(target.join("release/panscreen"))
 }
@@ -167,14 +183,19 @@ fn build_release() -> anyhow::Result<PathBuf> {
 fn check_model_reproducible(interpreter: &Path) -> anyhow::Result<()> {
     let model_dir = root().join("models/tiny-panda");
     let scratch = std::env::temp_dir().join(format!("panscreen-model-{}.onnx", std::process::id()));
-    run(Command::new(interpreter).arg(model_dir.join("build_model.py")).arg("--out").arg(&scratch))?;
+    run(Command::new(interpreter)
+        .arg(model_dir.join("build_model.py"))
+        .arg("--out")
+        .arg(&scratch))?;
     let rebuilt = sha256_file(&scratch)?;
     let _ = std::fs::remove_file(&scratch);
     let shipped = sha256_file(&model_dir.join("tiny-panda.onnx"))?;
     if rebuilt != shipped {
         bail!("models/tiny-panda/build_model.py writes sha256 {rebuilt}, but tiny-panda.onnx is {shipped}");
     }
-    eprintln!("xtask: models/tiny-panda/tiny-panda.onnx is reproduced by build_model.py ({shipped})");
+    eprintln!(
+        "xtask: models/tiny-panda/tiny-panda.onnx is reproduced by build_model.py ({shipped})"
+    );
     Ok(())
 }
 
@@ -190,8 +211,9 @@ fn demo() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out)?;
     if !key.is_file() {
-        let bytes: Vec<u8> =
-            (0..4).flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec()).collect();
+        let bytes: Vec<u8> = (0..4)
+            .flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec())
+            .collect();
         std::fs::write(&key, hex::encode(bytes))?;
         eprintln!("xtask: wrote a demo pseudonym key to {}", key.display());
     }
@@ -215,7 +237,10 @@ fn demo() -> anyhow::Result<()> {
         .arg(&results)
         .arg("--key-file")
         .arg(&key))?;
-    println!("\nParquet tables are under {}; query them with DuckDB, Polars, pandas or Spark.", results.display());
+    println!(
+        "\nParquet tables are under {}; query them with DuckDB, Polars, pandas or Spark.",
+        results.display()
+    );
     Ok(())
 }
 
@@ -225,6 +250,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     dicom_tools()?;
     check_model_reproducible(&interpreter)?;
     let binary = build_release()?;
+    lint()?;
     let mut command = cargo()?;
     command
         .current_dir(root())
@@ -251,6 +277,25 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         bail!("cargo test failed with {status}");
     }
     Ok(())
+}
+
+/// Formatting and clippy (the workspace's `[workspace.lints]`), warnings as errors.
+/// Clippy runs on the release profile, so that it reuses the build scripts (GDCM's
+/// cmake build) of the release build before it.
+fn lint() -> anyhow::Result<()> {
+    let hint = "is the component installed? `rustup component add rustfmt clippy`";
+    run(cargo()?.current_dir(root()).args(["fmt", "--all", "--check"]))
+        .with_context(|| format!("cargo fmt: {hint}"))?;
+    run(cargo()?.current_dir(root()).args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .with_context(|| format!("cargo clippy: {hint}"))
 }
 
 /// The number just before `label` in a `test result:` line.

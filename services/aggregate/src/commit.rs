@@ -88,7 +88,13 @@ impl Staged {
     }
 
     /// Writes `bytes` to its staging key; `key` is where it will be published.
-    pub async fn stage(&mut self, out: &Store, key: String, rows: usize, bytes: Bytes) -> Result<(), AggregateError> {
+    pub async fn stage(
+        &mut self,
+        out: &Store,
+        key: String,
+        rows: usize,
+        bytes: Bytes,
+    ) -> Result<(), AggregateError> {
         let staged = format!("{STAGING}/{}/{:010}/{key}", self.writer, self.sequence);
         out.put(&staged, bytes).await.map_err(|e| write_error(&staged, e))?;
         self.files.push(CommittedFile { key, staged, rows });
@@ -154,7 +160,10 @@ pub async fn publish(out: &Store, manifest: &CommitManifest) -> Result<(), Aggre
 }
 
 /// Every commit manifest in `out`, oldest sequence first per writer.
-pub async fn read_commits(out: &Store, skip: &BTreeSet<String>) -> Result<Vec<CommitManifest>, AggregateError> {
+pub async fn read_commits(
+    out: &Store,
+    skip: &BTreeSet<String>,
+) -> Result<Vec<CommitManifest>, AggregateError> {
     let listed = out.list(COMMITS).await.map_err(|e| write_error(COMMITS, e))?;
     let mut manifests = Vec::new();
     for object in listed {
@@ -176,13 +185,23 @@ pub async fn read_commits(out: &Store, skip: &BTreeSet<String>) -> Result<Vec<Co
 }
 
 /// Finishes every commit whose files are not all in place. Returns how many it touched.
-pub async fn roll_forward(out: &Store, manifests: &[CommitManifest]) -> Result<usize, AggregateError> {
-    let staged: BTreeSet<String> =
-        out.list(STAGING).await.map_err(|e| write_error(STAGING, e))?.into_iter().map(|o| o.key).collect();
+pub async fn roll_forward(
+    out: &Store,
+    manifests: &[CommitManifest],
+) -> Result<usize, AggregateError> {
+    let staged: BTreeSet<String> = out
+        .list(STAGING)
+        .await
+        .map_err(|e| write_error(STAGING, e))?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
     let mut finished = 0;
     for manifest in manifests {
         // A compaction's commit is also unfinished while a file it replaces remains.
-        if manifest.files.iter().any(|f| staged.contains(&f.staged)) || !manifest.replaces.is_empty() {
+        if manifest.files.iter().any(|f| staged.contains(&f.staged))
+            || !manifest.replaces.is_empty()
+        {
             publish(out, manifest).await?;
             finished += 1;
         }

@@ -11,7 +11,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use arrow::array::{Array, BooleanArray, Date32Array, Float64Array, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Array, BooleanArray, Date32Array, Float64Array, StringArray, TimestampMicrosecondArray,
+};
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
 use panscreen_shared::sites::SiteRegistry;
@@ -42,7 +44,10 @@ fn table_error(key: &str, error: impl std::fmt::Display) -> AggregateError {
 }
 
 async fn read_parquet(out: &Store, key: &str) -> Result<Vec<RecordBatch>, AggregateError> {
-    let bytes = out.get(key).await.map_err(|source| AggregateError::Write { key: key.to_string(), source })?;
+    let bytes = out
+        .get(key)
+        .await
+        .map_err(|source| AggregateError::Write { key: key.to_string(), source })?;
     let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
         .and_then(|builder| builder.build())
         .map_err(|e| table_error(key, e))?;
@@ -50,7 +55,10 @@ async fn read_parquet(out: &Store, key: &str) -> Result<Vec<RecordBatch>, Aggreg
 }
 
 async fn parquet_keys(out: &Store, prefix: &str) -> Result<Vec<String>, AggregateError> {
-    let listed = out.list(prefix).await.map_err(|source| AggregateError::Write { key: prefix.to_string(), source })?;
+    let listed = out
+        .list(prefix)
+        .await
+        .map_err(|source| AggregateError::Write { key: prefix.to_string(), source })?;
     Ok(listed.into_iter().map(|o| o.key).filter(|k| k.ends_with(".parquet")).collect())
 }
 
@@ -62,15 +70,23 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T, A
 }
 
 /// Keeps the first row of each study key, across calls.
-fn first_of_each_study(batch: &RecordBatch, seen: &mut HashSet<String>) -> Result<RecordBatch, AggregateError> {
+fn first_of_each_study(
+    batch: &RecordBatch,
+    seen: &mut HashSet<String>,
+) -> Result<RecordBatch, AggregateError> {
     let keys = column::<StringArray>(batch, "study_key")?;
-    let keep: BooleanArray = keys.iter().map(|key| Some(key.is_some_and(|k| seen.insert(k.to_string())))).collect();
-    arrow::compute::filter_record_batch(batch, &keep).map_err(|e| AggregateError::Table(e.to_string()))
+    let keep: BooleanArray =
+        keys.iter().map(|key| Some(key.is_some_and(|k| seen.insert(k.to_string())))).collect();
+    arrow::compute::filter_record_batch(batch, &keep)
+        .map_err(|e| AggregateError::Table(e.to_string()))
 }
 
 /// The `region_code=…` of a results key.
 fn region_of(key: &str) -> String {
-    key.split('/').find_map(|part| part.strip_prefix("region_code=")).unwrap_or("unknown").to_string()
+    key.split('/')
+        .find_map(|part| part.strip_prefix("region_code="))
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 fn optional(array: &Float64Array, row: usize) -> Option<f64> {
@@ -130,10 +146,13 @@ fn tally(
 /// columns added since (`inputs`, `generation` of the quarantine table): every batch is
 /// brought to the columns of the widest, a missing column read as nulls.
 fn concat(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, AggregateError> {
-    let Some(widest) = batches.iter().max_by_key(|batch| batch.num_columns()) else { return Ok(None) };
+    let Some(widest) = batches.iter().max_by_key(|batch| batch.num_columns()) else {
+        return Ok(None);
+    };
     let schema = widest.schema();
-    let disagree =
-        |e: arrow::error::ArrowError| AggregateError::Table(format!("files of one table disagree on columns: {e}"));
+    let disagree = |e: arrow::error::ArrowError| {
+        AggregateError::Table(format!("files of one table disagree on columns: {e}"))
+    };
     let aligned = batches
         .iter()
         .map(|batch| {
@@ -155,7 +174,11 @@ fn concat(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, AggregateError
 /// that holds none to begin with: a mistyped campaign or store).
 pub async fn holds_tables(out: &Store) -> Result<bool, AggregateError> {
     for table in ["_commits", "results", "quarantine"] {
-        if out.has_objects(table).await.map_err(|source| AggregateError::Write { key: table.to_string(), source })? {
+        if out
+            .has_objects(table)
+            .await
+            .map_err(|source| AggregateError::Write { key: table.to_string(), source })?
+        {
             return Ok(true);
         }
     }
@@ -163,10 +186,15 @@ pub async fn holds_tables(out: &Store) -> Result<bool, AggregateError> {
 }
 
 /// Compacts `out` (a campaign's output root) and writes its summary and worklist.
-pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Result<CompactReport, AggregateError> {
+pub async fn compact(
+    out: &Store,
+    campaign: &str,
+    sites: &SiteRegistry,
+) -> Result<CompactReport, AggregateError> {
     let manifests = commit::read_commits(out, &BTreeSet::new()).await?;
     commit::roll_forward(out, &manifests).await?;
-    let writer = format!("compact-{}", OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000);
+    let writer =
+        format!("compact-{}", OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000);
     let mut staged = Staged::new(&writer, 0);
     let mut replaced: Vec<String> = Vec::new();
     let mut report = CompactReport::default();
@@ -205,12 +233,14 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
     report.studies = seen.len();
 
     if let Some(merged) =
-        merge_flat(out, "quarantine", &writer, &mut staged, &mut replaced, &mut report, Some(&seen)).await?
+        merge_flat(out, "quarantine", &writer, &mut staged, &mut replaced, &mut report, Some(&seen))
+            .await?
     {
         report.quarantine_rows = merged.num_rows();
         let site = column::<StringArray>(&merged, "site_id")?;
         for row in 0..merged.num_rows() {
-            let [code, name, province] = quarantine_region(sites, site.is_valid(row).then(|| site.value(row)));
+            let [code, name, province] =
+                quarantine_region(sites, site.is_valid(row).then(|| site.value(row)));
             regions
                 .entry(code.clone())
                 .or_insert_with(|| RegionCounts {
@@ -228,11 +258,16 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
     if !replaced.is_empty() {
         // The commits whose files are all replaced go; their ids move to this one.
         let replaced_set: BTreeSet<&String> = replaced.iter().collect();
-        let superseded: Vec<&CommitManifest> =
-            manifests.iter().filter(|m| m.files.iter().all(|f| replaced_set.contains(&f.key))).collect();
+        let superseded: Vec<&CommitManifest> = manifests
+            .iter()
+            .filter(|m| m.files.iter().all(|f| replaced_set.contains(&f.key)))
+            .collect();
         let ids = CommitIds {
             study_keys: superseded.iter().flat_map(|m| m.study_keys.iter().cloned()).collect(),
-            quarantine_ids: superseded.iter().flat_map(|m| m.quarantine_ids.iter().cloned()).collect(),
+            quarantine_ids: superseded
+                .iter()
+                .flat_map(|m| m.quarantine_ids.iter().cloned())
+                .collect(),
             ignored_ids: superseded.iter().flat_map(|m| m.ignored_ids.iter().cloned()).collect(),
         };
         let (manifest, published) = staged.commit(out, ids, replaced).await?;
@@ -248,9 +283,11 @@ pub async fn compact(out: &Store, campaign: &str, sites: &SiteRegistry) -> Resul
 
     report.regions = regions.into_values().collect();
     report.flagged = worklist.len();
-    let summary = tables::summary_batch(&report.regions, campaign).map_err(|e| AggregateError::Table(e.to_string()))?;
+    let summary = tables::summary_batch(&report.regions, campaign)
+        .map_err(|e| AggregateError::Table(e.to_string()))?;
     put(out, "summary/summary.parquet", parquet_bytes(&summary)?).await?;
-    let worklist = tables::worklist_batch(&worklist).map_err(|e| AggregateError::Table(e.to_string()))?;
+    let worklist =
+        tables::worklist_batch(&worklist).map_err(|e| AggregateError::Table(e.to_string()))?;
     put(out, "worklist/worklist.parquet", parquet_bytes(&worklist)?).await?;
     info!(
         files_before = report.files_before,
@@ -279,7 +316,9 @@ pub async fn final_quarantine(out: &Store) -> Result<Vec<QuarantinedInput>, Aggr
     let mut screened = HashSet::new();
     for key in parquet_keys(out, "results").await? {
         for batch in read_parquet(out, &key).await? {
-            screened.extend(column::<StringArray>(&batch, "study_key")?.iter().flatten().map(str::to_string));
+            screened.extend(
+                column::<StringArray>(&batch, "study_key")?.iter().flatten().map(str::to_string),
+            );
         }
     }
     let mut batches = Vec::new();
@@ -289,21 +328,28 @@ pub async fn final_quarantine(out: &Store) -> Result<Vec<QuarantinedInput>, Aggr
     let Some(merged) = concat(&batches)? else { return Ok(Vec::new()) };
     let kept = final_quarantine_rows(&merged, &screened)?;
     let text = |name| column::<StringArray>(&kept, name);
-    let (stage, input, study, reason) = (text("stage")?, text("input")?, text("study_key")?, text("reason")?);
+    let (stage, input, study, reason) =
+        (text("stage")?, text("input")?, text("study_key")?, text("reason")?);
     let inputs = column::<arrow::array::ListArray>(&kept, "inputs")?;
     let generation = column::<arrow::array::Int32Array>(&kept, "generation")?;
     let mut rows = Vec::with_capacity(kept.num_rows());
     for row in 0..kept.num_rows() {
         let keys = inputs.value(row);
-        let keys =
-            keys.as_any().downcast_ref::<StringArray>().map(|k| k.iter().flatten().map(str::to_string).collect());
+        let keys = keys
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .map(|k| k.iter().flatten().map(str::to_string).collect());
         rows.push(QuarantinedInput {
             stage: stage.value(row).to_string(),
             input: input.value(row).to_string(),
             inputs: keys.unwrap_or_default(),
             study_key: study.is_valid(row).then(|| study.value(row).to_string()),
             reason: reason.value(row).to_string(),
-            generation: if generation.is_valid(row) { generation.value(row).max(0) as u32 } else { 0 },
+            generation: if generation.is_valid(row) {
+                generation.value(row).max(0) as u32
+            } else {
+                0
+            },
         });
     }
     Ok(rows)
@@ -312,13 +358,17 @@ pub async fn final_quarantine(out: &Store) -> Result<Vec<QuarantinedInput>, Aggr
 /// The quarantine rows that are a final outcome: none for a study in the results (it was
 /// requeued and screened), and of several rows for one study or object (requeued and
 /// quarantined again) only the latest.
-fn final_quarantine_rows(batch: &RecordBatch, screened: &HashSet<String>) -> Result<RecordBatch, AggregateError> {
+fn final_quarantine_rows(
+    batch: &RecordBatch,
+    screened: &HashSet<String>,
+) -> Result<RecordBatch, AggregateError> {
     let study = column::<StringArray>(batch, "study_key")?;
     let input = column::<StringArray>(batch, "input")?;
     let at = column::<TimestampMicrosecondArray>(batch, "at")?;
     let mut latest: HashMap<(bool, &str), usize> = HashMap::new();
     for row in 0..batch.num_rows() {
-        let identity = if study.is_valid(row) { (true, study.value(row)) } else { (false, input.value(row)) };
+        let identity =
+            if study.is_valid(row) { (true, study.value(row)) } else { (false, input.value(row)) };
         if identity.0 && screened.contains(identity.1) {
             continue;
         }
@@ -329,7 +379,8 @@ fn final_quarantine_rows(batch: &RecordBatch, screened: &HashSet<String>) -> Res
     }
     let kept: HashSet<usize> = latest.into_values().collect();
     let keep: BooleanArray = (0..batch.num_rows()).map(|row| Some(kept.contains(&row))).collect();
-    arrow::compute::filter_record_batch(batch, &keep).map_err(|e| AggregateError::Table(e.to_string()))
+    arrow::compute::filter_record_batch(batch, &keep)
+        .map_err(|e| AggregateError::Table(e.to_string()))
 }
 
 /// Merges the files of an unpartitioned table into one (when there is more than one, or
@@ -359,7 +410,12 @@ async fn merge_flat(
         report.files_after += 1;
         if keys.len() > 1 || merged.num_rows() != rows_before {
             staged
-                .stage(out, format!("{table}/part-{writer}.parquet"), merged.num_rows(), parquet_bytes(merged)?)
+                .stage(
+                    out,
+                    format!("{table}/part-{writer}.parquet"),
+                    merged.num_rows(),
+                    parquet_bytes(merged)?,
+                )
                 .await?;
             replaced.extend(keys);
         }
@@ -368,7 +424,9 @@ async fn merge_flat(
 }
 
 async fn put(out: &Store, key: &str, bytes: Bytes) -> Result<(), AggregateError> {
-    out.put(key, bytes).await.map_err(|source| AggregateError::Write { key: key.to_string(), source })
+    out.put(key, bytes)
+        .await
+        .map_err(|source| AggregateError::Write { key: key.to_string(), source })
 }
 
 #[cfg(test)]
@@ -407,7 +465,8 @@ mod tests {
         let kept = final_quarantine_rows(&batch, &screened).unwrap();
         let reasons = column::<StringArray>(&kept, "reason").unwrap();
         let inputs = column::<StringArray>(&kept, "input").unwrap();
-        let mut left: Vec<(&str, &str)> = (0..kept.num_rows()).map(|r| (inputs.value(r), reasons.value(r))).collect();
+        let mut left: Vec<(&str, &str)> =
+            (0..kept.num_rows()).map(|r| (inputs.value(r), reasons.value(r))).collect();
         left.sort();
         // s1 was screened after its requeue; s2 failed again (the later row stays); the
         // requeued object keeps its later row; the other object is untouched.
@@ -429,8 +488,18 @@ mod tests {
     #[tokio::test]
     async fn quarantine_files_of_an_earlier_version_are_read_with_todays() {
         let directory = tempfile::tempdir().unwrap();
-        let out = Store::open(directory.path().to_str().unwrap(), panscreen_shared::store::OpenMode::Existing).unwrap();
-        let old = tables::quarantine_batch(&[record("a/old.dcm", Some("s-old"), "cannot decode a slice", 0)]).unwrap();
+        let out = Store::open(
+            directory.path().to_str().unwrap(),
+            panscreen_shared::store::OpenMode::Existing,
+        )
+        .unwrap();
+        let old = tables::quarantine_batch(&[record(
+            "a/old.dcm",
+            Some("s-old"),
+            "cannot decode a slice",
+            0,
+        )])
+        .unwrap();
         let keep: Vec<usize> = (0..old.num_columns())
             .filter(|i| !["inputs", "generation"].contains(&old.schema().field(*i).name().as_str()))
             .collect();
@@ -438,9 +507,13 @@ mod tests {
         let mut new = record("b/new.dcm", Some("s-new"), "cannot decode a slice", 10);
         new.generation = 2;
         put(&out, "quarantine/a-old.parquet", parquet_bytes(&old).unwrap()).await.unwrap();
-        put(&out, "quarantine/b-new.parquet", parquet_bytes(&tables::quarantine_batch(&[new]).unwrap()).unwrap())
-            .await
-            .unwrap();
+        put(
+            &out,
+            "quarantine/b-new.parquet",
+            parquet_bytes(&tables::quarantine_batch(&[new]).unwrap()).unwrap(),
+        )
+        .await
+        .unwrap();
         let mut rows = final_quarantine(&out).await.unwrap();
         rows.sort_by(|a, b| a.input.cmp(&b.input));
         let seen: Vec<(&str, usize, u32)> =

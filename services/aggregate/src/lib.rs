@@ -30,7 +30,9 @@ use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 use bytes::Bytes;
-use panscreen_shared::contracts::{subjects, topology, IgnoredInputs, QuarantineRecord, Stage, StudyScored};
+use panscreen_shared::contracts::{
+    subjects, topology, IgnoredInputs, QuarantineRecord, Stage, StudyScored,
+};
 use panscreen_shared::metrics::Readiness;
 use panscreen_shared::queue::{Delivery, Queue, QueueError};
 use panscreen_shared::sites::SiteRegistry;
@@ -105,8 +107,10 @@ pub fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, AggregateError> {
 
 /// Hive-style partition value: keeps letters, digits, '-' and '_'.
 fn partition_value(value: &str) -> String {
-    let cleaned: String =
-        value.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let cleaned: String = value
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
     if cleaned.is_empty() {
         "unknown".to_string()
     } else {
@@ -136,7 +140,8 @@ pub struct AggregateReport {
 
 /// A message waiting for the next flush.
 enum Pending {
-    Result(StudyScored),
+    /// Boxed: a scored study is three times the size of the other two.
+    Result(Box<StudyScored>),
     Quarantine(QuarantineRecord),
     Ignored(IgnoredInputs),
 }
@@ -226,7 +231,12 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn new(config: AggregateConfig, out: Store, sites: SiteRegistry, counters: Arc<StageCounters>) -> Self {
+    pub fn new(
+        config: AggregateConfig,
+        out: Store,
+        sites: SiteRegistry,
+        counters: Arc<StageCounters>,
+    ) -> Self {
         Aggregator {
             config,
             out,
@@ -258,7 +268,9 @@ impl Aggregator {
     async fn accept(&mut self, delivery: Delivery, kind: PendingKind) {
         let payload = &delivery.payload;
         let parsed = match kind {
-            PendingKind::Result => serde_json::from_slice(payload).map(Pending::Result),
+            PendingKind::Result => {
+                serde_json::from_slice(payload).map(|scored| Pending::Result(Box::new(scored)))
+            }
             PendingKind::Quarantine => serde_json::from_slice(payload).map(Pending::Quarantine),
             PendingKind::Ignored => serde_json::from_slice(payload).map(Pending::Ignored),
         };
@@ -281,7 +293,10 @@ impl Aggregator {
                     &self.config.campaign,
                     Stage::Aggregate,
                     format!("gave up after {attempts} attempts: no aggregate finished writing it"),
-                    format!("a {} message delivered past max_deliver without ever being settled", kind.noun()),
+                    format!(
+                        "a {} message delivered past max_deliver without ever being settled",
+                        kind.noun()
+                    ),
                     delivery.attempt,
                 ))
             }
@@ -312,7 +327,10 @@ impl Aggregator {
 
     async fn put(&mut self, key: String, batch: RecordBatch) -> Result<(), AggregateError> {
         let bytes = parquet_bytes(&batch)?;
-        self.out.put(&key, bytes).await.map_err(|source| AggregateError::Write { key: key.clone(), source })?;
+        self.out
+            .put(&key, bytes)
+            .await
+            .map_err(|source| AggregateError::Write { key: key.clone(), source })?;
         self.report.files_written.push(key);
         Ok(())
     }
@@ -327,23 +345,37 @@ impl Aggregator {
         for manifest in manifests {
             self.commits_read.insert(manifest.key());
             studies += manifest.study_keys.len();
-            ids.extend(manifest.study_keys.into_iter().chain(manifest.quarantine_ids).chain(manifest.ignored_ids));
+            ids.extend(
+                manifest
+                    .study_keys
+                    .into_iter()
+                    .chain(manifest.quarantine_ids)
+                    .chain(manifest.ignored_ids),
+            );
         }
         Ok((ids, studies))
     }
 
     /// Drops from `held` what another writer committed meanwhile; acks it.
-    async fn drop_committed_elsewhere(&mut self, held: &mut Vec<Held>) -> Result<(), AggregateError> {
-        let (committed, _) = while_holding(held, self.config.progress_every, self.read_new_commits()).await?;
+    async fn drop_committed_elsewhere(
+        &mut self,
+        held: &mut Vec<Held>,
+    ) -> Result<(), AggregateError> {
+        let (committed, _) =
+            while_holding(held, self.config.progress_every, self.read_new_commits()).await?;
         self.seen.extend(committed.iter().cloned());
         // Also a quarantine record of a study whose result came in meanwhile.
         let seen = &self.seen;
-        let (duplicates, keep): (Vec<_>, Vec<_>) = std::mem::take(held)
-            .into_iter()
-            .partition(|held| committed.contains(&held.pending.id()) || held.pending.superseded_by(seen));
+        let (duplicates, keep): (Vec<_>, Vec<_>) =
+            std::mem::take(held).into_iter().partition(|held| {
+                committed.contains(&held.pending.id()) || held.pending.superseded_by(seen)
+            });
         *held = keep;
         if !duplicates.is_empty() {
-            info!(dropped = duplicates.len(), "already committed, or superseded by a study's result; dropped");
+            info!(
+                dropped = duplicates.len(),
+                "already committed, or superseded by a study's result; dropped"
+            );
             self.report.duplicates_dropped += duplicates.len();
         }
         for delivery in duplicates.into_iter().flat_map(|held| held.deliveries) {
@@ -357,14 +389,17 @@ impl Aggregator {
         let (mut results, mut quarantine, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
         for held in held {
             match &held.pending {
-                Pending::Result(scored) => results.push(scored),
+                Pending::Result(scored) => results.push(scored.as_ref()),
                 Pending::Quarantine(record) => quarantine.push(record.clone()),
                 Pending::Ignored(chunk) => ignored.push(chunk),
             }
         }
         let mut partitions: BTreeMap<(String, String), Vec<StudyScored>> = BTreeMap::new();
         for row in &results {
-            let key = (partition_value(&row.context.region_code), partition_value(row.context.scan_month()));
+            let key = (
+                partition_value(&row.context.region_code),
+                partition_value(row.context.scan_month()),
+            );
             partitions.entry(key).or_default().push((*row).clone());
         }
         self.sequence += 1;
@@ -379,14 +414,19 @@ impl Aggregator {
             staged.stage(&self.out, key, rows.len(), parquet_bytes(&batch)?).await?;
         }
         if !quarantine.is_empty() {
-            let batch = tables::quarantine_batch(&quarantine).map_err(|e| AggregateError::Table(e.to_string()))?;
-            let key = format!("quarantine/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
+            let batch = tables::quarantine_batch(&quarantine)
+                .map_err(|e| AggregateError::Table(e.to_string()))?;
+            let key =
+                format!("quarantine/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
             staged.stage(&self.out, key, quarantine.len(), parquet_bytes(&batch)?).await?;
         }
         if !ignored.is_empty() {
-            let rows: Vec<_> = ignored.iter().flat_map(|chunk| chunk.inputs.iter().cloned()).collect();
-            let batch = tables::ignored_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
-            let key = format!("ignored/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
+            let rows: Vec<_> =
+                ignored.iter().flat_map(|chunk| chunk.inputs.iter().cloned()).collect();
+            let batch =
+                tables::ignored_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
+            let key =
+                format!("ignored/part-{}-{:05}.parquet", self.config.writer_id, self.sequence);
             staged.stage(&self.out, key, rows.len(), parquet_bytes(&batch)?).await?;
         }
         let ids = commit::CommitIds {
@@ -453,18 +493,22 @@ impl Aggregator {
         for Held { deliveries, pending } in held {
             match pending {
                 Pending::Result(row) => {
-                    let region =
-                        self.region_entry(&row.context.region_code, &row.context.region_name, &row.context.province);
+                    let region = self.region_entry(
+                        &row.context.region_code,
+                        &row.context.region_name,
+                        &row.context.province,
+                    );
                     region.screened += 1;
                     region.flagged += i64::from(row.prediction.flagged);
                     self.report.results_written += 1;
                     if row.prediction.flagged {
-                        self.flagged.push(row);
+                        self.flagged.push(*row);
                     }
                     self.counters.processed.fetch_add(1, Ordering::Relaxed);
                 }
                 Pending::Quarantine(record) => {
-                    let [code, name, province] = quarantine_region(&self.sites, record.site_id.as_deref());
+                    let [code, name, province] =
+                        quarantine_region(&self.sites, record.site_id.as_deref());
                     self.region_entry(&code, &name, &province).quarantined += 1;
                     self.report.quarantine_written += 1;
                     self.counters.quarantined.fetch_add(1, Ordering::Relaxed);
@@ -504,7 +548,10 @@ impl Aggregator {
                 Err(error) => {
                     let retry_at = self.retry_at.unwrap_or_else(tokio::time::Instant::now);
                     if retry_at >= deadline {
-                        for delivery in std::mem::take(&mut self.pending).into_iter().flat_map(|held| held.deliveries) {
+                        for delivery in std::mem::take(&mut self.pending)
+                            .into_iter()
+                            .flat_map(|held| held.deliveries)
+                        {
                             let _ = delivery.nak(Duration::from_secs(1)).await;
                         }
                         return Err(error);
@@ -519,11 +566,13 @@ impl Aggregator {
     /// Writes the regional summary and the recall worklist for everything flushed.
     pub async fn write_summary_and_worklist(&mut self) -> Result<(), AggregateError> {
         let regions: Vec<RegionCounts> = self.regions.values().cloned().collect();
-        let summary =
-            tables::summary_batch(&regions, &self.config.campaign).map_err(|e| AggregateError::Table(e.to_string()))?;
+        let summary = tables::summary_batch(&regions, &self.config.campaign)
+            .map_err(|e| AggregateError::Table(e.to_string()))?;
         self.put("summary/summary.parquet".to_string(), summary).await?;
-        let rows: Vec<tables::WorklistRow> = self.flagged.iter().map(tables::WorklistRow::from).collect();
-        let worklist = tables::worklist_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
+        let rows: Vec<tables::WorklistRow> =
+            self.flagged.iter().map(tables::WorklistRow::from).collect();
+        let worklist =
+            tables::worklist_batch(&rows).map_err(|e| AggregateError::Table(e.to_string()))?;
         self.put("worklist/worklist.parquet".to_string(), worklist).await?;
         self.report.regions = regions;
         self.report.flagged = self.flagged.len();
@@ -552,9 +601,12 @@ impl Aggregator {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AggregateError> {
         let consumer = &topology::consumer(Stage::Aggregate);
-        let mut scored = queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
-        let mut quarantine = queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
-        let mut ignored = queue.subscribe(&subjects::ignored(&self.config.campaign), consumer).await?;
+        let mut scored =
+            queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
+        let mut quarantine =
+            queue.subscribe(&subjects::quarantine(&self.config.campaign), consumer).await?;
+        let mut ignored =
+            queue.subscribe(&subjects::ignored(&self.config.campaign), consumer).await?;
         let (mut scored_open, mut quarantine_open, mut ignored_open) = (true, true, true);
         let mut next_flush = tokio::time::Instant::now() + self.config.flush_interval;
         let every = self.config.progress_every.max(Duration::from_millis(100));

@@ -14,8 +14,8 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, ListBuilder, StringArray, StringBuilder,
-    TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, ListBuilder,
+    StringArray, StringBuilder, TimestampMicrosecondArray,
 };
 use arrow::datatypes::{Field, Schema};
 use arrow::error::ArrowError;
@@ -51,13 +51,21 @@ fn timestamps(values: impl Iterator<Item = Option<OffsetDateTime>>) -> ArrayRef 
 fn days_since_epoch(iso: &str) -> Option<i32> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
     let date = Date::parse(iso, &format).ok()?;
-    Some(date.to_julian_day() - Date::from_calendar_date(1970, time::Month::January, 1).ok()?.to_julian_day())
+    Some(
+        date.to_julian_day()
+            - Date::from_calendar_date(1970, time::Month::January, 1).ok()?.to_julian_day(),
+    )
 }
 
 fn batch(columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch, ArrowError> {
-    let fields: Vec<Field> =
-        columns.iter().map(|(name, array)| Field::new(*name, array.data_type().clone(), true)).collect();
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns.into_iter().map(|(_, a)| a).collect())
+    let fields: Vec<Field> = columns
+        .iter()
+        .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+        .collect();
+    RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns.into_iter().map(|(_, a)| a).collect(),
+    )
 }
 
 /// Results rows (without the partition keys).
@@ -66,7 +74,9 @@ pub fn results_batch(
     software_version: &str,
     aggregated_at: OffsetDateTime,
 ) -> Result<RecordBatch, ArrowError> {
-    let centroid = |axis: usize| floats(rows.iter().map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])));
+    let centroid = |axis: usize| {
+        floats(rows.iter().map(move |r| r.prediction.lesion_centroid_mm.map(|c| c[axis])))
+    };
     batch(vec![
         ("study_key", strings(rows.iter().map(|r| Some(r.context.study_key.as_str())))),
         ("patient_key", strings(rows.iter().map(|r| Some(r.context.patient_key.as_str())))),
@@ -76,20 +86,41 @@ pub fn results_batch(
         ("province", strings(rows.iter().map(|r| Some(r.context.province.as_str())))),
         ("age_band", strings(rows.iter().map(|r| Some(r.context.age_band.as_str())))),
         ("sex", strings(rows.iter().map(|r| Some(r.context.sex.as_str())))),
-        ("scan_date", Arc::new(rows.iter().map(|r| days_since_epoch(&r.context.scan_date)).collect::<Date32Array>())),
+        (
+            "scan_date",
+            Arc::new(
+                rows.iter()
+                    .map(|r| days_since_epoch(&r.context.scan_date))
+                    .collect::<Date32Array>(),
+            ),
+        ),
         ("series_key", strings(rows.iter().map(|r| Some(r.series.series_key.as_str())))),
-        ("series_number", Arc::new(rows.iter().map(|r| r.series.series_number).collect::<Int32Array>())),
+        (
+            "series_number",
+            Arc::new(rows.iter().map(|r| r.series.series_number).collect::<Int32Array>()),
+        ),
         ("series_reason", strings(rows.iter().map(|r| Some(r.series.reason.as_str())))),
-        ("series_candidates", Arc::new(rows.iter().map(|r| Some(r.series.candidates as i32)).collect::<Int32Array>())),
+        (
+            "series_candidates",
+            Arc::new(rows.iter().map(|r| Some(r.series.candidates as i32)).collect::<Int32Array>()),
+        ),
         (
             "series_not_chosen",
-            Arc::new(rows.iter().map(|r| Some(r.series.not_chosen.join("; "))).collect::<StringArray>()),
+            Arc::new(
+                rows.iter().map(|r| Some(r.series.not_chosen.join("; "))).collect::<StringArray>(),
+            ),
         ),
-        ("slices", Arc::new(rows.iter().map(|r| Some(r.series.slices as i32)).collect::<Int32Array>())),
+        (
+            "slices",
+            Arc::new(rows.iter().map(|r| Some(r.series.slices as i32)).collect::<Int32Array>()),
+        ),
         ("slice_spacing_mm", floats(rows.iter().map(|r| Some(r.series.slice_spacing_mm)))),
         ("pixel_spacing_mm", floats(rows.iter().map(|r| Some(r.series.pixel_spacing_mm[0])))),
         ("lesion_probability", floats(rows.iter().map(|r| Some(r.prediction.lesion_probability)))),
-        ("flagged", Arc::new(rows.iter().map(|r| Some(r.prediction.flagged)).collect::<BooleanArray>())),
+        (
+            "flagged",
+            Arc::new(rows.iter().map(|r| Some(r.prediction.flagged)).collect::<BooleanArray>()),
+        ),
         ("threshold", floats(rows.iter().map(|r| Some(r.prediction.threshold)))),
         ("lesion_volume_mm3", floats(rows.iter().map(|r| r.prediction.lesion_volume_mm3))),
         ("lesion_centroid_x_mm", centroid(0)),
@@ -118,9 +149,15 @@ pub fn quarantine_batch(rows: &[QuarantineRecord]) -> Result<RecordBatch, ArrowE
         ("site_id", strings(rows.iter().map(|r| r.site_id.as_deref()))),
         ("reason", strings(rows.iter().map(|r| Some(r.reason.as_str())))),
         ("detail", strings(rows.iter().map(|r| Some(r.detail.as_str())))),
-        ("attempts", Arc::new(rows.iter().map(|r| Some(r.attempts as i32)).collect::<Int32Array>())),
+        (
+            "attempts",
+            Arc::new(rows.iter().map(|r| Some(r.attempts as i32)).collect::<Int32Array>()),
+        ),
         ("at", timestamps(rows.iter().map(|r| Some(r.at)))),
-        ("generation", Arc::new(rows.iter().map(|r| Some(r.generation as i32)).collect::<Int32Array>())),
+        (
+            "generation",
+            Arc::new(rows.iter().map(|r| Some(r.generation as i32)).collect::<Int32Array>()),
+        ),
     ])
 }
 
@@ -150,7 +187,12 @@ pub fn summary_batch(rows: &[RegionCounts], campaign: &str) -> Result<RecordBatc
         ("province", strings(rows.iter().map(|r| Some(r.province.as_str())))),
         ("screened", Arc::new(rows.iter().map(|r| Some(r.screened)).collect::<Int64Array>())),
         ("flagged", Arc::new(rows.iter().map(|r| Some(r.flagged)).collect::<Int64Array>())),
-        ("flag_rate", floats(rows.iter().map(|r| (r.screened > 0).then(|| r.flagged as f64 / r.screened as f64)))),
+        (
+            "flag_rate",
+            floats(
+                rows.iter().map(|r| (r.screened > 0).then(|| r.flagged as f64 / r.screened as f64)),
+            ),
+        ),
         ("quarantined", Arc::new(rows.iter().map(|r| Some(r.quarantined)).collect::<Int64Array>())),
     ])
 }

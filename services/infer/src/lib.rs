@@ -31,7 +31,11 @@ pub use model::{Device, Model, ModelError};
 
 /// Lesion volume (mm³) and centroid (patient mm) of the voxels at or above
 /// `threshold`; `None` when no voxel is.
-pub fn lesion_metrics(mask: &[f32], geometry: &TensorGeometry, threshold: f32) -> Option<(f64, [f64; 3])> {
+pub fn lesion_metrics(
+    mask: &[f32],
+    geometry: &TensorGeometry,
+    threshold: f32,
+) -> Option<(f64, [f64; 3])> {
     let (depth, height, width) = (geometry.shape[2], geometry.shape[3], geometry.shape[4]);
     debug_assert_eq!(mask.len(), depth * height * width);
     let mut count = 0usize;
@@ -72,8 +76,9 @@ impl InferHandler {
 
     async fn load_tensor(&self, message: &StudyPreprocessed) -> Result<Vec<f32>, StageError> {
         let bytes = self.work.get(&message.tensor_key).await?;
-        let (shape, data) = npy::decode_f32(&bytes)
-            .map_err(|error| StageError::permanent("stored tensor is unreadable", error.to_string()))?;
+        let (shape, data) = npy::decode_f32(&bytes).map_err(|error| {
+            StageError::permanent("stored tensor is unreadable", error.to_string())
+        })?;
         if shape != message.geometry.shape {
             return Err(StageError::permanent(
                 "stored tensor has the wrong shape",
@@ -90,22 +95,30 @@ impl InferHandler {
     ) -> Result<Vec<Outcome>, StageError> {
         let started = Instant::now();
         let model = self.model.clone();
-        let (output, identity, threshold, mask_threshold) = tokio::task::spawn_blocking(move || {
-            // A panic in an earlier study left the lock poisoned; the session itself is intact.
-            let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let output = model.run(&volumes);
-            (output, Self::identity(&model), model.manifest.threshold, model.manifest.outputs.mask_threshold)
-        })
-        .await
-        .map_err(|error| StageError::retryable("inference task failed", error.to_string()))?;
-        let output = output.map_err(|error| StageError::retryable("inference failed", error.to_string()))?;
+        let (output, identity, threshold, mask_threshold) =
+            tokio::task::spawn_blocking(move || {
+                // A panic in an earlier study left the lock poisoned; the session itself is intact.
+                let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let output = model.run(&volumes);
+                (
+                    output,
+                    Self::identity(&model),
+                    model.manifest.threshold,
+                    model.manifest.outputs.mask_threshold,
+                )
+            })
+            .await
+            .map_err(|error| StageError::retryable("inference task failed", error.to_string()))?;
+        let output =
+            output.map_err(|error| StageError::retryable("inference failed", error.to_string()))?;
         let per_study_ms = started.elapsed().as_secs_f64() * 1000.0 / messages.len() as f64;
         let mut outcomes = Vec::with_capacity(messages.len());
         for (index, message) in messages.into_iter().enumerate() {
             let probability = output.probabilities[index] as f64;
             let lesion = output.mask.as_ref().and_then(|mask| {
                 let per_study = mask.len() / output.probabilities.len();
-                let slice = mask.as_slice().map(|all| &all[index * per_study..(index + 1) * per_study])?;
+                let slice =
+                    mask.as_slice().map(|all| &all[index * per_study..(index + 1) * per_study])?;
                 lesion_metrics(slice, &message.geometry, mask_threshold as f32)
             });
             let mut context = message.context;
@@ -158,11 +171,13 @@ impl Handler for InferHandler {
 
     async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
         // Read every message and tensor; only the good ones go through the model together.
-        let mut results: Vec<Option<Result<Outcome, StageError>>> = Vec::with_capacity(payloads.len());
+        let mut results: Vec<Option<Result<Outcome, StageError>>> =
+            Vec::with_capacity(payloads.len());
         let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>)> = Vec::new();
         for (index, payload) in payloads.iter().enumerate() {
-            let parsed = serde_json::from_slice::<StudyPreprocessed>(payload)
-                .map_err(|error| StageError::permanent("unreadable preprocess message", error.to_string()));
+            let parsed = serde_json::from_slice::<StudyPreprocessed>(payload).map_err(|error| {
+                StageError::permanent("unreadable preprocess message", error.to_string())
+            });
             let loaded = match parsed {
                 Ok(message) => self.load_tensor(&message).await.map(|tensor| (message, tensor)),
                 Err(error) => Err(error),
@@ -177,7 +192,8 @@ impl Handler for InferHandler {
         }
         if !ready.is_empty() {
             let indices: Vec<usize> = ready.iter().map(|(index, _, _)| *index).collect();
-            let (messages, volumes): (Vec<_>, Vec<_>) = ready.into_iter().map(|(_, m, v)| (m, v)).unzip();
+            let (messages, volumes): (Vec<_>, Vec<_>) =
+                ready.into_iter().map(|(_, m, v)| (m, v)).unzip();
             match self.score(messages, volumes).await {
                 Ok(outcomes) => {
                     for (index, outcome) in indices.into_iter().zip(outcomes) {

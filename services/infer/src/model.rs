@@ -23,9 +23,10 @@ impl std::str::FromStr for Device {
     /// `cpu`, `cuda`, `cuda:1`, `tensorrt`, `tensorrt:0`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let (kind, id) = match text.split_once(':') {
-            Some((kind, id)) => {
-                (kind, id.parse::<i32>().map_err(|_| format!("device id in {text:?} is not a number"))?)
-            }
+            Some((kind, id)) => (
+                kind,
+                id.parse::<i32>().map_err(|_| format!("device id in {text:?} is not a number"))?,
+            ),
             None => (text, 0),
         };
         match kind.to_ascii_lowercase().as_str() {
@@ -82,11 +83,16 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("name", &self.manifest.name).field("device", &self.device).finish()
+        f.debug_struct("Model")
+            .field("name", &self.manifest.name)
+            .field("device", &self.device)
+            .finish()
     }
 }
 
-fn execution_provider(device: Device) -> Result<Option<ort::ep::ExecutionProviderDispatch>, ModelError> {
+fn execution_provider(
+    device: Device,
+) -> Result<Option<ort::ep::ExecutionProviderDispatch>, ModelError> {
     match device {
         Device::Cpu => Ok(None),
         #[cfg(feature = "cuda")]
@@ -129,7 +135,11 @@ fn execution_provider(device: Device) -> Result<Option<ort::ep::ExecutionProvide
 
 impl Model {
     /// Checks the model file against the manifest, then builds the session.
-    pub fn load(manifest: &ModelManifest, device: Device, threads: usize) -> Result<Model, ModelError> {
+    pub fn load(
+        manifest: &ModelManifest,
+        device: Device,
+        threads: usize,
+    ) -> Result<Model, ModelError> {
         let path = manifest.onnx_path();
         if !path.is_file() {
             return Err(ModelError::Missing(path));
@@ -141,9 +151,11 @@ impl Model {
         // The library must be loaded before anything asks it about providers.
         let (_, environment) = runtime::environment()?;
         let provider = execution_provider(device)?;
-        let session_error = |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
+        let session_error =
+            |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
         let mut builder = Session::builder(environment).map_err(session_error)?;
-        builder = builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;
+        builder =
+            builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;
         if let Some(provider) = provider {
             builder = builder
                 .with_execution_providers([provider])
@@ -151,12 +163,18 @@ impl Model {
         }
         let session = builder.commit_from_file(&path).map_err(session_error)?;
 
-        let check = |kind: &'static str, name: &str, names: Vec<String>| -> Result<(), ModelError> {
-            if names.iter().any(|n| n == name) {
-                return Ok(());
-            }
-            Err(ModelError::Name { path: path.clone(), kind, name: name.to_string(), available: names.join(", ") })
-        };
+        let check =
+            |kind: &'static str, name: &str, names: Vec<String>| -> Result<(), ModelError> {
+                if names.iter().any(|n| n == name) {
+                    return Ok(());
+                }
+                Err(ModelError::Name {
+                    path: path.clone(),
+                    kind,
+                    name: name.to_string(),
+                    available: names.join(", "),
+                })
+            };
         let inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
         let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
         check("input", &manifest.input.name, inputs)?;
@@ -181,9 +199,11 @@ impl Model {
             }
             stacked.extend_from_slice(volume);
         }
-        let input = ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, depth, height, width]), stacked)
-            .map_err(|e| ModelError::Run(e.to_string()))?;
-        let tensor = TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
+        let input =
+            ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, depth, height, width]), stacked)
+                .map_err(|e| ModelError::Run(e.to_string()))?;
+        let tensor =
+            TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
         let outputs = self
             .session
             .run(ort::inputs![self.manifest.input.name.as_str() => tensor])

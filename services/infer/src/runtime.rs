@@ -24,7 +24,8 @@ pub const ORT_VERSION: &str = "1.31.1";
 /// File name inside the wheel (`onnxruntime/capi/`).
 pub const ORT_LIBRARY_FILE: &str = "libonnxruntime.so.1.31.1";
 /// sha256 of `libonnxruntime.so.1.31.1` from `onnxruntime-1.31.1-cp311-cp311-manylinux_2_28_x86_64.whl`.
-pub const ORT_LIBRARY_SHA256: &str = "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
+pub const ORT_LIBRARY_SHA256: &str =
+    "fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3";
 
 pub const DYLIB_ENV: &str = "PANSCREEN_ORT_DYLIB";
 pub const SHA256_ENV: &str = "PANSCREEN_ORT_SHA256";
@@ -54,11 +55,14 @@ pub enum RuntimeError {
 
 /// sha256 of a file, as lowercase hex.
 pub fn file_sha256(path: &Path) -> Result<String, RuntimeError> {
-    let mut file = std::fs::File::open(path).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+    let mut file = std::fs::File::open(path)
+        .map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {
-        let read = file.read(&mut buffer).map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
+        let read = file
+            .read(&mut buffer)
+            .map_err(|source| RuntimeError::Io { path: path.to_path_buf(), source })?;
         if read == 0 {
             break;
         }
@@ -73,12 +77,16 @@ fn candidates() -> Vec<PathBuf> {
     if let Ok(directory) = std::env::current_dir() {
         roots.extend(directory.ancestors().map(Path::to_path_buf));
     }
-    if let Some(directory) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+    if let Some(directory) =
+        std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
         roots.extend(directory.ancestors().map(Path::to_path_buf));
     }
     let mut paths: Vec<PathBuf> = roots.into_iter().map(|root| root.join(&relative)).collect();
     if let Some(home) = std::env::var_os("HOME") {
-        paths.push(PathBuf::from(home).join(".local/share/panscreen/onnxruntime").join(ORT_LIBRARY_FILE));
+        paths.push(
+            PathBuf::from(home).join(".local/share/panscreen/onnxruntime").join(ORT_LIBRARY_FILE),
+        );
     }
     paths.dedup();
     paths
@@ -101,27 +109,31 @@ pub fn locate() -> Result<PathBuf, RuntimeError> {
 /// Checks the library against the pinned checksum (or `PANSCREEN_ORT_SHA256`).
 pub fn verify(path: &Path) -> Result<(), RuntimeError> {
     let actual = file_sha256(path)?;
-    let expected =
-        std::env::var(SHA256_ENV).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| ORT_LIBRARY_SHA256.to_string());
+    let expected = std::env::var(SHA256_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| ORT_LIBRARY_SHA256.to_string());
     if actual.eq_ignore_ascii_case(&expected) {
         return Ok(());
     }
     Err(RuntimeError::Checksum { path: path.to_path_buf(), actual, expected })
 }
 
-static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
+static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> =
+    OnceLock::new();
 
 /// The process-wide ONNX Runtime environment, loaded once from the verified library.
-pub fn environment() -> Result<(&'static Path, &'static ort::environment::Environment), RuntimeError> {
+pub fn environment() -> Result<(&'static Path, &'static ort::environment::Environment), RuntimeError>
+{
     let loaded = ENVIRONMENT.get_or_init(|| {
         let path = locate().map_err(|e| e.to_string())?;
         verify(&path).map_err(|e| e.to_string())?;
-        let builder = ort::init_from(&path)
-            .map_err(|e| RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string())?;
-        let environment = builder
-            .with_name("panscreen")
-            .build()
-            .map_err(|e| RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string())?;
+        let builder = ort::init_from(&path).map_err(|e| {
+            RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string()
+        })?;
+        let environment = builder.with_name("panscreen").build().map_err(|e| {
+            RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string()
+        })?;
         Ok((path, environment))
     });
     match loaded {

@@ -26,8 +26,13 @@ pub struct InferConfig {
 }
 
 /// Loads and checks the model on a blocking thread (loading takes seconds).
-pub async fn load_model(manifest: ModelManifest, device: Device, threads: usize) -> anyhow::Result<SharedModel> {
-    let model = tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??;
+pub async fn load_model(
+    manifest: ModelManifest,
+    device: Device,
+    threads: usize,
+) -> anyhow::Result<SharedModel> {
+    let model =
+        tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??;
     Ok(Arc::new(Mutex::new(model)))
 }
 

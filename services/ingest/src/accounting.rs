@@ -21,7 +21,12 @@ pub fn table(run_id: &str, report: &IngestReport) -> Result<Bytes, parquet::erro
         ("outcome", Arc::new(rows.iter().map(|r| Some(r.outcome)).collect::<StringArray>())),
         ("reason", Arc::new(rows.iter().map(|r| Some(r.reason.as_str())).collect::<StringArray>())),
         ("objects", Arc::new(rows.iter().map(|r| Some(r.objects as i64)).collect::<Int64Array>())),
-        ("objects_listed", Arc::new(rows.iter().map(|_| Some(report.objects_listed as i64)).collect::<Int64Array>())),
+        (
+            "objects_listed",
+            Arc::new(
+                rows.iter().map(|_| Some(report.objects_listed as i64)).collect::<Int64Array>(),
+            ),
+        ),
     ];
     let batch = RecordBatch::try_from_iter(columns)?;
     let properties = WriterProperties::builder().set_compression(Compression::SNAPPY).build();

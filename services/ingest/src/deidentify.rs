@@ -79,8 +79,11 @@ pub fn study_context(
 ) -> StudyContext {
     let site = sites.by_institution(&instance.institution_name);
     let site_id = site.map(|s| s.id.clone()).unwrap_or_else(|| "unknown".to_string());
-    let issuer =
-        if instance.issuer_of_patient_id.is_empty() { site_id.as_str() } else { &instance.issuer_of_patient_id };
+    let issuer = if instance.issuer_of_patient_id.is_empty() {
+        site_id.as_str()
+    } else {
+        &instance.issuer_of_patient_id
+    };
     StudyContext {
         campaign: campaign.to_string(),
         study_key: pseudonymizer.study(&instance.study_instance_uid),
@@ -89,10 +92,17 @@ pub fn study_context(
         region_name: site.map(|s| s.region_name.clone()).unwrap_or_else(|| "unknown".to_string()),
         province: site.map(|s| s.province.clone()).unwrap_or_else(|| "unknown".to_string()),
         site_id,
-        age_band: age_band(age_years(&instance.patient_age, &instance.patient_birth_date, &instance.study_date)),
+        age_band: age_band(age_years(
+            &instance.patient_age,
+            &instance.patient_birth_date,
+            &instance.study_date,
+        )),
         sex: sex(&instance.patient_sex),
         scan_date: iso_date(&instance.study_date),
-        timings: StageTimes { ingested_at: Some(OffsetDateTime::now_utc()), ..StageTimes::default() },
+        timings: StageTimes {
+            ingested_at: Some(OffsetDateTime::now_utc()),
+            ..StageTimes::default()
+        },
         generation: 0,
     }
 }

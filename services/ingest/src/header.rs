@@ -74,7 +74,10 @@ impl InstanceHeader {
 
     /// Bytes the pixel data will take once decoded (all frames).
     pub fn decoded_bytes(&self) -> u64 {
-        self.rows as u64 * self.columns as u64 * (self.bits_allocated.max(8) as u64 / 8) * self.number_of_frames as u64
+        self.rows as u64
+            * self.columns as u64
+            * (self.bits_allocated.max(8) as u64 / 8)
+            * self.number_of_frames as u64
     }
 }
 
@@ -100,7 +103,9 @@ impl HeaderProblem {
     pub fn reason(&self) -> &'static str {
         match self {
             HeaderProblem::NotDicom(_) => "not a DICOM file",
-            HeaderProblem::Truncated(_) | HeaderProblem::NeedsMoreBytes(_) => "DICOM file is truncated",
+            HeaderProblem::Truncated(_) | HeaderProblem::NeedsMoreBytes(_) => {
+                "DICOM file is truncated"
+            }
             HeaderProblem::Invalid(_) => "DICOM header is missing required attributes",
             HeaderProblem::Inflates(_) => "object expands beyond the decompressed size limit",
             HeaderProblem::NonImage(_) => "not an image",
@@ -136,11 +141,13 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     }
     // The parser allocates a value's declared length before reading it: refuse lengths
     // the object cannot hold first.
-    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(|problem| match problem {
-        LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
-        LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
-        LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
-    })?;
+    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(
+        |problem| match problem {
+            LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
+            LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
+            LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
+        },
+    )?;
     // A panic in the parser on a malformed file is that file's problem, not ingest's.
     let parsed = std::panic::catch_unwind(|| {
         OpenFileOptions::new()
@@ -176,13 +183,18 @@ fn non_image_sop_class(object: &DefaultDicomObject) -> Option<String> {
 
 /// A parse error on a prefix may only mean the header is longer than the prefix: the
 /// parser ran out of bytes when an `UnexpectedEof` I/O error is among its causes.
-fn classify_parse_error(size: u64, available: u64, error: &(dyn std::error::Error + 'static)) -> HeaderProblem {
+fn classify_parse_error(
+    size: u64,
+    available: u64,
+    error: &(dyn std::error::Error + 'static),
+) -> HeaderProblem {
     let message = error.to_string();
     let mut cause = Some(error);
     let mut ran_out = false;
     while let Some(current) = cause {
-        ran_out |=
-            current.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof);
+        ran_out |= current
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof);
         cause = current.source();
     }
     if ran_out && available >= size {
@@ -199,7 +211,11 @@ pub fn needs_more_bytes(problem: &HeaderProblem) -> bool {
     matches!(problem, HeaderProblem::NeedsMoreBytes(_))
 }
 
-fn check_pixel_extent(object: &DefaultDicomObject, size: u64, bytes: &[u8]) -> Result<(), HeaderProblem> {
+fn check_pixel_extent(
+    object: &DefaultDicomObject,
+    size: u64,
+    bytes: &[u8],
+) -> Result<(), HeaderProblem> {
     let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
     let big_endian = transfer_syntax == "1.2.840.10008.1.2.2";
     let implicit = transfer_syntax == uids::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -255,13 +271,19 @@ fn find_pixel_data(bytes: &[u8], big_endian: bool, implicit: bool) -> Option<(u6
     Some((value_offset as u64, length))
 }
 
-fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Result<InstanceHeader, HeaderProblem> {
+fn header_from_object(
+    key: &str,
+    size: u64,
+    object: &DefaultDicomObject,
+) -> Result<InstanceHeader, HeaderProblem> {
     let text = |tag: Tag| -> String {
         object
             .element_opt(tag)
             .ok()
             .flatten()
-            .and_then(|element| element.to_str().ok().map(|value| value.trim().trim_end_matches('\0').to_string()))
+            .and_then(|element| {
+                element.to_str().ok().map(|value| value.trim().trim_end_matches('\0').to_string())
+            })
             .unwrap_or_default()
     };
     let floats = |tag: Tag| -> Option<Vec<f64>> {
@@ -287,12 +309,19 @@ fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Resu
         (0..frames as usize)
             .map(|frame| panscreen_shared::dicom::frame_position(object, frame))
             .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| HeaderProblem::Invalid("a frame has no PlanePositionSequence".to_string()))?
+            .ok_or_else(|| {
+                HeaderProblem::Invalid("a frame has no PlanePositionSequence".to_string())
+            })?
     } else {
         Vec::new()
     };
     let measures = |tag: Tag| {
-        panscreen_shared::dicom::frame_floats(object, 0, panscreen_shared::dicom::groups::PIXEL_MEASURES, tag)
+        panscreen_shared::dicom::frame_floats(
+            object,
+            0,
+            panscreen_shared::dicom::groups::PIXEL_MEASURES,
+            tag,
+        )
     };
     let contrast_sequence = object
         .element_opt(panscreen_shared::dicom::groups::CONTRAST_BOLUS_AGENT_SEQUENCE)
@@ -300,8 +329,11 @@ fn header_from_object(key: &str, size: u64, object: &DefaultDicomObject) -> Resu
         .flatten()
         .and_then(|element| element.items().map(|items| !items.is_empty()))
         .unwrap_or(false);
-    let image_type =
-        text(tags::IMAGE_TYPE).split('\\').map(|part| part.trim().to_uppercase()).filter(|p| !p.is_empty()).collect();
+    let image_type = text(tags::IMAGE_TYPE)
+        .split('\\')
+        .map(|part| part.trim().to_uppercase())
+        .filter(|p| !p.is_empty())
+        .collect();
     Ok(InstanceHeader {
         key: key.to_string(),
         size,

@@ -72,7 +72,11 @@ impl Inspection {
             let _ = writeln!(text, "study: {}", study.series.reason);
         }
         for record in &report.quarantined {
-            let _ = writeln!(text, "quarantined {}: {} ({})", record.input, record.reason, record.detail);
+            let _ = writeln!(
+                text,
+                "quarantined {}: {} ({})",
+                record.input, record.reason, record.detail
+            );
         }
         text
     }

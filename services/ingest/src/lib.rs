@@ -32,7 +32,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::StreamExt;
 use panscreen_shared::contracts::{
-    subjects, IgnoredInput, IgnoredInputs, QuarantineRecord, SeriesChoice, SliceRef, Stage, StudyIngested,
+    subjects, IgnoredInput, IgnoredInputs, QuarantineRecord, SeriesChoice, SliceRef, Stage,
+    StudyIngested,
 };
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
@@ -115,7 +116,11 @@ impl IngestReport {
             objects: self.objects_screened,
         }];
         for (reason, objects) in &self.quarantined_objects_by_reason {
-            rows.push(AccountingRow { outcome: "quarantined", reason: reason.clone(), objects: *objects });
+            rows.push(AccountingRow {
+                outcome: "quarantined",
+                reason: reason.clone(),
+                objects: *objects,
+            });
         }
         let mut ignored: BTreeMap<&str, usize> = BTreeMap::new();
         for input in &self.ignored {
@@ -176,7 +181,11 @@ pub(crate) fn unlisted_outcome(config: &IngestConfig, unlisted: UnlistedObject) 
 
 /// What becomes of an object whose read failed for a reason other than an outage (those
 /// are retried, see [`read_object_retrying`] and the watcher).
-pub(crate) fn unreadable_outcome(config: &IngestConfig, key: String, error: &StoreError) -> ObjectOutcome {
+pub(crate) fn unreadable_outcome(
+    config: &IngestConfig,
+    key: String,
+    error: &StoreError,
+) -> ObjectOutcome {
     let (reason, detail) = match error.kind() {
         StoreErrorKind::NotFound => {
             return ObjectOutcome::Ignored(IgnoredInput {
@@ -236,10 +245,18 @@ pub(crate) async fn read_object(
         }));
     }
     if size == 0 {
-        return Ok(ObjectOutcome::Quarantined(quarantine(&config.campaign, &key, None, None, "empty file", "0 bytes")));
+        return Ok(ObjectOutcome::Quarantined(quarantine(
+            &config.campaign,
+            &key,
+            None,
+            None,
+            "empty file",
+            "0 bytes",
+        )));
     }
     if size > config.max_object_bytes {
-        let detail = format!("{size} bytes; the limit is {} bytes (not read)", config.max_object_bytes);
+        let detail =
+            format!("{size} bytes; the limit is {} bytes (not read)", config.max_object_bytes);
         return Ok(ObjectOutcome::Quarantined(quarantine(
             &config.campaign,
             &key,
@@ -279,9 +296,10 @@ pub(crate) async fn read_object(
             ))
         }
         Ok(instance) => ObjectOutcome::Instance(Box::new(instance)),
-        Err(header::HeaderProblem::NonImage(name)) => {
-            ObjectOutcome::Ignored(IgnoredInput { input: key, reason: format!("not an image: {name}") })
-        }
+        Err(header::HeaderProblem::NonImage(name)) => ObjectOutcome::Ignored(IgnoredInput {
+            input: key,
+            reason: format!("not an image: {name}"),
+        }),
         Err(problem) => ObjectOutcome::Quarantined(quarantine(
             &config.campaign,
             &key,
@@ -355,14 +373,21 @@ pub async fn scan_selected(
         listing.unlisted.into_iter().filter(|unlisted| selected(&unlisted.key_lossy)).collect();
     // Objects of a study named only by its key can be anywhere: all headers are read then.
     let read_all = redo.is_none_or(|redo| !redo.studies.is_empty());
-    let objects: Vec<ObjectInfo> = listing.objects.into_iter().filter(|o| read_all || selected(&o.key)).collect();
-    let mut outcomes: Vec<(String, ObjectOutcome)> =
-        unlisted.into_iter().map(|unlisted| (unlisted.key_lossy.clone(), unlisted_outcome(config, unlisted))).collect();
+    let objects: Vec<ObjectInfo> =
+        listing.objects.into_iter().filter(|o| read_all || selected(&o.key)).collect();
+    let mut outcomes: Vec<(String, ObjectOutcome)> = unlisted
+        .into_iter()
+        .map(|unlisted| (unlisted.key_lossy.clone(), unlisted_outcome(config, unlisted)))
+        .collect();
     outcomes.extend(
         futures::stream::iter(objects)
             .map(|object| async move {
                 let key = object.key.clone();
-                (key, read_object_retrying(store, config, object.key, object.size, READ_ATTEMPTS).await)
+                (
+                    key,
+                    read_object_retrying(store, config, object.key, object.size, READ_ATTEMPTS)
+                        .await,
+                )
             })
             .buffer_unordered(config.concurrency.max(1))
             .collect::<Vec<_>>()
@@ -420,7 +445,8 @@ pub fn decide_study(
     generation: u32,
     report: &mut IngestReport,
 ) {
-    let mut context = deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
+    let mut context =
+        deidentify::study_context(&config.campaign, &instances[0], pseudonymizer, sites);
     context.generation = generation;
     let study_files = instances.len();
     let all_keys: Vec<String> = instances.iter().map(|i| i.key.clone()).collect();
@@ -450,7 +476,9 @@ pub fn decide_study(
     match choose_series(&series, &config.rules) {
         Ok(chosen) => {
             let first = &chosen.group.instances[0];
-            for other in series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid) {
+            for other in
+                series.iter().filter(|g| g.series_instance_uid != chosen.group.series_instance_uid)
+            {
                 let why = chosen
                     .not_chosen
                     .iter()
@@ -520,10 +548,20 @@ pub const IGNORED_PER_MESSAGE: usize = 500;
 
 /// Publishes what a scan found: one message per study, one per quarantined input, and
 /// the ignored inputs in chunks.
-pub async fn publish(queue: &dyn Queue, campaign: &str, report: &IngestReport) -> Result<(), QueueError> {
+pub async fn publish(
+    queue: &dyn Queue,
+    campaign: &str,
+    report: &IngestReport,
+) -> Result<(), QueueError> {
     for study in &report.studies {
         let payload = Bytes::from(serde_json::to_vec(study).expect("contracts serialize"));
-        queue.publish(&subjects::ingested(campaign), &study.context.message_id(Stage::Ingest), payload).await?;
+        queue
+            .publish(
+                &subjects::ingested(campaign),
+                &study.context.message_id(Stage::Ingest),
+                payload,
+            )
+            .await?;
     }
     for record in &report.quarantined {
         let payload = Bytes::from(serde_json::to_vec(record).expect("contracts serialize"));

@@ -98,25 +98,35 @@ pub fn group_series(instances: Vec<InstanceHeader>) -> Vec<SeriesGroup> {
     for instance in instances {
         groups.entry(instance.series_instance_uid.clone()).or_default().push(instance);
     }
-    groups.into_iter().map(|(series_instance_uid, instances)| SeriesGroup { series_instance_uid, instances }).collect()
+    groups
+        .into_iter()
+        .map(|(series_instance_uid, instances)| SeriesGroup { series_instance_uid, instances })
+        .collect()
 }
 
 fn is_ct_image(group: &SeriesGroup) -> bool {
     group.modality() == "CT"
-        && [uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE].contains(&group.first().sop_class_uid.as_str())
+        && [uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE]
+            .contains(&group.first().sop_class_uid.as_str())
 }
 
 /// "series 3 (60 images)": how a person finds the series in a viewer.
 fn series_label(group: &SeriesGroup) -> String {
-    let number =
-        group.first().series_number.map(|n| format!("series {n}")).unwrap_or_else(|| "unnumbered series".into());
+    let number = group
+        .first()
+        .series_number
+        .map(|n| format!("series {n}"))
+        .unwrap_or_else(|| "unnumbered series".into());
     let images = group.instances.len();
     format!("{number} ({images} image{})", if images == 1 { "" } else { "s" })
 }
 
 fn sop_class_name(uid: &str) -> String {
     use dicom_core::dictionary::UidDictionary;
-    dicom_dictionary_std::StandardSopClassDictionary.by_uid(uid).map(|e| e.name.to_string()).unwrap_or(uid.to_string())
+    dicom_dictionary_std::StandardSopClassDictionary
+        .by_uid(uid)
+        .map(|e| e.name.to_string())
+        .unwrap_or(uid.to_string())
 }
 
 /// Extent of the series along its slice normal, in mm.
@@ -125,7 +135,8 @@ fn coverage_mm(group: &SeriesGroup) -> f64 {
         return 0.0;
     };
     let normal = slice_normal(orientation);
-    let along: Vec<f64> = group.instances.iter().filter_map(|i| i.image_position).map(|p| dot(p, normal)).collect();
+    let along: Vec<f64> =
+        group.instances.iter().filter_map(|i| i.image_position).map(|p| dot(p, normal)).collect();
     let low = along.iter().copied().fold(f64::INFINITY, f64::min);
     let high = along.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if along.is_empty() {
@@ -150,7 +161,10 @@ fn unfit(group: &SeriesGroup, rules: &SelectionRules) -> Option<String> {
     let primary = image_type.get(1).map(|v| v == "PRIMARY").unwrap_or(true);
     let axial = image_type.get(2).map(|v| v == "AXIAL").unwrap_or(true);
     if !(original && primary && axial) {
-        return Some(format!("image type {} (ORIGINAL\\PRIMARY\\AXIAL needed)", image_type.join("\\")));
+        return Some(format!(
+            "image type {} (ORIGINAL\\PRIMARY\\AXIAL needed)",
+            image_type.join("\\")
+        ));
     }
     if let Some(agent) = &first.contrast_bolus_agent {
         return Some(format!("contrast-enhanced (contrast agent {agent})"));
@@ -158,7 +172,9 @@ fn unfit(group: &SeriesGroup, rules: &SelectionRules) -> Option<String> {
     let (thinnest, thickest) = rules.slice_thickness_mm;
     if let Some(thickness) = first.slice_thickness {
         if thickness < thinnest || thickness > thickest {
-            return Some(format!("slice thickness {thickness} mm, outside {thinnest}–{thickest} mm"));
+            return Some(format!(
+                "slice thickness {thickness} mm, outside {thinnest}–{thickest} mm"
+            ));
         }
     }
     let slices = group.instances.len();
@@ -184,14 +200,24 @@ fn unfit(group: &SeriesGroup, rules: &SelectionRules) -> Option<String> {
 /// without contrast agent, with a slice thickness in range, enough (and not too many)
 /// slices, and enough coverage for the pancreas. Among fitting series the one with the
 /// most slices is checked first; if its geometry fails, the next one is tried.
-pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<ChosenSeries, Rejection> {
+pub fn choose_series(
+    series: &[SeriesGroup],
+    rules: &SelectionRules,
+) -> Result<ChosenSeries, Rejection> {
     if !series.iter().any(is_ct_image) {
-        let mut found: Vec<String> = series.iter().map(|group| group.modality().to_string()).collect();
+        let mut found: Vec<String> =
+            series.iter().map(|group| group.modality().to_string()).collect();
         found.sort();
         found.dedup();
-        let found =
-            found.iter().map(|m| if m.is_empty() { "no modality" } else { m.as_str() }).collect::<Vec<_>>().join(", ");
-        return Err(Rejection::new("study has no CT image series to screen", format!("modalities found: {found}")));
+        let found = found
+            .iter()
+            .map(|m| if m.is_empty() { "no modality" } else { m.as_str() })
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(Rejection::new(
+            "study has no CT image series to screen",
+            format!("modalities found: {found}"),
+        ));
     }
     let mut verdicts: Vec<(usize, String)> = Vec::new();
     let mut fitting: Vec<usize> = Vec::new();
@@ -202,12 +228,16 @@ pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<C
         }
     }
     if fitting.is_empty() {
-        let detail =
-            verdicts.iter().map(|(i, why)| format!("{}: {why}", series_label(&series[*i]))).collect::<Vec<_>>();
+        let detail = verdicts
+            .iter()
+            .map(|(i, why)| format!("{}: {why}", series_label(&series[*i])))
+            .collect::<Vec<_>>();
         return Err(Rejection::new("no series fits the screening rules", detail.join("; ")));
     }
     // Most slices first; ties go to the lower series number (the scanner's first reconstruction).
-    fitting.sort_by_key(|i| (std::cmp::Reverse(series[*i].instances.len()), series[*i].first().series_number));
+    fitting.sort_by_key(|i| {
+        (std::cmp::Reverse(series[*i].instances.len()), series[*i].first().series_number)
+    });
     let mut first_failure: Option<Rejection> = None;
     for (rank, index) in fitting.iter().enumerate() {
         let group = &series[*index];
@@ -223,14 +253,22 @@ pub fn choose_series(series: &[SeriesGroup], rules: &SelectionRules) -> Result<C
                     let mut text = format!(
                         "{}: {}",
                         series_label(&series[*other]),
-                        if tried_before { "fits, but its geometry failed" } else { "fits, but has fewer slices" }
+                        if tried_before {
+                            "fits, but its geometry failed"
+                        } else {
+                            "fits, but has fewer slices"
+                        }
                     );
                     if let (true, Some(failure)) = (tried_before, &first_failure) {
                         text = format!("{text} ({}: {})", failure.reason, failure.detail);
                     }
                     not_chosen.push((uid(*other), text));
                 }
-                let thickness = group.first().slice_thickness.map(|t| format!("{t} mm slices, ")).unwrap_or_default();
+                let thickness = group
+                    .first()
+                    .slice_thickness
+                    .map(|t| format!("{t} mm slices, "))
+                    .unwrap_or_default();
                 let reason = format!(
                     "{}: original axial non-contrast CT, {thickness}{} slices over {:.0} mm; {} of {} fitting series{}{note}",
                     series_label(group).split(" (").next().unwrap_or_default(),
@@ -269,16 +307,25 @@ pub fn slice_normal(orientation: [f64; 6]) -> [f64; 3] {
 }
 
 /// Sorts the slices along the normal and checks spacing; returns the median interval.
-fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(SeriesGroup, f64, String), Rejection> {
+fn check_geometry(
+    group: &SeriesGroup,
+    rules: &SelectionRules,
+) -> Result<(SeriesGroup, f64, String), Rejection> {
     let first = group.first();
     let Some(orientation) = first.image_orientation else {
-        return Err(Rejection::new("series has no image orientation", "ImageOrientationPatient is missing"));
+        return Err(Rejection::new(
+            "series has no image orientation",
+            "ImageOrientationPatient is missing",
+        ));
     };
     for instance in &group.instances {
         if instance.rows != first.rows || instance.columns != first.columns {
             return Err(Rejection::new(
                 "series mixes image sizes",
-                format!("{}×{} and {}×{}", first.rows, first.columns, instance.rows, instance.columns),
+                format!(
+                    "{}×{} and {}×{}",
+                    first.rows, first.columns, instance.rows, instance.columns
+                ),
             ));
         }
         let Some(other) = instance.image_orientation else {
@@ -288,7 +335,10 @@ fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(Series
             return Err(Rejection::new("series mixes slice orientations", ""));
         }
         if instance.image_position.is_none() {
-            return Err(Rejection::new("series has a slice without image position", "ImagePositionPatient is missing"));
+            return Err(Rejection::new(
+                "series has a slice without image position",
+                "ImagePositionPatient is missing",
+            ));
         }
         if instance.pixel_spacing != first.pixel_spacing || instance.pixel_spacing.is_none() {
             return Err(Rejection::new("series has missing or mixed pixel spacing", ""));
@@ -355,8 +405,10 @@ fn check_geometry(group: &SeriesGroup, rules: &SelectionRules) -> Result<(Series
         .map(|(index, interval)| (index, *interval))
         .collect();
     if !gaps.is_empty() {
-        let missing: usize =
-            gaps.iter().map(|(_, interval)| ((interval / median).round() as usize).saturating_sub(1)).sum();
+        let missing: usize = gaps
+            .iter()
+            .map(|(_, interval)| ((interval / median).round() as usize).saturating_sub(1))
+            .sum();
         let (index, interval) = gaps[0];
         return Err(Rejection::new(
             "series has missing slices",
@@ -432,7 +484,8 @@ mod tests {
     fn sorts_slices_along_the_normal() {
         let series = group_series([5.0, 0.0, 7.5, 2.5].map(|z| instance("s", z)).to_vec());
         let chosen = choose_series(&series, &rules()).unwrap();
-        let z: Vec<f64> = chosen.group.instances.iter().map(|i| i.image_position.unwrap()[2]).collect();
+        let z: Vec<f64> =
+            chosen.group.instances.iter().map(|i| i.image_position.unwrap()[2]).collect();
         assert_eq!(z, [0.0, 2.5, 5.0, 7.5]);
         assert_eq!(chosen.slice_spacing_mm, 2.5);
     }
@@ -448,9 +501,15 @@ mod tests {
     #[test]
     fn duplicates_and_uneven_spacing_are_rejected() {
         let duplicate = group_series([0.0, 2.5, 2.5, 5.0].map(|z| instance("s", z)).to_vec());
-        assert_eq!(choose_series(&duplicate, &rules()).unwrap_err().reason, "series has duplicate slice positions");
+        assert_eq!(
+            choose_series(&duplicate, &rules()).unwrap_err().reason,
+            "series has duplicate slice positions"
+        );
         let uneven = group_series([0.0, 2.5, 5.0, 8.0, 10.5].map(|z| instance("s", z)).to_vec());
-        assert_eq!(choose_series(&uneven, &rules()).unwrap_err().reason, "series has uneven slice spacing");
+        assert_eq!(
+            choose_series(&uneven, &rules()).unwrap_err().reason,
+            "series has uneven slice spacing"
+        );
     }
 
     #[test]
@@ -484,17 +543,25 @@ mod tests {
 
     #[test]
     fn thickness_coverage_and_slice_limits_explain_themselves() {
-        let mut thick: Vec<InstanceHeader> = [0.0, 7.5, 15.0, 22.5].map(|z| instance("t", z)).to_vec();
+        let mut thick: Vec<InstanceHeader> =
+            [0.0, 7.5, 15.0, 22.5].map(|z| instance("t", z)).to_vec();
         thick.iter_mut().for_each(|i| i.slice_thickness = Some(7.5));
         let rejection = choose_series(&group_series(thick), &rules()).unwrap_err();
         assert_eq!(rejection.reason, "no series fits the screening rules");
-        assert!(rejection.detail.contains("slice thickness 7.5 mm, outside 0.5–5 mm"), "{}", rejection.detail);
+        assert!(
+            rejection.detail.contains("slice thickness 7.5 mm, outside 0.5–5 mm"),
+            "{}",
+            rejection.detail
+        );
         let short = group_series([0.0, 2.5, 5.0].map(|z| instance("s", z)).to_vec());
         let strict = SelectionRules { min_coverage_mm: 100.0, ..rules() };
         let rejection = choose_series(&short, &strict).unwrap_err();
         assert!(rejection.detail.contains("covers 5 mm"), "{}", rejection.detail);
         let capped = SelectionRules { max_slices: 2, ..rules() };
-        assert!(choose_series(&short, &capped).unwrap_err().detail.contains("more than the limit of 2"));
+        assert!(choose_series(&short, &capped)
+            .unwrap_err()
+            .detail
+            .contains("more than the limit of 2"));
     }
 
     #[test]
@@ -510,7 +577,8 @@ mod tests {
     fn picks_the_plain_series_with_most_slices() {
         let mut instances: Vec<InstanceHeader> = [0.0, 2.5, 5.0].map(|z| instance("a", z)).to_vec();
         instances.extend([0.0, 1.0, 2.0, 3.0].map(|z| instance("b", z)));
-        let mut contrast: Vec<InstanceHeader> = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5].map(|z| instance("c", z)).to_vec();
+        let mut contrast: Vec<InstanceHeader> =
+            [0.0, 0.5, 1.0, 1.5, 2.0, 2.5].map(|z| instance("c", z)).to_vec();
         contrast.iter_mut().for_each(|i| i.contrast_bolus_agent = Some("IODINE".into()));
         instances.extend(contrast);
         let chosen = choose_series(&group_series(instances), &rules()).unwrap();
@@ -521,6 +589,10 @@ mod tests {
             "{:?}",
             chosen.not_chosen
         );
-        assert!(chosen.not_chosen.iter().any(|(_, why)| why.contains("fewer slices")), "{:?}", chosen.not_chosen);
+        assert!(
+            chosen.not_chosen.iter().any(|(_, why)| why.contains("fewer slices")),
+            "{:?}",
+            chosen.not_chosen
+        );
     }
 }

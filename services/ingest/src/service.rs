@@ -97,13 +97,17 @@ pub async fn serve(
         match watcher.pass(&*queue, &listed).await {
             Ok(pass) => {
                 counters.processed.fetch_add(pass.decided.studies.len() as u64, Ordering::Relaxed);
-                counters.quarantined.fetch_add(pass.decided.quarantined.len() as u64, Ordering::Relaxed);
+                counters
+                    .quarantined
+                    .fetch_add(pass.decided.quarantined.len() as u64, Ordering::Relaxed);
                 counters.in_flight.store(pass.waiting_studies as u64, Ordering::Relaxed);
                 if pass.decided.objects_listed > 0 {
                     write_accounting(&out, &pass.decided).await;
                 }
             }
-            Err(error) => warn!(error = %format!("{error:#}"), "ingest pass failed; the next pass retries"),
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), "ingest pass failed; the next pass retries")
+            }
         }
     }
     Ok(())
@@ -111,7 +115,11 @@ pub async fn serve(
 
 /// The configured prefixes and every submitted one; `last` when the records cannot be
 /// read now (a store outage must not make ingest forget what it watches).
-async fn watched_prefixes(state: &Store, configured: &[String], last: &BTreeSet<String>) -> BTreeSet<String> {
+async fn watched_prefixes(
+    state: &Store,
+    configured: &[String],
+    last: &BTreeSet<String>,
+) -> BTreeSet<String> {
     match submissions::submitted(state).await {
         Ok(requests) => {
             let mut prefixes: BTreeSet<String> = configured.iter().cloned().collect();
@@ -131,7 +139,10 @@ async fn watched_prefixes(state: &Store, configured: &[String], last: &BTreeSet<
 async fn write_accounting(out: &Store, decided: &IngestReport) {
     let pass_id = format!("ingest-{}", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
     let written = match accounting::table(&pass_id, decided) {
-        Ok(table) => out.put(&format!("accounting/{pass_id}.parquet"), table).await.map_err(|e| e.to_string()),
+        Ok(table) => out
+            .put(&format!("accounting/{pass_id}.parquet"), table)
+            .await
+            .map_err(|e| e.to_string()),
         Err(error) => Err(error.to_string()),
     };
     if let Err(error) = written {

@@ -51,7 +51,9 @@ pub async fn submitted(state: &Store) -> Result<Vec<ScanRequest>, StoreError> {
         let bytes = state.get(&object.key).await?;
         match serde_json::from_slice::<ScanRequest>(&bytes) {
             Ok(request) => requests.push(request),
-            Err(error) => warn!(%error, record = %object.key, "unreadable submission record, skipped"),
+            Err(error) => {
+                warn!(%error, record = %object.key, "unreadable submission record, skipped")
+            }
         }
     }
     requests.sort_by(|a, b| a.prefix.cmp(&b.prefix));

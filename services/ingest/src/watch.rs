@@ -37,7 +37,8 @@ use tracing::{info, warn};
 
 use crate::header::InstanceHeader;
 use crate::{
-    decide_study, publish, read_object, unlisted_outcome, unreadable_outcome, IngestConfig, IngestReport, ObjectOutcome,
+    decide_study, publish, read_object, unlisted_outcome, unreadable_outcome, IngestConfig,
+    IngestReport, ObjectOutcome,
 };
 
 /// When a study counts as complete.
@@ -224,7 +225,11 @@ impl Watcher {
                 watcher.state.delete(&segment.key).await?;
             }
         }
-        info!(objects = watcher.handled_objects.len(), studies = watcher.handled_studies.len(), "ledger read");
+        info!(
+            objects = watcher.handled_objects.len(),
+            studies = watcher.handled_studies.len(),
+            "ledger read"
+        );
         Ok(watcher)
     }
 
@@ -266,7 +271,9 @@ impl Watcher {
                 ..LedgerSegment::default()
             };
             for id in segment.forgotten_objects.iter().chain(&segment.forgotten_studies) {
-                segment.generations.insert(id.clone(), self.generations.get(id).copied().unwrap_or(0) + 1);
+                segment
+                    .generations
+                    .insert(id.clone(), self.generations.get(id).copied().unwrap_or(0) + 1);
             }
             self.write_segment(&segment).await?;
             self.state.delete_if_present(&request.key).await?;
@@ -292,7 +299,11 @@ impl Watcher {
 
     /// Studies seen but not yet complete.
     pub fn waiting_studies(&self) -> usize {
-        self.waiting.values().map(|(header, _)| &header.study_instance_uid).collect::<HashSet<_>>().len()
+        self.waiting
+            .values()
+            .map(|(header, _)| &header.study_instance_uid)
+            .collect::<HashSet<_>>()
+            .len()
     }
 
     /// Lists `prefixes`, reads the headers of objects not handled before, decides every
@@ -302,7 +313,11 @@ impl Watcher {
     /// quarantined (or ignored when it vanished), and one the store failed to serve
     /// (an outage) stays unhandled for the next pass. A prefix whose listing fails is
     /// left for the next pass too, and no study with files under it is decided now.
-    pub async fn pass(&mut self, queue: &dyn Queue, prefixes: &[String]) -> anyhow::Result<PassReport> {
+    pub async fn pass(
+        &mut self,
+        queue: &dyn Queue,
+        prefixes: &[String],
+    ) -> anyhow::Result<PassReport> {
         if let Err(error) = self.take_requeue_requests().await {
             warn!(error = %format!("{error:#}"), "reading requeue requests failed; the next pass tries again");
         }
@@ -312,8 +327,12 @@ impl Watcher {
         for prefix in prefixes {
             match self.input.scan(prefix).await {
                 Ok(listing) => {
-                    listed.extend(listing.objects.into_iter().map(|object| (object.key.clone(), object)));
-                    unlisted.extend(listing.unlisted.into_iter().map(|entry| (entry.key_lossy.clone(), entry)));
+                    listed.extend(
+                        listing.objects.into_iter().map(|object| (object.key.clone(), object)),
+                    );
+                    unlisted.extend(
+                        listing.unlisted.into_iter().map(|entry| (entry.key_lossy.clone(), entry)),
+                    );
                 }
                 Err(error) => {
                     warn!(kind = ?error.kind(), "listing a watched prefix failed; the next pass tries again");
@@ -321,14 +340,17 @@ impl Watcher {
                 }
             }
         }
-        let under_failed = |key: &str| failed_prefixes.iter().any(|p| p.is_empty() || key.starts_with(p.as_str()));
+        let under_failed =
+            |key: &str| failed_prefixes.iter().any(|p| p.is_empty() || key.starts_with(p.as_str()));
         let now = OffsetDateTime::now_utc();
-        let mut report = PassReport { listed: listed.len() + unlisted.len(), ..PassReport::default() };
+        let mut report =
+            PassReport { listed: listed.len() + unlisted.len(), ..PassReport::default() };
         let decided = &mut report.decided;
         let mut segment = LedgerSegment::default();
         let marker = self.completion.marker.as_str();
         let is_marker = |key: &str| !marker.is_empty() && key.rsplit('/').next() == Some(marker);
-        let marked: BTreeSet<&str> = listed.keys().filter(|k| is_marker(k)).map(|k| folder(k)).collect();
+        let marked: BTreeSet<&str> =
+            listed.keys().filter(|k| is_marker(k)).map(|k| folder(k)).collect();
 
         // Objects no earlier pass decided, with their ledger ids (one keyed hash each).
         let unhandled: Vec<(&String, String)> = listed
@@ -341,7 +363,9 @@ impl Watcher {
         let mut to_read = Vec::new();
         for (key, _) in unhandled.iter().filter(|(key, _)| !self.waiting.contains_key(*key)) {
             if let Some(entry) = unlisted.get(*key) {
-                if let ObjectOutcome::Quarantined(record) = unlisted_outcome(&self.config, entry.clone()) {
+                if let ObjectOutcome::Quarantined(record) =
+                    unlisted_outcome(&self.config, entry.clone())
+                {
                     decided.quarantined_objects(&record.reason, 1);
                     decided.quarantined.push(record);
                 }
@@ -361,7 +385,10 @@ impl Watcher {
             .collect()
             .await;
         for key in markers {
-            decided.ignored.push(IgnoredInput { input: key, reason: "completion marker, not an image".to_string() });
+            decided.ignored.push(IgnoredInput {
+                input: key,
+                reason: "completion marker, not an image".to_string(),
+            });
         }
         // Objects the store failed to serve this time: not decided, read again next pass.
         let mut read_later: HashSet<String> = HashSet::new();
@@ -396,7 +423,10 @@ impl Watcher {
         }
         let read_later_folders: HashSet<&str> = read_later.iter().map(|k| folder(k)).collect();
         if !read_later.is_empty() {
-            warn!(objects = read_later.len(), "the store failed to serve some objects; the next pass reads them again");
+            warn!(
+                objects = read_later.len(),
+                "the store failed to serve some objects; the next pass reads them again"
+            );
         }
 
         // Complete studies leave the waiting room.
@@ -406,10 +436,13 @@ impl Watcher {
         }
         let quiet = time::Duration::try_from(self.completion.quiet).unwrap_or(time::Duration::MAX);
         for keys in by_study.into_values() {
-            let last_write = keys.iter().map(|k| self.waiting[k].1).max().expect("a study has an instance");
-            let complete = keys.iter().any(|k| under_marker(&marked, k)) || last_write + quiet <= now;
+            let last_write =
+                keys.iter().map(|k| self.waiting[k].1).max().expect("a study has an instance");
+            let complete =
+                keys.iter().any(|k| under_marker(&marked, k)) || last_write + quiet <= now;
             // Some of its files may be among those not listed or read this time.
-            let maybe_partial = keys.iter().any(|k| under_failed(k) || read_later_folders.contains(folder(k)));
+            let maybe_partial =
+                keys.iter().any(|k| under_failed(k) || read_later_folders.contains(folder(k)));
             if !complete || maybe_partial {
                 continue;
             }
@@ -429,9 +462,18 @@ impl Watcher {
                 continue;
             }
             let generation = self.generations.get(&study_key).copied().unwrap_or(0);
-            segment.study_objects.insert(study_key.clone(), keys.iter().map(|key| self.object_id(key)).collect());
+            segment
+                .study_objects
+                .insert(study_key.clone(), keys.iter().map(|key| self.object_id(key)).collect());
             segment.studies.push(study_key);
-            decide_study(&self.config, &self.pseudonymizer, &self.sites, instances, generation, decided);
+            decide_study(
+                &self.config,
+                &self.pseudonymizer,
+                &self.sites,
+                instances,
+                generation,
+                decided,
+            );
         }
         report.waiting_studies = self.waiting_studies();
 
@@ -447,7 +489,8 @@ impl Watcher {
         }
         // An object requeued on its own (not part of a study) has a generation of its own.
         for record in decided.quarantined.iter_mut().filter(|record| record.study_key.is_none()) {
-            record.generation = self.generations.get(&self.object_id(&record.input)).copied().unwrap_or(0);
+            record.generation =
+                self.generations.get(&self.object_id(&record.input)).copied().unwrap_or(0);
         }
         publish(queue, &self.config.campaign, decided).await?;
         self.write_segment(&segment).await?;

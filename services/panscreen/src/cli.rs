@@ -24,6 +24,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Write a cohort of synthetic non-contrast abdominal CT studies as DICOM.
     Synth(SynthArgs),
@@ -227,7 +228,11 @@ pub fn load_pseudonymizer(key_file: &Option<PathBuf>) -> anyhow::Result<(Pseudon
         return Ok((Pseudonymizer::from_file(path)?, false));
     }
     if let Ok(key) = std::env::var(KEY_ENV) {
-        return Ok((Pseudonymizer::new(key.into_bytes()).with_context(|| format!("{KEY_ENV} is not usable"))?, false));
+        return Ok((
+            Pseudonymizer::new(key.into_bytes())
+                .with_context(|| format!("{KEY_ENV} is not usable"))?,
+            false,
+        ));
     }
     Ok((Pseudonymizer::ephemeral(), true))
 }
@@ -273,7 +278,9 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         prevalence: args.prevalence,
         size: args.size,
         sites: load_sites(&args.sites)?,
-        threads: args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         realistic: args.realistic_studies,
         slices: args.slices,
     };
@@ -308,7 +315,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             "{} holds no tables of an earlier run; nothing to requeue",
             args.out.display()
         );
-        let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
+        let selection =
+            crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
         let (redo, report) = runtime.block_on(crate::requeue::redo(&out, &selection))?;
         print!("{}", report.render_embedded(args.dry_run));
         if args.dry_run || report.rows_requeued == 0 {
@@ -361,7 +369,10 @@ fn submit(args: crate::serve::SubmitArgs) -> anyhow::Result<()> {
     }
     if let Some(prefix) = &args.remove {
         let removed = runtime.block_on(crate::serve::withdraw(&args.cluster, prefix))?;
-        anyhow::ensure!(removed, "'{prefix}' is not submitted to campaign {campaign} (see submit --list)");
+        anyhow::ensure!(
+            removed,
+            "'{prefix}' is not submitted to campaign {campaign} (see submit --list)"
+        );
         println!("campaign {campaign} no longer watches '{prefix}'; what was screened stays in the tables");
         return Ok(());
     }
@@ -406,7 +417,8 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
 /// `panscreen inspect`.
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     panscreen_shared::telemetry::init_stderr("warn", false);
-    let store = Store::open(&args.input, OpenMode::Existing).with_context(|| format!("input {}", args.input))?;
+    let store = Store::open(&args.input, OpenMode::Existing)
+        .with_context(|| format!("input {}", args.input))?;
     let mut config = panscreen_ingest::IngestConfig::new("inspect");
     config.rules.min_slices = args.min_slices;
     config.concurrency = args.concurrency.max(1);
@@ -423,7 +435,8 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 fn compact(args: CompactArgs) -> anyhow::Result<()> {
     panscreen_shared::telemetry::init_stderr("warn", false);
     let runtime = runtime()?;
-    let store = Store::open(&args.store, OpenMode::Existing).with_context(|| format!("store {}", args.store))?;
+    let store = Store::open(&args.store, OpenMode::Existing)
+        .with_context(|| format!("store {}", args.store))?;
     let (out, campaign) = match &args.campaign {
         Some(campaign) => (store.sub(&format!("campaigns/{campaign}/out")), campaign.clone()),
         None => (store.clone(), "default".to_string()),
@@ -436,10 +449,15 @@ fn compact(args: CompactArgs) -> anyhow::Result<()> {
         };
         anyhow::bail!("{} holds no panscreen tables; nothing to compact: {hint}", out.location());
     }
-    let report = runtime.block_on(panscreen_aggregate::compact::compact(&out, &campaign, &load_sites(&args.sites)?))?;
+    let report = runtime.block_on(panscreen_aggregate::compact::compact(
+        &out,
+        &campaign,
+        &load_sites(&args.sites)?,
+    ))?;
     if let Some(campaign) = &args.campaign {
         let work = store.sub(&format!("campaigns/{campaign}/work"));
-        let swept = runtime.block_on(panscreen_preprocess::sweep_tensors(&work, &report.screened))?;
+        let swept =
+            runtime.block_on(panscreen_preprocess::sweep_tensors(&work, &report.screened))?;
         if swept > 0 {
             println!("deleted {swept} work tensors of studies already in the results");
         }
@@ -461,14 +479,18 @@ fn requeue(args: RequeueArgs) -> anyhow::Result<()> {
     panscreen_shared::telemetry::init_stderr("warn", false);
     let runtime = runtime()?;
     let campaign_root = args.cluster.store()?.sub(&args.cluster.campaign_prefix());
-    let selection = crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
-    let report = runtime.block_on(crate::requeue::requeue(&campaign_root, &selection, args.dry_run))?;
+    let selection =
+        crate::requeue::Selection { reason: args.reason.clone(), stage: args.stage.clone() };
+    let report =
+        runtime.block_on(crate::requeue::requeue(&campaign_root, &selection, args.dry_run))?;
     print!("{}", report.render(args.dry_run));
     if !args.dry_run && report.rows_requeued > 0 {
         // Wake ingest; without it the next rescan takes the request.
         let woken = runtime.block_on(crate::serve::wake_ingest(&args.cluster));
         if let Err(error) = woken {
-            println!("note: ingest was not woken ({error:#}); it takes the request at its next rescan");
+            println!(
+                "note: ingest was not woken ({error:#}); it takes the request at its next rescan"
+            );
         }
     }
     Ok(())

@@ -14,7 +14,9 @@ pub fn parquet_files(directory: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let mut pending = vec![directory.to_path_buf()];
     while let Some(folder) = pending.pop() {
-        for entry in std::fs::read_dir(&folder).with_context(|| format!("cannot read {}", folder.display()))? {
+        for entry in std::fs::read_dir(&folder)
+            .with_context(|| format!("cannot read {}", folder.display()))?
+        {
             let path = entry?.path();
             if path.is_dir() {
                 pending.push(path);
@@ -28,7 +30,8 @@ pub fn parquet_files(directory: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub fn read_batches(path: &Path) -> anyhow::Result<Vec<RecordBatch>> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
     Ok(reader.collect::<Result<Vec<_>, _>>()?)
 }
@@ -107,7 +110,11 @@ pub fn auc(positive: &[f64], negative: &[f64]) -> f64 {
     wins / (positive.len() * negative.len()) as f64
 }
 
-pub fn evaluate(labels: &Path, results: &Path, pseudonymizer: &Pseudonymizer) -> anyhow::Result<Evaluation> {
+pub fn evaluate(
+    labels: &Path,
+    results: &Path,
+    pseudonymizer: &Pseudonymizer,
+) -> anyhow::Result<Evaluation> {
     let mut truth: HashMap<String, bool> = HashMap::new();
     for batch in read_batches(labels)? {
         let uids = column::<StringArray>(&batch, "study_instance_uid")?;

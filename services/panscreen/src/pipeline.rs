@@ -89,7 +89,10 @@ impl RunSummary {
         );
         line(&mut text, "\ninput objects".to_string());
         line(&mut text, format!("  listed       {:>8}", self.objects_listed));
-        line(&mut text, format!("  screened     {:>8}   (files of the series screened)", self.objects_screened));
+        line(
+            &mut text,
+            format!("  screened     {:>8}   (files of the series screened)", self.objects_screened),
+        );
         line(&mut text, format!("  quarantined  {:>8}", self.objects_quarantined));
         line(&mut text, format!("  ignored      {:>8}", self.objects_ignored));
         line(&mut text, "\nstudies".to_string());
@@ -99,32 +102,54 @@ impl RunSummary {
         for (stage, count) in &self.quarantined_by_stage {
             line(&mut text, format!("  quarantined at {:<10}{:>6}", stage.as_str(), count));
         }
-        line(&mut text, "\nregion     name          screened  flagged  flag rate  quarantined".to_string());
+        line(
+            &mut text,
+            "\nregion     name          screened  flagged  flag rate  quarantined".to_string(),
+        );
         for region in &self.regions {
-            let rate = if region.screened > 0 { region.flagged as f64 / region.screened as f64 * 100.0 } else { 0.0 };
+            let rate = if region.screened > 0 {
+                region.flagged as f64 / region.screened as f64 * 100.0
+            } else {
+                0.0
+            };
             line(
                 &mut text,
                 format!(
                     "{:<10} {:<13} {:>8}  {:>7}  {:>8.1}%  {:>11}",
-                    region.region_code, region.region_name, region.screened, region.flagged, rate, region.quarantined
+                    region.region_code,
+                    region.region_name,
+                    region.screened,
+                    region.flagged,
+                    rate,
+                    region.quarantined
                 ),
             );
         }
         line(&mut text, format!("\nresults     {}", self.out.join("results").display()));
-        line(&mut text, format!("summary     {}", self.out.join("summary/summary.parquet").display()));
-        line(&mut text, format!("worklist    {}", self.out.join("worklist/worklist.parquet").display()));
+        line(
+            &mut text,
+            format!("summary     {}", self.out.join("summary/summary.parquet").display()),
+        );
+        line(
+            &mut text,
+            format!("worklist    {}", self.out.join("worklist/worklist.parquet").display()),
+        );
         line(&mut text, format!("quarantine  {}", self.out.join("quarantine").display()));
         line(&mut text, format!("logs        {}", self.out.join("logs/panscreen.jsonl").display()));
         if self.quarantined_total() > 0 {
             line(
                 &mut text,
-                format!("\n{} input(s) quarantined; reasons in the quarantine table", self.quarantined_total()),
+                format!(
+                    "\n{} input(s) quarantined; reasons in the quarantine table",
+                    self.quarantined_total()
+                ),
             );
         }
         if self.ephemeral_key {
             line(
                 &mut text,
-                "\nnote: a throwaway pseudonym key was used; these pseudonyms match no other run".to_string(),
+                "\nnote: a throwaway pseudonym key was used; these pseudonyms match no other run"
+                    .to_string(),
             );
         }
         text
@@ -158,7 +183,8 @@ fn prepare_out(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
                 "{} already holds tables of an earlier run; choose another --out, or pass --overwrite",
                 out.display()
             );
-            std::fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
@@ -167,7 +193,8 @@ fn prepare_out(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
 /// Runs the four stages over `options.input` and writes the tables to `options.out`.
 pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
-    let input = Store::open(&options.input.to_string_lossy(), OpenMode::Existing).context("input")?;
+    let input =
+        Store::open(&options.input.to_string_lossy(), OpenMode::Existing).context("input")?;
     let manifest = Arc::new(ModelManifest::load(&options.model)?);
     if options.redo.is_none() {
         prepare_out(&options.out, options.overwrite)?;
@@ -176,7 +203,10 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let work_dir = options.out.join("work");
     let work = Store::open(&work_dir.to_string_lossy(), OpenMode::Create)?;
     let run_id = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-    panscreen_shared::telemetry::init_file_and_stderr(&options.out.join("logs/panscreen.jsonl"), "info")?;
+    panscreen_shared::telemetry::init_file_and_stderr(
+        &options.out.join("logs/panscreen.jsonl"),
+        "info",
+    )?;
     if options.ephemeral_key {
         warn!("no pseudonym key given (--key-file or PANSCREEN_PSEUDONYM_KEY): using a throwaway key for this run");
     }
@@ -187,7 +217,8 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let queue = MemoryQueue::new();
     let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
     let campaign = options.campaign.clone();
-    let counters: Vec<Arc<StageCounters>> = (0..3).map(|_| Arc::new(StageCounters::default())).collect();
+    let counters: Vec<Arc<StageCounters>> =
+        (0..3).map(|_| Arc::new(StageCounters::default())).collect();
     let (preprocess_counters, infer_counters, aggregate_counters) =
         (counters[0].clone(), counters[1].clone(), counters[2].clone());
 
@@ -200,7 +231,9 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let aggregate_task = {
         let queue = dyn_queue.clone();
         tokio::spawn(async move {
-            let result = panscreen_aggregate::service::serve(&mut aggregator, queue, std::future::pending()).await;
+            let result =
+                panscreen_aggregate::service::serve(&mut aggregator, queue, std::future::pending())
+                    .await;
             (aggregator, result)
         })
     };
@@ -208,10 +241,18 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let preprocess_task = {
         let mut worker = WorkerConfig::new(&campaign, Stage::Preprocess);
         worker.concurrency = options.preprocess_workers.max(1);
-        let config = PreprocessConfig { campaign: campaign.clone(), manifest: manifest.clone(), worker };
+        let config =
+            PreprocessConfig { campaign: campaign.clone(), manifest: manifest.clone(), worker };
         let (queue, input, work, counters) =
             (dyn_queue.clone(), input.clone(), work.clone(), preprocess_counters.clone());
-        tokio::spawn(panscreen_preprocess::service::serve(config, queue, input, work, counters, std::future::pending()))
+        tokio::spawn(panscreen_preprocess::service::serve(
+            config,
+            queue,
+            input,
+            work,
+            counters,
+            std::future::pending(),
+        ))
     };
     let infer_task = {
         let config = InferConfig {
@@ -221,12 +262,22 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
             worker: WorkerConfig::new(&campaign, Stage::Infer),
         };
         let (queue, work, counters) = (dyn_queue.clone(), work.clone(), infer_counters.clone());
-        tokio::spawn(panscreen_infer::service::serve(config, model, queue, work, counters, std::future::pending()))
+        tokio::spawn(panscreen_infer::service::serve(
+            config,
+            model,
+            queue,
+            work,
+            counters,
+            std::future::pending(),
+        ))
     };
 
     let hidden = !options.progress;
-    let bars =
-        if hidden { MultiProgress::with_draw_target(ProgressDrawTarget::hidden()) } else { MultiProgress::new() };
+    let bars = if hidden {
+        MultiProgress::with_draw_target(ProgressDrawTarget::hidden())
+    } else {
+        MultiProgress::new()
+    };
     let ingest_bar = bars.add(progress_bar(0, "ingest", true));
     ingest_bar.set_message("reading headers");
     ingest_bar.enable_steady_tick(Duration::from_millis(200));
@@ -246,7 +297,11 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     queue.close(&subjects::ignored(&campaign)).await;
     let ingest_elapsed = ingest_started.elapsed();
     anyhow::ensure!(report.balanced(), "ingest lost track of an input object; this is a bug");
-    out.put(&format!("accounting/run{run_id}.parquet"), panscreen_ingest::accounting::table(&run_id, &report)?).await?;
+    out.put(
+        &format!("accounting/run{run_id}.parquet"),
+        panscreen_ingest::accounting::table(&run_id, &report)?,
+    )
+    .await?;
     ingest_bar.set_length(report.objects_listed as u64);
     ingest_bar.set_position(report.objects_listed as u64);
     ingest_bar.finish_with_message(format!(
@@ -305,8 +360,13 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     let mut aggregate_report = aggregator.report().clone();
     if options.redo.is_some() {
         // The earlier outcomes of what was screened again go; each study keeps its final one.
-        let compacted = panscreen_aggregate::compact::compact(&out, &campaign, &options.sites).await?;
-        info!(studies = compacted.studies, quarantine_rows = compacted.quarantine_rows, "compacted after the requeue");
+        let compacted =
+            panscreen_aggregate::compact::compact(&out, &campaign, &options.sites).await?;
+        info!(
+            studies = compacted.studies,
+            quarantine_rows = compacted.quarantine_rows,
+            "compacted after the requeue"
+        );
         aggregate_report.regions = compacted.regions;
     }
     let summary = RunSummary {

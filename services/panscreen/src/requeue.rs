@@ -56,7 +56,10 @@ pub struct RequeueReport {
 impl RequeueReport {
     /// The rows selected, by stage and reason, one line each.
     fn selected_lines(&self) -> String {
-        self.selected.iter().map(|((stage, reason), rows)| format!("{rows:>7}  {stage:<10} {reason}\n")).collect()
+        self.selected
+            .iter()
+            .map(|((stage, reason), rows)| format!("{rows:>7}  {stage:<10} {reason}\n"))
+            .collect()
     }
 
     /// What `panscreen requeue` did (or would do) to a campaign.
@@ -89,21 +92,32 @@ impl RequeueReport {
 }
 
 /// The final quarantine rows of the tables in `out` that `selection` picks.
-async fn selected_rows(out: &Store, selection: &Selection) -> anyhow::Result<Vec<QuarantinedInput>> {
+async fn selected_rows(
+    out: &Store,
+    selection: &Selection,
+) -> anyhow::Result<Vec<QuarantinedInput>> {
     let rows = final_quarantine(out).await.context("reading the quarantine table")?;
     Ok(rows.into_iter().filter(|row| selection.matches(row)).collect())
 }
 
 /// Requeues the selected final quarantine rows of a campaign (`campaign_root` is
 /// `campaigns/<campaign>` in the store).
-pub async fn requeue(campaign_root: &Store, selection: &Selection, dry_run: bool) -> anyhow::Result<RequeueReport> {
+pub async fn requeue(
+    campaign_root: &Store,
+    selection: &Selection,
+    dry_run: bool,
+) -> anyhow::Result<RequeueReport> {
     let rows = selected_rows(&campaign_root.sub("out"), selection).await?;
     let state = campaign_root.sub("ingest");
-    let keyless: BTreeSet<String> =
-        rows.iter().filter(|row| row.inputs.is_empty()).filter_map(|row| row.study_key.clone()).collect();
+    let keyless: BTreeSet<String> = rows
+        .iter()
+        .filter(|row| row.inputs.is_empty())
+        .filter_map(|row| row.study_key.clone())
+        .collect();
     let ledger = objects_of_studies(&state, &keyless).await.context("reading ingest's ledger")?;
     let mut report = RequeueReport::default();
-    let (mut objects, mut object_ids, mut studies) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    let (mut objects, mut object_ids, mut studies) =
+        (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
     for row in rows {
         let label = (row.stage.clone(), row.reason.clone());
         *report.selected.entry(label.clone()).or_default() += 1;
@@ -128,8 +142,12 @@ pub async fn requeue(campaign_root: &Store, selection: &Selection, dry_run: bool
         studies: studies.into_iter().collect(),
         object_ids: object_ids.into_iter().collect(),
     };
-    let key = format!("{REQUEUE}/{:024}.json", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
-    state.put(&key, Bytes::from(serde_json::to_vec(&request)?)).await.context("writing the requeue request")?;
+    let key =
+        format!("{REQUEUE}/{:024}.json", time::OffsetDateTime::now_utc().unix_timestamp_nanos());
+    state
+        .put(&key, Bytes::from(serde_json::to_vec(&request)?))
+        .await
+        .context("writing the requeue request")?;
     Ok(report)
 }
 

@@ -24,7 +24,9 @@ use panscreen_preprocess::service::PreprocessConfig;
 use panscreen_shared::contracts::{subjects, topology, ScanRequest, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
-use panscreen_shared::queue::jetstream::{consumer_name, JetStreamQueue, JetStreamSettings, NatsConfig};
+use panscreen_shared::queue::jetstream::{
+    consumer_name, JetStreamQueue, JetStreamSettings, NatsConfig,
+};
 use panscreen_shared::queue::large::{self, LargePayloads};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::status;
@@ -160,7 +162,9 @@ impl std::str::FromStr for Backoff {
             .split(|c: char| c == ',' || c.is_whitespace())
             .filter(|part| !part.is_empty())
             .map(|part| match part.parse::<f64>() {
-                Ok(value) if value.is_finite() && value >= 0.0 => Ok(Duration::from_secs_f64(value)),
+                Ok(value) if value.is_finite() && value >= 0.0 => {
+                    Ok(Duration::from_secs_f64(value))
+                }
                 _ => Err(format!("'{part}' is not a number of seconds (e.g. 0.5,2,10,30)")),
             })
             .collect::<Result<_, _>>()?;
@@ -226,15 +230,21 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs one stage until `shutdown` resolves, then drains.
-pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn serve(
+    args: ServeArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let cluster = &args.cluster;
     let root = cluster.store()?;
     let campaign_root = root.sub(&cluster.campaign_prefix());
     let jetstream = Arc::new(cluster.queue().await?);
     // Messages over NATS' payload limit (a study of thousands of slices with long keys)
     // travel by reference through the store.
-    let queue: Arc<dyn Queue> =
-        Arc::new(LargePayloads::new(jetstream.clone(), campaign_root.sub("messages"), large::DEFAULT_LIMIT));
+    let queue: Arc<dyn Queue> = Arc::new(LargePayloads::new(
+        jetstream.clone(),
+        campaign_root.sub("messages"),
+        large::DEFAULT_LIMIT,
+    ));
     let stage = match args.stage {
         ServiceStage::Ingest => Stage::Ingest,
         ServiceStage::Preprocess => Stage::Preprocess,
@@ -251,7 +261,8 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     let counters = Arc::new(StageCounters::default());
     let readiness = Arc::new(Readiness::default());
     config.readiness = Some(readiness.clone());
-    let probe = tokio::spawn(probe_dependencies(jetstream.clone(), root.clone(), readiness.clone()));
+    let probe =
+        tokio::spawn(probe_dependencies(jetstream.clone(), root.clone(), readiness.clone()));
     let listener = tokio::net::TcpListener::bind(&args.metrics_addr).await.with_context(|| {
         format!(
             "cannot listen for /healthz, /readyz and /metrics on {}; give each service on one host its own \
@@ -259,7 +270,8 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             args.metrics_addr
         )
     })?;
-    let metrics = tokio::spawn(metrics::serve(listener, stage, counters.clone(), readiness.clone()));
+    let metrics =
+        tokio::spawn(metrics::serve(listener, stage, counters.clone(), readiness.clone()));
     // Unique across restarts of the same pod (same hostname, often pid 1).
     let started = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
     let instance = format!("{}-{}-{started}", hostname(), std::process::id());
@@ -281,17 +293,36 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
     info!(stage = %stage, campaign = %cluster.campaign, metrics = %args.metrics_addr, "service starting");
     match args.stage {
         ServiceStage::Ingest => {
-            let stores =
-                IngestStores { input: root.clone(), state: campaign_root.sub("ingest"), out: campaign_root.sub("out") };
+            let stores = IngestStores {
+                input: root.clone(),
+                state: campaign_root.sub("ingest"),
+                out: campaign_root.sub("out"),
+            };
             let config = ingest_config(&args)?;
-            panscreen_ingest::service::serve(config, queue, stores, counters.clone(), readiness.clone(), shutdown)
-                .await?;
+            panscreen_ingest::service::serve(
+                config,
+                queue,
+                stores,
+                counters.clone(),
+                readiness.clone(),
+                shutdown,
+            )
+            .await?;
         }
         ServiceStage::Preprocess => {
             let manifest = Arc::new(ModelManifest::load(&args.model.model)?);
-            let config = PreprocessConfig { campaign: cluster.campaign.clone(), manifest, worker: config };
+            let config =
+                PreprocessConfig { campaign: cluster.campaign.clone(), manifest, worker: config };
             let work = campaign_root.sub("work");
-            panscreen_preprocess::service::serve(config, queue, root.clone(), work, counters.clone(), shutdown).await?;
+            panscreen_preprocess::service::serve(
+                config,
+                queue,
+                root.clone(),
+                work,
+                counters.clone(),
+                shutdown,
+            )
+            .await?;
         }
         ServiceStage::Infer => {
             let manifest = ModelManifest::load(&args.model.model)?;
@@ -303,7 +334,8 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
                 worker: config,
             };
             let work = campaign_root.sub("work");
-            panscreen_infer::service::serve(config, model, queue, work, counters.clone(), shutdown).await?;
+            panscreen_infer::service::serve(config, model, queue, work, counters.clone(), shutdown)
+                .await?;
         }
         ServiceStage::Aggregate => {
             let sites = crate::cli::load_sites(&args.sites)?;
@@ -317,8 +349,13 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
             aggregate_config.max_deliver = config.max_deliver;
             aggregate_config.progress_every = config.progress_every;
             aggregate_config.retry_backoff = config.backoff.clone();
-            let mut aggregator = Aggregator::new(aggregate_config, campaign_root.sub("out"), sites, counters.clone())
-                .with_readiness(readiness.clone());
+            let mut aggregator = Aggregator::new(
+                aggregate_config,
+                campaign_root.sub("out"),
+                sites,
+                counters.clone(),
+            )
+            .with_readiness(readiness.clone());
             panscreen_aggregate::service::serve(&mut aggregator, queue, shutdown).await?;
         }
     }
@@ -336,28 +373,38 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()> + Send + 
 /// Every few seconds: is NATS connected, does the store answer? Each failure is a
 /// readiness blocker of its own (/readyz says which), so a load balancer and an operator
 /// see a service that cannot work as not ready.
-async fn probe_dependencies(jetstream: Arc<JetStreamQueue>, store: Store, readiness: Arc<Readiness>) {
+async fn probe_dependencies(
+    jetstream: Arc<JetStreamQueue>,
+    store: Store,
+    readiness: Arc<Readiness>,
+) {
     const NATS: &str = "NATS is not connected";
     const STORE: &str = "the store does not answer";
     let client = jetstream.context().client();
     loop {
         let connected = client.connection_state() == async_nats::connection::State::Connected;
         readiness.block(NATS, !connected);
-        let answered =
-            tokio::time::timeout(Duration::from_secs(5), store.has_objects(CAMPAIGNS)).await.is_ok_and(|r| r.is_ok());
+        let answered = tokio::time::timeout(Duration::from_secs(5), store.has_objects(CAMPAIGNS))
+            .await
+            .is_ok_and(|r| r.is_ok());
         readiness.block(STORE, !answered);
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".to_string())
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".to_string())
 }
 
 /// The ingest service's settings from the command line.
 fn ingest_config(args: &ServeArgs) -> anyhow::Result<IngestServiceConfig> {
     let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.ingest.key_file)?;
-    anyhow::ensure!(!ephemeral, "ingest needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)");
+    anyhow::ensure!(
+        !ephemeral,
+        "ingest needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)"
+    );
     let watch = args
         .ingest
         .watch
@@ -390,7 +437,9 @@ pub fn prefix_within(store: &str, prefix: &str) -> anyhow::Result<String> {
     let key = if prefix.contains("://") {
         let store = store.trim_end_matches('/');
         match prefix.strip_prefix(store) {
-            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest.trim_matches('/').to_string(),
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => {
+                rest.trim_matches('/').to_string()
+            }
             _ => anyhow::bail!("{prefix} is not inside the store {store}"),
         }
     } else {
@@ -438,7 +487,9 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Submitted> {
     let body = Bytes::from(serde_json::to_vec(&request)?);
     let id = format!("submit:{prefix}:{}", request.requested_at.unix_timestamp_nanos());
     let notified = match cluster.queue().await {
-        Ok(queue) => queue.publish(&subjects::submitted(&cluster.campaign), &id, body).await.is_ok(),
+        Ok(queue) => {
+            queue.publish(&subjects::submitted(&cluster.campaign), &id, body).await.is_ok()
+        }
         Err(error) => {
             warn!(error = %format!("{error:#}"), "cannot reach NATS; ingest finds the prefix at its next rescan");
             false
@@ -451,15 +502,26 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<Submitted> {
 pub async fn wake_ingest(cluster: &ClusterArgs) -> anyhow::Result<()> {
     let queue = cluster.existing_queue().await?;
     let now = time::OffsetDateTime::now_utc();
-    let wake = ScanRequest { campaign: cluster.campaign.clone(), prefix: String::new(), requested_at: now };
+    let wake = ScanRequest {
+        campaign: cluster.campaign.clone(),
+        prefix: String::new(),
+        requested_at: now,
+    };
     let id = format!("wake:{}", now.unix_timestamp_nanos());
-    queue.publish(&subjects::submitted(&cluster.campaign), &id, Bytes::from(serde_json::to_vec(&wake)?)).await?;
+    queue
+        .publish(
+            &subjects::submitted(&cluster.campaign),
+            &id,
+            Bytes::from(serde_json::to_vec(&wake)?),
+        )
+        .await?;
     Ok(())
 }
 
 /// The prefixes submitted to the campaign.
 pub async fn submitted(cluster: &ClusterArgs) -> anyhow::Result<Vec<ScanRequest>> {
-    Ok(submissions::submitted(&cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest")).await?)
+    Ok(submissions::submitted(&cluster.store()?.sub(&cluster.campaign_prefix()).sub("ingest"))
+        .await?)
 }
 
 /// Stops watching `prefix` (what was screened stays screened). Returns whether it was
@@ -488,7 +550,9 @@ mod tests {
 
     #[test]
     fn the_retry_backoff_parses_in_both_forms() {
-        let seconds = |text: &str| text.parse::<Backoff>().map(|b| b.0.iter().map(Duration::as_secs_f64).collect());
+        let seconds = |text: &str| {
+            text.parse::<Backoff>().map(|b| b.0.iter().map(Duration::as_secs_f64).collect())
+        };
         assert_eq!(seconds("0.5,2,10,30"), Ok(vec![0.5, 2.0, 10.0, 30.0]));
         assert_eq!(seconds("0.5 2 10 30"), Ok(vec![0.5, 2.0, 10.0, 30.0]));
         assert!(seconds("1,x").unwrap_err().contains("'x'"));
@@ -498,13 +562,27 @@ mod tests {
     #[test]
     fn submitted_prefixes_are_keys_within_the_store() {
         assert_eq!(prefix_within("s3://bucket", "incoming/").unwrap(), "incoming");
-        assert_eq!(prefix_within("s3://bucket/root", "s3://bucket/root/incoming/a/").unwrap(), "incoming/a");
+        assert_eq!(
+            prefix_within("s3://bucket/root", "s3://bucket/root/incoming/a/").unwrap(),
+            "incoming/a"
+        );
         assert_eq!(prefix_within("file:///data", "file:///data/x").unwrap(), "x");
         assert!(prefix_within("s3://bucket/root", "s3://other/incoming").is_err());
         assert!(prefix_within("s3://bucket/root", "s3://bucket/rootless").is_err());
-        for own in ["", "/", "s3://bucket/root", "s3://bucket/root/", "campaigns", "campaigns/c1/out", "/campaigns/"] {
+        for own in [
+            "",
+            "/",
+            "s3://bucket/root",
+            "s3://bucket/root/",
+            "campaigns",
+            "campaigns/c1/out",
+            "/campaigns/",
+        ] {
             let error = prefix_within("s3://bucket/root", own).unwrap_err().to_string();
-            assert!(error.contains("root of the store") || error.contains("own output"), "{own}: {error}");
+            assert!(
+                error.contains("root of the store") || error.contains("own output"),
+                "{own}: {error}"
+            );
         }
         assert_eq!(prefix_within("s3://bucket", "campaigns-2026/a").unwrap(), "campaigns-2026/a");
     }

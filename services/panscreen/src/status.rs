@@ -63,7 +63,11 @@ async fn submitted_prefixes(cluster: &ClusterArgs) -> anyhow::Result<Vec<Submitt
     let mut prefixes = Vec::new();
     for request in crate::serve::submitted(cluster).await? {
         let holds_objects = root.has_objects(&request.prefix).await?;
-        prefixes.push(SubmittedPrefix { prefix: request.prefix, submitted_at: request.requested_at, holds_objects });
+        prefixes.push(SubmittedPrefix {
+            prefix: request.prefix,
+            submitted_at: request.requested_at,
+            holds_objects,
+        });
     }
     Ok(prefixes)
 }
@@ -80,8 +84,10 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
         );
     }
     let now = OffsetDateTime::now_utc();
-    let mut stages: BTreeMap<Stage, StageStatus> =
-        Stage::ALL.iter().map(|s| (*s, StageStatus { stage: s.to_string(), ..Default::default() })).collect();
+    let mut stages: BTreeMap<Stage, StageStatus> = Stage::ALL
+        .iter()
+        .map(|s| (*s, StageStatus { stage: s.to_string(), ..Default::default() }))
+        .collect();
     let mut rates: BTreeMap<Stage, f64> = BTreeMap::new();
     for (subject, stage) in topology::consumers(&cluster.campaign) {
         let Backlog { pending, in_flight, redelivered, .. } =
@@ -106,7 +112,8 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
         if stats.is_fresh(now) {
             entry.instances += 1;
             // Reports from before `per_minute` existed carry only the minute's count.
-            let rate = if stats.per_minute > 0.0 { stats.per_minute } else { stats.last_minute as f64 };
+            let rate =
+                if stats.per_minute > 0.0 { stats.per_minute } else { stats.last_minute as f64 };
             *rates.entry(stats.stage).or_default() += rate;
             if stats.stage == Stage::Ingest {
                 *entry.waiting_studies.get_or_insert(0) += stats.in_flight;
@@ -116,7 +123,8 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
     for (stage, entry) in stages.iter_mut() {
         let rate = rates.get(stage).copied().unwrap_or(0.0);
         entry.per_minute = rate.round() as u64;
-        (entry.seconds_left, entry.progress) = estimate(entry.pending, entry.in_flight, entry.instances, rate);
+        (entry.seconds_left, entry.progress) =
+            estimate(entry.pending, entry.in_flight, entry.instances, rate);
     }
     let submitted = submitted_prefixes(cluster).await.ok();
     Ok(CampaignStatus {
@@ -128,7 +136,12 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
 }
 
 /// Time left and what the stage is doing, from its backlog, live instances and rate.
-fn estimate(pending: u64, in_flight: u64, instances: u32, per_minute: f64) -> (Option<f64>, String) {
+fn estimate(
+    pending: u64,
+    in_flight: u64,
+    instances: u32,
+    per_minute: f64,
+) -> (Option<f64>, String) {
     let backlog = pending + in_flight;
     let (seconds, progress) = match (backlog, instances, per_minute > 0.0) {
         (0, _, _) => (Some(0.0), "done"),
@@ -166,7 +179,7 @@ impl CampaignStatus {
             "per min",
             "time left"
         )
-        .unwrap();
+        .expect("a String takes every write");
         for s in &self.stages {
             writeln!(
                 out,
@@ -181,19 +194,31 @@ impl CampaignStatus {
                 s.per_minute,
                 time_left(s.seconds_left, &s.progress)
             )
-            .unwrap();
+            .expect("a String takes every write");
         }
         match &self.submitted {
             Some(prefixes) => {
                 for prefix in prefixes {
-                    let state = if prefix.holds_objects { "watched" } else { "watched, holds no objects" };
-                    writeln!(out, "submitted {} ({state}, since {})", prefix.prefix, prefix.submitted_at).unwrap();
+                    let state =
+                        if prefix.holds_objects { "watched" } else { "watched, holds no objects" };
+                    writeln!(
+                        out,
+                        "submitted {} ({state}, since {})",
+                        prefix.prefix, prefix.submitted_at
+                    )
+                    .expect("a String takes every write");
                 }
             }
-            None => writeln!(out, "submitted prefixes: the store cannot be read now").unwrap(),
+            None => writeln!(out, "submitted prefixes: the store cannot be read now")
+                .expect("a String takes every write"),
         }
-        if let Some(waiting) = self.stages.iter().find_map(|s| s.waiting_studies).filter(|w| *w > 0) {
-            writeln!(out, "ingest: {waiting} studies still receiving files (quiet period or marker pending)").unwrap();
+        if let Some(waiting) = self.stages.iter().find_map(|s| s.waiting_studies).filter(|w| *w > 0)
+        {
+            writeln!(
+                out,
+                "ingest: {waiting} studies still receiving files (quiet period or marker pending)"
+            )
+            .expect("a String takes every write");
         }
         out
     }

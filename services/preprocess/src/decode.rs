@@ -72,30 +72,42 @@ fn inflated_size(deflated: &[u8], cap: u64) -> std::io::Result<u64> {
 }
 
 /// Parses a whole Part 10 object (pixel data included, not yet decoded).
-pub fn open(key: &str, bytes: &[u8], limits: &DecodeLimits) -> Result<DefaultDicomObject, StageError> {
+pub fn open(
+    key: &str,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<DefaultDicomObject, StageError> {
     if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
         return Err(unreadable(key, "not a DICOM Part 10 file"));
     }
     // The meta group starts with its own length: (0002,0000) UL.
-    let group_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as usize;
+    let group_length =
+        u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as usize;
     let meta_end = 144usize.saturating_add(group_length).min(bytes.len());
     let deflated = bytes[132..meta_end]
         .windows(uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.len())
         .any(|window| window == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.as_bytes());
     if deflated {
-        let size = inflated_size(&bytes[meta_end..], limits.max_decoded_bytes)
-            .map_err(|error| unreadable(key, format!("the deflated data set is corrupt: {error}")))?;
+        let size =
+            inflated_size(&bytes[meta_end..], limits.max_decoded_bytes).map_err(|error| {
+                unreadable(key, format!("the deflated data set is corrupt: {error}"))
+            })?;
         if size > limits.max_decoded_bytes {
             return Err(StageError::permanent(
                 "object expands beyond the decompressed size limit",
-                format!("{key}: the deflated data set inflates to over {} bytes", limits.max_decoded_bytes),
+                format!(
+                    "{key}: the deflated data set inflates to over {} bytes",
+                    limits.max_decoded_bytes
+                ),
             ));
         }
     }
     panscreen_shared::dicom::check_declared_lengths(bytes, bytes.len() as u64)
         .map_err(|error| unreadable(key, error))?;
     let object = contain_panic(key, || {
-        OpenFileOptions::new().read_preamble(ReadPreamble::Never).from_reader(Cursor::new(&bytes[128..]))
+        OpenFileOptions::new()
+            .read_preamble(ReadPreamble::Never)
+            .from_reader(Cursor::new(&bytes[128..]))
     })?
     .map_err(|error| unreadable(key, error))?;
     let rows = integer(&object, tags::ROWS).unwrap_or(0).max(0) as u64;
@@ -125,12 +137,17 @@ pub fn decode_frame(
 ) -> Result<DecodedSlice, StageError> {
     let frames = number_of_frames(object);
     if frame >= frames {
-        return Err(unreadable(key, format!("frame {} asked for, the object has {frames}", frame + 1)));
+        return Err(unreadable(
+            key,
+            format!("frame {} asked for, the object has {frames}", frame + 1),
+        ));
     }
-    let rows = integer(object, tags::ROWS).ok_or_else(|| unreadable(key, "Rows is missing"))? as usize;
-    let columns = integer(object, tags::COLUMNS).ok_or_else(|| unreadable(key, "Columns is missing"))? as usize;
-    let position =
-        frame_position(object, frame as usize).ok_or_else(|| unreadable(key, "ImagePositionPatient is missing"))?;
+    let rows =
+        integer(object, tags::ROWS).ok_or_else(|| unreadable(key, "Rows is missing"))? as usize;
+    let columns = integer(object, tags::COLUMNS)
+        .ok_or_else(|| unreadable(key, "Columns is missing"))? as usize;
+    let position = frame_position(object, frame as usize)
+        .ok_or_else(|| unreadable(key, "ImagePositionPatient is missing"))?;
     let (rescale_slope, rescale_intercept) = frame_rescale(object, frame as usize);
     let padding_value = integer(object, tags::PIXEL_PADDING_VALUE).map(|v| v as i32);
     if integer(object, tags::SAMPLES_PER_PIXEL).unwrap_or(1) != 1 {
@@ -142,7 +159,8 @@ pub fn decode_frame(
     let jpeg_2000 = transfer_syntax.starts_with("1.2.840.10008.1.2.4.9");
     let rle = transfer_syntax == "1.2.840.10008.1.2.5";
     let jpeg = JPEG_FAMILY.contains(&transfer_syntax);
-    let compressed = if jpeg || rle || jpeg_2000 { frame_fragments(key, object, frame)? } else { Vec::new() };
+    let compressed =
+        if jpeg || rle || jpeg_2000 { frame_fragments(key, object, frame)? } else { Vec::new() };
     if jpeg {
         check_jpeg_size(key, &compressed, rows, columns)?;
     } else if rle {
@@ -162,8 +180,8 @@ pub fn decode_frame(
         let pixels = decode_with_gdcm(key, &compressed, rows, columns, &format, gdcm_syntax)?;
         frame_to_hu(&pixels, rows * columns, &format, fill_hu)
     } else {
-        let decoded =
-            contain_panic(key, || object.decode_pixel_data_frame(frame))?.map_err(|error| unreadable(key, error))?;
+        let decoded = contain_panic(key, || object.decode_pixel_data_frame(frame))?
+            .map_err(|error| unreadable(key, error))?;
         // The decoder's own description: a JPEG baseline frame comes out 8-bit, whatever the header says.
         let format = PixelFormat {
             bits_allocated: decoded.bits_allocated(),
@@ -183,16 +201,24 @@ pub fn decode_frame(
 /// their offsets, which must lie inside the frame (the decoder sizes a table by it).
 fn check_rle_header(key: &str, frame: &[u8]) -> Result<(), StageError> {
     let word = |index: usize| {
-        frame.get(index * 4..index * 4 + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        frame
+            .get(index * 4..index * 4 + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
     };
     let segments = word(0).ok_or_else(|| unreadable(key, "the RLE header is cut short"))?;
     if !(1..=15).contains(&segments) {
-        return Err(unreadable(key, format!("the RLE header declares {segments} segments (1 to 15 allowed)")));
+        return Err(unreadable(
+            key,
+            format!("the RLE header declares {segments} segments (1 to 15 allowed)"),
+        ));
     }
     for index in 1..=segments {
         let offset = word(index).ok_or_else(|| unreadable(key, "the RLE header is cut short"))?;
         if offset < 64 || offset > frame.len() {
-            return Err(unreadable(key, format!("RLE segment {index} starts at {offset}, outside the frame")));
+            return Err(unreadable(
+                key,
+                format!("RLE segment {index} starts at {offset}, outside the frame"),
+            ));
         }
     }
     Ok(())
@@ -210,21 +236,30 @@ const JPEG_FAMILY: [&str; 6] = [
 
 /// The JPEG (or JPEG-LS) frame header must describe the image the DICOM header
 /// describes: a decoder sizes its buffers from it (a corrupt one asked for 17 GB).
-fn check_jpeg_size(key: &str, stream: &[u8], rows: usize, columns: usize) -> Result<(), StageError> {
+fn check_jpeg_size(
+    key: &str,
+    stream: &[u8],
+    rows: usize,
+    columns: usize,
+) -> Result<(), StageError> {
     let mut at = 2; // after SOI
     if stream.get(..2) != Some(&[0xff, 0xd8]) {
         return Err(unreadable(key, "the JPEG stream does not start with SOI"));
     }
-    while let Some(&[0xff, marker, high, low]) = stream.get(at..at + 4).map(|s| [s[0], s[1], s[2], s[3]]).as_ref() {
+    while let Some(&[0xff, marker, high, low]) =
+        stream.get(at..at + 4).map(|s| [s[0], s[1], s[2], s[3]]).as_ref()
+    {
         if marker == 0xff {
             at += 1; // fill byte
             continue;
         }
         let length = u16::from_be_bytes([high, low]) as usize;
-        let frame_header = matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc) || marker == 0xf7;
+        let frame_header = matches!(marker, 0xc0..=0xcf) && !matches!(marker, 0xc4 | 0xc8 | 0xcc)
+            || marker == 0xf7;
         if frame_header {
-            let header =
-                stream.get(at + 4..at + 10).ok_or_else(|| unreadable(key, "the JPEG frame header is cut short"))?;
+            let header = stream
+                .get(at + 4..at + 10)
+                .ok_or_else(|| unreadable(key, "the JPEG frame header is cut short"))?;
             let (height, width, components) = (
                 u16::from_be_bytes([header[1], header[2]]) as usize,
                 u16::from_be_bytes([header[3], header[4]]) as usize,
@@ -245,7 +280,12 @@ fn check_jpeg_size(key: &str, stream: &[u8], rows: usize, columns: usize) -> Res
 
 /// The JPEG 2000 codestream must describe the image the header describes: one component
 /// of Columns × Rows. A corrupt SIZ marker would otherwise size the decoder's buffers.
-fn check_j2k_size(key: &str, codestream: &[u8], rows: usize, columns: usize) -> Result<(), StageError> {
+fn check_j2k_size(
+    key: &str,
+    codestream: &[u8],
+    rows: usize,
+    columns: usize,
+) -> Result<(), StageError> {
     let siz = codestream
         .windows(4)
         .take(4096)
@@ -253,12 +293,15 @@ fn check_j2k_size(key: &str, codestream: &[u8], rows: usize, columns: usize) -> 
         .map(|start| start + 4)
         .ok_or_else(|| unreadable(key, "no JPEG 2000 SIZ marker at the start of the codestream"))?;
     let field = |offset: usize| -> Option<u64> {
-        codestream.get(siz + offset..siz + offset + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
+        codestream
+            .get(siz + offset..siz + offset + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as u64)
     };
     let parsed = (|| {
         let (x, y, x0, y0) = (field(4)?, field(8)?, field(12)?, field(16)?);
         let (tile_x, tile_y) = (field(20)?, field(24)?);
-        let components = codestream.get(siz + 36..siz + 38).map(|b| u16::from_be_bytes([b[0], b[1]]))?;
+        let components =
+            codestream.get(siz + 36..siz + 38).map(|b| u16::from_be_bytes([b[0], b[1]]))?;
         Some((x.checked_sub(x0)?, y.checked_sub(y0)?, tile_x, tile_y, components))
     })();
     match parsed {
@@ -281,9 +324,15 @@ fn check_j2k_size(key: &str, codestream: &[u8], rows: usize, columns: usize) -> 
 /// JPEG-LS lossless and near-lossless.
 /// The compressed bytes of one frame: one fragment per frame, or all fragments of a
 /// single-frame object.
-fn frame_fragments(key: &str, object: &DefaultDicomObject, frame: u32) -> Result<Vec<u8>, StageError> {
+fn frame_fragments(
+    key: &str,
+    object: &DefaultDicomObject,
+    frame: u32,
+) -> Result<Vec<u8>, StageError> {
     let element = object.element(tags::PIXEL_DATA).map_err(|_| unreadable(key, "no Pixel Data"))?;
-    let fragments = element.fragments().ok_or_else(|| unreadable(key, "compressed Pixel Data is not encapsulated"))?;
+    let fragments = element
+        .fragments()
+        .ok_or_else(|| unreadable(key, "compressed Pixel Data is not encapsulated"))?;
     let frames = number_of_frames(object);
     if frames == 1 {
         return Ok(fragments.iter().flatten().copied().collect());
@@ -337,7 +386,8 @@ mod tests {
 
     #[test]
     fn a_deflate_bomb_is_measured_without_being_kept() {
-        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut encoder =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..64 {
             encoder.write_all(&zeros).unwrap();

@@ -118,13 +118,19 @@ impl Helper {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|error| HelperError::Unavailable(format!("cannot start {}: {error}", program.display())))?;
+            .map_err(|error| {
+                HelperError::Unavailable(format!("cannot start {}: {error}", program.display()))
+            })?;
         let stdin = process.stdin.take().expect("piped");
         let stdout = BufReader::new(process.stdout.take().expect("piped"));
         Ok(Helper { process, stdin, stdout })
     }
 
-    fn decode(&mut self, spec: &FrameSpec, compressed: &[u8]) -> std::io::Result<Result<Vec<u8>, String>> {
+    fn decode(
+        &mut self,
+        spec: &FrameSpec,
+        compressed: &[u8],
+    ) -> std::io::Result<Result<Vec<u8>, String>> {
         let mut request = Vec::with_capacity(27 + compressed.len());
         request.extend_from_slice(b"PSGD");
         request.push(spec.transfer_syntax);
@@ -140,7 +146,9 @@ impl Helper {
         let mut status = [0u8; 9];
         self.stdout.read_exact(&mut status)?;
         let length = u64::from_le_bytes(status[1..9].try_into().expect("8 bytes"));
-        let expected = u64::from(spec.rows) * u64::from(spec.columns) * u64::from(spec.bits_allocated.div_ceil(8));
+        let expected = u64::from(spec.rows)
+            * u64::from(spec.columns)
+            * u64::from(spec.bits_allocated.div_ceil(8));
         if length > expected.max(64 * 1024) {
             return Err(std::io::Error::other(format!(
                 "the helper answered {length} bytes for a {expected}-byte frame"
@@ -166,7 +174,10 @@ impl Helper {
         let pid = self.process.id() as libc::pid_t;
         let (answered, wait) = std::sync::mpsc::channel::<()>();
         let watchdog = std::thread::spawn(move || {
-            let fired = matches!(wait.recv_timeout(deadline), Err(std::sync::mpsc::RecvTimeoutError::Timeout));
+            let fired = matches!(
+                wait.recv_timeout(deadline),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+            );
             if fired {
                 // SAFETY: kill only sends a signal to the helper's own process id.
                 unsafe {
@@ -224,7 +235,9 @@ pub fn decode(spec: &FrameSpec, compressed: &[u8]) -> Result<Vec<u8>, HelperErro
         (Err(error), false) => {
             let _ = helper.process.kill();
             let ending = helper.ending();
-            Err(HelperError::Crashed(format!("the GDCM helper died on this frame: {ending} ({error})")))
+            Err(HelperError::Crashed(format!(
+                "the GDCM helper died on this frame: {ending} ({error})"
+            )))
         }
     }
 }
@@ -244,7 +257,8 @@ pub fn serve(mut input: impl Read, mut output: impl Write) -> std::io::Result<()
             return Err(std::io::Error::other("not a gdcm-decoder request"));
         }
         let u16_at = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
-        let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let u32_at =
+            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
         let spec = FrameSpec {
             transfer_syntax: header[4],
             rows: u32_at(5),
@@ -336,7 +350,8 @@ mod tests {
             })
             .expect("the stand-in helper starts");
         let started = std::time::Instant::now();
-        let (outcome, fired) = helper.decode_within(std::time::Duration::from_secs(1), &spec, &[0u8; 64]);
+        let (outcome, fired) =
+            helper.decode_within(std::time::Duration::from_secs(1), &spec, &[0u8; 64]);
         assert!(fired, "{outcome:?}");
         assert!(outcome.is_err(), "a killed helper gives no answer");
         assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());

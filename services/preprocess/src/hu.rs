@@ -35,7 +35,10 @@ impl PixelFormat {
             return Err(HuError::BitsAllocated(self.bits_allocated));
         }
         if self.bits_stored == 0 || self.bits_stored > self.bits_allocated {
-            return Err(HuError::BitsStored { stored: self.bits_stored, allocated: self.bits_allocated });
+            return Err(HuError::BitsStored {
+                stored: self.bits_stored,
+                allocated: self.bits_allocated,
+            });
         }
         if !(self.rescale_slope.is_finite() && self.rescale_slope > 0.0) {
             return Err(HuError::Slope(self.rescale_slope));
@@ -56,7 +59,12 @@ impl PixelFormat {
 }
 
 /// Converts one little-endian frame of `pixels` samples to HU.
-pub fn frame_to_hu(raw: &[u8], pixels: usize, format: &PixelFormat, fill_hu: f32) -> Result<Vec<f32>, HuError> {
+pub fn frame_to_hu(
+    raw: &[u8],
+    pixels: usize,
+    format: &PixelFormat,
+    fill_hu: f32,
+) -> Result<Vec<f32>, HuError> {
     format.check()?;
     let bytes_per_sample = format.bits_allocated as usize / 8;
     let expected = pixels * bytes_per_sample;
@@ -74,7 +82,10 @@ pub fn frame_to_hu(raw: &[u8], pixels: usize, format: &PixelFormat, fill_hu: f32
         }
     };
     let hu = if bytes_per_sample == 2 {
-        raw[..expected].chunks_exact(2).map(|pair| convert(u16::from_le_bytes([pair[0], pair[1]]))).collect()
+        raw[..expected]
+            .chunks_exact(2)
+            .map(|pair| convert(u16::from_le_bytes([pair[0], pair[1]])))
+            .collect()
     } else {
         raw[..expected].iter().map(|byte| convert(*byte as u16)).collect()
     };
@@ -103,14 +114,18 @@ mod tests {
 
     #[test]
     fn unsigned_with_intercept() {
-        let hu = frame_to_hu(&bytes(&[0, 1024, 1064]), 3, &format(12, false, 1.0, -1024.0), -1000.0).unwrap();
+        let hu =
+            frame_to_hu(&bytes(&[0, 1024, 1064]), 3, &format(12, false, 1.0, -1024.0), -1000.0)
+                .unwrap();
         assert_eq!(hu, [-1024.0, 0.0, 40.0]);
     }
 
     #[test]
     fn signed_twelve_bits_ignores_high_bits() {
         // 0xF000 carries garbage above bit 11; 0x0FFF is -1 in 12-bit two's complement.
-        let hu = frame_to_hu(&bytes(&[0x0fff, 0xf000 | 0x0010]), 2, &format(12, true, 1.0, 0.0), 0.0).unwrap();
+        let hu =
+            frame_to_hu(&bytes(&[0x0fff, 0xf000 | 0x0010]), 2, &format(12, true, 1.0, 0.0), 0.0)
+                .unwrap();
         assert_eq!(hu, [-1.0, 16.0]);
     }
 
@@ -128,7 +143,10 @@ mod tests {
             frame_to_hu(&bytes(&[1]), 2, &format(12, false, 1.0, 0.0), 0.0),
             Err(HuError::Length { expected: 4, actual: 2 })
         );
-        assert_eq!(frame_to_hu(&bytes(&[1]), 1, &format(12, false, 0.0, 0.0), 0.0), Err(HuError::Slope(0.0)));
+        assert_eq!(
+            frame_to_hu(&bytes(&[1]), 1, &format(12, false, 0.0, 0.0), 0.0),
+            Err(HuError::Slope(0.0))
+        );
     }
 
     proptest! {

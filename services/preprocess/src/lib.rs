@@ -22,7 +22,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dicom_object::DefaultDicomObject;
 use futures::StreamExt;
-use panscreen_shared::contracts::{subjects, SliceRef, Stage, StudyIngested, StudyPreprocessed, TensorGeometry};
+use panscreen_shared::contracts::{
+    subjects, SliceRef, Stage, StudyIngested, StudyPreprocessed, TensorGeometry,
+};
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
@@ -80,18 +82,29 @@ fn unit(v: [f64; 3]) -> [f64; 3] {
 
 impl PreprocessHandler {
     /// Decodes, resamples and normalizes; returns the tensor and where it sits.
-    pub async fn build_tensor(&self, study: &StudyIngested) -> Result<(TensorGeometry, Vec<f32>), StageError> {
+    pub async fn build_tensor(
+        &self,
+        study: &StudyIngested,
+    ) -> Result<(TensorGeometry, Vec<f32>), StageError> {
         let manifest = &self.manifest;
         let fill = manifest.input.intensity.fill_hu as f32;
-        let row_direction = unit([study.image_orientation[0], study.image_orientation[1], study.image_orientation[2]]);
-        let column_direction =
-            unit([study.image_orientation[3], study.image_orientation[4], study.image_orientation[5]]);
+        let row_direction = unit([
+            study.image_orientation[0],
+            study.image_orientation[1],
+            study.image_orientation[2],
+        ]);
+        let column_direction = unit([
+            study.image_orientation[3],
+            study.image_orientation[4],
+            study.image_orientation[5],
+        ]);
         let slice_direction = unit(cross(row_direction, column_direction));
         let Some(first) = study.slices.first() else {
             return Err(StageError::permanent("study has no slices", ""));
         };
         let origin = first.position_mm;
-        let slice_positions: Vec<f64> = study.slices.iter().map(|s| dot(s.position_mm, slice_direction)).collect();
+        let slice_positions: Vec<f64> =
+            study.slices.iter().map(|s| dot(s.position_mm, slice_direction)).collect();
         if slice_positions.windows(2).any(|pair| pair[1] <= pair[0]) {
             return Err(StageError::permanent(
                 "slices are not sorted along the slice normal",
@@ -106,12 +119,22 @@ impl PreprocessHandler {
         let [target_dz, target_dy, target_dx] = manifest.input.spacing_mm;
         let slice_centre = (slice_positions[0] + slice_positions[slice_positions.len() - 1]) / 2.0;
         let target_slices = centred_positions(slice_centre, depth, target_dz);
-        let target_rows = centred_positions((rows as f64 - 1.0) * row_spacing / 2.0, height, target_dy);
-        let target_columns = centred_positions((columns as f64 - 1.0) * column_spacing / 2.0, width, target_dx);
-        let slice_weights = axis_weights(&slice_positions, study.series.slice_spacing_mm, &target_slices, target_dz);
-        let row_weights = Arc::new(axis_weights(&row_positions, row_spacing, &target_rows, target_dy));
-        let column_weights = Arc::new(axis_weights(&column_positions, column_spacing, &target_columns, target_dx));
-        let mut accumulator = SliceAccumulator::new(&slice_weights, study.slices.len(), height * width, fill);
+        let target_rows =
+            centred_positions((rows as f64 - 1.0) * row_spacing / 2.0, height, target_dy);
+        let target_columns =
+            centred_positions((columns as f64 - 1.0) * column_spacing / 2.0, width, target_dx);
+        let slice_weights = axis_weights(
+            &slice_positions,
+            study.series.slice_spacing_mm,
+            &target_slices,
+            target_dz,
+        );
+        let row_weights =
+            Arc::new(axis_weights(&row_positions, row_spacing, &target_rows, target_dy));
+        let column_weights =
+            Arc::new(axis_weights(&column_positions, column_spacing, &target_columns, target_dx));
+        let mut accumulator =
+            SliceAccumulator::new(&slice_weights, study.slices.len(), height * width, fill);
 
         // Objects are fetched once: the frames of an Enhanced CT object share its key.
         let mut previous_key: Option<String> = None;
@@ -140,7 +163,9 @@ impl PreprocessHandler {
             let reuse = current.clone();
             let (object, plane) = tokio::task::spawn_blocking(move || -> Result<_, StageError> {
                 let object = match bytes {
-                    Some(bytes) => Arc::new(decode::open(&slice.key, &bytes, &DecodeLimits::default())?),
+                    Some(bytes) => {
+                        Arc::new(decode::open(&slice.key, &bytes, &DecodeLimits::default())?)
+                    }
                     None => reuse.expect("the object of an earlier frame"),
                 };
                 let decoded = decode::decode_frame(&slice.key, &object, slice.frame, fill)?;
@@ -153,10 +178,17 @@ impl PreprocessHandler {
                         ),
                     ));
                 }
-                if decoded.position.iter().zip(slice.position_mm).any(|(a, b)| (a - b).abs() > 1e-3) {
-                    return Err(StageError::permanent("slice position changed since ingest", slice.key.clone()));
+                if decoded.position.iter().zip(slice.position_mm).any(|(a, b)| (a - b).abs() > 1e-3)
+                {
+                    return Err(StageError::permanent(
+                        "slice position changed since ingest",
+                        slice.key.clone(),
+                    ));
                 }
-                Ok((object, resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill)))
+                Ok((
+                    object,
+                    resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill),
+                ))
             })
             .await
             .map_err(|error| StageError::retryable("decoder task failed", error.to_string()))??;
@@ -186,8 +218,9 @@ impl PreprocessHandler {
 
     async fn handle_one(&self, payload: Bytes) -> Result<Outcome, StageError> {
         let started = Instant::now();
-        let mut study: StudyIngested = serde_json::from_slice(&payload)
-            .map_err(|error| StageError::permanent("unreadable ingest message", error.to_string()))?;
+        let mut study: StudyIngested = serde_json::from_slice(&payload).map_err(|error| {
+            StageError::permanent("unreadable ingest message", error.to_string())
+        })?;
         let (geometry, volume) = self.build_tensor(&study).await?;
         let key = tensor_key(&study.context.study_key);
         self.work.put(&key, npy::encode_f32(&geometry.shape, &volume)).await?;

@@ -21,7 +21,12 @@ pub struct AxisWeights {
 /// coarser than the source, each target sample is the mean of that signal over its
 /// own footprint (a box of the target spacing); otherwise it is the signal's value at
 /// the target point. Both reproduce linear functions exactly away from the ends.
-pub fn axis_weights(source: &[f64], source_spacing: f64, target: &[f64], target_spacing: f64) -> AxisWeights {
+pub fn axis_weights(
+    source: &[f64],
+    source_spacing: f64,
+    target: &[f64],
+    target_spacing: f64,
+) -> AxisWeights {
     debug_assert!(source.windows(2).all(|pair| pair[0] < pair[1]), "source positions sorted");
     debug_assert!(source_spacing > 0.0 && target_spacing > 0.0, "spacing > 0");
     let (Some(&first), Some(&last)) = (source.first(), source.last()) else {
@@ -141,7 +146,8 @@ pub fn resample_plane(
             if weights.is_empty() || column_weights.per_target[column].is_empty() {
                 continue;
             }
-            *value = weights.iter().map(|(index, w)| partial[index * target_columns + column] * w).sum();
+            *value =
+                weights.iter().map(|(index, w)| partial[index * target_columns + column] * w).sum();
         }
     }
     out
@@ -159,7 +165,12 @@ pub struct SliceAccumulator {
 }
 
 impl SliceAccumulator {
-    pub fn new(slice_weights: &AxisWeights, source_slices: usize, plane_len: usize, fill: f32) -> Self {
+    pub fn new(
+        slice_weights: &AxisWeights,
+        source_slices: usize,
+        plane_len: usize,
+        fill: f32,
+    ) -> Self {
         let mut contributions = vec![Vec::new(); source_slices];
         for (plane, weights) in slice_weights.per_target.iter().enumerate() {
             for (slice, weight) in weights {
@@ -179,7 +190,9 @@ impl SliceAccumulator {
 
     /// Source slices worth decoding.
     pub fn needed_slices(&self) -> Vec<usize> {
-        (0..self.contributions.len()).filter(|slice| !self.contributions[*slice].is_empty()).collect()
+        (0..self.contributions.len())
+            .filter(|slice| !self.contributions[*slice].is_empty())
+            .collect()
     }
 
     pub fn add(&mut self, slice: usize, resampled_plane: &[f32]) {
@@ -229,7 +242,14 @@ mod tests {
 
     /// An analytic volume f = a·x + b·y + c·z + d is reproduced exactly away from the
     /// edges: the tent kernel is symmetric, so linear functions pass unchanged.
-    fn resample_linear(a: f32, b: f32, c: f32, d: f32, source_spacing: [f64; 3], target_spacing: [f64; 3]) -> f32 {
+    fn resample_linear(
+        a: f32,
+        b: f32,
+        c: f32,
+        d: f32,
+        source_spacing: [f64; 3],
+        target_spacing: [f64; 3],
+    ) -> f32 {
         let (rows, columns, slices) = (60usize, 60usize, 40usize);
         let row_pos = uniform(rows, source_spacing[1]);
         let column_pos = uniform(columns, source_spacing[2]);
@@ -247,7 +267,10 @@ mod tests {
             let plane: Vec<f32> = (0..rows * columns)
                 .map(|i| {
                     let (r, col) = (i / columns, i % columns);
-                    a * column_pos[col] as f32 + b * row_pos[r] as f32 + c * slice_pos[slice] as f32 + d
+                    a * column_pos[col] as f32
+                        + b * row_pos[r] as f32
+                        + c * slice_pos[slice] as f32
+                        + d
                 })
                 .collect();
             accumulator.add(slice, &resample_plane(&plane, columns, &rw, &cw, -1000.0));
@@ -257,8 +280,10 @@ mod tests {
         for s in 0..ts {
             for r in 0..tr {
                 for col in 0..tc {
-                    let expected =
-                        a * target_columns[col] as f32 + b * target_rows[r] as f32 + c * target_slices[s] as f32 + d;
+                    let expected = a * target_columns[col] as f32
+                        + b * target_rows[r] as f32
+                        + c * target_slices[s] as f32
+                        + d;
                     worst = worst.max((volume[(s * tr + r) * tc + col] - expected).abs());
                 }
             }

@@ -27,7 +27,9 @@ struct Ellipsoid {
 
 impl Ellipsoid {
     fn contains(&self, point: [f64; 3]) -> bool {
-        let sum: f64 = (0..3).map(|axis| ((point[axis] - self.center[axis]) / self.semi_axes[axis]).powi(2)).sum();
+        let sum: f64 = (0..3)
+            .map(|axis| ((point[axis] - self.center[axis]) / self.semi_axes[axis]).powi(2))
+            .sum();
         sum <= 1.0
     }
 
@@ -77,7 +79,9 @@ impl Tube {
 
     /// Distance from the centreline minus the local radius: negative inside.
     fn signed_distance(&self, point: [f64; 3]) -> f64 {
-        if (0..3).any(|axis| point[axis] < self.bounds_min[axis] || point[axis] > self.bounds_max[axis]) {
+        if (0..3)
+            .any(|axis| point[axis] < self.bounds_min[axis] || point[axis] > self.bounds_max[axis])
+        {
             return f64::MAX;
         }
         let mut best = f64::MAX;
@@ -88,9 +92,10 @@ impl Tube {
             let length2 = ab[0] * ab[0] + ab[1] * ab[1] + ab[2] * ab[2];
             let t = ((ap[0] * ab[0] + ap[1] * ab[1] + ap[2] * ab[2]) / length2).clamp(0.0, 1.0);
             let closest = [a[0] + t * ab[0], a[1] + t * ab[1], a[2] + t * ab[2]];
-            let distance =
-                ((point[0] - closest[0]).powi(2) + (point[1] - closest[1]).powi(2) + (point[2] - closest[2]).powi(2))
-                    .sqrt();
+            let distance = ((point[0] - closest[0]).powi(2)
+                + (point[1] - closest[1]).powi(2)
+                + (point[2] - closest[2]).powi(2))
+            .sqrt();
             best = best.min(distance - (radius_a + t * (radius_b - radius_a)));
         }
         best
@@ -140,12 +145,24 @@ impl Phantom {
         let [cx, cy] = body_center;
         // Posterior is +y in LPS.
         let spine_y = cy + body_semi_axes[1] * 0.55;
-        let vertebra = Column { center_xy: [cx, spine_y], radius: rng.uniform(18.0, 22.0), hu: CANCELLOUS_BONE_HU };
+        let vertebra = Column {
+            center_xy: [cx, spine_y],
+            radius: rng.uniform(18.0, 22.0),
+            hu: CANCELLOUS_BONE_HU,
+        };
         let spinal_canal = Column { center_xy: [cx, spine_y + 28.0], radius: 8.0, hu: 20.0 };
         let blood_hu = rng.uniform(38.0, 46.0);
         let vessels = vec![
-            Column { center_xy: [cx + 18.0, spine_y - 32.0], radius: rng.uniform(10.0, 13.0), hu: blood_hu },
-            Column { center_xy: [cx - 26.0, spine_y - 30.0], radius: rng.uniform(9.0, 12.0), hu: blood_hu },
+            Column {
+                center_xy: [cx + 18.0, spine_y - 32.0],
+                radius: rng.uniform(10.0, 13.0),
+                hu: blood_hu,
+            },
+            Column {
+                center_xy: [cx - 26.0, spine_y - 30.0],
+                radius: rng.uniform(9.0, 12.0),
+                hu: blood_hu,
+            },
         ];
         let scale = rng.uniform(0.9, 1.1);
         // Patient's right is -x in LPS: the liver sits at -x, the spleen at +x.
@@ -237,7 +254,10 @@ impl Phantom {
             return self.wall_hu;
         }
         if self.vertebra.contains(x, y) {
-            let inner = Column { radius: self.vertebra.radius - self.vertebra_cortex_mm, ..self.vertebra.clone() };
+            let inner = Column {
+                radius: self.vertebra.radius - self.vertebra_cortex_mm,
+                ..self.vertebra.clone()
+            };
             return if inner.contains(x, y) { CANCELLOUS_BONE_HU } else { CORTICAL_BONE_HU };
         }
         if self.spinal_canal.contains(x, y) {
@@ -251,7 +271,9 @@ impl Phantom {
         }
         let pancreas_distance = self.pancreas.signed_distance(point);
         if let Some(lesion) = &self.lesion {
-            let distance = ((0..3).map(|axis| (point[axis] - lesion.center_mm[axis]).powi(2)).sum::<f64>()).sqrt();
+            let distance =
+                ((0..3).map(|axis| (point[axis] - lesion.center_mm[axis]).powi(2)).sum::<f64>())
+                    .sqrt();
             // The lesion may bulge a little beyond the gland, as tumours do.
             if distance <= lesion.diameter_mm / 2.0 && pancreas_distance <= 4.0 {
                 return self.pancreas.hu - lesion.hu_delta;
@@ -282,7 +304,13 @@ impl Phantom {
 
     /// Noise-free HU of one axial slice: `rows × columns`, row-major; pixel (r, c) sits
     /// at `origin + c·spacing[1]·x̂ + r·spacing[0]·ŷ`.
-    pub fn slice_hu(&self, origin: [f64; 3], pixel_spacing: [f64; 2], rows: usize, columns: usize) -> Vec<f32> {
+    pub fn slice_hu(
+        &self,
+        origin: [f64; 3],
+        pixel_spacing: [f64; 2],
+        rows: usize,
+        columns: usize,
+    ) -> Vec<f32> {
         let phantom = self.relevant_for_slice(origin[2]);
         let mut out = Vec::with_capacity(rows * columns);
         for row in 0..rows {

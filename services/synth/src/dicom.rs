@@ -110,7 +110,11 @@ pub struct Slice<'a> {
 pub fn ds(value: f64) -> String {
     for decimals in (0..=6).rev() {
         let text = format!("{value:.decimals$}");
-        let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_string() } else { text };
+        let text = if text.contains('.') {
+            text.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            text
+        };
         if text.len() <= 16 {
             return text;
         }
@@ -140,7 +144,9 @@ pub fn stored_values(header: &SeriesHeader, hu: &[f32]) -> Vec<u16> {
     };
     hu.iter()
         .map(|value| {
-            let stored = ((*value as f64 - header.rescale_intercept) / header.rescale_slope).round().clamp(low, high);
+            let stored = ((*value as f64 - header.rescale_intercept) / header.rescale_slope)
+                .round()
+                .clamp(low, high);
             if header.signed_pixels {
                 stored as i16 as u16
             } else {
@@ -185,11 +191,19 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     put(&mut object, text(tags::STUDY_ID, VR::SH, "1"));
     put(
         &mut object,
-        DataElement::new(tags::SERIES_NUMBER, VR::IS, PrimitiveValue::from(header.series_number.to_string())),
+        DataElement::new(
+            tags::SERIES_NUMBER,
+            VR::IS,
+            PrimitiveValue::from(header.series_number.to_string()),
+        ),
     );
     put(
         &mut object,
-        DataElement::new(tags::INSTANCE_NUMBER, VR::IS, PrimitiveValue::from(slice.instance_number.to_string())),
+        DataElement::new(
+            tags::INSTANCE_NUMBER,
+            VR::IS,
+            PrimitiveValue::from(slice.instance_number.to_string()),
+        ),
     );
     put(&mut object, multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds)));
     put(&mut object, multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &header.orientation.map(ds)));
@@ -218,9 +232,17 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     put(&mut object, text(tags::RESCALE_TYPE, VR::LO, "HU"));
     if let Some(padding) = header.padding_value {
         let value = if header.signed_pixels {
-            DataElement::new(tags::PIXEL_PADDING_VALUE, VR::SS, PrimitiveValue::from(padding as i16))
+            DataElement::new(
+                tags::PIXEL_PADDING_VALUE,
+                VR::SS,
+                PrimitiveValue::from(padding as i16),
+            )
         } else {
-            DataElement::new(tags::PIXEL_PADDING_VALUE, VR::US, PrimitiveValue::from(padding as u16))
+            DataElement::new(
+                tags::PIXEL_PADDING_VALUE,
+                VR::US,
+                PrimitiveValue::from(padding as u16),
+            )
         };
         put(&mut object, value);
     }
@@ -252,7 +274,9 @@ pub fn encode_enhanced_ct(
     slices: &[Slice<'_>],
 ) -> anyhow::Result<Vec<u8>> {
     anyhow::ensure!(!slices.is_empty(), "an Enhanced CT object needs at least one frame");
-    let item = |elements: Vec<DataElement<InMemDicomObject>>| InMemDicomObject::from_element_iter(elements);
+    let item = |elements: Vec<DataElement<InMemDicomObject>>| {
+        InMemDicomObject::from_element_iter(elements)
+    };
     let shared = item(vec![
         sequence(
             dicom_core::Tag(0x0028, 0x9110),
@@ -263,7 +287,11 @@ pub fn encode_enhanced_ct(
         ),
         sequence(
             dicom_core::Tag(0x0020, 0x9116),
-            vec![item(vec![multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &header.orientation.map(ds))])],
+            vec![item(vec![multi(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                &header.orientation.map(ds),
+            )])],
         ),
         sequence(
             dicom_core::Tag(0x0028, 0x9145),
@@ -283,13 +311,22 @@ pub fn encode_enhanced_ct(
         .map(|slice| {
             item(vec![sequence(
                 dicom_core::Tag(0x0020, 0x9113),
-                vec![item(vec![multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds))])],
+                vec![item(vec![multi(
+                    tags::IMAGE_POSITION_PATIENT,
+                    VR::DS,
+                    &slice.position.map(ds),
+                )])],
             )])
         })
         .collect();
     let mut enhanced = header.clone();
     enhanced.sop_class_uid = uids::ENHANCED_CT_IMAGE_STORAGE.to_string();
-    let first = Slice { sop_instance_uid, instance_number: 1, position: slices[0].position, hu: slices[0].hu };
+    let first = Slice {
+        sop_instance_uid,
+        instance_number: 1,
+        position: slices[0].position,
+        hu: slices[0].hu,
+    };
     let bytes = encode_slice(&enhanced, &first)?;
     let mut object = dicom_object::OpenFileOptions::new()
         .read_preamble(dicom_object::file::ReadPreamble::Never)
@@ -310,7 +347,8 @@ pub fn encode_enhanced_ct(
     object.put(text(tags::NUMBER_OF_FRAMES, VR::IS, &slices.len().to_string()));
     object.put(sequence(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
     object.put(sequence(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
-    let pixels: SmallVec<[u16; 2]> = slices.iter().flat_map(|slice| stored_values(header, slice.hu)).collect();
+    let pixels: SmallVec<[u16; 2]> =
+        slices.iter().flat_map(|slice| stored_values(header, slice.hu)).collect();
     object.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::U16(pixels)));
     let mut out = Vec::new();
     object.write_all(&mut out)?;
@@ -330,7 +368,11 @@ fn sequence(tag: dicom_core::Tag, items: Vec<InMemDicomObject>) -> DataElement<I
 }
 
 /// An X-Ray Radiation Dose SR, as CT scanners write beside the images: no pixel data.
-pub fn encode_dose_report(header: &SeriesHeader, sop_instance_uid: &str, dlp_mgy_cm: f64) -> anyhow::Result<Vec<u8>> {
+pub fn encode_dose_report(
+    header: &SeriesHeader,
+    sop_instance_uid: &str,
+    dlp_mgy_cm: f64,
+) -> anyhow::Result<Vec<u8>> {
     const DOSE_SR: &str = "1.2.840.10008.5.1.4.1.1.88.67";
     let dlp = InMemDicomObject::from_element_iter([
         text(tags::RELATIONSHIP_TYPE, VR::CS, "CONTAINS"),
@@ -340,7 +382,10 @@ pub fn encode_dose_report(header: &SeriesHeader, sop_instance_uid: &str, dlp_mgy
             tags::MEASURED_VALUE_SEQUENCE,
             vec![InMemDicomObject::from_element_iter([
                 text(tags::NUMERIC_VALUE, VR::DS, &ds(dlp_mgy_cm)),
-                sequence(tags::MEASUREMENT_UNITS_CODE_SEQUENCE, vec![code_item("mGy.cm", "UCUM", "mGy.cm")]),
+                sequence(
+                    tags::MEASUREMENT_UNITS_CODE_SEQUENCE,
+                    vec![code_item("mGy.cm", "UCUM", "mGy.cm")],
+                ),
             ])],
         ),
     ]);
@@ -360,9 +405,16 @@ pub fn encode_dose_report(header: &SeriesHeader, sop_instance_uid: &str, dlp_mgy
         text(tags::PATIENT_SEX, VR::CS, &header.patient_sex),
         text(tags::STUDY_INSTANCE_UID, VR::UI, &header.study_instance_uid),
         text(tags::SERIES_INSTANCE_UID, VR::UI, &header.series_instance_uid),
-        DataElement::new(tags::SERIES_NUMBER, VR::IS, PrimitiveValue::from(header.series_number.to_string())),
+        DataElement::new(
+            tags::SERIES_NUMBER,
+            VR::IS,
+            PrimitiveValue::from(header.series_number.to_string()),
+        ),
         text(tags::VALUE_TYPE, VR::CS, "CONTAINER"),
-        sequence(tags::CONCEPT_NAME_CODE_SEQUENCE, vec![code_item("113701", "DCM", "X-Ray Radiation Dose Report")]),
+        sequence(
+            tags::CONCEPT_NAME_CODE_SEQUENCE,
+            vec![code_item("113701", "DCM", "X-Ray Radiation Dose Report")],
+        ),
         text(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
         text(tags::COMPLETION_FLAG, VR::CS, "COMPLETE"),
         text(tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED"),

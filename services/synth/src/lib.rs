@@ -82,11 +82,18 @@ pub struct StudyTruth {
 }
 
 /// Writes the cohort and `labels.parquet`; `on_study` is called after each study.
-pub fn synthesize(options: &SynthOptions, on_study: &(dyn Fn(&StudyTruth) + Sync)) -> anyhow::Result<Vec<StudyTruth>> {
+pub fn synthesize(
+    options: &SynthOptions,
+    on_study: &(dyn Fn(&StudyTruth) + Sync),
+) -> anyhow::Result<Vec<StudyTruth>> {
     anyhow::ensure!(options.studies > 0, "--studies must be at least 1");
-    anyhow::ensure!((0.0..=1.0).contains(&options.prevalence), "--prevalence must be within [0, 1]");
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&options.prevalence),
+        "--prevalence must be within [0, 1]"
+    );
     let studies_dir = options.out.join("studies");
-    std::fs::create_dir_all(&studies_dir).with_context(|| format!("cannot create {}", studies_dir.display()))?;
+    std::fs::create_dir_all(&studies_dir)
+        .with_context(|| format!("cannot create {}", studies_dir.display()))?;
     let lesion_studies = choose_lesion_studies(options.studies, options.prevalence, options.seed);
 
     let next = AtomicUsize::new(0);
@@ -97,23 +104,35 @@ pub fn synthesize(options: &SynthOptions, on_study: &(dyn Fn(&StudyTruth) + Sync
         for _ in 0..options.threads.max(1) {
             scope.spawn(|| loop {
                 let index = next.fetch_add(1, Ordering::Relaxed);
-                if index >= options.studies || first_error.lock().unwrap().is_some() {
+                if index >= options.studies
+                    || first_error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .is_some()
+                {
                     return;
                 }
                 match write_study(options, index, lesion_studies[index], &studies_dir) {
                     Ok(truth) => {
                         on_study(&truth);
-                        truths.lock().unwrap().push(truth);
+                        truths
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(truth);
                     }
-                    Err(error) => *first_error.lock().unwrap() = Some(error),
+                    Err(error) => {
+                        *first_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(error)
+                    }
                 }
             });
         }
     });
-    if let Some(error) = first_error.into_inner().unwrap() {
+    if let Some(error) = first_error.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner)
+    {
         return Err(error);
     }
-    let mut truths = truths.into_inner().unwrap();
+    let mut truths = truths.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     truths.sort_by_key(|truth| truth.index);
     write_labels(&options.out.join("labels.parquet"), &truths)?;
     Ok(truths)
@@ -137,7 +156,8 @@ fn choose_lesion_studies(studies: usize, prevalence: f64, seed: u64) -> Vec<bool
 
 const FAMILY_NAMES: &[&str] =
     &["WANG", "LI", "ZHANG", "LIU", "CHEN", "YANG", "HUANG", "ZHAO", "WU", "ZHOU", "XU", "SUN"];
-const GIVEN_NAMES: &[&str] = &["WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "HUI", "XIN", "TAO"];
+const GIVEN_NAMES: &[&str] =
+    &["WEI", "FANG", "NA", "MIN", "JING", "LEI", "QIANG", "YAN", "JUN", "HUI", "XIN", "TAO"];
 
 fn date_text(date: Date) -> String {
     format!("{:04}{:02}{:02}", date.year(), date.month() as u8, date.day())
@@ -155,8 +175,10 @@ fn write_study(
     let age = rng.range(40, 85) as i32;
     let first_day = Date::from_calendar_date(2025, Month::January, 1).expect("valid date");
     let scan_date = first_day + Duration::days(rng.range(0, 600));
-    let birth_date = scan_date - Duration::days(age as i64 * 365 + age as i64 / 4 + rng.range(1, 360));
-    let patient_name = format!("{}^{}^{}", rng.pick(FAMILY_NAMES), rng.pick(GIVEN_NAMES), rng.pick(GIVEN_NAMES));
+    let birth_date =
+        scan_date - Duration::days(age as i64 * 365 + age as i64 / 4 + rng.range(1, 360));
+    let patient_name =
+        format!("{}^{}^{}", rng.pick(FAMILY_NAMES), rng.pick(GIVEN_NAMES), rng.pick(GIVEN_NAMES));
     let patient_id = format!("P{:08}", rng.range(0, 99_999_999));
     let accession_number = format!("A{:010}", rng.range(0, 9_999_999_999));
 
@@ -182,7 +204,12 @@ fn write_study(
         series_instance_uid: rng.uid(),
         frame_of_reference_uid: rng.uid(),
         study_date: date_text(scan_date),
-        study_time: format!("{:02}{:02}{:02}", rng.range(7, 19), rng.range(0, 59), rng.range(0, 59)),
+        study_time: format!(
+            "{:02}{:02}{:02}",
+            rng.range(7, 19),
+            rng.range(0, 59),
+            rng.range(0, 59)
+        ),
         institution_name: site.institution_name.clone(),
         series_description: format!("ABDOMEN PLAIN {slice_spacing}mm"),
         rows: rows as u16,
@@ -199,12 +226,14 @@ fn write_study(
     let field_of_view = rows as f64 * pixel_spacing;
     let scan_center_z = rng.uniform(-15.0, 15.0);
     let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
-    let origin_xy = [-field_of_view / 2.0 + pixel_spacing / 2.0, -field_of_view / 2.0 + pixel_spacing / 2.0];
+    let origin_xy =
+        [-field_of_view / 2.0 + pixel_spacing / 2.0, -field_of_view / 2.0 + pixel_spacing / 2.0];
 
     let directory = format!("study-{index:05}");
     let study_dir = studies_dir.join(&directory);
-    let positions: Vec<[f64; 3]> =
-        (0..slices).map(|i| [origin_xy[0], origin_xy[1], first_z + i as f64 * slice_spacing]).collect();
+    let positions: Vec<[f64; 3]> = (0..slices)
+        .map(|i| [origin_xy[0], origin_xy[1], first_z + i as f64 * slice_spacing])
+        .collect();
     let noisy = |position: [f64; 3], salt: u64, slice_index: usize| {
         let mut hu = phantom.slice_hu(position, header.pixel_spacing, rows, rows);
         let mut noise = Rng::derive(options.seed, &[index as u64, salt + slice_index as u64]);
@@ -215,9 +244,14 @@ fn write_study(
     };
     write_series(&study_dir, &header, &positions, |i, position| noisy(position, 1, i))?;
     if options.realistic {
-        write_other_series(&study_dir, &header, &positions, slice_spacing, &mut rng, &|i, position, salt| {
-            noisy(position, salt, i)
-        })?;
+        write_other_series(
+            &study_dir,
+            &header,
+            &positions,
+            slice_spacing,
+            &mut rng,
+            &|i, position, salt| noisy(position, salt, i),
+        )?;
     }
     Ok(StudyTruth {
         index,
@@ -248,7 +282,8 @@ fn write_series(
     slice: impl Fn(usize, [f64; 3]) -> (Vec<f32>, String),
 ) -> anyhow::Result<()> {
     let series_dir = study_dir.join(format!("series-{}", header.series_number));
-    std::fs::create_dir_all(&series_dir).with_context(|| format!("cannot create {}", series_dir.display()))?;
+    std::fs::create_dir_all(&series_dir)
+        .with_context(|| format!("cannot create {}", series_dir.display()))?;
     for (slice_index, position) in positions.iter().enumerate() {
         let (hu, sop_instance_uid) = slice(slice_index, *position);
         // Scanners number from the head down; file names follow neither order.
@@ -285,7 +320,9 @@ fn write_other_series(
     scout.series_number = 1;
     scout.series_description = "SCOUT".into();
     scout.image_type = words(&["ORIGINAL", "PRIMARY", "LOCALIZER"]);
-    for (number, orientation) in [(0usize, [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]), (1, [0.0, 1.0, 0.0, 0.0, 0.0, -1.0])] {
+    for (number, orientation) in
+        [(0usize, [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]), (1, [0.0, 1.0, 0.0, 0.0, 0.0, -1.0])]
+    {
         scout.orientation = orientation;
         let position = [centre[0], centre[1] + number as f64, centre[2] + 200.0];
         write_series(study_dir, &scout, &[position], |i, p| slice(i, p, 10_000 + number as u64))?;
@@ -326,7 +363,10 @@ fn write_other_series(
     let dose_dir = study_dir.join("series-997");
     std::fs::create_dir_all(&dose_dir)?;
     let dlp = rng.uniform(200.0, 600.0);
-    std::fs::write(dose_dir.join("DOSE_SR.dcm"), dicom::encode_dose_report(&dose, &rng.uid(), dlp)?)?;
+    std::fs::write(
+        dose_dir.join("DOSE_SR.dcm"),
+        dicom::encode_dose_report(&dose, &rng.uid(), dlp)?,
+    )?;
     Ok(())
 }
 
@@ -335,29 +375,53 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
         Arc::new(truths.iter().map(|t| t.lesion.as_ref().map(pick)).collect::<Float64Array>())
     };
     let columns: Vec<(&str, ArrayRef)> = vec![
-        ("study_dir", Arc::new(truths.iter().map(|t| Some(t.directory.as_str())).collect::<StringArray>())),
+        (
+            "study_dir",
+            Arc::new(truths.iter().map(|t| Some(t.directory.as_str())).collect::<StringArray>()),
+        ),
         (
             "study_instance_uid",
-            Arc::new(truths.iter().map(|t| Some(t.study_instance_uid.as_str())).collect::<StringArray>()),
+            Arc::new(
+                truths.iter().map(|t| Some(t.study_instance_uid.as_str())).collect::<StringArray>(),
+            ),
         ),
-        ("site_id", Arc::new(truths.iter().map(|t| Some(t.site_id.as_str())).collect::<StringArray>())),
-        ("region_code", Arc::new(truths.iter().map(|t| Some(t.region_code.as_str())).collect::<StringArray>())),
-        ("lesion_present", Arc::new(truths.iter().map(|t| Some(t.lesion.is_some())).collect::<BooleanArray>())),
+        (
+            "site_id",
+            Arc::new(truths.iter().map(|t| Some(t.site_id.as_str())).collect::<StringArray>()),
+        ),
+        (
+            "region_code",
+            Arc::new(truths.iter().map(|t| Some(t.region_code.as_str())).collect::<StringArray>()),
+        ),
+        (
+            "lesion_present",
+            Arc::new(truths.iter().map(|t| Some(t.lesion.is_some())).collect::<BooleanArray>()),
+        ),
         ("lesion_center_x_mm", lesion_field(|l| l.center_mm[0])),
         ("lesion_center_y_mm", lesion_field(|l| l.center_mm[1])),
         ("lesion_center_z_mm", lesion_field(|l| l.center_mm[2])),
         ("lesion_diameter_mm", lesion_field(|l| l.diameter_mm)),
         ("lesion_hu_below_pancreas", lesion_field(|l| l.hu_delta)),
-        ("noise_sigma_hu", Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>())),
+        (
+            "noise_sigma_hu",
+            Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>()),
+        ),
         ("age", Arc::new(truths.iter().map(|t| Some(t.age)).collect::<Int32Array>())),
         ("sex", Arc::new(truths.iter().map(|t| Some(t.sex.as_str())).collect::<StringArray>())),
         ("slices", Arc::new(truths.iter().map(|t| Some(t.slices as i32)).collect::<Int32Array>())),
     ];
     let schema = Schema::new(
-        columns.iter().map(|(name, array)| Field::new(*name, array.data_type().clone(), true)).collect::<Vec<_>>(),
+        columns
+            .iter()
+            .map(|(name, array)| Field::new(*name, array.data_type().clone(), true))
+            .collect::<Vec<_>>(),
     );
-    let batch = RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, array)| array).collect())?;
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let batch = RecordBatch::try_new(
+        Arc::new(schema),
+        columns.into_iter().map(|(_, array)| array).collect(),
+    )?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut writer = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None)?;
     writer.write(&batch)?;
     writer.close()?;

@@ -3,6 +3,8 @@
 //! in `tests/`). Each function takes a subject prefix of its own, so they can share a
 //! queue; a failure panics with what went wrong.
 
+#![allow(clippy::unwrap_used)] // test support: a failed step is a failed test
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -22,7 +24,10 @@ async fn next(subscription: &mut Box<dyn Subscription>) -> Delivery {
 
 async fn nothing_within(subscription: &mut Box<dyn Subscription>, quiet: Duration) {
     if let Ok(Some(delivery)) = tokio::time::timeout(quiet, subscription.next()).await {
-        panic!("unexpected delivery: {:?}", delivery.map(|d| String::from_utf8_lossy(&d.payload).to_string()));
+        panic!(
+            "unexpected delivery: {:?}",
+            delivery.map(|d| String::from_utf8_lossy(&d.payload).to_string())
+        );
     }
 }
 
@@ -31,7 +36,10 @@ pub async fn publish_receive_ack(queue: &dyn Queue, prefix: &str) {
     let subject = format!("{prefix}.basic");
     let mut subscription = queue.subscribe(&subject, "conformance-basic").await.unwrap();
     for index in 0..3 {
-        queue.publish(&subject, &format!("basic-{index}"), Bytes::from(format!("payload {index}"))).await.unwrap();
+        queue
+            .publish(&subject, &format!("basic-{index}"), Bytes::from(format!("payload {index}")))
+            .await
+            .unwrap();
     }
     let mut seen = BTreeSet::new();
     for _ in 0..3 {
@@ -40,7 +48,10 @@ pub async fn publish_receive_ack(queue: &dyn Queue, prefix: &str) {
         seen.insert(String::from_utf8_lossy(&delivery.payload).to_string());
         delivery.ack().await.unwrap();
     }
-    assert_eq!(seen, BTreeSet::from(["payload 0".to_string(), "payload 1".to_string(), "payload 2".to_string()]));
+    assert_eq!(
+        seen,
+        BTreeSet::from(["payload 0".to_string(), "payload 1".to_string(), "payload 2".to_string()])
+    );
     nothing_within(&mut subscription, Duration::from_millis(500)).await;
 }
 
@@ -86,7 +97,10 @@ pub async fn a_shared_consumer_splits_the_work(queue: &dyn Queue, prefix: &str) 
     let mut first = queue.subscribe(&subject, "conformance-shared").await.unwrap();
     let mut second = queue.subscribe(&subject, "conformance-shared").await.unwrap();
     for index in 0..20 {
-        queue.publish(&subject, &format!("shared-{index}"), Bytes::from(index.to_string())).await.unwrap();
+        queue
+            .publish(&subject, &format!("shared-{index}"), Bytes::from(index.to_string()))
+            .await
+            .unwrap();
     }
     let mut seen = Vec::new();
     while seen.len() < 20 {

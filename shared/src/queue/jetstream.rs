@@ -88,8 +88,10 @@ fn unavailable(error: impl std::fmt::Display) -> QueueError {
 
 /// Stream name for a campaign: upper case, no dots or spaces.
 pub fn stream_name(campaign: &str) -> String {
-    let cleaned: String =
-        campaign.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect();
+    let cleaned: String = campaign
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' })
+        .collect();
     format!("PANSCREEN_{}", cleaned.to_uppercase())
 }
 
@@ -104,7 +106,11 @@ pub fn consumer_name(consumer: &str, subject: &str) -> String {
 
 impl JetStreamQueue {
     /// Connects and makes sure the campaign's stream exists.
-    pub async fn connect(nats: &NatsConfig, campaign: &str, settings: JetStreamSettings) -> Result<Self, QueueError> {
+    pub async fn connect(
+        nats: &NatsConfig,
+        campaign: &str,
+        settings: JetStreamSettings,
+    ) -> Result<Self, QueueError> {
         let queue = Self::connect_existing(nats, campaign, settings).await?;
         queue.ensure_topology().await?;
         Ok(queue)
@@ -196,7 +202,11 @@ impl JetStreamQueue {
     }
 
     /// Creates the durable consumer `consumer` on `subject` if it is missing (idempotent).
-    pub async fn ensure_consumer(&self, subject: &str, consumer: &str) -> Result<consumer::PullConsumer, QueueError> {
+    pub async fn ensure_consumer(
+        &self,
+        subject: &str,
+        consumer: &str,
+    ) -> Result<consumer::PullConsumer, QueueError> {
         let stream = self.ensure_topology().await?;
         let name = consumer_name(consumer, subject);
         let config = consumer::pull::Config {
@@ -236,7 +246,9 @@ impl JetStreamQueue {
         let bucket = format!("{}_STATS", self.stream_name);
         match self.context.get_key_value(&bucket).await {
             Ok(store) => Ok(Some(store)),
-            Err(error) if error.kind() == jetstream::context::KeyValueErrorKind::GetBucket => Ok(None),
+            Err(error) if error.kind() == jetstream::context::KeyValueErrorKind::GetBucket => {
+                Ok(None)
+            }
             Err(error) => Err(unavailable(error)),
         }
     }
@@ -276,10 +288,18 @@ impl JetStreamQueue {
 
 #[async_trait]
 impl Queue for JetStreamQueue {
-    async fn publish(&self, subject: &str, message_id: &str, payload: Bytes) -> Result<(), QueueError> {
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), QueueError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", message_id);
-        let failed = |error: String| QueueError::PublishFailed { subject: subject.to_string(), detail: error };
+        let failed = |error: String| QueueError::PublishFailed {
+            subject: subject.to_string(),
+            detail: error,
+        };
         let ack = self
             .context
             .publish_with_headers(subject.to_string(), headers, payload)
@@ -289,7 +309,11 @@ impl Queue for JetStreamQueue {
         Ok(())
     }
 
-    async fn subscribe(&self, subject: &str, consumer: &str) -> Result<Box<dyn Subscription>, QueueError> {
+    async fn subscribe(
+        &self,
+        subject: &str,
+        consumer: &str,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
         let consumer = self.ensure_consumer(subject, consumer).await?;
         let messages = pull(&consumer).await?;
         Ok(Box::new(JetStreamSubscription { consumer, messages }))
@@ -324,11 +348,18 @@ impl Subscription for JetStreamSubscription {
         loop {
             match self.messages.next().await {
                 Some(Ok(message)) => {
-                    let attempt = message.info().map(|info| info.delivered.max(1) as u32).unwrap_or(1);
+                    let attempt =
+                        message.info().map(|info| info.delivered.max(1) as u32).unwrap_or(1);
                     let (message, acker) = message.split();
-                    return Some(Ok(Delivery::new(message.payload, attempt, Box::new(JetStreamSettle { acker }))));
+                    return Some(Ok(Delivery::new(
+                        message.payload,
+                        attempt,
+                        Box::new(JetStreamSettle { acker }),
+                    )));
                 }
-                Some(Err(error)) => tracing::warn!(%error, "pulling messages failed; pulling again"),
+                Some(Err(error)) => {
+                    tracing::warn!(%error, "pulling messages failed; pulling again")
+                }
                 None => tracing::warn!("the pull stream ended; opening it again"),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -340,7 +371,9 @@ impl Subscription for JetStreamSubscription {
     }
 
     async fn drain(&mut self) {
-        while let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_millis(100), self.messages.next()).await {
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(100), self.messages.next()).await
+        {
             if let Err(error) = message.ack_with(AckKind::Nak(None)).await {
                 tracing::warn!(%error, "handing back a fetched message failed; it returns after the ack wait");
             }
@@ -375,6 +408,9 @@ mod tests {
     #[test]
     fn names_are_valid_for_jetstream() {
         assert_eq!(stream_name("2026 ningbo.a"), "PANSCREEN_2026_NINGBO_A");
-        assert_eq!(consumer_name("panscreen-preprocess", "panscreen.c1.ingested"), "panscreen-preprocess-ingested");
+        assert_eq!(
+            consumer_name("panscreen-preprocess", "panscreen.c1.ingested"),
+            "panscreen-preprocess-ingested"
+        );
     }
 }

@@ -51,7 +51,12 @@ fn reference_key(message_id: &str) -> String {
 
 #[async_trait]
 impl Queue for LargePayloads {
-    async fn publish(&self, subject: &str, message_id: &str, payload: Bytes) -> Result<(), QueueError> {
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), QueueError> {
         if payload.len() <= self.limit {
             return self.inner.publish(subject, message_id, payload).await;
         }
@@ -69,7 +74,11 @@ impl Queue for LargePayloads {
         self.inner.publish(subject, message_id, body).await
     }
 
-    async fn subscribe(&self, subject: &str, consumer: &str) -> Result<Box<dyn Subscription>, QueueError> {
+    async fn subscribe(
+        &self,
+        subject: &str,
+        consumer: &str,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
         let inner = self.inner.subscribe(subject, consumer).await?;
         Ok(Box::new(LargeSubscription { inner, store: self.store.clone() }))
     }
@@ -107,7 +116,9 @@ impl Subscription for LargeSubscription {
         let mut pause = Duration::from_millis(250);
         let payload = loop {
             match self.store.get(&reference.panscreen_payload_ref).await {
-                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == reference.sha256 => break Some(bytes),
+                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) == reference.sha256 => {
+                    break Some(bytes)
+                }
                 Ok(_) => {
                     warn!(key = %reference.panscreen_payload_ref, "a stored message does not match its reference");
                     break None;
@@ -128,8 +139,11 @@ impl Subscription for LargeSubscription {
         // A payload that cannot be had stays the reference: the stage cannot read it and
         // quarantines it as an unreadable message, with the reference in the record.
         let payload = payload.unwrap_or(pointer);
-        let settle =
-            Box::new(LargeSettle { inner: settle, store: self.store.clone(), key: reference.panscreen_payload_ref });
+        let settle = Box::new(LargeSettle {
+            inner: settle,
+            store: self.store.clone(),
+            key: reference.panscreen_payload_ref,
+        });
         Some(Ok(Delivery::new(payload, attempt, settle)))
     }
 

@@ -44,7 +44,10 @@ pub struct Delivery {
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery").field("bytes", &self.payload.len()).field("attempt", &self.attempt).finish()
+        f.debug_struct("Delivery")
+            .field("bytes", &self.payload.len())
+            .field("attempt", &self.attempt)
+            .finish()
     }
 }
 
@@ -101,10 +104,19 @@ pub trait Subscription: Send {
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Publishes and waits until the queue holds the message. Duplicate ids are dropped.
-    async fn publish(&self, subject: &str, message_id: &str, payload: Bytes) -> Result<(), QueueError>;
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), QueueError>;
 
     /// Joins the shared consumer `consumer` on `subject`.
-    async fn subscribe(&self, subject: &str, consumer: &str) -> Result<Box<dyn Subscription>, QueueError>;
+    async fn subscribe(
+        &self,
+        subject: &str,
+        consumer: &str,
+    ) -> Result<Box<dyn Subscription>, QueueError>;
 
     /// Tells the queue no more messages will be published on `subject` (embedded runs).
     /// Queues that run forever (JetStream) ignore it.
@@ -153,13 +165,22 @@ impl MemoryQueue {
     pub fn stats(&self, subject: &str) -> SubjectStats {
         let state = self.subject(subject);
         let inner = state.inner.lock().expect("queue lock poisoned");
-        SubjectStats { published: inner.published, pending: inner.pending.len(), in_flight: inner.in_flight }
+        SubjectStats {
+            published: inner.published,
+            pending: inner.pending.len(),
+            in_flight: inner.in_flight,
+        }
     }
 }
 
 #[async_trait]
 impl Queue for MemoryQueue {
-    async fn publish(&self, subject: &str, message_id: &str, payload: Bytes) -> Result<(), QueueError> {
+    async fn publish(
+        &self,
+        subject: &str,
+        message_id: &str,
+        payload: Bytes,
+    ) -> Result<(), QueueError> {
         let state = self.subject(subject);
         {
             let mut inner = state.inner.lock().expect("queue lock poisoned");
@@ -179,7 +200,11 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn subscribe(&self, subject: &str, _consumer: &str) -> Result<Box<dyn Subscription>, QueueError> {
+    async fn subscribe(
+        &self,
+        subject: &str,
+        _consumer: &str,
+    ) -> Result<Box<dyn Subscription>, QueueError> {
         Ok(Box::new(MemorySubscription { state: self.subject(subject) }))
     }
 
@@ -205,7 +230,11 @@ impl Subscription for MemorySubscription {
                 let mut inner = self.state.inner.lock().expect("queue lock poisoned");
                 if let Some((payload, attempt)) = inner.pending.pop_front() {
                     inner.in_flight += 1;
-                    let settle = MemorySettle { state: self.state.clone(), payload: payload.clone(), attempt };
+                    let settle = MemorySettle {
+                        state: self.state.clone(),
+                        payload: payload.clone(),
+                        attempt,
+                    };
                     return Some(Ok(Delivery::new(payload, attempt, Box::new(settle))));
                 }
                 if inner.closed && inner.in_flight == 0 {

@@ -62,9 +62,9 @@ pub enum StoreErrorKind {
 impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         match self {
-            StoreError::MissingDirectory(_) | StoreError::Unsupported { .. } | StoreError::CreateDirectory { .. } => {
-                StoreErrorKind::Configuration
-            }
+            StoreError::MissingDirectory(_)
+            | StoreError::Unsupported { .. }
+            | StoreError::CreateDirectory { .. } => StoreErrorKind::Configuration,
             StoreError::NotFound { .. } => StoreErrorKind::NotFound,
             StoreError::Denied { .. } => StoreErrorKind::Denied,
             StoreError::InvalidKey { .. } => StoreErrorKind::InvalidKey,
@@ -85,7 +85,9 @@ impl StoreError {
             | object_store::Error::Unauthenticated { source, .. } => {
                 StoreError::Denied { key, detail: source.to_string() }
             }
-            object_store::Error::InvalidPath { source } => StoreError::InvalidKey { key, detail: source.to_string() },
+            object_store::Error::InvalidPath { source } => {
+                StoreError::InvalidKey { key, detail: source.to_string() }
+            }
             other => StoreError::Unavailable { key, detail: other.to_string() },
         }
     }
@@ -94,7 +96,9 @@ impl StoreError {
         let key = key.to_string();
         match error.kind() {
             std::io::ErrorKind::NotFound => StoreError::NotFound { key },
-            std::io::ErrorKind::PermissionDenied => StoreError::Denied { key, detail: error.to_string() },
+            std::io::ErrorKind::PermissionDenied => {
+                StoreError::Denied { key, detail: error.to_string() }
+            }
             std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidFilename => {
                 StoreError::InvalidKey { key, detail: error.to_string() }
             }
@@ -200,7 +204,8 @@ fn walk_directory(root: &Path, directory: &Path) -> Listing {
                 let shown = error.path().map(relative).unwrap_or_else(|| "(unknown)".to_string());
                 let reason = if error.loop_ancestor().is_some() {
                     "a symbolic link that loops back to a folder above it".to_string()
-                } else if error.io_error().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+                } else if error.io_error().is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+                {
                     "a broken symbolic link, or removed while the folder was listed".to_string()
                 } else {
                     format!("cannot be listed: {error}")
@@ -216,21 +221,25 @@ fn walk_directory(root: &Path, directory: &Path) -> Listing {
         let Some(key) = inside.to_str().map(str::to_string) else {
             listing.unlisted.push(UnlistedObject {
                 key_lossy: relative(entry.path()),
-                reason: "the file name is not valid UTF-8 (rename it, e.g. with convmv)".to_string(),
+                reason: "the file name is not valid UTF-8 (rename it, e.g. with convmv)"
+                    .to_string(),
             });
             continue;
         };
         match entry.metadata() {
-            Ok(metadata) if metadata.is_file() => {
-                listing.objects.push(ObjectInfo { key, size: metadata.len(), last_modified: modified_time(&metadata) })
-            }
+            Ok(metadata) if metadata.is_file() => listing.objects.push(ObjectInfo {
+                key,
+                size: metadata.len(),
+                last_modified: modified_time(&metadata),
+            }),
             Ok(_) => listing.unlisted.push(UnlistedObject {
                 key_lossy: key,
                 reason: "not a regular file (a device, socket or pipe)".to_string(),
             }),
-            Err(error) => {
-                listing.unlisted.push(UnlistedObject { key_lossy: key, reason: format!("cannot be listed: {error}") })
-            }
+            Err(error) => listing.unlisted.push(UnlistedObject {
+                key_lossy: key,
+                reason: format!("cannot be listed: {error}"),
+            }),
         }
     }
     listing
@@ -281,17 +290,25 @@ impl Store {
         Self::open_directory(Path::new(location), mode, location)
     }
 
-    fn open_directory(directory: &Path, mode: OpenMode, location: &str) -> Result<Store, StoreError> {
+    fn open_directory(
+        directory: &Path,
+        mode: OpenMode,
+        location: &str,
+    ) -> Result<Store, StoreError> {
         if !directory.is_dir() {
             if mode == OpenMode::Existing {
                 return Err(StoreError::MissingDirectory(directory.to_path_buf()));
             }
-            std::fs::create_dir_all(directory)
-                .map_err(|source| StoreError::CreateDirectory { path: directory.to_path_buf(), source })?;
+            std::fs::create_dir_all(directory).map_err(|source| StoreError::CreateDirectory {
+                path: directory.to_path_buf(),
+                source,
+            })?;
         }
-        let unsupported = |why: String| StoreError::Unsupported { location: location.to_string(), why };
+        let unsupported =
+            |why: String| StoreError::Unsupported { location: location.to_string(), why };
         let root = directory.canonicalize().map_err(|e| unsupported(e.to_string()))?;
-        let local = LocalFileSystem::new_with_prefix(&root).map_err(|e| unsupported(e.to_string()))?;
+        let local =
+            LocalFileSystem::new_with_prefix(&root).map_err(|e| unsupported(e.to_string()))?;
         Ok(Store {
             inner: Arc::new(local.with_automatic_cleanup(true)),
             location: location.to_string(),
@@ -310,8 +327,13 @@ impl Store {
         Self::open_s3(rest, location, options)
     }
 
-    fn open_s3(bucket_and_prefix: &str, location: &str, options: &[(&str, String)]) -> Result<Store, StoreError> {
-        let unsupported = |why: String| StoreError::Unsupported { location: location.to_string(), why };
+    fn open_s3(
+        bucket_and_prefix: &str,
+        location: &str,
+        options: &[(&str, String)],
+    ) -> Result<Store, StoreError> {
+        let unsupported =
+            |why: String| StoreError::Unsupported { location: location.to_string(), why };
         let (bucket, prefix) = bucket_and_prefix.split_once('/').unwrap_or((bucket_and_prefix, ""));
         if bucket.len() < 3 {
             return Err(unsupported("bucket names have at least 3 characters".to_string()));
@@ -337,14 +359,23 @@ impl Store {
                 "the endpoint {endpoint} is plain http; set AWS_ALLOW_HTTP=true to allow it (or use https)"
             )));
         }
-        let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".to_string());
+        let region = builder
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".to_string());
         let virtual_hosted = builder
             .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
             .is_some_and(|value| value.eq_ignore_ascii_case("true"));
         let s3 = builder.build().map_err(|e| unsupported(e.to_string()))?;
         let endpoint = (!endpoint.is_empty()).then_some(endpoint);
-        let lister = RawLister::new(s3.credentials().clone(), endpoint, bucket, region, virtual_hosted, allow_http)
-            .map_err(|e| unsupported(e.to_string()))?;
+        let lister = RawLister::new(
+            s3.credentials().clone(),
+            endpoint,
+            bucket,
+            region,
+            virtual_hosted,
+            allow_http,
+        )
+        .map_err(|e| unsupported(e.to_string()))?;
         let prefix = prefix.trim_matches('/');
         let inner: Arc<dyn ObjectStore> =
             if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
@@ -372,7 +403,8 @@ impl Store {
             location: format!("{}/{prefix}", self.location.trim_end_matches('/')),
             local_root: self.local_root.as_ref().map(|root| root.join(prefix)),
             s3: self.s3.as_ref().map(|(lister, root)| {
-                let root = if root.is_empty() { prefix.to_string() } else { format!("{root}/{prefix}") };
+                let root =
+                    if root.is_empty() { prefix.to_string() } else { format!("{root}/{prefix}") };
                 (lister.clone(), root)
             }),
         }
@@ -433,7 +465,10 @@ impl Store {
         let directory = root.join(prefix.trim_matches('/'));
         let mut listing = tokio::task::spawn_blocking(move || walk_directory(&root, &directory))
             .await
-            .map_err(|error| StoreError::Unavailable { key: prefix.to_string(), detail: error.to_string() })?;
+            .map_err(|error| StoreError::Unavailable {
+                key: prefix.to_string(),
+                detail: error.to_string(),
+            })?;
         listing.objects.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(listing)
     }
@@ -443,13 +478,20 @@ impl Store {
             let path = path?;
             return tokio::task::spawn_blocking(move || read_local(&path, range))
                 .await
-                .map_err(|error| StoreError::Unavailable { key: key.to_string(), detail: error.to_string() })?
+                .map_err(|error| StoreError::Unavailable {
+                    key: key.to_string(),
+                    detail: error.to_string(),
+                })?
                 .map_err(|error| StoreError::from_io(key, error));
         }
         let wrap = |error| StoreError::from_object_store(key, error);
         match range {
-            None => self.inner.get(&object_path(key)).await.map_err(wrap)?.bytes().await.map_err(wrap),
-            Some((start, end)) => self.inner.get_range(&object_path(key), start..end).await.map_err(wrap),
+            None => {
+                self.inner.get(&object_path(key)).await.map_err(wrap)?.bytes().await.map_err(wrap)
+            }
+            Some((start, end)) => {
+                self.inner.get_range(&object_path(key), start..end).await.map_err(wrap)
+            }
         }
     }
 
@@ -473,7 +515,9 @@ impl Store {
     /// Size and modification time of one object.
     pub async fn head(&self, key: &str) -> Result<ObjectInfo, StoreError> {
         if let Some(path) = self.local_path(key) {
-            let metadata = tokio::fs::metadata(path?).await.map_err(|error| StoreError::from_io(key, error))?;
+            let metadata = tokio::fs::metadata(path?)
+                .await
+                .map_err(|error| StoreError::from_io(key, error))?;
             if !metadata.is_file() {
                 return Err(StoreError::NotFound { key: key.to_string() });
             }
@@ -483,9 +527,16 @@ impl Store {
                 last_modified: modified_time(&metadata),
             });
         }
-        let meta =
-            self.inner.head(&object_path(key)).await.map_err(|error| StoreError::from_object_store(key, error))?;
-        Ok(ObjectInfo { key: key.to_string(), size: meta.size, last_modified: chrono_time(meta.last_modified) })
+        let meta = self
+            .inner
+            .head(&object_path(key))
+            .await
+            .map_err(|error| StoreError::from_object_store(key, error))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: meta.size,
+            last_modified: chrono_time(meta.last_modified),
+        })
     }
 
     /// Server-side copy (replaces `to`).
@@ -497,7 +548,10 @@ impl Store {
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(&object_path(key)).await.map_err(|error| StoreError::from_object_store(key, error))
+        self.inner
+            .delete(&object_path(key))
+            .await
+            .map_err(|error| StoreError::from_object_store(key, error))
     }
 
     /// Deletes `key`; an object already gone counts as deleted.
@@ -511,6 +565,7 @@ impl Store {
 
 /// What every store must do, as plain async functions; the file store's unit tests and
 /// the S3 integration tests (against a real SeaweedFS) call them.
+#[allow(clippy::unwrap_used)] // test support: a failed step is a failed test
 pub mod conformance {
     use super::*;
 
@@ -584,13 +639,18 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         let root = directory.path();
         let long = "x".repeat(196) + ".dcm";
-        let names = ["平扫/IM#12", "增强/IM 0001.dcm", "Müller/Möller #3/a.dcm", "tab\tname.dcm", &long];
+        let names =
+            ["平扫/IM#12", "增强/IM 0001.dcm", "Müller/Möller #3/a.dcm", "tab\tname.dcm", &long];
         for name in names {
             let path = root.join(name);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, name.as_bytes()).unwrap();
         }
-        std::fs::write(root.join(std::ffi::OsStr::from_bytes(b"bad-\xff\xfe.dcm")), b"latin-1 name").unwrap();
+        std::fs::write(
+            root.join(std::ffi::OsStr::from_bytes(b"bad-\xff\xfe.dcm")),
+            b"latin-1 name",
+        )
+        .unwrap();
         std::os::unix::fs::symlink(root.join("nowhere"), root.join("dangling.dcm")).unwrap();
         let store = Store::open(root.to_str().unwrap(), OpenMode::Existing).unwrap();
         let listing = store.scan("").await.unwrap();
@@ -619,7 +679,10 @@ mod tests {
     fn plain_http_without_allow_http_names_the_variable() {
         let error = Store::open_s3_with(
             "s3://bucket",
-            &[("aws_endpoint_url", "http://127.0.0.1:1".to_string()), ("aws_allow_http", "false".to_string())],
+            &[
+                ("aws_endpoint_url", "http://127.0.0.1:1".to_string()),
+                ("aws_allow_http", "false".to_string()),
+            ],
         )
         .unwrap_err();
         assert!(error.to_string().contains("AWS_ALLOW_HTTP=true"), "{error}");

@@ -63,7 +63,8 @@ impl RawLister {
         virtual_hosted: bool,
         allow_http: bool,
     ) -> Result<RawLister, object_store::Error> {
-        let client = ReqwestConnector::default().connect(&ClientOptions::new().with_allow_http(allow_http))?;
+        let client = ReqwestConnector::default()
+            .connect(&ClientOptions::new().with_allow_http(allow_http))?;
         let bucket_url = match endpoint {
             Some(endpoint) if virtual_hosted => endpoint.trim_end_matches('/').to_string(),
             Some(endpoint) => format!("{}/{bucket}", endpoint.trim_end_matches('/')),
@@ -80,7 +81,9 @@ impl RawLister {
             (false, false) => format!("{root}/{prefix}"),
         };
         let failed = |failure: Failure| match failure {
-            Failure::Transient(detail) => StoreError::Unavailable { key: prefix.to_string(), detail },
+            Failure::Transient(detail) => {
+                StoreError::Unavailable { key: prefix.to_string(), detail }
+            }
             Failure::Refused(detail) => StoreError::Denied { key: prefix.to_string(), detail },
         };
         let mut listing = Listing::default();
@@ -89,9 +92,14 @@ impl RawLister {
             let page = self.page_retrying(&full_prefix, token.as_deref()).await.map_err(failed)?;
             let url_encoded = page.encoding_type.as_deref() == Some("url");
             for entry in page.contents {
-                let raw = if url_encoded { url_decoded(&entry.key) } else { entry.key.into_bytes() };
+                let raw =
+                    if url_encoded { url_decoded(&entry.key) } else { entry.key.into_bytes() };
                 let Some(relative) = raw.strip_prefix(root.as_bytes()) else { continue };
-                let relative = if root.is_empty() { relative } else { relative.strip_prefix(b"/").unwrap_or(relative) };
+                let relative = if root.is_empty() {
+                    relative
+                } else {
+                    relative.strip_prefix(b"/").unwrap_or(relative)
+                };
                 match usable_key(relative) {
                     Ok(key) => listing.objects.push(ObjectInfo {
                         key,
@@ -102,7 +110,9 @@ impl RawLister {
                         )
                         .unwrap_or(OffsetDateTime::UNIX_EPOCH),
                     }),
-                    Err(reason) => listing.unlisted.push(UnlistedObject { key_lossy: shown_key(relative), reason }),
+                    Err(reason) => listing
+                        .unlisted
+                        .push(UnlistedObject { key_lossy: shown_key(relative), reason }),
                 }
             }
             match page.next_continuation_token {
@@ -116,7 +126,11 @@ impl RawLister {
 
     /// One page, tried up to four times over about 7 s when the store fails to answer
     /// (as `object_store` retries its own requests); a refusal (4xx) is not retried.
-    async fn page_retrying(&self, prefix: &str, token: Option<&str>) -> Result<ListBucketResult, Failure> {
+    async fn page_retrying(
+        &self,
+        prefix: &str,
+        token: Option<&str>,
+    ) -> Result<ListBucketResult, Failure> {
         let mut wait = std::time::Duration::from_secs(1);
         for _ in 0..3 {
             match self.page(prefix, token).await {
@@ -129,8 +143,11 @@ impl RawLister {
     }
 
     async fn page(&self, prefix: &str, token: Option<&str>) -> Result<ListBucketResult, Failure> {
-        let mut url =
-            format!("{}?encoding-type=url&list-type=2&prefix={}", self.bucket_url, utf8_percent_encode(prefix, QUERY));
+        let mut url = format!(
+            "{}?encoding-type=url&list-type=2&prefix={}",
+            self.bucket_url,
+            utf8_percent_encode(prefix, QUERY)
+        );
         if let Some(token) = token {
             url.push_str(&format!("&continuation-token={}", utf8_percent_encode(token, QUERY)));
         }
@@ -139,17 +156,32 @@ impl RawLister {
             .uri(&url)
             .body(HttpRequestBody::empty())
             .map_err(|error| Failure::Refused(error.to_string()))?;
-        let credential =
-            self.credentials.get_credential().await.map_err(|error| Failure::Transient(error.to_string()))?;
+        let credential = self
+            .credentials
+            .get_credential()
+            .await
+            .map_err(|error| Failure::Transient(error.to_string()))?;
         AwsAuthorizer::new(&credential, "s3", &self.region)
             .try_authorize(&mut request, None)
             .map_err(|error| Failure::Refused(error.to_string()))?;
-        let response = self.client.execute(request).await.map_err(|error| Failure::Transient(error.to_string()))?;
+        let response = self
+            .client
+            .execute(request)
+            .await
+            .map_err(|error| Failure::Transient(error.to_string()))?;
         let status = response.status();
-        let body = response.into_body().bytes().await.map_err(|error| Failure::Transient(error.to_string()))?;
+        let body = response
+            .into_body()
+            .bytes()
+            .await
+            .map_err(|error| Failure::Transient(error.to_string()))?;
         if !status.is_success() {
             let message = format!("listing answered {status}: {}", String::from_utf8_lossy(&body));
-            return Err(if status.is_server_error() { Failure::Transient(message) } else { Failure::Refused(message) });
+            return Err(if status.is_server_error() {
+                Failure::Transient(message)
+            } else {
+                Failure::Refused(message)
+            });
         }
         quick_xml::de::from_reader(body.as_ref())
             .map_err(|error| Failure::Refused(format!("unreadable listing: {error}")))
