@@ -17,12 +17,15 @@
 //! - [`sites`]: the site registry (site id → region, province).
 //! - [`telemetry`]: logging set-up.
 //! - [`metrics`]: /healthz, /readyz and Prometheus /metrics for a service.
+//! - [`counters`]: a stage's live counters and latency histogram (read by metrics,
+//!   status and progress bars; counted by the worker).
 //! - [`status`]: the counters each service reports for `panscreen status`.
 //! - [`retry`]: start-up steps that wait for the store or NATS.
 //!
 //! Bulky data (DICOM, volumes, masks) stays in the object store; messages carry keys.
 
 pub mod contracts;
+pub mod counters;
 pub mod dicom;
 pub mod error;
 pub mod manifest;

@@ -1,7 +1,7 @@
 //! Health and Prometheus metrics over HTTP, for a service.
 //!
 //! `GET /healthz` answers 200 while the process runs and its handlers still finish (503
-//! once it is wedged, see [`crate::worker::WEDGED_AFTER`]); `GET /readyz` 200 once the
+//! once it is wedged, see [`crate::counters::WEDGED_AFTER`]); `GET /readyz` 200 once the
 //! service is connected and working, 503 before and while draining; `GET /metrics`
 //! the counters of [`StageCounters`] in Prometheus text format. Metric names are
 //! defined here and nowhere else.
@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::contracts::Stage;
-use crate::worker::StageCounters;
+use crate::counters::StageCounters;
 
 pub const PROCESSED_TOTAL: &str = "panscreen_processed_total";
 pub const QUARANTINED_TOTAL: &str = "panscreen_quarantined_total";
@@ -23,8 +23,7 @@ pub const REDELIVERED_TOTAL: &str = "panscreen_redelivered_total";
 pub const IN_FLIGHT: &str = "panscreen_in_flight";
 pub const STAGE_SECONDS: &str = "panscreen_stage_seconds";
 
-/// Upper bounds of the stage latency histogram, in seconds.
-pub const LATENCY_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+pub use crate::counters::LATENCY_BUCKETS;
 
 /// Readiness: the service has started, and nothing blocks it now. Each part of a service
 /// reports its own blocker ("store unreachable", "NATS disconnected", …), so one part
@@ -176,7 +175,7 @@ mod tests {
             Arc::new(Readiness::default()),
         ));
         assert!(get(port, "/healthz").await.starts_with("HTTP/1.1 200"));
-        counters.timed_out_in_a_row.store(crate::worker::WEDGED_AFTER, Ordering::Relaxed);
+        counters.timed_out_in_a_row.store(crate::counters::WEDGED_AFTER, Ordering::Relaxed);
         let response = get(port, "/healthz").await;
         assert!(response.starts_with("HTTP/1.1 503") && response.contains("wedged"), "{response}");
         server.abort();

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use tracing::warn;
 
 use crate::contracts::Stage;
-use crate::worker::StageCounters;
+use crate::counters::StageCounters;
 
 /// How often a service reports.
 pub const REPORT_EVERY: Duration = Duration::from_secs(5);

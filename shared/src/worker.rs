@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::contracts::{subjects, QuarantineRecord, Stage};
+pub use crate::counters::{LatencyHistogram, StageCounters, WEDGED_AFTER};
 use crate::error::StageError;
 use crate::queue::{Delivery, Queue, QueueError};
 
@@ -115,78 +116,6 @@ impl WorkerConfig {
     fn backoff_for(&self, attempt: u32) -> Duration {
         let index = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
         self.backoff.get(index).copied().unwrap_or(Duration::from_secs(1))
-    }
-}
-
-/// Live counters of one stage, read by progress bars and metrics.
-#[derive(Debug, Default)]
-pub struct StageCounters {
-    pub processed: AtomicU64,
-    pub quarantined: AtomicU64,
-    pub retried: AtomicU64,
-    /// Deliveries after the first (naks, and work a stopped worker never settled).
-    pub redelivered: AtomicU64,
-    pub in_flight: AtomicU64,
-    /// Handlers abandoned at `handler_timeout`.
-    pub timed_out: AtomicU64,
-    /// Handlers abandoned in a row, none finishing in between (see [`StageCounters::wedged`]).
-    pub timed_out_in_a_row: AtomicU64,
-    /// Messages held through an outage right now.
-    pub held: AtomicU64,
-    pub latency: LatencyHistogram,
-}
-
-/// This many handler runs abandoned in a row, none finishing in between, and the worker
-/// counts as wedged: `/healthz` fails, so that Kubernetes restarts it (an abandoned
-/// handler may still hold a thread or a lock that every later run waits for).
-pub const WEDGED_AFTER: u64 = 3;
-
-impl StageCounters {
-    /// Why the worker is wedged, or `None` while handlers still finish.
-    pub fn wedged(&self) -> Option<String> {
-        let in_a_row = self.timed_out_in_a_row.load(Ordering::Relaxed);
-        (in_a_row >= WEDGED_AFTER)
-            .then(|| format!("wedged: the last {in_a_row} handler runs ran past their limit and none finished since"))
-    }
-}
-
-/// Handler time per message, in the buckets of [`crate::metrics::LATENCY_BUCKETS`].
-#[derive(Debug, Default)]
-pub struct LatencyHistogram {
-    buckets: [AtomicU64; 10],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub fn observe(&self, seconds: f64) {
-        for (bound, bucket) in crate::metrics::LATENCY_BUCKETS.iter().zip(&self.buckets) {
-            if seconds <= *bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    /// Cumulative bucket counts, total count, sum in seconds.
-    pub fn snapshot(&self) -> ([u64; 10], u64, f64) {
-        let buckets = std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed));
-        (
-            buckets,
-            self.count.load(Ordering::Relaxed),
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        )
-    }
-}
-
-impl StageCounters {
-    pub fn snapshot(&self) -> (u64, u64, u64) {
-        (
-            self.processed.load(Ordering::Relaxed),
-            self.quarantined.load(Ordering::Relaxed),
-            self.retried.load(Ordering::Relaxed),
-        )
     }
 }
 

@@ -4,12 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use panscreen_infer::Device;
-use panscreen_shared::pseudonym::{Pseudonymizer, KEY_ENV};
-use panscreen_shared::sites::SiteRegistry;
+use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::store::{OpenMode, Store};
 
 use crate::pipeline::{self, EmbeddedOptions};
+use crate::settings::{load_pseudonymizer, load_sites, ClusterArgs, ModelArgs};
 use panscreen_synth::{Size, SynthOptions};
 
 #[derive(Debug, Parser)]
@@ -40,7 +39,7 @@ pub enum Command {
     /// Register a prefix of the store with the ingest service, which screens what is there.
     Submit(crate::serve::SubmitArgs),
     /// Create the campaign's JetStream stream, consumers and status bucket (idempotent).
-    Setup(crate::serve::ClusterArgs),
+    Setup(ClusterArgs),
     /// Per stage: backlog, processed, quarantined, throughput, time left.
     Status(StatusArgs),
     /// Merge small result files, drop duplicates, write the summary and worklist.
@@ -72,7 +71,7 @@ pub struct InspectArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
-    pub cluster: crate::serve::ClusterArgs,
+    pub cluster: ClusterArgs,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -81,7 +80,7 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct RequeueArgs {
     #[command(flatten)]
-    pub cluster: crate::serve::ClusterArgs,
+    pub cluster: ClusterArgs,
     /// Only rows whose reason contains this text.
     #[arg(long)]
     pub reason: Option<String>,
@@ -132,23 +131,6 @@ pub struct SynthArgs {
     /// Slices per series, overriding the size's own count.
     #[arg(long, env = "PANSCREEN_SYNTH_SLICES")]
     pub slices: Option<usize>,
-}
-
-/// The model and where it runs; shared by `run` and `serve`.
-#[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// Model directory holding manifest.toml.
-    #[arg(long, default_value = "models/tiny-panda", env = "PANSCREEN_MODEL")]
-    pub model: PathBuf,
-    /// Where the model runs: cpu, cuda[:N], tensorrt[:N].
-    #[arg(long, default_value = "cpu", env = "PANSCREEN_DEVICE")]
-    pub device: Device,
-    /// Studies per inference batch (1 is fastest on CPU; raise it on GPUs).
-    #[arg(long, default_value_t = 1, env = "PANSCREEN_BATCH_SIZE")]
-    pub batch_size: usize,
-    /// ONNX Runtime threads.
-    #[arg(long, default_value_t = 2, env = "PANSCREEN_INFER_THREADS")]
-    pub infer_threads: usize,
 }
 
 #[derive(Debug, Args)]
@@ -212,29 +194,6 @@ pub struct EvaluateArgs {
     /// The pseudonym key file the run used.
     #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
     pub key_file: PathBuf,
-}
-
-/// The site registry from `path`, or the built-in one.
-pub fn load_sites(path: &Option<PathBuf>) -> anyhow::Result<SiteRegistry> {
-    Ok(match path {
-        Some(path) => SiteRegistry::load(path)?,
-        None => SiteRegistry::builtin(),
-    })
-}
-
-/// The pseudonym key: file, then environment, else a throwaway key (said aloud).
-pub fn load_pseudonymizer(key_file: &Option<PathBuf>) -> anyhow::Result<(Pseudonymizer, bool)> {
-    if let Some(path) = key_file {
-        return Ok((Pseudonymizer::from_file(path)?, false));
-    }
-    if let Ok(key) = std::env::var(KEY_ENV) {
-        return Ok((
-            Pseudonymizer::new(key.into_bytes())
-                .with_context(|| format!("{KEY_ENV} is not usable"))?,
-            false,
-        ));
-    }
-    Ok((Pseudonymizer::ephemeral(), true))
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -389,7 +348,7 @@ fn submit(args: crate::serve::SubmitArgs) -> anyhow::Result<()> {
 }
 
 /// `panscreen setup`.
-fn setup(cluster: crate::serve::ClusterArgs) -> anyhow::Result<()> {
+fn setup(cluster: ClusterArgs) -> anyhow::Result<()> {
     panscreen_shared::telemetry::init_stderr("warn", false);
     let runtime = runtime()?;
     let consumers = runtime.block_on(crate::serve::setup(&cluster))?;

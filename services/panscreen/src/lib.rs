@@ -7,6 +7,7 @@
 //!   local filesystem, with nothing to install: the embedded default.
 //! - [`serve`]: distributed mode: a stage as a service over NATS JetStream and S3;
 //!   `submit`, which registers input with the ingest service; `setup`.
+//! - [`settings`]: what several subcommands share: the cluster, the model, sites, key.
 //! - [`status`]: backlog, throughput and time left per stage of a running campaign.
 //! - [`requeue`]: quarantined inputs through the pipeline again, once the cause is fixed.
 //! - [`evaluate`]: sensitivity, specificity and AUC of a run against synthetic labels.
@@ -16,4 +17,5 @@ pub mod evaluate;
 pub mod pipeline;
 pub mod requeue;
 pub mod serve;
+pub mod settings;
 pub mod status;

@@ -24,14 +24,14 @@ use panscreen_preprocess::service::PreprocessConfig;
 use panscreen_shared::contracts::{subjects, topology, ScanRequest, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
-use panscreen_shared::queue::jetstream::{
-    consumer_name, JetStreamQueue, JetStreamSettings, NatsConfig,
-};
+use panscreen_shared::queue::jetstream::{consumer_name, JetStreamQueue, JetStreamSettings};
 use panscreen_shared::queue::large::{self, LargePayloads};
 use panscreen_shared::queue::Queue;
 use panscreen_shared::status;
-use panscreen_shared::store::{OpenMode, Store};
+use panscreen_shared::store::Store;
 use panscreen_shared::worker::{StageCounters, WorkerConfig};
+
+use crate::settings::{load_pseudonymizer, load_sites, ClusterArgs, ModelArgs, CAMPAIGNS};
 use tracing::{info, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -42,75 +42,6 @@ pub enum ServiceStage {
     Aggregate,
 }
 
-/// How to reach NATS and the store; shared by `serve` and `submit`.
-#[derive(Debug, Clone, Args)]
-pub struct ClusterArgs {
-    #[arg(long, default_value = "default", env = "PANSCREEN_CAMPAIGN")]
-    pub campaign: String,
-    /// Object store root: s3://bucket/prefix (AWS_* variables) or file:///dir.
-    #[arg(long, env = "PANSCREEN_STORE")]
-    pub store: String,
-    #[arg(long, default_value = "nats://127.0.0.1:4222", env = "PANSCREEN_NATS_URL")]
-    pub nats_url: String,
-    #[arg(long, env = "PANSCREEN_NATS_USER")]
-    pub nats_user: Option<String>,
-    #[arg(long, env = "PANSCREEN_NATS_PASSWORD", hide_env_values = true)]
-    pub nats_password: Option<String>,
-    #[arg(long, env = "PANSCREEN_NATS_TOKEN", hide_env_values = true)]
-    pub nats_token: Option<String>,
-    #[arg(long, env = "PANSCREEN_NATS_CREDS")]
-    pub nats_creds: Option<PathBuf>,
-    #[arg(long, env = "PANSCREEN_NATS_TLS_CA")]
-    pub nats_tls_ca: Option<PathBuf>,
-    /// Stream replicas (3 on a NATS cluster).
-    #[arg(long, default_value_t = 1, env = "PANSCREEN_STREAM_REPLICAS")]
-    pub stream_replicas: usize,
-    /// Seconds before an unacked message is redelivered.
-    #[arg(long, default_value_t = 60, env = "PANSCREEN_ACK_WAIT_SECONDS")]
-    pub ack_wait_seconds: u64,
-    /// Attempts before a message that keeps failing is quarantined.
-    #[arg(long, default_value_t = 5, env = "PANSCREEN_MAX_DELIVER")]
-    pub max_deliver: u32,
-}
-
-impl ClusterArgs {
-    /// The campaign's queue, created where missing.
-    pub async fn queue(&self) -> anyhow::Result<JetStreamQueue> {
-        let queue = self.existing_queue().await?;
-        queue.ensure_topology().await?;
-        Ok(queue)
-    }
-
-    /// The campaign's queue, creating nothing (read-only commands).
-    pub async fn existing_queue(&self) -> anyhow::Result<JetStreamQueue> {
-        let nats = NatsConfig {
-            url: self.nats_url.clone(),
-            user: self.nats_user.clone(),
-            password: self.nats_password.clone(),
-            token: self.nats_token.clone(),
-            creds_file: self.nats_creds.clone(),
-            tls_ca: self.nats_tls_ca.clone(),
-        };
-        let settings = JetStreamSettings {
-            replicas: self.stream_replicas,
-            ack_wait: Duration::from_secs(self.ack_wait_seconds.max(1)),
-            // Above the workers' own limit, so that the delivery after a crash on the
-            // last attempt still reaches a worker, which quarantines it.
-            max_deliver: i64::from(self.max_deliver) + 2,
-            ..JetStreamSettings::default()
-        };
-        Ok(JetStreamQueue::connect_existing(&nats, &self.campaign, settings).await?)
-    }
-
-    pub fn store(&self) -> anyhow::Result<Store> {
-        Store::open(&self.store, OpenMode::Create).with_context(|| format!("store {}", self.store))
-    }
-
-    pub fn campaign_prefix(&self) -> String {
-        format!("{CAMPAIGNS}/{}", self.campaign)
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[arg(value_enum)]
@@ -118,7 +49,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
-    pub model: crate::cli::ModelArgs,
+    pub model: ModelArgs,
     /// Messages handled at once by this process.
     #[arg(long, default_value_t = 1, env = "PANSCREEN_CONCURRENCY")]
     pub concurrency: usize,
@@ -338,7 +269,7 @@ pub async fn serve(
                 .await?;
         }
         ServiceStage::Aggregate => {
-            let sites = crate::cli::load_sites(&args.sites)?;
+            let sites = load_sites(&args.sites)?;
             let mut aggregate_config = AggregateConfig::new(&cluster.campaign, &instance);
             // JetStream hands a consumer at most max_ack_pending unacked messages; a flush
             // threshold above it would only ever flush on age.
@@ -400,7 +331,7 @@ fn hostname() -> String {
 
 /// The ingest service's settings from the command line.
 fn ingest_config(args: &ServeArgs) -> anyhow::Result<IngestServiceConfig> {
-    let (pseudonymizer, ephemeral) = crate::cli::load_pseudonymizer(&args.ingest.key_file)?;
+    let (pseudonymizer, ephemeral) = load_pseudonymizer(&args.ingest.key_file)?;
     anyhow::ensure!(
         !ephemeral,
         "ingest needs the campaign's pseudonym key (--key-file or PANSCREEN_PSEUDONYM_KEY)"
@@ -423,12 +354,9 @@ fn ingest_config(args: &ServeArgs) -> anyhow::Result<IngestServiceConfig> {
         },
         rescan: Duration::from_secs(args.ingest.rescan_seconds),
         pseudonymizer,
-        sites: crate::cli::load_sites(&args.sites)?,
+        sites: load_sites(&args.sites)?,
     })
 }
-
-/// Where every campaign's work and tables live in the store; never input.
-const CAMPAIGNS: &str = "campaigns";
 
 /// The key prefix `--prefix` names within the store: a bare prefix, or a URL that
 /// starts with the store's own. The store's root and panscreen's own outputs are refused:

@@ -12,7 +12,7 @@ use panscreen_shared::status::InstanceStats;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use crate::serve::ClusterArgs;
+use crate::settings::ClusterArgs;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StageStatus {
@@ -61,7 +61,7 @@ pub struct SubmittedPrefix {
 async fn submitted_prefixes(cluster: &ClusterArgs) -> anyhow::Result<Vec<SubmittedPrefix>> {
     let root = cluster.store()?;
     let mut prefixes = Vec::new();
-    for request in crate::serve::submitted(cluster).await? {
+    for request in panscreen_ingest::submissions::submitted(&cluster.ingest_state()?).await? {
         let holds_objects = root.has_objects(&request.prefix).await?;
         prefixes.push(SubmittedPrefix {
             prefix: request.prefix,
