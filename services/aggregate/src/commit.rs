@@ -211,3 +211,122 @@ pub async fn roll_forward(
     }
     Ok(finished)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use panscreen_shared::store::OpenMode;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
+        (directory, store)
+    }
+
+    fn ids(studies: &[&str]) -> CommitIds {
+        CommitIds {
+            study_keys: studies.iter().map(|s| s.to_string()).collect(),
+            ..CommitIds::default()
+        }
+    }
+
+    async fn keys(out: &Store, prefix: &str) -> Vec<String> {
+        out.list(prefix).await.unwrap().into_iter().map(|o| o.key).collect()
+    }
+
+    #[tokio::test]
+    async fn a_flush_is_invisible_until_its_commit_and_in_place_after() {
+        let (_directory, out) = store();
+        let mut staged = Staged::new("writer-a", 1);
+        staged
+            .stage(&out, "results/a-1.parquet".into(), 2, Bytes::from_static(b"rows"))
+            .await
+            .unwrap();
+        staged
+            .stage(&out, "quarantine/a-1.parquet".into(), 1, Bytes::from_static(b"row"))
+            .await
+            .unwrap();
+        assert!(keys(&out, "results").await.is_empty(), "nothing visible before the commit point");
+        let (manifest, published) =
+            staged.commit(&out, ids(&["s1", "s2"]), Vec::new()).await.unwrap();
+        assert!(published);
+        assert_eq!(keys(&out, "results").await, ["results/a-1.parquet"]);
+        assert_eq!(&out.get("results/a-1.parquet").await.unwrap()[..], b"rows");
+        assert!(keys(&out, STAGING).await.is_empty(), "staged copies deleted");
+        let read = read_commits(&out, &BTreeSet::new()).await.unwrap();
+        assert_eq!(read, std::slice::from_ref(&manifest));
+        assert_eq!(read[0].study_keys, ["s1", "s2"]);
+        // Read once, skipped after.
+        let skip: BTreeSet<String> = [manifest.key()].into();
+        assert!(read_commits(&out, &skip).await.unwrap().is_empty());
+    }
+
+    /// A writer that stopped after the commit point, before its files were in place:
+    /// whoever reads the commits next finishes it, once.
+    #[tokio::test]
+    async fn a_commit_left_unpublished_is_finished_by_the_next_reader_once() {
+        let (_directory, out) = store();
+        let mut staged = Staged::new("writer-a", 7);
+        staged
+            .stage(&out, "results/a-7.parquet".into(), 1, Bytes::from_static(b"r"))
+            .await
+            .unwrap();
+        let manifest = CommitManifest {
+            writer: "writer-a".into(),
+            sequence: 7,
+            committed_at: OffsetDateTime::now_utc(),
+            files: staged.files.clone(),
+            study_keys: vec!["s7".into()],
+            quarantine_ids: Vec::new(),
+            ignored_ids: Vec::new(),
+            replaces: Vec::new(),
+        };
+        out.put(&manifest.key(), Bytes::from(serde_json::to_vec(&manifest).unwrap()))
+            .await
+            .unwrap();
+        assert!(keys(&out, "results").await.is_empty());
+
+        let manifests = read_commits(&out, &BTreeSet::new()).await.unwrap();
+        assert_eq!(roll_forward(&out, &manifests).await.unwrap(), 1);
+        assert_eq!(keys(&out, "results").await, ["results/a-7.parquet"]);
+        assert!(keys(&out, STAGING).await.is_empty());
+        assert_eq!(roll_forward(&out, &manifests).await.unwrap(), 0, "nothing left to finish");
+    }
+
+    /// A writer that stopped before the commit point left only staged files: nobody
+    /// sees them (its messages come back and are written again).
+    #[tokio::test]
+    async fn staged_files_without_a_commit_are_never_published() {
+        let (_directory, out) = store();
+        let mut staged = Staged::new("writer-b", 3);
+        staged
+            .stage(&out, "results/b-3.parquet".into(), 1, Bytes::from_static(b"r"))
+            .await
+            .unwrap();
+        drop(staged);
+        let manifests = read_commits(&out, &BTreeSet::new()).await.unwrap();
+        assert!(manifests.is_empty());
+        assert_eq!(roll_forward(&out, &manifests).await.unwrap(), 0);
+        assert!(keys(&out, "results").await.is_empty());
+    }
+
+    /// Two writers commit side by side; each sees the other's study keys.
+    #[tokio::test]
+    async fn two_writers_see_each_others_commits() {
+        let (_directory, out) = store();
+        for (writer, sequence, study) in
+            [("writer-a", 1, "s1"), ("writer-b", 1, "s2"), ("writer-a", 2, "s3")]
+        {
+            let mut staged = Staged::new(writer, sequence);
+            let key = format!("results/{writer}-{sequence}.parquet");
+            staged.stage(&out, key, 1, Bytes::from_static(b"r")).await.unwrap();
+            staged.commit(&out, ids(&[study]), Vec::new()).await.unwrap();
+        }
+        let manifests = read_commits(&out, &BTreeSet::new()).await.unwrap();
+        let mut studies: Vec<&str> =
+            manifests.iter().flat_map(|m| m.study_keys.iter().map(String::as_str)).collect();
+        studies.sort();
+        assert_eq!(studies, ["s1", "s2", "s3"]);
+        assert_eq!(keys(&out, "results").await.len(), 3);
+    }
+}

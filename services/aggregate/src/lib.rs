@@ -663,6 +663,97 @@ impl Aggregator {
 mod tests {
     use super::*;
 
+    use panscreen_shared::contracts::{
+        ModelIdentity, Prediction, SeriesChoice, StageTimes, StudyContext,
+    };
+    use panscreen_shared::queue::MemoryQueue;
+    use panscreen_shared::store::OpenMode;
+
+    fn scored(study: &str) -> StudyScored {
+        StudyScored {
+            context: StudyContext {
+                campaign: "c".into(),
+                study_key: study.into(),
+                patient_key: format!("patient-{study}"),
+                site_id: "NB-J01".into(),
+                region_code: "330205".into(),
+                region_name: "Jiangbei".into(),
+                province: "Zhejiang".into(),
+                age_band: "60-64".into(),
+                sex: "F".into(),
+                scan_date: "2025-06-06".into(),
+                timings: StageTimes::default(),
+                generation: 0,
+            },
+            series: SeriesChoice {
+                series_key: format!("series-{study}"),
+                series_number: Some(2),
+                reason: "the only series".into(),
+                candidates: 1,
+                slices: 50,
+                rows: 64,
+                columns: 64,
+                pixel_spacing_mm: [5.6, 5.6],
+                slice_spacing_mm: 2.5,
+                slice_thickness_mm: Some(2.5),
+                not_chosen: Vec::new(),
+            },
+            prediction: Prediction {
+                lesion_probability: 0.9,
+                flagged: true,
+                threshold: 0.5,
+                lesion_volume_mm3: None,
+                lesion_centroid_mm: None,
+                model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },
+            },
+        }
+    }
+
+    /// Runs one aggregate writer over `studies` until its queue ends.
+    async fn aggregate(out: &Store, writer: &str, studies: &[&str]) -> AggregateReport {
+        let queue = MemoryQueue::new();
+        for (index, study) in studies.iter().enumerate() {
+            // Ids of their own: a copy published again (not dropped by the queue's
+            // duplicate window), as after a redelivery with a new id.
+            let payload = Bytes::from(serde_json::to_vec(&scored(study)).unwrap());
+            let id = format!("{study}:{writer}:{index}");
+            queue.publish(&subjects::scored("c"), &id, payload).await.unwrap();
+        }
+        for subject in [subjects::scored("c"), subjects::quarantine("c"), subjects::ignored("c")] {
+            queue.close(&subject).await;
+        }
+        let counters = Arc::new(StageCounters::default());
+        let mut aggregator = Aggregator::new(
+            AggregateConfig::new("c", writer),
+            out.clone(),
+            SiteRegistry::builtin(),
+            counters,
+        );
+        service::serve(&mut aggregator, Arc::new(queue), std::future::pending()).await.unwrap();
+        aggregator.report().clone()
+    }
+
+    /// A study another writer already committed (a redelivery that reached a second
+    /// replica) is dropped; a copy of a waiting study is written once with it.
+    #[tokio::test]
+    async fn a_second_writer_drops_what_the_first_committed() {
+        let directory = tempfile::tempdir().unwrap();
+        let out = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
+        let first = aggregate(&out, "writer-a", &["s1", "s2"]).await;
+        assert_eq!((first.results_written, first.duplicates_dropped), (2, 0));
+        // s2 is in writer a's commits: dropped. The copy of s3 arrives while s3 waits
+        // for the flush: held and settled with it, written once.
+        let second = aggregate(&out, "writer-b", &["s2", "s3", "s3"]).await;
+        assert_eq!((second.results_written, second.duplicates_dropped), (1, 1), "{second:?}");
+        let studies: usize = commit::read_commits(&out, &BTreeSet::new())
+            .await
+            .unwrap()
+            .iter()
+            .map(|manifest| manifest.study_keys.len())
+            .sum();
+        assert_eq!(studies, 3, "each study committed once");
+    }
+
     #[test]
     fn partition_values_are_path_safe() {
         assert_eq!(partition_value("330203"), "330203");

@@ -80,6 +80,15 @@ fn unit(v: [f64; 3]) -> [f64; 3] {
     [v[0] / length, v[1] / length, v[2] / length]
 }
 
+/// Patient coordinates of the model grid's voxel (0, 0, 0): the first pixel of the first
+/// slice (`first_position`), moved along the series' row, column and slice directions by
+/// how far the grid's first column, row and slice lie from that pixel (`offsets`, mm).
+fn grid_origin(first_position: [f64; 3], directions: [[f64; 3]; 3], offsets: [f64; 3]) -> [f64; 3] {
+    std::array::from_fn(|axis| {
+        first_position[axis] + (0..3).map(|d| offsets[d] * directions[d][axis]).sum::<f64>()
+    })
+}
+
 impl PreprocessHandler {
     /// Decodes, resamples and normalizes; returns the tensor and where it sits.
     pub async fn build_tensor(
@@ -199,16 +208,12 @@ impl PreprocessHandler {
         for value in volume.iter_mut() {
             *value = manifest.normalize(*value);
         }
-        let mut geometry_origin = origin;
-        for axis in 0..3 {
-            geometry_origin[axis] += target_columns[0] * row_direction[axis]
-                + target_rows[0] * column_direction[axis]
-                + (target_slices[0] - slice_positions[0]) * slice_direction[axis];
-        }
+        let offsets = [target_columns[0], target_rows[0], target_slices[0] - slice_positions[0]];
+        let directions = [row_direction, column_direction, slice_direction];
         let geometry = TensorGeometry {
             shape: vec![1, 1, depth, height, width],
             spacing_mm: manifest.input.spacing_mm,
-            origin_mm: geometry_origin,
+            origin_mm: grid_origin(origin, directions, offsets),
             row_direction,
             column_direction,
             slice_direction,
@@ -255,5 +260,66 @@ impl Handler for PreprocessHandler {
             results.push(self.handle_one(payload).await);
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 512×512 series at 0.7 mm, 60 slices 2.5 mm apart, onto a 64³ grid at 3 mm:
+    /// the grid is centred on the scanned volume, so its centre voxel is the scan's
+    /// centre, whichever way the rows and columns run in the patient.
+    #[test]
+    fn the_grid_origin_puts_the_grid_centre_on_the_scan_centre() {
+        let (rows, spacing, slices, slice_spacing, size, grid) = (512, 0.7, 60, 2.5, 64, 3.0);
+        let half_plane = (rows as f64 - 1.0) * spacing / 2.0; // 178.85 mm
+        let in_plane = centred_positions(half_plane, size, grid);
+        for (first_pixel, row, column) in [
+            // Supine, head first: rows run to the patient's left, columns to the back.
+            ([-179.65, -179.65, -100.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]),
+            // Rows and columns reversed (a scanner that stores the image turned 180°).
+            ([179.65, 179.65, -100.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]),
+        ] {
+            let slice = unit(cross(row, column));
+            let positions: Vec<f64> =
+                (0..slices).map(|k| dot(first_pixel, slice) + k as f64 * slice_spacing).collect();
+            let centre = (positions[0] + positions[slices - 1]) / 2.0;
+            let along = centred_positions(centre, size, grid);
+            let origin = grid_origin(
+                first_pixel,
+                [row, column, slice],
+                [in_plane[0], in_plane[0], along[0] - positions[0]],
+            );
+            let geometry = TensorGeometry {
+                shape: vec![1, 1, size, size, size],
+                spacing_mm: [grid; 3],
+                origin_mm: origin,
+                row_direction: row,
+                column_direction: column,
+                slice_direction: slice,
+            };
+            let middle = (size as f64 - 1.0) / 2.0;
+            let scan_centre: [f64; 3] = std::array::from_fn(|axis| {
+                first_pixel[axis]
+                    + half_plane * (row[axis] + column[axis])
+                    + (slices as f64 - 1.0) * slice_spacing / 2.0 * slice[axis]
+            });
+            let found = geometry.to_patient([middle; 3]);
+            for axis in 0..3 {
+                assert!(
+                    (found[axis] - scan_centre[axis]).abs() < 1e-9,
+                    "{found:?} vs {scan_centre:?}"
+                );
+            }
+        }
+        // The numbers of the first case, worked by hand: 178.85 − 94.5 = 84.35 mm in.
+        let origin = grid_origin(
+            [-179.65, -179.65, -100.0],
+            [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            [84.35, 84.35, -20.75],
+        );
+        let expected = [-95.3, -95.3, -120.75];
+        assert!(origin.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-9), "{origin:?}");
     }
 }
