@@ -487,3 +487,45 @@ mod tests {
         assert_ne!(message_id("abc", Stage::Infer), message_id("abc", Stage::Preprocess));
     }
 }
+
+/// A scored study with made-up, pseudonymous-looking values, for tests of the stages
+/// that read scored studies (aggregate's unit tests, the outage tests).
+pub fn example_scored(campaign: &str, study_key: &str, flagged: bool) -> StudyScored {
+    StudyScored {
+        context: StudyContext {
+            campaign: campaign.into(),
+            study_key: study_key.into(),
+            patient_key: format!("patient-{study_key}"),
+            site_id: "NB-J01".into(),
+            region_code: "330205".into(),
+            region_name: "Jiangbei".into(),
+            province: "Zhejiang".into(),
+            age_band: "60-64".into(),
+            sex: "F".into(),
+            scan_date: "2025-06-06".into(),
+            timings: StageTimes::default(),
+            generation: 0,
+        },
+        series: SeriesChoice {
+            series_key: format!("series-{study_key}"),
+            series_number: Some(2),
+            reason: "the only series".into(),
+            candidates: 1,
+            slices: 50,
+            rows: 64,
+            columns: 64,
+            pixel_spacing_mm: [5.6, 5.6],
+            slice_spacing_mm: 2.5,
+            slice_thickness_mm: Some(2.5),
+            not_chosen: Vec::new(),
+        },
+        prediction: Prediction {
+            lesion_probability: if flagged { 0.9 } else { 0.1 },
+            flagged,
+            threshold: 0.5,
+            lesion_volume_mm3: None,
+            lesion_centroid_mm: None,
+            model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },
+        },
+    }
+}

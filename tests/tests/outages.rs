@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_shared::contracts::{
-    subjects, ModelIdentity, Prediction, SeriesChoice, Stage, StageTimes, StudyContext, StudyScored,
-};
+use panscreen_shared::contracts::{example_scored, subjects, Stage, StudyScored};
 use panscreen_shared::metrics::Readiness;
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
 use panscreen_shared::queue::Queue;
@@ -32,43 +30,7 @@ async fn connect(
 }
 
 fn scored(index: usize) -> StudyScored {
-    StudyScored {
-        context: StudyContext {
-            campaign: "cut".into(),
-            study_key: format!("study-{index:03}"),
-            patient_key: format!("patient-{index:03}"),
-            site_id: "NB-J01".into(),
-            region_code: "330205".into(),
-            region_name: "Jiangbei".into(),
-            province: "Zhejiang".into(),
-            age_band: "60-64".into(),
-            sex: "F".into(),
-            scan_date: "2025-06-06".into(),
-            timings: StageTimes::default(),
-            generation: 0,
-        },
-        series: SeriesChoice {
-            series_key: format!("series-{index:03}"),
-            series_number: Some(2),
-            reason: "the only series".into(),
-            candidates: 1,
-            slices: 50,
-            rows: 64,
-            columns: 64,
-            pixel_spacing_mm: [5.6, 5.6],
-            slice_spacing_mm: 2.5,
-            slice_thickness_mm: Some(2.5),
-            not_chosen: Vec::new(),
-        },
-        prediction: Prediction {
-            lesion_probability: 0.1,
-            flagged: false,
-            threshold: 0.5,
-            lesion_volume_mm3: None,
-            lesion_centroid_mm: None,
-            model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },
-        },
-    }
+    example_scored("cut", &format!("study-{index:03}"), false)
 }
 
 /// Rows of every Parquet file under `prefix`.

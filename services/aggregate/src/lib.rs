@@ -663,50 +663,12 @@ impl Aggregator {
 mod tests {
     use super::*;
 
-    use panscreen_shared::contracts::{
-        ModelIdentity, Prediction, SeriesChoice, StageTimes, StudyContext,
-    };
+    use panscreen_shared::contracts::example_scored;
     use panscreen_shared::queue::MemoryQueue;
     use panscreen_shared::store::OpenMode;
 
     fn scored(study: &str) -> StudyScored {
-        StudyScored {
-            context: StudyContext {
-                campaign: "c".into(),
-                study_key: study.into(),
-                patient_key: format!("patient-{study}"),
-                site_id: "NB-J01".into(),
-                region_code: "330205".into(),
-                region_name: "Jiangbei".into(),
-                province: "Zhejiang".into(),
-                age_band: "60-64".into(),
-                sex: "F".into(),
-                scan_date: "2025-06-06".into(),
-                timings: StageTimes::default(),
-                generation: 0,
-            },
-            series: SeriesChoice {
-                series_key: format!("series-{study}"),
-                series_number: Some(2),
-                reason: "the only series".into(),
-                candidates: 1,
-                slices: 50,
-                rows: 64,
-                columns: 64,
-                pixel_spacing_mm: [5.6, 5.6],
-                slice_spacing_mm: 2.5,
-                slice_thickness_mm: Some(2.5),
-                not_chosen: Vec::new(),
-            },
-            prediction: Prediction {
-                lesion_probability: 0.9,
-                flagged: true,
-                threshold: 0.5,
-                lesion_volume_mm3: None,
-                lesion_centroid_mm: None,
-                model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },
-            },
-        }
+        example_scored("c", study, true)
     }
 
     /// Runs one aggregate writer over `studies` until its queue ends.
