@@ -448,46 +448,6 @@ pub struct ScanRequest {
     pub requested_at: OffsetDateTime,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn geometry_maps_index_to_patient_coordinates() {
-        let geometry = TensorGeometry {
-            shape: vec![1, 1, 4, 4, 4],
-            spacing_mm: [3.0, 2.0, 1.0],
-            origin_mm: [10.0, 20.0, 30.0],
-            row_direction: [1.0, 0.0, 0.0],
-            column_direction: [0.0, 1.0, 0.0],
-            slice_direction: [0.0, 0.0, 1.0],
-        };
-        assert_eq!(geometry.to_patient([1.0, 2.0, 3.0]), [13.0, 24.0, 33.0]);
-        assert_eq!(geometry.voxel_volume_mm3(), 6.0);
-    }
-
-    #[test]
-    fn a_requeued_study_gets_new_message_ids() {
-        let mut context: StudyContext = serde_json::from_str(
-            r#"{"campaign":"c","study_key":"k","patient_key":"p","site_id":"s","region_code":"r",
-                "region_name":"n","province":"v","age_band":"60-64","sex":"F","scan_date":"2025-01-01",
-                "timings":{}}"#,
-        )
-        .unwrap();
-        assert_eq!(context.generation, 0, "messages of earlier versions read as generation 0");
-        assert_eq!(context.message_id(Stage::Ingest), "k:ingest");
-        context.generation = 2;
-        assert_eq!(context.message_id(Stage::Ingest), "k:ingest:r2");
-        assert!(serde_json::to_string(&context).unwrap().contains(r#""generation":2"#));
-    }
-
-    #[test]
-    fn message_ids_are_deterministic() {
-        assert_eq!(message_id("abc", Stage::Infer), message_id("abc", Stage::Infer));
-        assert_ne!(message_id("abc", Stage::Infer), message_id("abc", Stage::Preprocess));
-    }
-}
-
 /// A scored study with made-up, pseudonymous-looking values, for tests of the stages
 /// that read scored studies (aggregate's unit tests, the outage tests).
 pub fn example_scored(campaign: &str, study_key: &str, flagged: bool) -> StudyScored {
@@ -527,5 +487,45 @@ pub fn example_scored(campaign: &str, study_key: &str, flagged: bool) -> StudySc
             lesion_centroid_mm: None,
             model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry_maps_index_to_patient_coordinates() {
+        let geometry = TensorGeometry {
+            shape: vec![1, 1, 4, 4, 4],
+            spacing_mm: [3.0, 2.0, 1.0],
+            origin_mm: [10.0, 20.0, 30.0],
+            row_direction: [1.0, 0.0, 0.0],
+            column_direction: [0.0, 1.0, 0.0],
+            slice_direction: [0.0, 0.0, 1.0],
+        };
+        assert_eq!(geometry.to_patient([1.0, 2.0, 3.0]), [13.0, 24.0, 33.0]);
+        assert_eq!(geometry.voxel_volume_mm3(), 6.0);
+    }
+
+    #[test]
+    fn a_requeued_study_gets_new_message_ids() {
+        let mut context: StudyContext = serde_json::from_str(
+            r#"{"campaign":"c","study_key":"k","patient_key":"p","site_id":"s","region_code":"r",
+                "region_name":"n","province":"v","age_band":"60-64","sex":"F","scan_date":"2025-01-01",
+                "timings":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(context.generation, 0, "messages of earlier versions read as generation 0");
+        assert_eq!(context.message_id(Stage::Ingest), "k:ingest");
+        context.generation = 2;
+        assert_eq!(context.message_id(Stage::Ingest), "k:ingest:r2");
+        assert!(serde_json::to_string(&context).unwrap().contains(r#""generation":2"#));
+    }
+
+    #[test]
+    fn message_ids_are_deterministic() {
+        assert_eq!(message_id("abc", Stage::Infer), message_id("abc", Stage::Infer));
+        assert_ne!(message_id("abc", Stage::Infer), message_id("abc", Stage::Preprocess));
     }
 }
