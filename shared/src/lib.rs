@@ -3,8 +3,6 @@
 //! - [`contracts`]: the messages that cross a service boundary, the subjects they are
 //!   published on, which stage consumes and publishes which ([`contracts::topology`]),
 //!   and the quarantine record. Pure serde types, no I/O.
-//! - [`dicom`]: attribute look-ups shared by ingest and preprocess (Enhanced CT
-//!   functional groups).
 //! - [`queue`]: the work-queue abstraction (publish with a deterministic message id,
 //!   pull, ack / nak / term) and its in-process implementation, the embedded default.
 //! - [`worker`]: the loop that pulls a message, runs a stage handler, publishes the
@@ -26,7 +24,6 @@
 
 pub mod contracts;
 pub mod counters;
-pub mod dicom;
 pub mod error;
 pub mod manifest;
 pub mod metrics;

@@ -15,7 +15,7 @@
 //! Its first runs found these, fixed: a panic in the RLE decoder on a short
 //! segment table (now contained as that file's error), and dicom-object allocating a
 //! corrupt declared length before reading it (1.3 GB from one bit flip in a 60 kB file;
-//! now refused first by `panscreen_shared::dicom::check_declared_lengths`), and the
+//! now refused first by `panscreen_dicom::check_declared_lengths`), and the
 //! JPEG, JPEG 2000 and RLE decoders sizing buffers from a corrupt frame header, SIZ
 //! marker or segment count (17 GB asked for; now checked against the DICOM header
 //! before decoding).

@@ -11,7 +11,7 @@ use dicom_core::Tag;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
-use panscreen_shared::dicom::LengthProblem;
+use panscreen_dicom::LengthProblem;
 
 /// The header fields ingest uses. Patient identifiers are read only to be pseudonymized.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,13 +141,11 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     }
     // The parser allocates a value's declared length before reading it: refuse lengths
     // the object cannot hold first.
-    panscreen_shared::dicom::check_declared_lengths(bytes, size).map_err(
-        |problem| match problem {
-            LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
-            LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
-            LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
-        },
-    )?;
+    panscreen_dicom::check_declared_lengths(bytes, size).map_err(|problem| match problem {
+        LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
+        LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
+        LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
+    })?;
     // A panic in the parser on a malformed file is that file's problem, not ingest's.
     let parsed = std::panic::catch_unwind(|| {
         OpenFileOptions::new()
@@ -222,7 +220,8 @@ fn check_pixel_extent(
     if transfer_syntax == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
         return Ok(()); // the length is inside the compressed stream; checked when decoded
     }
-    let Some((offset, length)) = find_pixel_data(bytes, big_endian, implicit) else {
+    let Some((offset, length)) = panscreen_dicom::find_pixel_data(bytes, big_endian, implicit)
+    else {
         if (bytes.len() as u64) < size {
             return Ok(()); // Pixel Data lies beyond the prefix; nothing to judge here
         }
@@ -242,33 +241,6 @@ fn check_pixel_extent(
         // Encapsulated (compressed): the sequence delimiter is checked when decoding.
         None => Ok(()),
     }
-}
-
-/// Byte offset of the Pixel Data value and its declared length (None when undefined).
-fn find_pixel_data(bytes: &[u8], big_endian: bool, implicit: bool) -> Option<(u64, Option<u64>)> {
-    let tag: [u8; 4] = if big_endian { [0x7f, 0xe0, 0x00, 0x10] } else { [0xe0, 0x7f, 0x10, 0x00] };
-    let read_u32 = |slice: &[u8]| {
-        let array = [slice[0], slice[1], slice[2], slice[3]];
-        if big_endian {
-            u32::from_be_bytes(array)
-        } else {
-            u32::from_le_bytes(array)
-        }
-    };
-    // Search from the end of the file meta group so values earlier cannot match.
-    let start = 132;
-    let position = bytes.get(start..)?.windows(4).rposition(|window| window == tag)? + start;
-    let (length, value_offset) = if implicit {
-        (read_u32(bytes.get(position + 4..position + 8)?), position + 8)
-    } else {
-        let vr = bytes.get(position + 4..position + 6)?;
-        if vr != b"OW" && vr != b"OB" {
-            return None;
-        }
-        (read_u32(bytes.get(position + 8..position + 12)?), position + 12)
-    };
-    let length = (length != u32::MAX).then_some(length as u64);
-    Some((value_offset as u64, length))
 }
 
 fn header_from_object(
@@ -300,14 +272,14 @@ fn header_from_object(
         Ok(value)
     };
     // Enhanced CT keeps geometry and rescale in functional groups, one position per frame.
-    let enhanced = panscreen_shared::dicom::has_functional_groups(object);
-    let frames = panscreen_shared::dicom::number_of_frames(object);
+    let enhanced = panscreen_dicom::has_functional_groups(object);
+    let frames = panscreen_dicom::number_of_frames(object);
     let frame_positions = if enhanced {
         if frames > 20_000 {
             return Err(HeaderProblem::Invalid(format!("{frames} frames; at most 20000 are read")));
         }
         (0..frames as usize)
-            .map(|frame| panscreen_shared::dicom::frame_position(object, frame))
+            .map(|frame| panscreen_dicom::frame_position(object, frame))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| {
                 HeaderProblem::Invalid("a frame has no PlanePositionSequence".to_string())
@@ -316,15 +288,10 @@ fn header_from_object(
         Vec::new()
     };
     let measures = |tag: Tag| {
-        panscreen_shared::dicom::frame_floats(
-            object,
-            0,
-            panscreen_shared::dicom::groups::PIXEL_MEASURES,
-            tag,
-        )
+        panscreen_dicom::frame_floats(object, 0, panscreen_dicom::groups::PIXEL_MEASURES, tag)
     };
     let contrast_sequence = object
-        .element_opt(panscreen_shared::dicom::groups::CONTRAST_BOLUS_AGENT_SEQUENCE)
+        .element_opt(panscreen_dicom::groups::CONTRAST_BOLUS_AGENT_SEQUENCE)
         .ok()
         .flatten()
         .and_then(|element| element.items().map(|items| !items.is_empty()))
@@ -357,7 +324,7 @@ fn header_from_object(
             Some(first) => Some(*first),
             None => floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| v.try_into().ok()),
         },
-        image_orientation: panscreen_shared::dicom::frame_orientation(object, 0),
+        image_orientation: panscreen_dicom::frame_orientation(object, 0),
         pixel_spacing: measures(tags::PIXEL_SPACING).and_then(|v| v.try_into().ok()),
         slice_thickness: measures(tags::SLICE_THICKNESS).and_then(|v| v.first().copied()),
         rows: integer(tags::ROWS).unwrap_or(0) as u32,
@@ -385,16 +352,5 @@ mod tests {
         let mut long = vec![b'x'; 300];
         long[0] = 0;
         assert_eq!(parse("x.bin", 300, &long).unwrap_err().reason(), "not a DICOM file");
-    }
-
-    #[test]
-    fn finds_explicit_little_endian_pixel_data() {
-        let mut bytes = vec![0u8; 132];
-        bytes.extend_from_slice(&[0xe0, 0x7f, 0x10, 0x00, b'O', b'W', 0, 0]);
-        bytes.extend_from_slice(&100u32.to_le_bytes());
-        assert_eq!(find_pixel_data(&bytes, false, false), Some((144, Some(100))));
-        bytes.truncate(132 + 8);
-        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert_eq!(find_pixel_data(&bytes, false, false), Some((144, None)));
     }
 }

@@ -17,7 +17,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
-use panscreen_shared::dicom::{frame_position, frame_rescale, number_of_frames};
+use panscreen_dicom::{frame_position, frame_rescale, number_of_frames};
 use panscreen_shared::error::StageError;
 
 use crate::gdcm_helper;
@@ -102,7 +102,7 @@ pub fn open(
             ));
         }
     }
-    panscreen_shared::dicom::check_declared_lengths(bytes, bytes.len() as u64)
+    panscreen_dicom::check_declared_lengths(bytes, bytes.len() as u64)
         .map_err(|error| unreadable(key, error))?;
     let object = contain_panic(key, || {
         OpenFileOptions::new()

@@ -1,112 +1,7 @@
-//! Attribute look-ups that ingest and preprocess both make, for single-frame images and
-//! for multi-frame Enhanced CT alike.
-//!
-//! An Enhanced CT object keeps per-frame attributes in functional groups: a frame's own
-//! item of PerFrameFunctionalGroupsSequence first, then the SharedFunctionalGroupsSequence.
-//! A classic CT Image has them at the top level. [`frame_attribute`] looks in that order.
+//! The declared-length walk: before any parser allocates, every element's declared
+//! length is checked against what is left of the object.
 
-use dicom_core::Tag;
-use dicom_dictionary_std::tags;
-use dicom_object::mem::InMemElement;
-use dicom_object::InMemDicomObject;
-
-/// Functional group macros (sequence tags) and the attributes panscreen reads from them.
-pub mod groups {
-    use dicom_core::Tag;
-    /// Plane Position (Patient): ImagePositionPatient.
-    pub const PLANE_POSITION: Tag = Tag(0x0020, 0x9113);
-    /// Plane Orientation (Patient): ImageOrientationPatient.
-    pub const PLANE_ORIENTATION: Tag = Tag(0x0020, 0x9116);
-    /// Pixel Measures: PixelSpacing, SliceThickness.
-    pub const PIXEL_MEASURES: Tag = Tag(0x0028, 0x9110);
-    /// Pixel Value Transformation: RescaleIntercept, RescaleSlope.
-    pub const PIXEL_VALUE_TRANSFORMATION: Tag = Tag(0x0028, 0x9145);
-    /// CT Image Frame Type: FrameType (the Enhanced CT counterpart of ImageType).
-    pub const CT_IMAGE_FRAME_TYPE: Tag = Tag(0x0018, 0x9329);
-    pub const FRAME_TYPE: Tag = Tag(0x0008, 0x9007);
-    /// Contrast/Bolus Usage (per frame) and the Enhanced Contrast/Bolus agent sequence.
-    pub const CONTRAST_BOLUS_USAGE: Tag = Tag(0x0018, 0x9341);
-    pub const CONTRAST_BOLUS_AGENT_SEQUENCE: Tag = Tag(0x0018, 0x0012);
-}
-
-fn element(object: &InMemDicomObject, tag: Tag) -> Option<&InMemElement> {
-    object.element_opt(tag).ok().flatten()
-}
-
-/// The first item of sequence `group` in `object`, if any.
-fn first_item(object: &InMemDicomObject, group: Tag) -> Option<&InMemDicomObject> {
-    element(object, group)?.items()?.first()
-}
-
-/// `attribute` for frame `frame` (0-based): in the frame's functional group `group`, then
-/// in the shared functional group, then at the top level.
-pub fn frame_attribute(
-    object: &InMemDicomObject,
-    frame: usize,
-    group: Tag,
-    attribute: Tag,
-) -> Option<&InMemElement> {
-    let per_frame = element(object, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE)
-        .and_then(|sequence| sequence.items())
-        .and_then(|items| items.get(frame))
-        .and_then(|item| first_item(item, group))
-        .and_then(|macro_item| element(macro_item, attribute));
-    per_frame
-        .or_else(|| {
-            first_item(object, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE)
-                .and_then(|shared| first_item(shared, group))
-                .and_then(|macro_item| element(macro_item, attribute))
-        })
-        .or_else(|| element(object, attribute))
-}
-
-/// Numbers of `attribute` for a frame, if present and numeric.
-pub fn frame_floats(
-    object: &InMemDicomObject,
-    frame: usize,
-    group: Tag,
-    attribute: Tag,
-) -> Option<Vec<f64>> {
-    frame_attribute(object, frame, group, attribute)
-        .and_then(|element| element.to_multi_float64().ok())
-}
-
-/// ImagePositionPatient of a frame.
-pub fn frame_position(object: &InMemDicomObject, frame: usize) -> Option<[f64; 3]> {
-    frame_floats(object, frame, groups::PLANE_POSITION, tags::IMAGE_POSITION_PATIENT)?
-        .try_into()
-        .ok()
-}
-
-/// ImageOrientationPatient of a frame.
-pub fn frame_orientation(object: &InMemDicomObject, frame: usize) -> Option<[f64; 6]> {
-    frame_floats(object, frame, groups::PLANE_ORIENTATION, tags::IMAGE_ORIENTATION_PATIENT)?
-        .try_into()
-        .ok()
-}
-
-/// (RescaleSlope, RescaleIntercept) of a frame; (1, 0) when absent.
-pub fn frame_rescale(object: &InMemDicomObject, frame: usize) -> (f64, f64) {
-    let first = |tag| {
-        frame_floats(object, frame, groups::PIXEL_VALUE_TRANSFORMATION, tag)
-            .and_then(|v| v.first().copied())
-    };
-    (first(tags::RESCALE_SLOPE).unwrap_or(1.0), first(tags::RESCALE_INTERCEPT).unwrap_or(0.0))
-}
-
-/// NumberOfFrames, at least 1.
-pub fn number_of_frames(object: &InMemDicomObject) -> u32 {
-    element(object, tags::NUMBER_OF_FRAMES)
-        .and_then(|e| e.to_int::<i64>().ok())
-        .unwrap_or(1)
-        .clamp(1, u32::MAX as i64) as u32
-}
-
-/// Is this an Enhanced CT (or other multi-frame functional-group) object?
-pub fn has_functional_groups(object: &InMemDicomObject) -> bool {
-    element(object, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).is_some()
-        || element(object, tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).is_some()
-}
+use dicom_dictionary_std::uids;
 
 /// VRs whose explicit-VR header has a 16-bit length; every other VR, an unknown one
 /// included (a parser reads it as UN), has two reserved bytes and a 32-bit length.
@@ -185,20 +80,22 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProbl
     if meta_end >= bytes.len() {
         return Ok(());
     }
-    if syntax == DEFLATED {
+    if syntax == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
         return check_deflated(&bytes[meta_end..], bytes.len() as u64 >= size);
     }
-    let (implicit, big_endian) = if syntax == "1.2.840.10008.1.2" {
+    let (implicit, big_endian) = if syntax == uids::IMPLICIT_VR_LITTLE_ENDIAN {
         (true, false)
-    } else if syntax == "1.2.840.10008.1.2.2" {
+    } else if syntax == {
+        // Retired from the standard, still found in archives.
+        #[allow(deprecated)]
+        uids::EXPLICIT_VR_BIG_ENDIAN
+    } {
         (false, true)
     } else {
         (false, false)
     };
     walk(bytes, meta_end, bytes.len(), size, implicit, big_endian)
 }
-
-const DEFLATED: &str = "1.2.840.10008.1.2.1.99";
 
 /// A deflated data set may inflate to at most this many bytes (a CT slice inflates to
 /// about half a megabyte; an Enhanced CT series to a few hundred).
