@@ -11,6 +11,7 @@
 //!   the only place that uses `object_store`.
 //! - [`pseudonym`]: keyed HMAC-SHA256 pseudonyms; the only identifiers that leave ingest.
 //! - [`manifest`]: the model manifest (`models/<name>/manifest.toml`).
+//! - [`install`]: where the binary finds the model and ONNX Runtime it ships with.
 //! - [`npy`]: the model-ready tensor format (NumPy `.npy`, little-endian f32).
 //! - [`sites`]: the site registry (site id → region, province).
 //! - [`telemetry`]: logging set-up.
@@ -25,6 +26,7 @@
 pub mod contracts;
 pub mod counters;
 pub mod error;
+pub mod install;
 pub mod manifest;
 pub mod metrics;
 pub mod npy;

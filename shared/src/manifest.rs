@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("model manifest {0} does not exist")]
-    Missing(PathBuf),
+    /// `searched`: where else a relative path was looked for ("; looked in: …"), or "".
+    #[error("model manifest {path} does not exist{searched}")]
+    Missing { path: PathBuf, searched: String },
     #[error("cannot read model manifest {path}: {source}")]
     Unreadable { path: PathBuf, source: std::io::Error },
     #[error("model manifest {path} is not valid: {detail}")]
@@ -97,12 +98,29 @@ fn default_mask_threshold() -> f64 {
 }
 
 impl ModelManifest {
-    /// Reads and checks a manifest. `path` is the manifest file or its directory.
+    /// Reads and checks the manifest at `path` (the file, or the model directory holding
+    /// `manifest.toml`). A
+    /// relative path that is not under the working directory is looked for where the
+    /// binary's own files are ([`crate::install`]), so the default `models/tiny-panda`
+    /// is found from any directory.
     pub fn load(path: &Path) -> Result<ModelManifest, ManifestError> {
         let names_a_file = path.extension().is_some_and(|extension| extension == "toml");
         let file = if names_a_file { path.to_path_buf() } else { path.join("manifest.toml") };
+        let file = if file.exists() || file.is_absolute() {
+            file
+        } else {
+            let installed = Path::new("models").join(file.strip_prefix("models").unwrap_or(&file));
+            crate::install::find(&file, &installed, Path::is_file).map_err(|searched| {
+                let places: Vec<String> =
+                    searched.iter().map(|p| p.display().to_string()).collect();
+                ManifestError::Missing {
+                    path: file.clone(),
+                    searched: format!("; looked in: {}", places.join(", ")),
+                }
+            })?
+        };
         if !file.exists() {
-            return Err(ManifestError::Missing(file));
+            return Err(ManifestError::Missing { path: file, searched: String::new() });
         }
         let text = std::fs::read_to_string(&file)
             .map_err(|source| ManifestError::Unreadable { path: file.clone(), source })?;

@@ -423,3 +423,47 @@ fn an_embedded_requeue_screens_the_selected_rows_again_into_the_same_out() {
     assert!(String::from_utf8_lossy(&nothing.stdout).contains("screening again 0 quarantine rows"));
     assert_eq!(tables(), after);
 }
+
+/// Started outside the source tree, the binary finds its default model and ONNX Runtime
+/// (a newcomer ran `panscreen run` from their home directory and was told
+/// `models/tiny-panda/manifest.toml does not exist`); installed under a prefix, it takes
+/// the model in `<prefix>/share/panscreen` before the source tree's.
+#[test]
+fn the_default_model_is_found_from_any_directory_and_under_an_install_prefix() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = panscreen_tests::small_cohort(scratch.path().join("cohort"), 1, 5);
+    synthesize(&cohort, &|_| {}).unwrap();
+    let key_file = scratch.path().join("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let run = |binary: &Path, out: &str| {
+        let output = std::process::Command::new(binary)
+            .current_dir(scratch.path())
+            .args(["run", "--input", "cohort/studies", "--out", out, "--key-file", "key"])
+            .env_remove("PANSCREEN_MODEL")
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        std::fs::read_to_string(scratch.path().join(out).join("logs/panscreen.jsonl")).unwrap()
+    };
+    let log = run(&panscreen_tests::binary(), "from-elsewhere");
+    assert!(log.contains(r#""model":"tiny-panda""#), "{log}");
+
+    // An install prefix: bin/panscreen and share/panscreen/models/tiny-panda, a copy
+    // renamed so that the log says which one was loaded.
+    let prefix = scratch.path().join("prefix");
+    let model = prefix.join("share/panscreen/models/tiny-panda");
+    std::fs::create_dir_all(prefix.join("bin")).unwrap();
+    std::fs::create_dir_all(&model).unwrap();
+    let installed = prefix.join("bin/panscreen");
+    if std::fs::hard_link(panscreen_tests::binary(), &installed).is_err() {
+        std::fs::copy(panscreen_tests::binary(), &installed).unwrap();
+    }
+    let source = panscreen_tests::workspace_root().join("models/tiny-panda");
+    let manifest = std::fs::read_to_string(source.join("manifest.toml")).unwrap();
+    let renamed = manifest.replace(r#"name = "tiny-panda""#, r#"name = "tiny-panda-installed""#);
+    assert_ne!(manifest, renamed);
+    std::fs::write(model.join("manifest.toml"), renamed).unwrap();
+    std::fs::copy(source.join("tiny-panda.onnx"), model.join("tiny-panda.onnx")).unwrap();
+    let log = run(&installed, "from-prefix");
+    assert!(log.contains(r#""model":"tiny-panda-installed""#), "{log}");
+}

@@ -25,6 +25,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use panscreen_preprocess::decode::{decode_frame, open, DecodeLimits};
+use panscreen_preprocess::PreprocessError;
 use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -207,7 +208,9 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
                 Ok(_) => {
                     decoded.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(error) if error.detail.contains("GDCM helper died") => {
+                Err(PreprocessError::DecoderFailed { detail, .. })
+                    if detail.contains("GDCM helper died") =>
+                {
                     contained.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(_) => {}

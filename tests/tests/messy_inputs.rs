@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use panscreen_ingest::watch::{Completion, Watcher};
 use panscreen_ingest::IngestConfig;
+use panscreen_preprocess::PreprocessError;
 use panscreen_shared::contracts::{subjects, QuarantineRecord, StudyIngested};
 use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
@@ -298,11 +299,11 @@ fn gdcm_crashing_slice(encoded: &[u8]) -> (Vec<u8>, String) {
             let mut corrupt = encoded.to_vec();
             let at = encoded.len() - back;
             corrupt[at] ^= 1 << bit;
-            if let Err(error) =
+            if let Err(PreprocessError::DecoderFailed { detail, .. }) =
                 panscreen_preprocess::decode::decode_slice("probe.dcm", &corrupt, -1000.0)
             {
-                if error.detail.contains("GDCM helper died") {
-                    return (corrupt, error.detail);
+                if detail.contains("GDCM helper died") {
+                    return (corrupt, detail);
                 }
             }
         }

@@ -140,12 +140,32 @@ fn build_tools() -> anyhow::Result<Option<PathBuf>> {
     Ok(Some(cmake))
 }
 
-fn cargo() -> anyhow::Result<Command> {
+/// Cargo, with a cmake for GDCM's build when the build includes it.
+fn cargo(codecs: Codecs) -> anyhow::Result<Command> {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string()));
-    if let Some(cmake) = build_tools()? {
-        command.env("CMAKE", cmake);
+    if codecs == Codecs::All {
+        if let Some(cmake) = build_tools()? {
+            command.env("CMAKE", cmake);
+        }
     }
     Ok(command)
+}
+
+/// Which decoders a build has: the default ones (pure Rust), or all of them (GDCM's
+/// JPEG-LS and 12-bit JPEG too, the `gdcm` feature: a slower first build, and cmake).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Codecs {
+    Default,
+    All,
+}
+
+impl Codecs {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Codecs::Default => &[],
+            Codecs::All => &["--features", "panscreen/gdcm"],
+        }
+    }
 }
 
 /// dcmtk and GDCM command-line tools: the transfer-syntax tests encode with them.
@@ -169,8 +189,11 @@ fn dicom_tools() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build_release() -> anyhow::Result<PathBuf> {
-    run(cargo()?.current_dir(root()).args(["build", "--release", "-p", "panscreen"]))?;
+fn build_release(codecs: Codecs) -> anyhow::Result<PathBuf> {
+    run(cargo(codecs)?
+        .current_dir(root())
+        .args(["build", "--release", "-p", "panscreen"])
+        .args(codecs.args()))?;
     // CARGO_TARGET_DIR, when set, moves the binary.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -201,7 +224,8 @@ fn check_model_reproducible(interpreter: &Path) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     fetch_ort()?;
-    let binary = build_release()?;
+    // The demonstration cohort is uncompressed: the default decoders do.
+    let binary = build_release(Codecs::Default)?;
     let out = root().join("demo-out");
     let cohort = out.join("cohort");
     let results = out.join("screening");
@@ -249,12 +273,13 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     let interpreter = setup_python()?;
     dicom_tools()?;
     check_model_reproducible(&interpreter)?;
-    let binary = build_release()?;
+    let binary = build_release(Codecs::All)?;
     lint()?;
-    let mut command = cargo()?;
+    let mut command = cargo(Codecs::All)?;
     command
         .current_dir(root())
         .args(["test", "--release", "--workspace"])
+        .args(Codecs::All.args())
         .args(extra)
         .env("PANSCREEN_BIN", &binary)
         .env("PANSCREEN_PYTHON", &interpreter)
@@ -284,17 +309,23 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 /// cmake build) of the release build before it.
 fn lint() -> anyhow::Result<()> {
     let hint = "is the component installed? `rustup component add rustfmt clippy`";
-    run(cargo()?.current_dir(root()).args(["fmt", "--all", "--check"]))
+    run(cargo(Codecs::Default)?.current_dir(root()).args(["fmt", "--all", "--check"]))
         .with_context(|| format!("cargo fmt: {hint}"))?;
-    run(cargo()?.current_dir(root()).args([
-        "clippy",
-        "--release",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    let clippy = ["clippy", "--release", "--all-targets"];
+    let deny = ["--", "-D", "warnings"];
+    run(cargo(Codecs::All)?
+        .current_dir(root())
+        .args(clippy)
+        .arg("--workspace")
+        .args(Codecs::All.args())
+        .args(deny))
+    .with_context(|| format!("cargo clippy: {hint}"))?;
+    // The default build (no GDCM) compiles other code in preprocess: lint it too.
+    run(cargo(Codecs::Default)?
+        .current_dir(root())
+        .args(clippy)
+        .args(["-p", "panscreen"])
+        .args(deny))
     .with_context(|| format!("cargo clippy: {hint}"))
 }
 
@@ -310,7 +341,7 @@ fn count_before(line: &str, label: &str) -> u64 {
 fn bench() -> anyhow::Result<()> {
     fetch_ort()?;
     setup_python()?;
-    build_release()?;
+    build_release(Codecs::All)?;
     run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))?;
     run(Command::new("bash").current_dir(root()).arg("load-tests/dicom-bench.sh"))
 }
@@ -320,7 +351,7 @@ fn bench() -> anyhow::Result<()> {
 fn load_test(chaos: bool) -> anyhow::Result<()> {
     fetch_ort()?;
     setup_python()?;
-    let binary = build_release()?;
+    let binary = build_release(Codecs::All)?;
     run(Command::new(root().join(".panscreen/venv/bin/python"))
         .current_dir(root())
         .env("PANSCREEN_BIN", binary)

@@ -7,7 +7,8 @@
 //!   message is acked only after the file holding it is committed ([`commit`]).
 //! - [`compact`]: merges small files, drops duplicates, and writes the summary and
 //!   worklist from everything committed (`panscreen compact`).
-//! - [`service`]: the stage as it runs, for `panscreen serve aggregate` and `run`.
+//! - [`service`]: the stage as it runs, for `panscreen serve aggregate` and `run`;
+//!   [`config`]: its settings; [`error`]: what can go wrong writing the tables.
 //!
 //! Why aggregate is not a [`panscreen_shared::worker::Handler`]: a handler settles each
 //! message when its outcome is published, one batch at a time. Aggregate must hold
@@ -19,6 +20,8 @@
 
 pub mod commit;
 pub mod compact;
+pub mod config;
+pub mod error;
 pub mod service;
 pub mod tables;
 
@@ -34,9 +37,9 @@ use panscreen_shared::contracts::{
     subjects, topology, IgnoredInputs, QuarantineRecord, Stage, StudyScored,
 };
 use panscreen_shared::metrics::Readiness;
-use panscreen_shared::queue::{Delivery, Queue, QueueError};
+use panscreen_shared::queue::{Delivery, Queue};
 use panscreen_shared::sites::SiteRegistry;
-use panscreen_shared::store::{Store, StoreError};
+use panscreen_shared::store::Store;
 use panscreen_shared::worker::{Envelope, StageCounters};
 use panscreen_shared::SOFTWARE_VERSION;
 use parquet::arrow::ArrowWriter;
@@ -45,54 +48,9 @@ use parquet::file::properties::WriterProperties;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
+pub use crate::config::AggregateConfig;
+pub use crate::error::AggregateError;
 use crate::tables::RegionCounts;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AggregateError {
-    #[error("cannot build a Parquet table: {0}")]
-    Table(String),
-    #[error("cannot write {key}: {source}")]
-    Write { key: String, source: StoreError },
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-}
-
-#[derive(Debug, Clone)]
-pub struct AggregateConfig {
-    pub campaign: String,
-    /// Distinguishes this writer's files from others' (run id, or host and pid).
-    pub writer_id: String,
-    /// Flush when this many rows are waiting…
-    pub flush_rows: usize,
-    /// …or when the oldest has waited this long.
-    pub flush_interval: Duration,
-    /// Write the summary and worklist when the run ends (embedded runs; a long-running
-    /// service leaves them to a later summarizing step).
-    pub write_summary: bool,
-    /// A message delivered more often than this (its earlier aggregates died holding it)
-    /// is written to the quarantine table instead.
-    pub max_deliver: u32,
-    /// Held messages get an in-progress ack this often (well under the queue's ack wait),
-    /// so that a slow or failing flush does not make the queue hand them out again.
-    pub progress_every: Duration,
-    /// Pauses between flush attempts while the store fails (the last repeats).
-    pub retry_backoff: Vec<Duration>,
-}
-
-impl AggregateConfig {
-    pub fn new(campaign: &str, writer_id: &str) -> Self {
-        AggregateConfig {
-            campaign: campaign.to_string(),
-            writer_id: writer_id.to_string(),
-            flush_rows: 5_000,
-            flush_interval: Duration::from_secs(1),
-            write_summary: true,
-            max_deliver: 5,
-            progress_every: Duration::from_secs(20),
-            retry_backoff: [1, 2, 4, 8, 15, 30].into_iter().map(Duration::from_secs).collect(),
-        }
-    }
-}
 
 /// Encodes a record batch as a Parquet file (Snappy).
 pub fn parquet_bytes(batch: &RecordBatch) -> Result<Bytes, AggregateError> {
@@ -600,6 +558,19 @@ impl Aggregator {
         queue: Arc<dyn Queue>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AggregateError> {
+        self.run_until(queue, shutdown, std::future::pending()).await
+    }
+
+    /// [`Aggregator::run`], told by `producers_done` that every message it will get is
+    /// already queued (an embedded run, once infer has ended). It then takes what is
+    /// queued and writes it at once: the subjects cannot end while it holds messages, so
+    /// otherwise the run would wait out the flush interval after its last study.
+    pub async fn run_until(
+        &mut self,
+        queue: Arc<dyn Queue>,
+        shutdown: impl Future<Output = ()>,
+        producers_done: impl Future<Output = ()>,
+    ) -> Result<(), AggregateError> {
         let consumer = &topology::consumer(Stage::Aggregate);
         let mut scored =
             queue.subscribe(&subjects::scored(&self.config.campaign), consumer).await?;
@@ -615,10 +586,12 @@ impl Aggregator {
         // the queue bounds how many (JetStream's max_ack_pending), and a message left
         // unread in the client's buffer would be redelivered and spend an attempt.
         tokio::pin!(shutdown);
-        let mut stopping = false;
+        tokio::pin!(producers_done);
+        let (mut stopping, mut done) = (false, false);
         while scored_open || quarantine_open || ignored_open {
             tokio::select! {
                 _ = &mut shutdown => { stopping = true; break }
+                _ = &mut producers_done => { done = true; break }
                 next = scored.next(), if scored_open => match next {
                     None => scored_open = false,
                     Some(Ok(delivery)) => self.accept(delivery, PendingKind::Result).await,
@@ -648,6 +621,37 @@ impl Aggregator {
                 next_flush = tokio::time::Instant::now() + self.config.flush_interval;
             }
         }
+        if done {
+            // Take what is already queued; nothing more will come.
+            loop {
+                let mut took = false;
+                for (subscription, kind, open) in [
+                    (&mut scored, PendingKind::Result, &mut scored_open),
+                    (&mut quarantine, PendingKind::Quarantine, &mut quarantine_open),
+                    (&mut ignored, PendingKind::Ignored, &mut ignored_open),
+                ] {
+                    if !*open {
+                        continue;
+                    }
+                    // A zero timeout polls once: what is ready, or nothing.
+                    match tokio::time::timeout(Duration::ZERO, subscription.next()).await {
+                        Ok(None) => *open = false,
+                        Ok(Some(Ok(delivery))) => {
+                            self.accept(delivery, kind).await;
+                            took = true;
+                            if self.pending.len() >= self.config.flush_rows && self.may_flush() {
+                                let _ = self.flush().await;
+                            }
+                        }
+                        Ok(Some(Err(error))) => warn!(%error, "receiving a message failed"),
+                        Err(_) => {}
+                    }
+                }
+                if !took {
+                    break;
+                }
+            }
+        }
         // The subjects ended (an embedded run) or shutdown: write what is held, through a
         // short outage; on shutdown what cannot be written goes back to the queue.
         let patience = if stopping { Duration::from_secs(10) } else { Duration::from_secs(120) };
@@ -671,8 +675,8 @@ mod tests {
         example_scored("c", study, true)
     }
 
-    /// Runs one aggregate writer over `studies` until its queue ends.
-    async fn aggregate(out: &Store, writer: &str, studies: &[&str]) -> AggregateReport {
+    /// A queue holding `studies` as scored messages, its subjects closed.
+    async fn queued(writer: &str, studies: &[&str]) -> Arc<dyn Queue> {
         let queue = MemoryQueue::new();
         for (index, study) in studies.iter().enumerate() {
             // Ids of their own: a copy published again (not dropped by the queue's
@@ -684,15 +688,75 @@ mod tests {
         for subject in [subjects::scored("c"), subjects::quarantine("c"), subjects::ignored("c")] {
             queue.close(&subject).await;
         }
+        Arc::new(queue)
+    }
+
+    fn writer(out: &Store, writer: &str) -> Aggregator {
         let counters = Arc::new(StageCounters::default());
-        let mut aggregator = Aggregator::new(
+        Aggregator::new(
             AggregateConfig::new("c", writer),
             out.clone(),
             SiteRegistry::builtin(),
             counters,
-        );
-        service::serve(&mut aggregator, Arc::new(queue), std::future::pending()).await.unwrap();
+        )
+    }
+
+    /// Runs one aggregate writer over `studies` until its queue ends.
+    async fn aggregate(out: &Store, name: &str, studies: &[&str]) -> AggregateReport {
+        let queue = queued(name, studies).await;
+        let mut aggregator = writer(out, name);
+        let never = std::future::pending;
+        service::serve(&mut aggregator, queue, never(), never()).await.unwrap();
         aggregator.report().clone()
+    }
+
+    /// One writer's commit of `studies`' results, as a flush writes it.
+    async fn commit_results(out: &Store, writer: &str, studies: &[&str]) {
+        let rows: Vec<StudyScored> = studies.iter().map(|study| scored(study)).collect();
+        let batch = tables::results_batch(&rows, SOFTWARE_VERSION, OffsetDateTime::now_utc());
+        let mut staged = commit::Staged::new(writer, 1);
+        let key =
+            format!("results/region_code=330203/scan_month=2026-01/part-{writer}-00001.parquet");
+        let bytes = parquet_bytes(&batch.unwrap()).unwrap();
+        staged.stage(out, key, rows.len(), bytes).await.unwrap();
+        let ids = commit::CommitIds {
+            study_keys: studies.iter().map(|study| study.to_string()).collect(),
+            quarantine_ids: Vec::new(),
+            ignored_ids: Vec::new(),
+        };
+        staged.commit(out, ids, Vec::new()).await.unwrap();
+    }
+
+    /// Two writers whose flushes raced (each read the other's commits before either was
+    /// written) both committed s2; compaction keeps one row per study in one file per
+    /// partition, moves the commits' ids to its own, and a second compaction finds
+    /// nothing to do.
+    #[tokio::test]
+    async fn compaction_merges_duplicates_across_commits() {
+        let directory = tempfile::tempdir().unwrap();
+        let out = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
+        commit_results(&out, "writer-a", &["s1", "s2"]).await;
+        commit_results(&out, "writer-b", &["s2", "s3"]).await;
+        let committed = commit::read_commits(&out, &BTreeSet::new()).await.unwrap();
+        let keys: usize = committed.iter().map(|m| m.study_keys.len()).sum();
+        assert_eq!((committed.len(), keys), (2, 4), "s2 committed by both writers");
+
+        let sites = SiteRegistry::builtin();
+        let report = compact::compact(&out, "c", &sites).await.unwrap();
+        assert_eq!((report.studies, report.duplicates_dropped), (3, 1), "{report:?}");
+        assert_eq!((report.files_before, report.files_after), (2, 1), "{report:?}");
+        let committed = commit::read_commits(&out, &BTreeSet::new()).await.unwrap();
+        let mut keys: Vec<String> =
+            committed.iter().flat_map(|m| m.study_keys.iter().cloned()).collect();
+        keys.sort();
+        assert_eq!(committed.len(), 1, "the two commits are replaced by compaction's");
+        assert_eq!(keys.len(), 4, "their ids move with them (a late copy is still dropped)");
+        let results = out.list("results").await.unwrap();
+        assert_eq!(results.len(), 1, "{results:?}");
+
+        let again = compact::compact(&out, "c", &sites).await.unwrap();
+        assert_eq!((again.studies, again.duplicates_dropped), (3, 0));
+        assert_eq!((again.files_before, again.files_after), (1, 1));
     }
 
     /// A study another writer already committed (a redelivery that reached a second

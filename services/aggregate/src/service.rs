@@ -13,10 +13,13 @@ use crate::{AggregateError, Aggregator};
 
 /// Reads what earlier writers committed (waiting for the store when it is down at
 /// start-up), then aggregates until the three input subjects end or `shutdown` fires.
+/// `producers_done` says every message is already queued (the embedded run; a service
+/// passes `std::future::pending()`): see [`Aggregator::run_until`].
 pub async fn serve(
     aggregator: &mut Aggregator,
     queue: Arc<dyn Queue>,
     shutdown: impl Future<Output = ()>,
+    producers_done: impl Future<Output = ()>,
 ) -> Result<(), AggregateError> {
     let mut pause = Duration::from_millis(500);
     let existing = loop {
@@ -34,5 +37,5 @@ pub async fn serve(
     if let Some(readiness) = &aggregator.readiness {
         readiness.set(true);
     }
-    aggregator.run(queue, shutdown).await
+    aggregator.run_until(queue, shutdown, producers_done).await
 }

@@ -25,6 +25,26 @@ pub enum LengthProblem {
     Corrupt(String),
 }
 
+/// What the walk met: where Pixel Data is, and whether every element was walked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Walked {
+    /// The top-level Pixel Data element (the last one met: an icon image's own Pixel
+    /// Data sits in a sequence before it), as read from its header.
+    pub pixel_data: Option<PixelDataAt>,
+    /// The walk went element by element to the end of the object (not only of a prefix,
+    /// and not stopped by bytes it could not read as an element). Only then does "no
+    /// Pixel Data" mean the object has none.
+    pub whole: bool,
+}
+
+/// Where a Pixel Data value starts (byte offset in the object) and the length its
+/// header declares (`None`: undefined, encapsulated fragments follow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PixelDataAt {
+    pub offset: u64,
+    pub length: Option<u64>,
+}
+
 const TRUNCATED_PIXEL_DATA: &str = "Pixel Data is cut short";
 const FILE_ENDS_INSIDE: &str = "the file ends inside";
 
@@ -41,9 +61,14 @@ const CUT_SHORT_BYTES: u64 = 16 << 20;
 /// endian, descending into sequences and items, past Pixel Data to the end. A deflated data set
 /// is inflated first, never beyond [`DEFLATED_MAX_BYTES`] (a deflate bomb is refused
 /// as [`LengthProblem::Inflates`]), and its inflated bytes are walked the same way.
-pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProblem> {
+///
+/// On the way it notes where Pixel Data is ([`Walked`]): the one place that finds it, by
+/// walking elements rather than searching for its tag's bytes (which pixel values or a
+/// vendor's blob can hold). For a deflated data set the offsets would be in the inflated
+/// stream, so none is given.
+pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<Walked, LengthProblem> {
     if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
-        return Ok(()); // not Part 10; the parser says so itself
+        return Ok(Walked::default()); // not Part 10; the parser says so itself
     }
     let meta_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]) as u64;
     if 144 + meta_length > size {
@@ -61,7 +86,9 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProbl
         let (length, value_at) = if SHORT_VRS.contains(&&[header[4], header[5]]) {
             (u16::from_le_bytes([header[6], header[7]]) as u64, meta_end + 8)
         } else {
-            let Some(long) = bytes.get(meta_end + 8..meta_end + 12) else { return Ok(()) };
+            let Some(long) = bytes.get(meta_end + 8..meta_end + 12) else {
+                return Ok(Walked::default());
+            };
             (u32::from_le_bytes([long[0], long[1], long[2], long[3]]) as u64, meta_end + 12)
         };
         if length > size.saturating_sub(value_at as u64) {
@@ -78,10 +105,11 @@ pub fn check_declared_lengths(bytes: &[u8], size: u64) -> Result<(), LengthProbl
     }
     let syntax = transfer_syntax.as_str();
     if meta_end >= bytes.len() {
-        return Ok(());
+        return Ok(Walked::default());
     }
     if syntax == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
-        return check_deflated(&bytes[meta_end..], bytes.len() as u64 >= size);
+        check_deflated(&bytes[meta_end..], bytes.len() as u64 >= size)?;
+        return Ok(Walked::default());
     }
     let (implicit, big_endian) = if syntax == uids::IMPLICIT_VR_LITTLE_ENDIAN {
         (true, false)
@@ -147,7 +175,7 @@ fn check_deflated(deflated: &[u8], whole: bool) -> Result<(), LengthProblem> {
     inflate_into(deflated, DEFLATED_WALK_BYTES.min(total), &mut head);
     // A prefix of the object: the inflated size is unknown, so the limit bounds lengths.
     let size = if ended { total } else { DEFLATED_MAX_BYTES };
-    walk(&head, 0, head.len(), size, false, false)
+    walk(&head, 0, head.len(), size, false, false).map(|_| ())
 }
 
 fn walk(
@@ -157,7 +185,7 @@ fn walk(
     size: u64,
     implicit: bool,
     big_endian: bool,
-) -> Result<(), LengthProblem> {
+) -> Result<Walked, LengthProblem> {
     let u16_at = |at: usize| -> Option<u16> {
         let b = bytes.get(at..at + 2)?;
         Some(if big_endian {
@@ -209,13 +237,18 @@ fn walk(
         }
         Ok(None)
     };
+    let mut pixel_data = None;
+    // Stopped at bytes that cannot be read as an element: the rest is unknown.
+    let stopped = |pixel_data| Ok(Walked { pixel_data, whole: false });
     let mut at = start;
     while at + 8 <= end {
-        let (Some(group), Some(element)) = (u16_at(at), u16_at(at + 2)) else { return Ok(()) };
+        let (Some(group), Some(element)) = (u16_at(at), u16_at(at + 2)) else {
+            return stopped(pixel_data);
+        };
         let remaining = |value_at: usize| size.saturating_sub(value_at as u64);
         if group == 0xFFFE {
             // Item or delimiter: tag and a 32-bit length, no VR. Items are walked into.
-            let Some(length) = u32_at(at + 4) else { return Ok(()) };
+            let Some(length) = u32_at(at + 4) else { return stopped(pixel_data) };
             if element == 0xE000 && length != u32::MAX && length as u64 > remaining(at + 8) {
                 return Err(LengthProblem::Corrupt(format!(
                     "an item at byte {at} declares {length} bytes, more than the file holds"
@@ -225,15 +258,15 @@ fn walk(
             continue;
         }
         let (length, value_at, sequence) = if implicit {
-            let Some(length) = u32_at(at + 4) else { return Ok(()) };
+            let Some(length) = u32_at(at + 4) else { return stopped(pixel_data) };
             (length, at + 8, length == u32::MAX)
         } else {
             let vr = [bytes[at + 4], bytes[at + 5]];
             if !SHORT_VRS.contains(&&vr) {
-                let Some(length) = u32_at(at + 8) else { return Ok(()) };
+                let Some(length) = u32_at(at + 8) else { return stopped(pixel_data) };
                 (length, at + 12, &vr == b"SQ" || length == u32::MAX)
             } else {
-                let Some(length) = u16_at(at + 6) else { return Ok(()) };
+                let Some(length) = u16_at(at + 6) else { return stopped(pixel_data) };
                 (length as u32, at + 8, false)
             }
         };
@@ -241,6 +274,10 @@ fn walk(
             // Pixel Data: one value, or encapsulated fragments (items of raw bytes). What
             // follows it (padding, vendor elements, garbage) is walked too: a parser that
             // reads the whole object reads those lengths as well.
+            pixel_data = Some(PixelDataAt {
+                offset: value_at as u64,
+                length: (length != u32::MAX).then_some(length as u64),
+            });
             if length != u32::MAX && length as u64 > size.saturating_sub(value_at as u64) {
                 return Err(LengthProblem::Cut(format!(
                     "{TRUNCATED_PIXEL_DATA}: it declares {length} bytes but the file has only {} after it",
@@ -256,7 +293,7 @@ fn walk(
                     at = after;
                     continue;
                 }
-                None => return Ok(()),
+                None => return stopped(pixel_data),
             }
         }
         if length == u32::MAX {
@@ -266,7 +303,8 @@ fn walk(
         fits(at, length, value_at)?;
         at = if sequence { value_at } else { value_at + length as usize };
     }
-    Ok(())
+    // Fewer than 8 bytes left: the end of what was given; of the object if that is all.
+    Ok(Walked { pixel_data, whole: end as u64 >= size })
 }
 
 #[cfg(test)]
@@ -291,13 +329,19 @@ mod tests {
         bytes
     }
 
+    /// (0010,0010) PN "DOE^J ", explicit VR little endian.
+    fn patient_name() -> Vec<u8> {
+        let mut element = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
+        element.extend_from_slice(b"DOE^J ");
+        element
+    }
+
     #[test]
     fn a_length_beyond_the_file_is_refused_before_parsing() {
         // (0010,0010) PN "DOE^J" then (0008,0060) CS with a corrupt length.
-        let mut dataset = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
-        dataset.extend_from_slice(b"DOE^J ");
+        let mut dataset = patient_name();
         let good = part10(&dataset);
-        assert_eq!(check_declared_lengths(&good, good.len() as u64), Ok(()));
+        assert!(check_declared_lengths(&good, good.len() as u64).is_ok());
         dataset.extend_from_slice(&[0x08, 0x00, 0x00, 0x11, b'O', b'B', 0, 0]);
         dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
         let bad = part10(&dataset);
@@ -307,7 +351,7 @@ mod tests {
             "{error}"
         );
         // A prefix of a large object: the same length is plausible, so it passes.
-        assert_eq!(check_declared_lengths(&bad, 2 << 30), Ok(()));
+        assert!(check_declared_lengths(&bad, 2 << 30).is_ok());
         // A file cut inside a value is truncated, not corrupt.
         let cut = &good[..good.len() - 3];
         let error = check_declared_lengths(cut, cut.len() as u64).unwrap_err();
@@ -315,6 +359,74 @@ mod tests {
             matches!(&error, LengthProblem::Cut(text) if text.starts_with(FILE_ENDS_INSIDE) && text.contains("(0010,0010)")),
             "{error}"
         );
+    }
+
+    /// (7FE0,0010) OW with `value` (explicit VR little endian).
+    fn pixel_data_element(value: &[u8]) -> Vec<u8> {
+        let mut element = vec![0xe0, 0x7f, 0x10, 0x00, b'O', b'W', 0, 0];
+        element.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        element.extend_from_slice(value);
+        element
+    }
+
+    #[test]
+    fn the_walk_finds_pixel_data_by_its_element_not_by_its_bytes() {
+        let mut dataset = patient_name();
+        let header_end = part10(&dataset).len() as u64;
+        // Pixel values that hold the bytes of a Pixel Data header (a search for the tag
+        // from the end, as the old finder did, lands on them).
+        let mut pixels = vec![0u8; 64];
+        pixels[20..32].copy_from_slice(&[0xe0, 0x7f, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0]);
+        dataset.extend_from_slice(&pixel_data_element(&pixels));
+        let bytes = part10(&dataset);
+        let walked = check_declared_lengths(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(
+            walked,
+            Walked {
+                pixel_data: Some(PixelDataAt { offset: header_end + 12, length: Some(64) }),
+                whole: true
+            }
+        );
+        // A prefix that stops inside Pixel Data still says where it is, but not whole.
+        let prefix = &bytes[..bytes.len() - 10];
+        let walked = check_declared_lengths(prefix, bytes.len() as u64).unwrap();
+        assert_eq!(
+            walked.pixel_data,
+            Some(PixelDataAt { offset: header_end + 12, length: Some(64) })
+        );
+        assert!(!walked.whole);
+    }
+
+    #[test]
+    fn an_icon_image_s_pixel_data_is_not_the_image_s() {
+        // (0088,0200) Icon Image Sequence, undefined length, one item holding Pixel Data.
+        let mut dataset = vec![0x88, 0x00, 0x00, 0x02, b'S', b'Q', 0, 0, 0xff, 0xff, 0xff, 0xff];
+        dataset.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff]);
+        dataset.extend_from_slice(&pixel_data_element(&[1; 16]));
+        dataset.extend_from_slice(&[0xfe, 0xff, 0x0d, 0xe0, 0, 0, 0, 0]);
+        dataset.extend_from_slice(&[0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0]);
+        // The image's own Pixel Data: encapsulated (undefined length), one empty offset
+        // table and one fragment, then the delimiter.
+        let image_at = part10(&dataset).len() as u64 + 12;
+        dataset
+            .extend_from_slice(&[0xe0, 0x7f, 0x10, 0x00, b'O', b'B', 0, 0, 0xff, 0xff, 0xff, 0xff]);
+        dataset.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 0, 0, 0, 0]);
+        dataset.extend_from_slice(&[0xfe, 0xff, 0x00, 0xe0, 4, 0, 0, 0, 9, 9, 9, 9]);
+        dataset.extend_from_slice(&[0xfe, 0xff, 0xdd, 0xe0, 0, 0, 0, 0]);
+        let bytes = part10(&dataset);
+        let walked = check_declared_lengths(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(walked.pixel_data, Some(PixelDataAt { offset: image_at, length: None }));
+        assert!(walked.whole);
+    }
+
+    #[test]
+    fn an_object_without_pixel_data_says_so_only_when_walked_whole() {
+        let dataset = patient_name();
+        let bytes = part10(&dataset);
+        let walked = check_declared_lengths(&bytes, bytes.len() as u64).unwrap();
+        assert_eq!(walked, Walked { pixel_data: None, whole: true });
+        let walked = check_declared_lengths(&bytes, bytes.len() as u64 + 1000).unwrap();
+        assert_eq!(walked, Walked { pixel_data: None, whole: false });
     }
 
     fn deflate(bytes: &[u8]) -> Vec<u8> {
@@ -329,10 +441,9 @@ mod tests {
 
     #[test]
     fn a_deflated_data_set_is_inflated_with_a_cap_and_walked() {
-        let mut dataset = vec![0x10, 0x00, 0x10, 0x00, b'P', b'N', 6, 0];
-        dataset.extend_from_slice(b"DOE^J ");
+        let mut dataset = patient_name();
         let good = part10_in(DEFLATED_UID, &deflate(&dataset));
-        assert_eq!(check_declared_lengths(&good, good.len() as u64), Ok(()));
+        assert!(check_declared_lengths(&good, good.len() as u64).is_ok());
         // The same lie as above, inside the compressed stream.
         dataset.extend_from_slice(&[0x08, 0x00, 0x00, 0x11, b'O', b'B', 0, 0]);
         dataset.extend_from_slice(&0x4000_0000u32.to_le_bytes());
@@ -350,7 +461,7 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("corrupt"));
-        assert_eq!(check_declared_lengths(&corrupt, good.len() as u64), Ok(()));
+        assert!(check_declared_lengths(&corrupt, good.len() as u64).is_ok());
     }
 
     #[test]

@@ -3,8 +3,7 @@
 //!
 //! - [`lengths`]: the declared-length walk that runs before any parser allocates (a
 //!   flipped bit in a length field must not make a parser ask for gigabytes), with
-//!   deflated data sets inflated under a cap.
-//! - [`pixel_data`]: where Pixel Data starts and how long it says it is.
+//!   deflated data sets inflated under a cap; it also says where Pixel Data is.
 //! - [`enhanced`]: per-frame attribute look-ups, for classic CT images and Enhanced CT
 //!   (functional groups) alike.
 //!
@@ -12,11 +11,9 @@
 
 pub mod enhanced;
 pub mod lengths;
-pub mod pixel_data;
 
 pub use enhanced::{
     frame_attribute, frame_floats, frame_orientation, frame_position, frame_rescale, groups,
     has_functional_groups, number_of_frames,
 };
-pub use lengths::{check_declared_lengths, LengthProblem, DEFLATED_MAX_BYTES};
-pub use pixel_data::find_pixel_data;
+pub use lengths::{check_declared_lengths, LengthProblem, PixelDataAt, Walked, DEFLATED_MAX_BYTES};

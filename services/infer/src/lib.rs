@@ -4,10 +4,14 @@
 //! - [`model`]: one model, checked against its manifest (checksum, input and output
 //!   names) and loaded once per worker; CPU, CUDA or TensorRT.
 //! - [`lesion_metrics`]: lesion volume and centroid from the mask.
+//! - [`error`]: why a study cannot be scored, one variant per quarantine reason.
+//! - [`config`]: the stage's settings; [`service`]: the stage as it runs.
 //!
 //! [`InferHandler`] is the stage: a batch of `StudyPreprocessed` in, one `StudyScored`
 //! per study out.
 
+pub mod config;
+pub mod error;
 pub mod model;
 pub mod runtime;
 pub mod service;
@@ -27,6 +31,7 @@ use panscreen_shared::worker::{Handler, Outcome};
 use time::OffsetDateTime;
 use tracing::info;
 
+pub use error::InferError;
 pub use model::{Device, Model, ModelError};
 
 /// Lesion volume (mm³) and centroid (patient mm) of the voxels at or above
@@ -74,16 +79,15 @@ impl InferHandler {
         }
     }
 
-    async fn load_tensor(&self, message: &StudyPreprocessed) -> Result<Vec<f32>, StageError> {
+    async fn load_tensor(&self, message: &StudyPreprocessed) -> Result<Vec<f32>, InferError> {
         let bytes = self.work.get(&message.tensor_key).await?;
-        let (shape, data) = npy::decode_f32(&bytes).map_err(|error| {
-            StageError::permanent("stored tensor is unreadable", error.to_string())
-        })?;
+        let (shape, data) = npy::decode_f32(&bytes)
+            .map_err(|error| InferError::TensorUnreadable(error.to_string()))?;
         if shape != message.geometry.shape {
-            return Err(StageError::permanent(
-                "stored tensor has the wrong shape",
-                format!("{shape:?}, the message says {:?}", message.geometry.shape),
-            ));
+            return Err(InferError::TensorShape {
+                stored: shape,
+                expected: message.geometry.shape.clone(),
+            });
         }
         Ok(data)
     }
@@ -92,7 +96,7 @@ impl InferHandler {
         &self,
         messages: Vec<StudyPreprocessed>,
         volumes: Vec<Vec<f32>>,
-    ) -> Result<Vec<Outcome>, StageError> {
+    ) -> Result<Vec<Outcome>, InferError> {
         let started = Instant::now();
         let model = self.model.clone();
         let (output, identity, threshold, mask_threshold) =
@@ -108,9 +112,8 @@ impl InferHandler {
                 )
             })
             .await
-            .map_err(|error| StageError::retryable("inference task failed", error.to_string()))?;
-        let output =
-            output.map_err(|error| StageError::retryable("inference failed", error.to_string()))?;
+            .map_err(|error| InferError::TaskFailed(error.to_string()))?;
+        let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
         let per_study_ms = started.elapsed().as_secs_f64() * 1000.0 / messages.len() as f64;
         let mut outcomes = Vec::with_capacity(messages.len());
         for (index, message) in messages.into_iter().enumerate() {
@@ -175,9 +178,8 @@ impl Handler for InferHandler {
             Vec::with_capacity(payloads.len());
         let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>)> = Vec::new();
         for (index, payload) in payloads.iter().enumerate() {
-            let parsed = serde_json::from_slice::<StudyPreprocessed>(payload).map_err(|error| {
-                StageError::permanent("unreadable preprocess message", error.to_string())
-            });
+            let parsed = serde_json::from_slice::<StudyPreprocessed>(payload)
+                .map_err(|error| InferError::BadMessage(error.to_string()));
             let loaded = match parsed {
                 Ok(message) => self.load_tensor(&message).await.map(|tensor| (message, tensor)),
                 Err(error) => Err(error),
@@ -187,7 +189,7 @@ impl Handler for InferHandler {
                     results.push(None);
                     ready.push((index, message, tensor));
                 }
-                Err(error) => results.push(Some(Err(error))),
+                Err(error) => results.push(Some(Err(error.into()))),
             }
         }
         if !ready.is_empty() {
@@ -201,6 +203,7 @@ impl Handler for InferHandler {
                     }
                 }
                 Err(error) => {
+                    let error = StageError::from(error);
                     for index in indices {
                         results[index] = Some(Err(error.clone()));
                     }

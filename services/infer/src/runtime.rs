@@ -8,7 +8,12 @@
 //! 1. `PANSCREEN_ORT_DYLIB`, then `ORT_DYLIB_PATH` (any path);
 //! 2. `.panscreen/onnxruntime/<file>` in the working directory or any parent of it,
 //!    then beside the executable or any parent of it;
-//! 3. `~/.local/share/panscreen/onnxruntime/<file>`.
+//! 3. `<prefix>/share/panscreen/onnxruntime/<file>` for an executable in `<prefix>/bin`,
+//!    then `~/.local/share/panscreen/onnxruntime/<file>`;
+//! 4. `.panscreen/onnxruntime/<file>` in the source tree the binary was built from
+//!    (so `cargo install --path services/panscreen` works from any directory).
+//!
+//! ([`panscreen_shared::install`] is that order, shared with the default model.)
 //!
 //! The file's sha256 must equal the pinned one. Another build (the CUDA one, say) is
 //! accepted when `PANSCREEN_ORT_SHA256` names its checksum.
@@ -17,6 +22,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use ort::logging::LogLevel;
 use sha2::{Digest, Sha256};
 
 /// The ONNX Runtime version `ort` 2.0.0-rc.15 targets.
@@ -72,24 +78,10 @@ pub fn file_sha256(path: &Path) -> Result<String, RuntimeError> {
 }
 
 fn candidates() -> Vec<PathBuf> {
-    let relative = Path::new(".panscreen").join("onnxruntime").join(ORT_LIBRARY_FILE);
-    let mut roots: Vec<PathBuf> = Vec::new();
-    if let Ok(directory) = std::env::current_dir() {
-        roots.extend(directory.ancestors().map(Path::to_path_buf));
-    }
-    if let Some(directory) =
-        std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf))
-    {
-        roots.extend(directory.ancestors().map(Path::to_path_buf));
-    }
-    let mut paths: Vec<PathBuf> = roots.into_iter().map(|root| root.join(&relative)).collect();
-    if let Some(home) = std::env::var_os("HOME") {
-        paths.push(
-            PathBuf::from(home).join(".local/share/panscreen/onnxruntime").join(ORT_LIBRARY_FILE),
-        );
-    }
-    paths.dedup();
-    paths
+    panscreen_shared::install::candidates(
+        &Path::new(".panscreen").join("onnxruntime").join(ORT_LIBRARY_FILE),
+        &Path::new("onnxruntime").join(ORT_LIBRARY_FILE),
+    )
 }
 
 /// Where the library is, by the search order above.
@@ -119,6 +111,22 @@ pub fn verify(path: &Path) -> Result<(), RuntimeError> {
     Err(RuntimeError::Checksum { path: path.to_path_buf(), actual, expected })
 }
 
+/// ONNX Runtime's own log lines, one level down: its INFO lines (graph transformers,
+/// "modified: 0", one per optimiser pass at every load) are debugging detail, not news
+/// for an operator. Target `onnxruntime`, so `PANSCREEN_LOG=onnxruntime=debug` shows them.
+fn onnxruntime_log(level: LogLevel, category: &str, _id: &str, location: &str, message: &str) {
+    match level {
+        LogLevel::Verbose => {
+            tracing::trace!(target: "onnxruntime", category, location, "{message}")
+        }
+        LogLevel::Info => tracing::debug!(target: "onnxruntime", category, location, "{message}"),
+        LogLevel::Warning => tracing::warn!(target: "onnxruntime", category, location, "{message}"),
+        LogLevel::Error | LogLevel::Fatal => {
+            tracing::error!(target: "onnxruntime", category, location, "{message}")
+        }
+    }
+}
+
 static ENVIRONMENT: OnceLock<Result<(PathBuf, ort::environment::Environment), String>> =
     OnceLock::new();
 
@@ -131,9 +139,13 @@ pub fn environment() -> Result<(&'static Path, &'static ort::environment::Enviro
         let builder = ort::init_from(&path).map_err(|e| {
             RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string()
         })?;
-        let environment = builder.with_name("panscreen").build().map_err(|e| {
-            RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string()
-        })?;
+        let environment = builder
+            .with_name("panscreen")
+            .with_logger(std::sync::Arc::new(onnxruntime_log))
+            .build()
+            .map_err(|e| {
+                RuntimeError::Load { path: path.clone(), detail: e.to_string() }.to_string()
+            })?;
         Ok((path, environment))
     });
     match loaded {

@@ -8,22 +8,13 @@ use panscreen_shared::contracts::{topology, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::queue::{Queue, QueueError};
 use panscreen_shared::store::Store;
-use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
+use panscreen_shared::worker::{run_worker, StageCounters};
 
+use crate::config::InferConfig;
 use crate::{Device, InferHandler, Model};
 
 /// A loaded model, shared by a worker's concurrent batches (one runs at a time).
 pub type SharedModel = Arc<Mutex<Model>>;
-
-/// What the stage needs besides its queue, store and model.
-pub struct InferConfig {
-    pub campaign: String,
-    /// Studies per inference batch.
-    pub batch_size: usize,
-    /// Keep each study's tensor in the work store after it is scored.
-    pub keep_tensors: bool,
-    pub worker: WorkerConfig,
-}
 
 /// Loads and checks the model on a blocking thread (loading takes seconds).
 pub async fn load_model(

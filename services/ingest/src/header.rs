@@ -11,7 +11,9 @@ use dicom_core::Tag;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
-use panscreen_dicom::LengthProblem;
+use panscreen_dicom::{LengthProblem, Walked};
+
+pub use crate::error::HeaderProblem;
 
 /// The header fields ingest uses. Patient identifiers are read only to be pseudonymized.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,49 +83,6 @@ impl InstanceHeader {
     }
 }
 
-/// Why an object is not a usable DICOM instance.
-#[derive(Debug, Clone, PartialEq)]
-pub enum HeaderProblem {
-    /// Not DICOM at all: quarantine (someone put it where studies go).
-    NotDicom(String),
-    /// DICOM, but cut short.
-    Truncated(String),
-    /// The prefix read ends inside the header: read the whole object and parse again.
-    NeedsMoreBytes(String),
-    /// DICOM, but a required attribute is missing or malformed.
-    Invalid(String),
-    /// A deflated data set that inflates beyond the limit (a deflate bomb).
-    Inflates(String),
-    /// A DICOM object that is not an image (a structured report, a presentation state,
-    /// an encapsulated PDF…): its SOP class name.
-    NonImage(String),
-}
-
-impl HeaderProblem {
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HeaderProblem::NotDicom(_) => "not a DICOM file",
-            HeaderProblem::Truncated(_) | HeaderProblem::NeedsMoreBytes(_) => {
-                "DICOM file is truncated"
-            }
-            HeaderProblem::Invalid(_) => "DICOM header is missing required attributes",
-            HeaderProblem::Inflates(_) => "object expands beyond the decompressed size limit",
-            HeaderProblem::NonImage(_) => "not an image",
-        }
-    }
-
-    pub fn detail(&self) -> &str {
-        match self {
-            HeaderProblem::NotDicom(detail)
-            | HeaderProblem::Truncated(detail)
-            | HeaderProblem::NeedsMoreBytes(detail)
-            | HeaderProblem::Invalid(detail)
-            | HeaderProblem::Inflates(detail)
-            | HeaderProblem::NonImage(detail) => detail,
-        }
-    }
-}
-
 /// Does this look like a DICOM Part 10 file (preamble + "DICM")?
 pub fn has_dicom_magic(bytes: &[u8]) -> bool {
     bytes.len() >= 132 && &bytes[128..132] == b"DICM"
@@ -141,11 +100,12 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     }
     // The parser allocates a value's declared length before reading it: refuse lengths
     // the object cannot hold first.
-    panscreen_dicom::check_declared_lengths(bytes, size).map_err(|problem| match problem {
-        LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
-        LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
-        LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
-    })?;
+    let walked =
+        panscreen_dicom::check_declared_lengths(bytes, size).map_err(|problem| match problem {
+            LengthProblem::Cut(detail) => HeaderProblem::Truncated(detail),
+            LengthProblem::Inflates(detail) => HeaderProblem::Inflates(detail),
+            LengthProblem::Corrupt(detail) => HeaderProblem::Invalid(detail),
+        })?;
     // A panic in the parser on a malformed file is that file's problem, not ingest's.
     let parsed = std::panic::catch_unwind(|| {
         OpenFileOptions::new()
@@ -158,7 +118,7 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
     if let Some(name) = non_image_sop_class(&object) {
         return Err(HeaderProblem::NonImage(name));
     }
-    check_pixel_extent(&object, size, bytes)?;
+    check_pixel_data(&object, size, walked)?;
     header_from_object(key, size, &object)
 }
 
@@ -209,38 +169,23 @@ pub fn needs_more_bytes(problem: &HeaderProblem) -> bool {
     matches!(problem, HeaderProblem::NeedsMoreBytes(_))
 }
 
-fn check_pixel_extent(
+/// An image must have Pixel Data. The declared-length walk said where it is (and has
+/// already refused one that runs past the end of the object as truncated); an object
+/// walked to its end without meeting it is truncated before its pixels.
+fn check_pixel_data(
     object: &DefaultDicomObject,
     size: u64,
-    bytes: &[u8],
+    walked: Walked,
 ) -> Result<(), HeaderProblem> {
     let transfer_syntax = object.meta().transfer_syntax().trim_end_matches('\0');
-    let big_endian = transfer_syntax == "1.2.840.10008.1.2.2";
-    let implicit = transfer_syntax == uids::IMPLICIT_VR_LITTLE_ENDIAN;
     if transfer_syntax == uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN {
-        return Ok(()); // the length is inside the compressed stream; checked when decoded
+        return Ok(()); // inside the compressed stream; checked when decoded
     }
-    let Some((offset, length)) = panscreen_dicom::find_pixel_data(bytes, big_endian, implicit)
-    else {
-        if (bytes.len() as u64) < size {
-            return Ok(()); // Pixel Data lies beyond the prefix; nothing to judge here
-        }
+    if walked.pixel_data.is_none() && walked.whole {
         return Err(HeaderProblem::Truncated(format!("no Pixel Data element in {size} bytes")));
-    };
-    match length {
-        Some(length) => {
-            let end = offset + length;
-            if end > size {
-                return Err(HeaderProblem::Truncated(format!(
-                    "Pixel Data declares {length} bytes but the file has only {} after it",
-                    size.saturating_sub(offset)
-                )));
-            }
-            Ok(())
-        }
-        // Encapsulated (compressed): the sequence delimiter is checked when decoding.
-        None => Ok(()),
     }
+    // Met, or beyond the prefix read (the decoder reads the rest).
+    Ok(())
 }
 
 fn header_from_object(

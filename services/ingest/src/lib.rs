@@ -12,13 +12,16 @@
 //! - [`accounting`]: the accounting table of a run or a pass.
 //! - [`inspect`]: what a run would do with every object (`panscreen inspect`).
 //! - [`service`]: the stage as it runs (`panscreen serve ingest`); the embedded run
-//!   calls [`run_once`].
+//!   calls [`run_once`]. [`config`]: its settings. [`error`]: why an object or a study
+//!   is not screened.
 //!
 //! Every listed object ends in exactly one place: part of a screened series, quarantined
 //! with a reason, or ignored with a reason. [`IngestReport`] counts them.
 
 pub mod accounting;
+pub mod config;
 pub mod deidentify;
+pub mod error;
 pub mod header;
 pub mod inspect;
 pub mod select;
@@ -42,39 +45,9 @@ use panscreen_shared::store::{ObjectInfo, Store, StoreError, StoreErrorKind, Unl
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
+pub use crate::config::IngestConfig;
 use crate::header::{needs_more_bytes, InstanceHeader};
-use crate::select::{choose_series, group_series, SelectionRules};
-
-/// Settings of the ingest stage.
-#[derive(Debug, Clone)]
-pub struct IngestConfig {
-    pub campaign: String,
-    /// Only objects under this key prefix are read ("" for all).
-    pub prefix: String,
-    /// Bytes fetched first for a header; the whole object only if the header is longer.
-    pub header_bytes: u64,
-    /// Objects read at once.
-    pub concurrency: usize,
-    pub rules: SelectionRules,
-    /// Objects larger than this are quarantined unread.
-    pub max_object_bytes: u64,
-    /// Objects whose pixel data would decode to more than this are quarantined.
-    pub max_decoded_bytes: u64,
-}
-
-impl IngestConfig {
-    pub fn new(campaign: &str) -> Self {
-        IngestConfig {
-            campaign: campaign.to_string(),
-            prefix: String::new(),
-            header_bytes: 64 * 1024,
-            concurrency: 16,
-            rules: SelectionRules::default(),
-            max_object_bytes: 1 << 30,
-            max_decoded_bytes: 2 << 30,
-        }
-    }
-}
+use crate::select::{choose_series, group_series};
 
 /// What ingest made of every listed object.
 #[derive(Debug, Default)]

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use dicom_dictionary_std::uids;
 
+pub use crate::error::Rejection;
 use crate::header::InstanceHeader;
 
 /// Instances of one series, in no particular order.
@@ -77,19 +78,6 @@ pub struct ChosenSeries {
     pub slice_spacing_mm: f64,
     /// Every other series of the study (SeriesInstanceUID) and why it was not chosen.
     pub not_chosen: Vec<(String, String)>,
-}
-
-/// Why a study cannot be screened.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rejection {
-    pub reason: String,
-    pub detail: String,
-}
-
-impl Rejection {
-    fn new(reason: impl Into<String>, detail: impl Into<String>) -> Self {
-        Rejection { reason: reason.into(), detail: detail.into() }
-    }
 }
 
 /// Groups a study's instances by SeriesInstanceUID.

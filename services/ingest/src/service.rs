@@ -10,28 +10,15 @@ use std::time::Duration;
 
 use panscreen_shared::contracts::{topology, Stage};
 use panscreen_shared::metrics::Readiness;
-use panscreen_shared::pseudonym::Pseudonymizer;
 use panscreen_shared::queue::{Queue, QueueError};
 use panscreen_shared::retry::until_it_works;
-use panscreen_shared::sites::SiteRegistry;
 use panscreen_shared::store::Store;
 use panscreen_shared::worker::StageCounters;
 use tracing::{info, warn};
 
-use crate::watch::{Completion, Watcher};
-use crate::{accounting, submissions, IngestConfig, IngestReport};
-
-/// What the service needs besides its queue and stores.
-pub struct IngestServiceConfig {
-    pub ingest: IngestConfig,
-    /// Prefixes watched from the start (`--watch`); submitted ones are added as they come.
-    pub watch: Vec<String>,
-    pub completion: Completion,
-    /// How often every watched prefix is listed again.
-    pub rescan: Duration,
-    pub pseudonymizer: Pseudonymizer,
-    pub sites: SiteRegistry,
-}
+use crate::config::IngestServiceConfig;
+use crate::watch::Watcher;
+use crate::{accounting, submissions, IngestReport};
 
 /// Where the service reads and writes.
 pub struct IngestStores {

@@ -14,10 +14,11 @@ use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use panscreen_aggregate::tables::RegionCounts;
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_infer::service::{load_model, InferConfig};
+use panscreen_infer::config::InferConfig;
+use panscreen_infer::service::load_model;
 use panscreen_infer::Device;
 use panscreen_ingest::{IngestConfig, IngestReport, Redo};
-use panscreen_preprocess::service::PreprocessConfig;
+use panscreen_preprocess::config::PreprocessConfig;
 use panscreen_shared::contracts::{subjects, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::pseudonym::Pseudonymizer;
@@ -228,12 +229,21 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         options.sites.clone(),
         aggregate_counters.clone(),
     );
+    // Fired once infer has ended: every message aggregate will get is then queued.
+    let (producers_done, producers_done_rx) = tokio::sync::oneshot::channel::<()>();
     let aggregate_task = {
         let queue = dyn_queue.clone();
         tokio::spawn(async move {
-            let result =
-                panscreen_aggregate::service::serve(&mut aggregator, queue, std::future::pending())
-                    .await;
+            let done = async {
+                let _ = producers_done_rx.await;
+            };
+            let result = panscreen_aggregate::service::serve(
+                &mut aggregator,
+                queue,
+                std::future::pending(),
+                done,
+            )
+            .await;
             (aggregator, result)
         })
     };
@@ -345,6 +355,7 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
     infer_task.await??;
     queue.close(&subjects::scored(&campaign)).await;
     queue.close(&subjects::quarantine(&campaign)).await;
+    let _ = producers_done.send(());
     let (aggregator, aggregate_result) = aggregate_task.await?;
     aggregate_result?;
     ticker.abort();

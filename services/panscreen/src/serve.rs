@@ -15,12 +15,14 @@ use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_infer::service::{load_model, InferConfig};
-use panscreen_ingest::service::{IngestServiceConfig, IngestStores};
+use panscreen_infer::config::InferConfig;
+use panscreen_infer::service::load_model;
+use panscreen_ingest::config::IngestServiceConfig;
+use panscreen_ingest::service::IngestStores;
 use panscreen_ingest::submissions;
 use panscreen_ingest::watch::Completion;
 use panscreen_ingest::IngestConfig;
-use panscreen_preprocess::service::PreprocessConfig;
+use panscreen_preprocess::config::PreprocessConfig;
 use panscreen_shared::contracts::{subjects, topology, ScanRequest, Stage};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::metrics::{self, Readiness};
@@ -287,7 +289,13 @@ pub async fn serve(
                 counters.clone(),
             )
             .with_readiness(readiness.clone());
-            panscreen_aggregate::service::serve(&mut aggregator, queue, shutdown).await?;
+            panscreen_aggregate::service::serve(
+                &mut aggregator,
+                queue,
+                shutdown,
+                std::future::pending(),
+            )
+            .await?;
         }
     }
     metrics.abort();

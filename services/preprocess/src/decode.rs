@@ -18,8 +18,8 @@ use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
 use panscreen_dicom::{frame_position, frame_rescale, number_of_frames};
-use panscreen_shared::error::StageError;
 
+use crate::error::PreprocessError;
 use crate::gdcm_helper;
 use crate::hu::{frame_to_hu, PixelFormat};
 
@@ -48,20 +48,20 @@ fn integer(object: &DefaultDicomObject, tag: Tag) -> Option<i64> {
     object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok())
 }
 
-fn unreadable(key: &str, detail: impl std::fmt::Display) -> StageError {
-    StageError::permanent("cannot decode a slice", format!("{key}: {detail}"))
+fn unreadable(key: &str, detail: impl std::fmt::Display) -> PreprocessError {
+    PreprocessError::undecodable(key, detail)
 }
 
 /// Runs third-party parsing or decoding so that a panic on a malformed file (the fuzz
 /// test found one in the RLE decoder) becomes this file's error, not the worker's crash.
-fn contain_panic<T>(key: &str, work: impl FnOnce() -> T) -> Result<T, StageError> {
+fn contain_panic<T>(key: &str, work: impl FnOnce() -> T) -> Result<T, PreprocessError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
         let message = panic
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("no message");
-        StageError::permanent("the decoder failed on this file", format!("{key}: {message}"))
+        PreprocessError::DecoderFailed { key: key.to_string(), detail: message.to_string() }
     })
 }
 
@@ -76,7 +76,7 @@ pub fn open(
     key: &str,
     bytes: &[u8],
     limits: &DecodeLimits,
-) -> Result<DefaultDicomObject, StageError> {
+) -> Result<DefaultDicomObject, PreprocessError> {
     if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
         return Err(unreadable(key, "not a DICOM Part 10 file"));
     }
@@ -93,13 +93,13 @@ pub fn open(
                 unreadable(key, format!("the deflated data set is corrupt: {error}"))
             })?;
         if size > limits.max_decoded_bytes {
-            return Err(StageError::permanent(
-                "object expands beyond the decompressed size limit",
-                format!(
-                    "{key}: the deflated data set inflates to over {} bytes",
+            return Err(PreprocessError::TooLarge {
+                key: key.to_string(),
+                detail: format!(
+                    "the deflated data set inflates to over {} bytes",
                     limits.max_decoded_bytes
                 ),
-            ));
+            });
         }
     }
     panscreen_dicom::check_declared_lengths(bytes, bytes.len() as u64)
@@ -116,14 +116,14 @@ pub fn open(
     let samples = integer(&object, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1) as u64;
     let decoded = rows * columns * samples * bits / 8 * number_of_frames(&object) as u64;
     if decoded > limits.max_decoded_bytes {
-        return Err(StageError::permanent(
-            "object expands beyond the decompressed size limit",
-            format!(
-                "{key}: {rows}×{columns}×{} frames would decode to {decoded} bytes, the limit is {}",
+        return Err(PreprocessError::TooLarge {
+            key: key.to_string(),
+            detail: format!(
+                "{rows}×{columns}×{} frames would decode to {decoded} bytes, the limit is {}",
                 number_of_frames(&object),
                 limits.max_decoded_bytes
             ),
-        ));
+        });
     }
     Ok(object)
 }
@@ -134,7 +134,7 @@ pub fn decode_frame(
     object: &DefaultDicomObject,
     frame: u32,
     fill_hu: f32,
-) -> Result<DecodedSlice, StageError> {
+) -> Result<DecodedSlice, PreprocessError> {
     let frames = number_of_frames(object);
     if frame >= frames {
         return Err(unreadable(
@@ -168,7 +168,14 @@ pub fn decode_frame(
     } else if jpeg_2000 {
         check_j2k_size(key, &compressed, rows, columns)?;
     }
-    let hu = if let Some(gdcm_syntax) = gdcm_helper::syntax_code(transfer_syntax) {
+    let gdcm_syntax = gdcm_helper::syntax_code(transfer_syntax);
+    if let (Some(code), false) = (gdcm_syntax, gdcm_helper::WITH_GDCM) {
+        return Err(PreprocessError::CodecLeftOut {
+            key: key.to_string(),
+            syntax: format!("{} ({transfer_syntax})", gdcm_helper::syntax_name(code)),
+        });
+    }
+    let hu = if let Some(gdcm_syntax) = gdcm_syntax {
         let format = PixelFormat {
             bits_allocated: integer(object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
             bits_stored: integer(object, tags::BITS_STORED).unwrap_or(12) as u16,
@@ -199,7 +206,7 @@ pub fn decode_frame(
 
 /// An RLE frame starts with a 64-byte header: the number of segments (1 to 15) and
 /// their offsets, which must lie inside the frame (the decoder sizes a table by it).
-fn check_rle_header(key: &str, frame: &[u8]) -> Result<(), StageError> {
+fn check_rle_header(key: &str, frame: &[u8]) -> Result<(), PreprocessError> {
     let word = |index: usize| {
         frame
             .get(index * 4..index * 4 + 4)
@@ -241,7 +248,7 @@ fn check_jpeg_size(
     stream: &[u8],
     rows: usize,
     columns: usize,
-) -> Result<(), StageError> {
+) -> Result<(), PreprocessError> {
     let mut at = 2; // after SOI
     if stream.get(..2) != Some(&[0xff, 0xd8]) {
         return Err(unreadable(key, "the JPEG stream does not start with SOI"));
@@ -285,7 +292,7 @@ fn check_j2k_size(
     codestream: &[u8],
     rows: usize,
     columns: usize,
-) -> Result<(), StageError> {
+) -> Result<(), PreprocessError> {
     let siz = codestream
         .windows(4)
         .take(4096)
@@ -328,7 +335,7 @@ fn frame_fragments(
     key: &str,
     object: &DefaultDicomObject,
     frame: u32,
-) -> Result<Vec<u8>, StageError> {
+) -> Result<Vec<u8>, PreprocessError> {
     let element = object.element(tags::PIXEL_DATA).map_err(|_| unreadable(key, "no Pixel Data"))?;
     let fragments = element
         .fragments()
@@ -353,7 +360,7 @@ fn decode_with_gdcm(
     columns: usize,
     format: &PixelFormat,
     transfer_syntax: u8,
-) -> Result<Vec<u8>, StageError> {
+) -> Result<Vec<u8>, PreprocessError> {
     let spec = gdcm_helper::FrameSpec {
         transfer_syntax,
         rows: rows as u32,
@@ -365,16 +372,20 @@ fn decode_with_gdcm(
     gdcm_helper::decode(&spec, compressed).map_err(|error| match error {
         gdcm_helper::HelperError::Refused(message) => unreadable(key, message),
         gdcm_helper::HelperError::Crashed(message) => {
-            StageError::permanent("the decoder failed on this file", format!("{key}: {message}"))
+            PreprocessError::DecoderFailed { key: key.to_string(), detail: message }
         }
         gdcm_helper::HelperError::Unavailable(message) => {
-            StageError::retryable("the GDCM helper process cannot run", message)
+            PreprocessError::HelperUnavailable(message)
         }
     })
 }
 
 /// Parses a single-frame object and converts it to HU.
-pub fn decode_slice(key: &str, bytes: &[u8], fill_hu: f32) -> Result<DecodedSlice, StageError> {
+pub fn decode_slice(
+    key: &str,
+    bytes: &[u8],
+    fill_hu: f32,
+) -> Result<DecodedSlice, PreprocessError> {
     let object = open(key, bytes, &DecodeLimits::default())?;
     decode_frame(key, &object, 0, fill_hu)
 }

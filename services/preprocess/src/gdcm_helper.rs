@@ -19,6 +19,11 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
+/// Whether this build has GDCM (the `gdcm` feature). Without it, frames of the syntaxes
+/// GDCM decodes are refused before any helper starts
+/// ([`crate::PreprocessError::CodecLeftOut`]).
+pub const WITH_GDCM: bool = cfg!(feature = "gdcm");
+
 /// The hidden subcommand of `panscreen` that serves as a helper.
 pub const SUBCOMMAND: &str = "gdcm-decoder";
 
@@ -97,6 +102,16 @@ pub fn syntax_code(uid: &str) -> Option<u8> {
         "1.2.840.10008.1.2.4.80" => Some(2),
         "1.2.840.10008.1.2.4.81" => Some(3),
         _ => None,
+    }
+}
+
+/// The transfer syntax's name, for people.
+pub fn syntax_name(code: u8) -> &'static str {
+    match code {
+        1 => "JPEG extended (12-bit lossy)",
+        2 => "JPEG-LS lossless",
+        3 => "JPEG-LS near-lossless",
+        _ => "an unknown syntax",
     }
 }
 
@@ -284,6 +299,12 @@ pub fn serve(mut input: impl Read, mut output: impl Write) -> std::io::Result<()
     }
 }
 
+#[cfg(not(feature = "gdcm"))]
+fn decode_here(_spec: &FrameSpec, _compressed: &[u8]) -> Result<Vec<u8>, String> {
+    Err("this build of panscreen leaves GDCM out (build with --features gdcm)".to_string())
+}
+
+#[cfg(feature = "gdcm")]
 fn decode_here(spec: &FrameSpec, compressed: &[u8]) -> Result<Vec<u8>, String> {
     use gdcm_rs::GDCMTransferSyntax::*;
     let syntax = match spec.transfer_syntax {

@@ -4,12 +4,17 @@
 //! - [`hu`]: stored values to Hounsfield units.
 //! - [`resample`]: separable, memory-bounded resampling onto the model grid.
 //! - [`decode`]: one DICOM slice to HU.
+//! - [`gdcm_helper`]: JPEG-LS and 12-bit JPEG frames decoded by GDCM in a helper process.
+//! - [`error`]: why a study cannot be preprocessed, one variant per quarantine reason.
+//! - [`config`]: the stage's settings; [`service`]: the stage as it runs.
 //!
 //! [`PreprocessHandler`] is the stage: one `StudyIngested` in, one `StudyPreprocessed`
 //! out (or a classified error). It holds at most one decoded slice at a time (and the
 //! parsed object it came from: for an Enhanced CT object, all its frames, still encoded).
 
+pub mod config;
 pub mod decode;
+pub mod error;
 pub mod gdcm_helper;
 pub mod hu;
 pub mod resample;
@@ -34,6 +39,7 @@ use time::OffsetDateTime;
 use tracing::info;
 
 use crate::decode::DecodeLimits;
+pub use crate::error::PreprocessError;
 use crate::resample::{axis_weights, centred_positions, resample_plane, SliceAccumulator};
 
 /// Key of a study's tensor in the work store.
@@ -94,7 +100,7 @@ impl PreprocessHandler {
     pub async fn build_tensor(
         &self,
         study: &StudyIngested,
-    ) -> Result<(TensorGeometry, Vec<f32>), StageError> {
+    ) -> Result<(TensorGeometry, Vec<f32>), PreprocessError> {
         let manifest = &self.manifest;
         let fill = manifest.input.intensity.fill_hu as f32;
         let row_direction = unit([
@@ -109,16 +115,13 @@ impl PreprocessHandler {
         ]);
         let slice_direction = unit(cross(row_direction, column_direction));
         let Some(first) = study.slices.first() else {
-            return Err(StageError::permanent("study has no slices", ""));
+            return Err(PreprocessError::NoSlices);
         };
         let origin = first.position_mm;
         let slice_positions: Vec<f64> =
             study.slices.iter().map(|s| dot(s.position_mm, slice_direction)).collect();
         if slice_positions.windows(2).any(|pair| pair[1] <= pair[0]) {
-            return Err(StageError::permanent(
-                "slices are not sorted along the slice normal",
-                "ingest sorts them; the message is inconsistent",
-            ));
+            return Err(PreprocessError::Unsorted);
         }
         let [row_spacing, column_spacing] = study.series.pixel_spacing_mm;
         let (rows, columns) = (study.series.rows as usize, study.series.columns as usize);
@@ -170,37 +173,39 @@ impl PreprocessHandler {
             let bytes = bytes.transpose()?;
             let (row_weights, column_weights) = (row_weights.clone(), column_weights.clone());
             let reuse = current.clone();
-            let (object, plane) = tokio::task::spawn_blocking(move || -> Result<_, StageError> {
-                let object = match bytes {
-                    Some(bytes) => {
-                        Arc::new(decode::open(&slice.key, &bytes, &DecodeLimits::default())?)
+            let (object, plane) =
+                tokio::task::spawn_blocking(move || -> Result<_, PreprocessError> {
+                    let object = match bytes {
+                        Some(bytes) => {
+                            Arc::new(decode::open(&slice.key, &bytes, &DecodeLimits::default())?)
+                        }
+                        None => reuse.expect("the object of an earlier frame"),
+                    };
+                    let decoded = decode::decode_frame(&slice.key, &object, slice.frame, fill)?;
+                    if decoded.rows != rows || decoded.columns != columns {
+                        return Err(PreprocessError::SliceSize {
+                            key: slice.key.clone(),
+                            rows: decoded.rows,
+                            columns: decoded.columns,
+                            series_rows: rows,
+                            series_columns: columns,
+                        });
                     }
-                    None => reuse.expect("the object of an earlier frame"),
-                };
-                let decoded = decode::decode_frame(&slice.key, &object, slice.frame, fill)?;
-                if decoded.rows != rows || decoded.columns != columns {
-                    return Err(StageError::permanent(
-                        "slice size differs from its series",
-                        format!(
-                            "{}: {}×{} where the series is {rows}×{columns}",
-                            slice.key, decoded.rows, decoded.columns
-                        ),
-                    ));
-                }
-                if decoded.position.iter().zip(slice.position_mm).any(|(a, b)| (a - b).abs() > 1e-3)
-                {
-                    return Err(StageError::permanent(
-                        "slice position changed since ingest",
-                        slice.key.clone(),
-                    ));
-                }
-                Ok((
-                    object,
-                    resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill),
-                ))
-            })
-            .await
-            .map_err(|error| StageError::retryable("decoder task failed", error.to_string()))??;
+                    if decoded
+                        .position
+                        .iter()
+                        .zip(slice.position_mm)
+                        .any(|(a, b)| (a - b).abs() > 1e-3)
+                    {
+                        return Err(PreprocessError::PositionChanged { key: slice.key.clone() });
+                    }
+                    Ok((
+                        object,
+                        resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill),
+                    ))
+                })
+                .await
+                .map_err(|error| PreprocessError::TaskFailed(error.to_string()))??;
             current = Some(object);
             accumulator.add(index, &plane);
         }
@@ -223,9 +228,8 @@ impl PreprocessHandler {
 
     async fn handle_one(&self, payload: Bytes) -> Result<Outcome, StageError> {
         let started = Instant::now();
-        let mut study: StudyIngested = serde_json::from_slice(&payload).map_err(|error| {
-            StageError::permanent("unreadable ingest message", error.to_string())
-        })?;
+        let mut study: StudyIngested = serde_json::from_slice(&payload)
+            .map_err(|error| PreprocessError::BadMessage(error.to_string()))?;
         let (geometry, volume) = self.build_tensor(&study).await?;
         let key = tensor_key(&study.context.study_key);
         self.work.put(&key, npy::encode_f32(&geometry.shape, &volume)).await?;

@@ -5,23 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 
 use panscreen_shared::contracts::{topology, Stage};
-use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::queue::{Queue, QueueError};
 use panscreen_shared::store::Store;
-use panscreen_shared::worker::{run_worker, StageCounters, WorkerConfig};
+use panscreen_shared::worker::{run_worker, StageCounters};
 
+use crate::config::{PreprocessConfig, FETCH_AHEAD};
 use crate::PreprocessHandler;
-
-/// Slices read from the store ahead of the one being decoded.
-pub const FETCH_AHEAD: usize = 4;
-
-/// What the stage needs besides its queue and stores.
-pub struct PreprocessConfig {
-    pub campaign: String,
-    /// The model whose grid and intensity scheme the tensors are made for.
-    pub manifest: Arc<ModelManifest>,
-    pub worker: WorkerConfig,
-}
 
 /// Preprocesses the campaign's ingested studies, reading slices from `input` and
 /// writing tensors to `work`, until `shutdown` fires or the input subject is closed and
