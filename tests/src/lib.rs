@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-pub use panscreen::evaluate::{parquet_files, read_batches};
+pub use panscreen_evaluate::{parquet_files, read_batches};
 use panscreen_shared::sites::SiteRegistry;
 use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Size, Slice, SynthOptions};
 

@@ -467,3 +467,59 @@ fn the_default_model_is_found_from_any_directory_and_under_an_install_prefix() {
     let log = run(&installed, "from-prefix");
     assert!(log.contains(r#""model":"tiny-panda-installed""#), "{log}");
 }
+
+/// `panscreen evaluate` on a run: the report printed, the figures written as Parquet
+/// (read back with DuckDB as an epidemiologist would), and a wrong key is an error that
+/// says what is wrong instead of figures over nothing.
+#[test]
+fn evaluate_prints_and_writes_every_figure_and_refuses_a_wrong_key() {
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = SynthOptions {
+        prevalence: 0.5,
+        ..panscreen_tests::small_cohort(scratch.path().join("cohort"), 8, 11)
+    };
+    synthesize(&cohort, &|_| {}).unwrap();
+    let (out, key_file) = (scratch.path().join("out"), scratch.path().join("key"));
+    panscreen_tests::run_embedded(&cohort.out.join("studies"), &out, &key_file, KEY);
+    let labels = cohort.out.join("labels.parquet");
+    let evaluate = |key_file: &Path| {
+        panscreen(&[
+            OsStr::new("evaluate"),
+            OsStr::new("--labels"),
+            labels.as_os_str(),
+            OsStr::new("--results"),
+            out.as_os_str(),
+            OsStr::new("--key-file"),
+            key_file.as_os_str(),
+        ])
+    };
+    let output = evaluate(&key_file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    for heading in
+        ["COHORT", "MODEL", "PREDICTIVE VALUES", "CALIBRATION", "GATE", "STRATA", "REFERENCE"]
+    {
+        assert!(stdout.contains(heading), "{heading} missing from:\n{stdout}");
+    }
+    assert!(!stdout.contains("NaN"), "{stdout}");
+    let figures = panscreen_tests::query_tables(
+        &out,
+        &[(
+            "model",
+            "select metric, numerator, denominator from 'OUT/evaluation/evaluation.parquet' \
+             where section = 'model' and grouping = 'shipped operating point' order by metric",
+        )],
+    );
+    let rows = figures["model"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{figures}");
+    // (metric, numerator, denominator) per row.
+    let studies: i64 = rows.iter().map(|row| row[2].as_i64().unwrap()).sum();
+    assert_eq!(studies, 8, "sensitivity and specificity together count every study: {figures}");
+
+    let wrong = scratch.path().join("wrong-key");
+    std::fs::write(&wrong, "another key, another run's pseudonyms").unwrap();
+    let output = evaluate(&wrong);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("none of the 8 labelled studies"), "{stderr}");
+}

@@ -194,6 +194,13 @@ pub struct EvaluateArgs {
     /// The pseudonym key file the run used.
     #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
     pub key_file: PathBuf,
+    /// Prevalence of lesions in the population to be screened, for the predictive
+    /// values a screening programme would see (the cohort's own is reported too).
+    #[arg(long, default_value_t = 0.001, env = "PANSCREEN_SCREENING_PREVALENCE")]
+    pub screening_prevalence: f64,
+    /// Where the figures are written as Parquet [default: RESULTS/evaluation/evaluation.parquet].
+    #[arg(long, env = "PANSCREEN_EVALUATION_OUT")]
+    pub out: Option<PathBuf>,
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -458,7 +465,15 @@ fn requeue(args: RequeueArgs) -> anyhow::Result<()> {
 /// `panscreen evaluate`.
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     let pseudonymizer = Pseudonymizer::from_file(&args.key_file)?;
-    let evaluation = crate::evaluate::evaluate(&args.labels, &args.results, &pseudonymizer)?;
-    print!("{}", evaluation.render());
+    let report = panscreen_evaluate::evaluate(
+        &args.labels,
+        &args.results,
+        &pseudonymizer,
+        args.screening_prevalence,
+    )?;
+    let out = args.out.unwrap_or_else(|| args.results.join("evaluation/evaluation.parquet"));
+    report.write(&out)?;
+    print!("{}", report.render());
+    println!("\nevaluation table: {}", out.display());
     Ok(())
 }

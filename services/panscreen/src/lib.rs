@@ -10,10 +10,8 @@
 //! - [`settings`]: what several subcommands share: the cluster, the model, sites, key.
 //! - [`status`]: backlog, throughput and time left per stage of a running campaign.
 //! - [`requeue`]: quarantined inputs through the pipeline again, once the cause is fixed.
-//! - [`evaluate`]: sensitivity, specificity and AUC of a run against synthetic labels.
 
 pub mod cli;
-pub mod evaluate;
 pub mod pipeline;
 pub mod requeue;
 pub mod serve;
