@@ -357,9 +357,18 @@ pub struct ModelIdentity {
 /// What the model said about one study.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
+    /// The model's own output, before calibration.
+    #[serde(default)]
+    pub raw_score: f64,
+    /// The calibrated probability (the raw score when the manifest has no calibration).
     pub lesion_probability: f64,
     pub flagged: bool,
+    /// The operating point's threshold on `lesion_probability`.
     pub threshold: f64,
+    /// The manifest's operating point that set `flagged` ("default" for a manifest with
+    /// one threshold).
+    #[serde(default)]
+    pub operating_point: String,
     /// Present when the model returns a mask and the mask is not empty.
     pub lesion_volume_mm3: Option<f64>,
     pub lesion_centroid_mm: Option<[f64; 3]>,
@@ -480,9 +489,11 @@ pub fn example_scored(campaign: &str, study_key: &str, flagged: bool) -> StudySc
             not_chosen: Vec::new(),
         },
         prediction: Prediction {
+            raw_score: if flagged { 0.9 } else { 0.1 },
             lesion_probability: if flagged { 0.9 } else { 0.1 },
             flagged,
             threshold: 0.5,
+            operating_point: "default".into(),
             lesion_volume_mm3: None,
             lesion_centroid_mm: None,
             model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },

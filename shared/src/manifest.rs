@@ -34,8 +34,21 @@ pub struct ModelManifest {
     pub clinical_use: bool,
     pub input: InputSpec,
     pub outputs: OutputSpec,
-    /// Probability at or above which a study is flagged for recall.
-    pub threshold: f64,
+    /// Probability at or above which a study is flagged for recall: a manifest with one
+    /// operating point. One with several names them in `operating_points` instead.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Maps the model's raw score to a calibrated probability; absent: the raw score is
+    /// the probability.
+    #[serde(default)]
+    pub calibration: Option<Calibration>,
+    /// Named decision thresholds on the calibrated probability, each with how it was
+    /// chosen and what it achieved on validation data.
+    #[serde(default)]
+    pub operating_points: Vec<OperatingPoint>,
+    /// The operating point that sets `flagged` (required with `operating_points`).
+    #[serde(default)]
+    pub default_operating_point: Option<String>,
     /// Directory of the manifest (filled in by [`ModelManifest::load`]).
     #[serde(skip)]
     pub directory: PathBuf,
@@ -97,6 +110,99 @@ fn default_mask_threshold() -> f64 {
     0.5
 }
 
+/// Raw score → calibrated probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "kind", deny_unknown_fields)]
+pub enum Calibration {
+    /// Platt scaling: `1 / (1 + exp(-(a · logit(score) + b)))`.
+    Platt { a: f64, b: f64 },
+    /// Isotonic regression as a non-decreasing step-free curve: `probabilities[i]` at
+    /// `scores[i]`, linear between, flat beyond the ends.
+    Isotonic { scores: Vec<f64>, probabilities: Vec<f64> },
+}
+
+impl Calibration {
+    pub fn apply(&self, score: f64) -> f64 {
+        match self {
+            Calibration::Platt { a, b } => {
+                let s = score.clamp(1e-7, 1.0 - 1e-7);
+                let logit = (s / (1.0 - s)).ln();
+                1.0 / (1.0 + (-(a * logit + b)).exp())
+            }
+            Calibration::Isotonic { scores, probabilities } => {
+                let at = scores.partition_point(|x| *x <= score);
+                if at == 0 {
+                    return probabilities[0];
+                }
+                if at == scores.len() {
+                    return probabilities[scores.len() - 1];
+                }
+                let (x0, x1, y0, y1) =
+                    (scores[at - 1], scores[at], probabilities[at - 1], probabilities[at]);
+                y0 + (y1 - y0) * (score - x0) / (x1 - x0)
+            }
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Calibration::Platt { a, b } if a.is_finite() && b.is_finite() && *a > 0.0 => Ok(()),
+            Calibration::Platt { a, b } => {
+                Err(format!("calibration a must be positive and b finite, not a = {a}, b = {b}"))
+            }
+            Calibration::Isotonic { scores, probabilities } => {
+                if scores.is_empty() || scores.len() != probabilities.len() {
+                    return Err(
+                        "isotonic calibration needs as many probabilities as scores, at least one"
+                            .into(),
+                    );
+                }
+                if scores
+                    .windows(2)
+                    .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+                {
+                    return Err("isotonic calibration scores must increase".into());
+                }
+                if probabilities.windows(2).any(|w| w[1] < w[0])
+                    || probabilities.iter().any(|p| !(0.0..=1.0).contains(p))
+                {
+                    return Err(
+                        "isotonic calibration probabilities must be in [0, 1] and never decrease"
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A named decision threshold and the evidence behind it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatingPoint {
+    pub name: String,
+    /// Calibrated probability at or above which a study is flagged.
+    pub threshold: f64,
+    /// How the point was chosen, for the model card and the results' provenance.
+    #[serde(default)]
+    pub validation: Option<Validation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Validation {
+    /// Seed of the held-out data it was chosen on.
+    pub seed: u64,
+    pub studies: u64,
+    #[serde(default)]
+    pub target_sensitivity: Option<f64>,
+    #[serde(default)]
+    pub target_specificity: Option<f64>,
+    pub sensitivity: f64,
+    pub specificity: f64,
+}
+
 impl ModelManifest {
     /// Reads and checks the manifest at `path` (the file, or the model directory holding
     /// `manifest.toml`). A
@@ -150,13 +256,79 @@ impl ModelManifest {
         if low.partial_cmp(&high) != Some(std::cmp::Ordering::Less) {
             return Err(format!("intensity window must be increasing, not [{low}, {high}]"));
         }
-        if !(0.0..=1.0).contains(&self.threshold) {
-            return Err(format!("threshold must be within [0, 1], not {}", self.threshold));
+        match (self.threshold, self.operating_points.is_empty()) {
+            (Some(_), false) => {
+                return Err(
+                    "give either threshold (one operating point) or operating_points, not both"
+                        .into(),
+                )
+            }
+            (None, true) => {
+                return Err(
+                    "threshold (or operating_points with default_operating_point) is missing"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        if let Some(threshold) = self.threshold {
+            if !(0.0..=1.0).contains(&threshold) {
+                return Err(format!("threshold must be within [0, 1], not {threshold}"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for point in &self.operating_points {
+            if !names.insert(point.name.as_str()) {
+                return Err(format!("operating point {:?} is named twice", point.name));
+            }
+            if !(0.0..=1.0).contains(&point.threshold) {
+                return Err(format!(
+                    "operating point {:?}: threshold must be within [0, 1], not {}",
+                    point.name, point.threshold
+                ));
+            }
+        }
+        if !self.operating_points.is_empty() {
+            match &self.default_operating_point {
+                Some(name) if names.contains(name.as_str()) => {}
+                Some(name) => {
+                    return Err(format!(
+                        "default_operating_point {name:?} is not among the operating points ({})",
+                        self.operating_points
+                            .iter()
+                            .map(|p| p.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+                None => return Err("default_operating_point is missing".into()),
+            }
+        }
+        if let Some(calibration) = &self.calibration {
+            calibration.validate()?;
         }
         if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex characters".to_string());
         }
         Ok(())
+    }
+
+    /// The operating point that sets `flagged`: the named default, or the one
+    /// `threshold` of a single-point manifest (named "default").
+    pub fn default_point(&self) -> OperatingPoint {
+        let named = self.default_operating_point.as_ref().and_then(|name| {
+            self.operating_points.iter().find(|point| &point.name == name).cloned()
+        });
+        named.unwrap_or_else(|| OperatingPoint {
+            name: "default".into(),
+            threshold: self.threshold.unwrap_or(0.5),
+            validation: None,
+        })
+    }
+
+    /// The calibrated probability of a raw score.
+    pub fn calibrate(&self, score: f64) -> f64 {
+        self.calibration.as_ref().map_or(score, |calibration| calibration.apply(score))
     }
 
     /// Path of the ONNX file.
@@ -237,6 +409,67 @@ mask = "m"
         .unwrap();
         let error = ModelManifest::load(directory.path()).unwrap_err().to_string();
         assert!(error.contains("threshold must be within [0, 1], not 5"), "{error}");
+    }
+
+    /// A manifest with calibration and named operating points instead of one threshold.
+    fn with_points(default: &str, calibration: &str) -> String {
+        EXAMPLE.replace("threshold = 0.5", &format!("default_operating_point = \"{default}\""))
+            + calibration
+            + r#"
+[[operating_points]]
+name = "balanced"
+threshold = 0.5
+[[operating_points]]
+name = "high-sensitivity"
+threshold = 0.1
+validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity = 0.951, specificity = 0.962 }
+"#
+    }
+
+    #[test]
+    fn operating_points_and_calibration_load_and_apply() {
+        let (_directory, manifest) = write(&with_points(
+            "high-sensitivity",
+            "[calibration]\nkind = \"isotonic\"\nscores = [0.0, 0.5, 1.0]\nprobabilities = [0.0, 0.1, 0.9]\n",
+        ));
+        let point = manifest.default_point();
+        assert_eq!((point.name.as_str(), point.threshold), ("high-sensitivity", 0.1));
+        assert_eq!(point.validation.unwrap().seed, 7);
+        assert_eq!(manifest.calibrate(0.25), 0.05);
+        assert!((manifest.calibrate(0.75) - 0.5).abs() < 1e-12);
+        assert_eq!((manifest.calibrate(-1.0), manifest.calibrate(2.0)), (0.0, 0.9));
+        // Platt with a = 1, b = 0 is the identity.
+        let (_directory, manifest) =
+            write(&with_points("balanced", "[calibration]\nkind = \"platt\"\na = 1.0\nb = 0.0\n"));
+        assert!((manifest.calibrate(0.3) - 0.3).abs() < 1e-9);
+        // A one-threshold manifest is one point named "default", uncalibrated.
+        let (_directory, manifest) = write(EXAMPLE);
+        let point = manifest.default_point();
+        assert_eq!(
+            (point.name.as_str(), point.threshold, manifest.calibrate(0.3)),
+            ("default", 0.5, 0.3)
+        );
+    }
+
+    #[test]
+    fn operating_points_that_contradict_are_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let load = |text: String| {
+            std::fs::write(directory.path().join("manifest.toml"), text).unwrap();
+            ModelManifest::load(directory.path()).unwrap_err().to_string()
+        };
+        let error = load(with_points("nowhere", ""));
+        assert!(error.contains("default_operating_point \"nowhere\" is not among"), "{error}");
+        let both = with_points("balanced", "").replace(
+            "default_operating_point = \"balanced\"",
+            "default_operating_point = \"balanced\"\nthreshold = 0.5",
+        );
+        assert!(load(both).contains("not both"));
+        let unsorted = with_points(
+            "balanced",
+            "[calibration]\nkind = \"isotonic\"\nscores = [0.5, 0.1]\nprobabilities = [0.1, 0.2]\n",
+        );
+        assert!(load(unsorted).contains("scores must increase"));
     }
 
     #[test]

@@ -523,3 +523,93 @@ fn evaluate_prints_and_writes_every_figure_and_refuses_a_wrong_key() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("none of the 8 labelled studies"), "{stderr}");
 }
+
+/// A manifest that promises the model another grid than the ONNX file declares is
+/// refused when the model loads, naming the field and the file, before any study is
+/// read (it would otherwise fail on the first study, or score a grid it was not made for).
+#[test]
+fn a_manifest_whose_grid_the_model_does_not_take_stops_the_run_at_load() {
+    let scratch = tempfile::tempdir().unwrap();
+    let source = panscreen_tests::workspace_root().join("models/tiny-panda");
+    std::fs::copy(source.join("tiny-panda.onnx"), scratch.path().join("tiny-panda.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(source.join("manifest.toml")).unwrap();
+    let changed =
+        manifest.replace("shape = [-1, 1, 48, 128, 128]", "shape = [-1, 1, 40, 128, 128]");
+    assert_ne!(manifest, changed);
+    std::fs::write(scratch.path().join("manifest.toml"), changed).unwrap();
+    let (success, stderr) = run_with(&["--model", scratch.path().to_str().unwrap()]);
+    assert!(!success);
+    // Beside the log's warning about the throwaway key, one line.
+    let said: Vec<&str> = stderr.trim().lines().filter(|line| !line.starts_with('{')).collect();
+    assert_eq!(said.len(), 1, "{stderr}");
+    for part in ["input \"ct\"", "[-1, 1, 48, 128, 128]", "input.shape", "tiny-panda.onnx"] {
+        assert!(stderr.contains(part), "{part} missing from: {stderr}");
+    }
+}
+
+/// A manifest with a calibration and named operating points: each result keeps the raw
+/// score, the calibrated probability, and the name and threshold of the point that set
+/// `flagged`.
+#[test]
+fn results_keep_the_raw_score_the_calibrated_probability_and_the_operating_point() {
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let source = panscreen_tests::workspace_root().join("models/tiny-panda");
+    std::fs::copy(source.join("tiny-panda.onnx"), model.join("tiny-panda.onnx")).unwrap();
+    let manifest = std::fs::read_to_string(source.join("manifest.toml"))
+        .unwrap()
+        .replace("\nthreshold = 0.5", "\ndefault_operating_point = \"sensitive\"")
+        + r#"
+[calibration]
+kind = "isotonic"
+scores = [0.0, 0.2, 1.0]
+probabilities = [0.0, 0.6, 1.0]
+
+[[operating_points]]
+name = "sensitive"
+threshold = 0.3
+validation = { seed = 1, studies = 10, target_sensitivity = 0.9, sensitivity = 0.9, specificity = 0.8 }
+
+[[operating_points]]
+name = "strict"
+threshold = 0.9
+"#;
+    std::fs::write(model.join("manifest.toml"), manifest).unwrap();
+    let cohort = SynthOptions {
+        prevalence: 0.5,
+        ..panscreen_tests::small_cohort(scratch.path().join("c"), 6, 3)
+    };
+    synthesize(&cohort, &|_| {}).unwrap();
+    let out = scratch.path().join("out");
+    std::fs::write(scratch.path().join("key"), KEY).unwrap();
+    let run = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        cohort.out.join("studies").as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        scratch.path().join("key").as_os_str(),
+        OsStr::new("--model"),
+        model.as_os_str(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let tables = panscreen_tests::query_tables(
+        &out,
+        &[(
+            "results",
+            "select raw_score, lesion_probability, flagged, threshold, operating_point \
+             from read_parquet('OUT/results/**/*.parquet')",
+        )],
+    );
+    let rows = tables["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "{tables}");
+    for row in rows {
+        let (raw, probability) = (row[0].as_f64().unwrap(), row[1].as_f64().unwrap());
+        let calibrated = if raw <= 0.2 { raw / 0.2 * 0.6 } else { 0.6 + (raw - 0.2) / 0.8 * 0.4 };
+        assert!((probability - calibrated).abs() < 1e-9, "{row}");
+        assert_eq!(row[2].as_bool().unwrap(), probability >= 0.3, "{row}");
+        assert_eq!((row[3].as_f64().unwrap(), row[4].as_str().unwrap()), (0.3, "sensitive"));
+    }
+}

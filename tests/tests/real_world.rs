@@ -214,3 +214,100 @@ fn real_studies_are_screened_from_the_right_series_and_every_object_is_accounted
         }
     }
 }
+
+/// The same patient scanned supine head first, prone, feet first and lying on their
+/// side: every series is resampled onto the same patient axes, so the model is given
+/// the same tensor (to float rounding) and the geometry points the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prone_feet_first_and_side_lying_scans_give_the_supine_tensor() {
+    use panscreen_shared::store::{OpenMode, Store};
+    let scratch = tempfile::tempdir().unwrap();
+    let supine = header(7, "ABDOMEN");
+    let step = supine.pixel_spacing[0] * 63.0;
+    let planes = series_hu(&supine, |i| [-180.0, -180.0, i as f64 * 2.5]);
+    // (name, orientation, first pixel's shift, pixel (r, c) ← supine pixel)
+    type Source = fn(usize, usize) -> (usize, usize);
+    let variants: [(&str, [f64; 6], [f64; 3], Source); 4] = [
+        ("supine", [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0], |r, c| (r, c)),
+        ("prone", [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0], [step, step, 0.0], |r, c| (63 - r, 63 - c)),
+        ("feet first", [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0], [step, 0.0, 0.0], |r, c| (r, 63 - c)),
+        ("on the side", [0.0, 1.0, 0.0, -1.0, 0.0, 0.0], [step, 0.0, 0.0], |r, c| (c, 63 - r)),
+    ];
+    let manifest = std::sync::Arc::new(
+        panscreen_shared::manifest::ModelManifest::load(
+            &panscreen_tests::workspace_root().join("models/tiny-panda"),
+        )
+        .unwrap(),
+    );
+    let mut tensors = Vec::new();
+    for (name, orientation, shift, source) in variants {
+        let directory = scratch.path().join(name);
+        std::fs::create_dir_all(&directory).unwrap();
+        let mut series = header(7, "ABDOMEN");
+        series.orientation = orientation;
+        for (index, (position, hu)) in planes.iter().enumerate() {
+            let turned: Vec<f32> = (0..64 * 64)
+                .map(|at| {
+                    let (r, c) = source(at / 64, at % 64);
+                    hu[r * 64 + c]
+                })
+                .collect();
+            let uid = format!("{}.{index}", series.series_instance_uid);
+            let slice = Slice {
+                sop_instance_uid: &uid,
+                instance_number: index as i32 + 1,
+                position: std::array::from_fn(|axis| position[axis] + shift[axis]),
+                hu: &turned,
+            };
+            let bytes = encode_slice(&series, &slice).unwrap();
+            std::fs::write(directory.join(format!("{index:02}.dcm")), bytes).unwrap();
+        }
+        let input = Store::open(directory.to_str().unwrap(), OpenMode::Existing).unwrap();
+        let queue = std::sync::Arc::new(panscreen_shared::queue::MemoryQueue::new());
+        let report = panscreen_ingest::run_once(
+            queue,
+            &input,
+            &panscreen_ingest::IngestConfig::new("turned"),
+            &panscreen_shared::pseudonym::Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap(),
+            &panscreen_shared::sites::SiteRegistry::builtin(),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.studies.len(), 1, "{name}: {:?}", report.quarantined);
+        let work =
+            Store::open(scratch.path().join("work").to_str().unwrap(), OpenMode::Create).unwrap();
+        let handler = panscreen_preprocess::PreprocessHandler {
+            campaign: "turned".into(),
+            input,
+            work,
+            manifest: manifest.clone(),
+            fetch_ahead: 4,
+        };
+        let (geometry, volume) = handler.build_tensor(&report.studies[0]).await.unwrap();
+        tensors.push((name, geometry, volume));
+    }
+    let (_, reference, expected) = &tensors[0];
+    let spread = expected.iter().fold(0.0f32, |m, v| m.max((v - expected[0]).abs()));
+    assert!(spread > 0.1, "the phantom must not be uniform ({spread})");
+    // Turned 180° it is not the same volume, so a series left unturned would fail below.
+    let turned: f32 =
+        expected.iter().zip(expected.iter().rev()).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(turned > 0.1, "{turned}");
+    let centre = reference.shape[2..].iter().map(|n| (*n as f64 - 1.0) / 2.0).collect::<Vec<_>>();
+    let centre = [centre[0], centre[1], centre[2]];
+    for (name, geometry, volume) in &tensors[1..] {
+        let worst = volume.iter().zip(expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: the tensor differs by up to {worst}");
+        for (found, wanted) in [
+            (geometry.row_direction, reference.row_direction),
+            (geometry.column_direction, reference.column_direction),
+            (geometry.slice_direction, reference.slice_direction),
+            (geometry.to_patient(centre), reference.to_patient(centre)),
+            (geometry.origin_mm, reference.origin_mm),
+        ] {
+            let apart = (0..3).map(|axis| (found[axis] - wanted[axis]).abs()).fold(0.0, f64::max);
+            assert!(apart < 1e-6, "{name}: {found:?} where supine has {wanted:?}");
+        }
+    }
+}

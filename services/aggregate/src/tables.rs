@@ -116,12 +116,17 @@ pub fn results_batch(
         ),
         ("slice_spacing_mm", floats(rows.iter().map(|r| Some(r.series.slice_spacing_mm)))),
         ("pixel_spacing_mm", floats(rows.iter().map(|r| Some(r.series.pixel_spacing_mm[0])))),
+        ("raw_score", floats(rows.iter().map(|r| Some(r.prediction.raw_score)))),
         ("lesion_probability", floats(rows.iter().map(|r| Some(r.prediction.lesion_probability)))),
         (
             "flagged",
             Arc::new(rows.iter().map(|r| Some(r.prediction.flagged)).collect::<BooleanArray>()),
         ),
         ("threshold", floats(rows.iter().map(|r| Some(r.prediction.threshold)))),
+        (
+            "operating_point",
+            strings(rows.iter().map(|r| Some(r.prediction.operating_point.as_str()))),
+        ),
         ("lesion_volume_mm3", floats(rows.iter().map(|r| r.prediction.lesion_volume_mm3))),
         ("lesion_centroid_x_mm", centroid(0)),
         ("lesion_centroid_y_mm", centroid(1)),

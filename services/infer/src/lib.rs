@@ -99,41 +99,39 @@ impl InferHandler {
     ) -> Result<Vec<Outcome>, InferError> {
         let started = Instant::now();
         let model = self.model.clone();
-        let (output, identity, threshold, mask_threshold) =
-            tokio::task::spawn_blocking(move || {
-                // A panic in an earlier study left the lock poisoned; the session itself is intact.
-                let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                let output = model.run(&volumes);
-                (
-                    output,
-                    Self::identity(&model),
-                    model.manifest.threshold,
-                    model.manifest.outputs.mask_threshold,
-                )
-            })
-            .await
-            .map_err(|error| InferError::TaskFailed(error.to_string()))?;
+        let (output, identity, manifest) = tokio::task::spawn_blocking(move || {
+            // A panic in an earlier study left the lock poisoned; the session itself is intact.
+            let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let output = model.run(&volumes);
+            (output, Self::identity(&model), model.manifest.clone())
+        })
+        .await
+        .map_err(|error| InferError::TaskFailed(error.to_string()))?;
         let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
         let per_study_ms = started.elapsed().as_secs_f64() * 1000.0 / messages.len() as f64;
         let mut outcomes = Vec::with_capacity(messages.len());
         for (index, message) in messages.into_iter().enumerate() {
-            let probability = output.probabilities[index] as f64;
+            let raw_score = output.probabilities[index] as f64;
+            let probability = manifest.calibrate(raw_score);
             let lesion = output.mask.as_ref().and_then(|mask| {
                 let per_study = mask.len() / output.probabilities.len();
                 let slice =
                     mask.as_slice().map(|all| &all[index * per_study..(index + 1) * per_study])?;
-                lesion_metrics(slice, &message.geometry, mask_threshold as f32)
+                lesion_metrics(slice, &message.geometry, manifest.outputs.mask_threshold as f32)
             });
             let mut context = message.context;
             context.timings.scored_at = Some(OffsetDateTime::now_utc());
             context.timings.infer_ms = Some(per_study_ms);
-            let flagged = probability >= threshold;
+            let point = manifest.default_point();
+            let flagged = probability >= point.threshold;
             info!(study = %context.study_key, probability, flagged, "study scored");
             let scored = StudyScored {
                 prediction: Prediction {
+                    raw_score,
                     lesion_probability: probability,
                     flagged,
-                    threshold,
+                    threshold: point.threshold,
+                    operating_point: point.name,
                     lesion_volume_mm3: lesion.map(|(volume, _)| volume),
                     lesion_centroid_mm: lesion.map(|(_, centroid)| centroid),
                     model: identity.clone(),

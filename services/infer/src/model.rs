@@ -62,8 +62,18 @@ pub enum ModelError {
     Session { path: PathBuf, detail: String },
     #[error("model {path} has no {kind} named {name:?} (it has: {available}); fix the manifest or the model")]
     Name { path: PathBuf, kind: &'static str, name: String, available: String },
+    /// The dims the model declares for an input or output against the manifest's.
+    #[error("model {path}: {detail}; fix the manifest or the model")]
+    Dims { path: PathBuf, detail: String },
     #[error("inference failed: {0}")]
     Run(String),
+}
+
+/// Whether a model's declared dims fit what the manifest expects: the same rank, and
+/// each dimension equal or dynamic (-1) on either side.
+fn dims_fit(declared: &[i64], expected: &[i64]) -> bool {
+    declared.len() == expected.len()
+        && declared.iter().zip(expected).all(|(d, e)| *d < 0 || *e < 0 || d == e)
 }
 
 /// Model outputs for a batch.
@@ -182,6 +192,36 @@ impl Model {
         if let Some(mask) = &manifest.outputs.mask {
             check("output", mask, outputs)?;
         }
+        // The dims the model declares against those the manifest promises preprocess
+        // will make (and infer will read back): a mismatch is found here, not on the
+        // first study.
+        let [depth, height, width] = manifest.volume_shape().map(|n| n as i64);
+        let volume = vec![-1, 1, depth, height, width];
+        let mut wanted = vec![("input", &manifest.input.name, "input.shape", vec![volume.clone()])];
+        wanted.push((
+            "output",
+            &manifest.outputs.probability,
+            "outputs.probability ([batch, 1] or [batch])",
+            vec![vec![-1, 1], vec![-1]],
+        ));
+        if let Some(mask) = &manifest.outputs.mask {
+            wanted.push(("output", mask, "input.shape (the mask has the input's)", vec![volume]));
+        }
+        let outlets = session.inputs().iter().chain(session.outputs());
+        let declared: Vec<(String, Vec<i64>)> = outlets
+            .filter_map(|o| Some((o.name().to_string(), o.dtype().tensor_shape()?.to_vec())))
+            .collect();
+        for (kind, name, field, shapes) in wanted {
+            let Some((_, dims)) = declared.iter().find(|(n, _)| n == name) else { continue };
+            if !shapes.iter().any(|shape| dims_fit(dims, shape)) {
+                let detail = format!(
+                    "{kind} {name:?} has dims {dims:?}, but the manifest's {field} says {:?} \
+                     (-1: any)",
+                    shapes[0]
+                );
+                return Err(ModelError::Dims { path: path.clone(), detail });
+            }
+        }
         Ok(Model { manifest: manifest.clone(), device, session })
     }
 
@@ -242,6 +282,15 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dims_fit_when_equal_or_dynamic() {
+        assert!(dims_fit(&[-1, 1, 48, 128, 128], &[-1, 1, 48, 128, 128]));
+        assert!(dims_fit(&[4, 1, 48, 128, 128], &[-1, 1, 48, 128, 128]));
+        assert!(dims_fit(&[-1, 1, -1, -1, -1], &[-1, 1, 48, 128, 128]));
+        assert!(!dims_fit(&[-1, 1, 64, 128, 128], &[-1, 1, 48, 128, 128]));
+        assert!(!dims_fit(&[-1, 48, 128, 128], &[-1, 1, 48, 128, 128]));
+    }
 
     #[test]
     fn devices_parse() {

@@ -3,6 +3,8 @@
 //!
 //! - [`hu`]: stored values to Hounsfield units.
 //! - [`resample`]: separable, memory-bounded resampling onto the model grid.
+//! - [`orientation`]: one patient orientation for every tensor (prone, feet-first and
+//!   side-lying scans turned onto the supine head-first axes).
 //! - [`decode`]: one DICOM slice to HU.
 //! - [`gdcm_helper`]: JPEG-LS and 12-bit JPEG frames decoded by GDCM in a helper process.
 //! - [`error`]: why a study cannot be preprocessed, one variant per quarantine reason.
@@ -17,6 +19,7 @@ pub mod decode;
 pub mod error;
 pub mod gdcm_helper;
 pub mod hu;
+pub mod orientation;
 pub mod resample;
 pub mod service;
 
@@ -129,12 +132,33 @@ impl PreprocessHandler {
         let column_positions: Vec<f64> = (0..columns).map(|j| j as f64 * column_spacing).collect();
         let [depth, height, width] = manifest.volume_shape();
         let [target_dz, target_dy, target_dx] = manifest.input.spacing_mm;
+        // The tensor's axes lie along the patient's, whichever way the series runs: its
+        // width and height come from the image's columns and rows, or, for a series
+        // with rows and columns swapped, the other way round (`orientation`).
+        let placement = orientation::placement(row_direction, column_direction, slice_direction);
+        let [depth_reversed, height_reversed, width_reversed] = placement.reversed;
+        let ((along_rows, rows_dy, rows_reversed), (along_columns, columns_dx, columns_reversed)) =
+            if placement.transposed {
+                ((width, target_dx, width_reversed), (height, target_dy, height_reversed))
+            } else {
+                ((height, target_dy, height_reversed), (width, target_dx, width_reversed))
+            };
         let slice_centre = (slice_positions[0] + slice_positions[slice_positions.len() - 1]) / 2.0;
-        let target_slices = centred_positions(slice_centre, depth, target_dz);
-        let target_rows =
-            centred_positions((rows as f64 - 1.0) * row_spacing / 2.0, height, target_dy);
-        let target_columns =
-            centred_positions((columns as f64 - 1.0) * column_spacing / 2.0, width, target_dx);
+        let target_slices =
+            orientation::ordered(centred_positions(slice_centre, depth, target_dz), depth_reversed);
+        let target_rows = orientation::ordered(
+            centred_positions((rows as f64 - 1.0) * row_spacing / 2.0, along_rows, rows_dy),
+            rows_reversed,
+        );
+        let target_columns = orientation::ordered(
+            centred_positions(
+                (columns as f64 - 1.0) * column_spacing / 2.0,
+                along_columns,
+                columns_dx,
+            ),
+            columns_reversed,
+        );
+        let (target_dy, target_dx) = (rows_dy, columns_dx);
         let slice_weights = axis_weights(
             &slice_positions,
             study.series.slice_spacing_mm,
@@ -172,6 +196,7 @@ impl PreprocessHandler {
         while let Some((index, slice, bytes)) = fetched.next().await {
             let bytes = bytes.transpose()?;
             let (row_weights, column_weights) = (row_weights.clone(), column_weights.clone());
+            let transposed = placement.transposed;
             let reuse = current.clone();
             let (object, plane) =
                 tokio::task::spawn_blocking(move || -> Result<_, PreprocessError> {
@@ -199,10 +224,16 @@ impl PreprocessHandler {
                     {
                         return Err(PreprocessError::PositionChanged { key: slice.key.clone() });
                     }
-                    Ok((
-                        object,
-                        resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill),
-                    ))
+                    let plane =
+                        resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill);
+                    let plane = if transposed {
+                        let (rows, columns) =
+                            (row_weights.per_target.len(), column_weights.per_target.len());
+                        orientation::transpose(&plane, rows, columns)
+                    } else {
+                        plane
+                    };
+                    Ok((object, plane))
                 })
                 .await
                 .map_err(|error| PreprocessError::TaskFailed(error.to_string()))??;
@@ -213,15 +244,28 @@ impl PreprocessHandler {
         for value in volume.iter_mut() {
             *value = manifest.normalize(*value);
         }
+        // Voxel (0, 0, 0) where the first target positions meet, in the series' axes.
         let offsets = [target_columns[0], target_rows[0], target_slices[0] - slice_positions[0]];
         let directions = [row_direction, column_direction, slice_direction];
+        let signed = |direction: [f64; 3], reversed: bool| {
+            if reversed {
+                direction.map(|v| -v)
+            } else {
+                direction
+            }
+        };
+        let (width_from, height_from) = if placement.transposed {
+            (column_direction, row_direction)
+        } else {
+            (row_direction, column_direction)
+        };
         let geometry = TensorGeometry {
             shape: vec![1, 1, depth, height, width],
             spacing_mm: manifest.input.spacing_mm,
             origin_mm: grid_origin(origin, directions, offsets),
-            row_direction,
-            column_direction,
-            slice_direction,
+            row_direction: signed(width_from, width_reversed),
+            column_direction: signed(height_from, height_reversed),
+            slice_direction: signed(slice_direction, depth_reversed),
         };
         Ok((geometry, volume))
     }
