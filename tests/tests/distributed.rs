@@ -344,6 +344,40 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
         cluster.wait_for_results(Duration::from_secs(150), &services.iter().collect::<Vec<_>>());
     let expected = cluster.expected_study_keys();
     assert_exactly_once(&rows, &expected);
+    // The same studies through the embedded pipeline get the same probabilities: the
+    // services, their kills and redeliveries change nothing the model sees.
+    let embedded_out = cluster.scratch.path().join("embedded");
+    let cohort = cluster.scratch.path().join("cohort/studies");
+    panscreen_tests::run_embedded(&cohort, &embedded_out, &cluster.scratch.path().join("key"), KEY);
+    let probabilities = |batches: Vec<RecordBatch>| -> BTreeMap<String, f64> {
+        let mut found = BTreeMap::new();
+        for batch in batches {
+            let values = batch.column_by_name("lesion_probability").unwrap();
+            let values = values.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap();
+            for (key, value) in strings(&batch, "study_key").into_iter().zip(values.iter()) {
+                found.insert(key, value.unwrap());
+            }
+        }
+        found
+    };
+    let embedded = probabilities(
+        panscreen_tests::parquet_files(&embedded_out.join("results"))
+            .unwrap()
+            .iter()
+            .flat_map(|file| panscreen_tests::read_batches(file).unwrap())
+            .collect(),
+    );
+    let distributed =
+        probabilities(cluster.table("results").into_iter().map(|(_, batch)| batch).collect());
+    assert_eq!(embedded.keys().collect::<Vec<_>>(), distributed.keys().collect::<Vec<_>>());
+    for (key, probability) in &embedded {
+        let apart = (probability - distributed[key]).abs();
+        assert!(
+            apart < 1e-6,
+            "study {key}: {probability} embedded, {} distributed",
+            distributed[key]
+        );
+    }
     // Each study's tensor is deleted once it is scored: the work store empties.
     let work = format!("campaigns/{CAMPAIGN}/work");
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -470,13 +470,14 @@ fn the_default_model_is_found_from_any_directory_and_under_an_install_prefix() {
 
 /// `panscreen evaluate` on a run: the report printed, the figures written as Parquet
 /// (read back with DuckDB as an epidemiologist would), and a wrong key is an error that
-/// says what is wrong instead of figures over nothing.
+/// says what is wrong instead of figures over nothing. The smoke check of the model: a
+/// fixed 40-study cohort gives an AUC of at least 0.9.
 #[test]
 fn evaluate_prints_and_writes_every_figure_and_refuses_a_wrong_key() {
     let scratch = tempfile::tempdir().unwrap();
     let cohort = SynthOptions {
-        prevalence: 0.5,
-        ..panscreen_tests::small_cohort(scratch.path().join("cohort"), 8, 11)
+        prevalence: 0.3,
+        ..panscreen_tests::small_cohort(scratch.path().join("cohort"), 40, 11)
     };
     synthesize(&cohort, &|_| {}).unwrap();
     let (out, key_file) = (scratch.path().join("out"), scratch.path().join("key"));
@@ -504,24 +505,33 @@ fn evaluate_prints_and_writes_every_figure_and_refuses_a_wrong_key() {
     assert!(!stdout.contains("NaN"), "{stdout}");
     let figures = panscreen_tests::query_tables(
         &out,
-        &[(
-            "model",
-            "select metric, numerator, denominator from 'OUT/evaluation/evaluation.parquet' \
-             where section = 'model' and grouping = 'shipped operating point' order by metric",
-        )],
+        &[
+            (
+                "model",
+                "select metric, numerator, denominator from 'OUT/evaluation/evaluation.parquet' \
+                 where section = 'model' and grouping = 'shipped operating point' order by metric",
+            ),
+            (
+                "auc",
+                "select value from 'OUT/evaluation/evaluation.parquet' \
+                 where section = 'model' and metric = 'auc'",
+            ),
+        ],
     );
+    let auc = figures["auc"][0][0].as_f64().unwrap();
+    assert!(auc >= 0.9, "the smoke cohort's AUC is {auc}");
     let rows = figures["model"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{figures}");
     // (metric, numerator, denominator) per row.
     let studies: i64 = rows.iter().map(|row| row[2].as_i64().unwrap()).sum();
-    assert_eq!(studies, 8, "sensitivity and specificity together count every study: {figures}");
+    assert_eq!(studies, 40, "sensitivity and specificity together count every study: {figures}");
 
     let wrong = scratch.path().join("wrong-key");
     std::fs::write(&wrong, "another key, another run's pseudonyms").unwrap();
     let output = evaluate(&wrong);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("none of the 8 labelled studies"), "{stderr}");
+    assert!(stderr.contains("none of the 40 labelled studies"), "{stderr}");
 }
 
 /// A manifest that promises the model another grid than the ONNX file declares is

@@ -128,6 +128,9 @@ mod tests {
         // Newcombe (1998), table I: 81/263 → 0.2553–0.3662; 0/10 → 0–0.2775.
         let p = wilson(81, 263).unwrap();
         assert!(close(p.ci.0, 0.2553) && close(p.ci.1, 0.3662), "{p:?}");
+        // 8/10: 0.4902–0.9433 (the worked example of the checks).
+        let p = wilson(8, 10).unwrap();
+        assert!(close(p.ci.0, 0.4902) && close(p.ci.1, 0.9433), "{p:?}");
         let p = wilson(0, 10).unwrap();
         assert!(close(p.ci.0, 0.0) && close(p.ci.1, 0.2775), "{p:?}");
         assert!(wilson(0, 0).is_none());
