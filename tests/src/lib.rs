@@ -125,6 +125,7 @@ pub fn small_cohort(out: PathBuf, studies: usize, seed: u64) -> SynthOptions {
         threads: 2,
         realistic: false,
         slices: None,
+        poses: panscreen_synth::Poses::Standard,
     }
 }
 

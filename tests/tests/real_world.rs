@@ -311,3 +311,71 @@ async fn prone_feet_first_and_side_lying_scans_give_the_supine_tensor() {
         }
     }
 }
+
+/// Patients as they lie in real scanners (shifted up to 40 mm, turned up to 10°, some
+/// prone, some feet first): every study is screened, and where the model finds a lesion,
+/// the centroid it reports is where the lesion is in the patient, through every
+/// orientation (the geometry from DICOM to tensor and back holds).
+#[test]
+fn varied_poses_are_screened_and_lesions_are_found_where_they_are() {
+    use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = SynthOptions {
+        prevalence: 0.5,
+        poses: panscreen_synth::Poses::Varied,
+        ..small_cohort(scratch.path().join("cohort"), 18, 21)
+    };
+    let truths = synthesize(&cohort, &|_| {}).unwrap();
+    let positions: std::collections::BTreeSet<&str> =
+        truths.iter().map(|t| t.pose.patient_position).collect();
+    assert_eq!(positions.len(), 3, "HFS, HFP and FFS in the cohort: {positions:?}");
+    let out = scratch.path().join("out");
+    run_embedded(&cohort.out.join("studies"), &out, &scratch.path().join("key"), KEY);
+    let mut results = std::collections::BTreeMap::new();
+    for file in panscreen_tests::parquet_files(&out.join("results")).unwrap() {
+        for batch in panscreen_tests::read_batches(&file).unwrap() {
+            let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let keys = column("study_key");
+            let keys = keys.as_any().downcast_ref::<StringArray>().unwrap();
+            let flagged = column("flagged");
+            let flagged = flagged.as_any().downcast_ref::<BooleanArray>().unwrap();
+            let centroid: Vec<_> = ["x", "y", "z"]
+                .iter()
+                .map(|axis| column(&format!("lesion_centroid_{axis}_mm")))
+                .collect();
+            for row in 0..batch.num_rows() {
+                let at = |axis: usize| {
+                    let values = centroid[axis].as_any().downcast_ref::<Float64Array>().unwrap();
+                    values.is_valid(row).then(|| values.value(row))
+                };
+                let point = (0..3).map(at).collect::<Option<Vec<f64>>>();
+                results.insert(keys.value(row).to_string(), (flagged.value(row), point));
+            }
+        }
+    }
+    assert_eq!(results.len(), truths.len(), "every study screened");
+    let pseudonymizer =
+        panscreen_shared::pseudonym::Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
+    let mut found_turned = 0;
+    for truth in &truths {
+        let (flagged, point) = &results[&pseudonymizer.study(&truth.study_instance_uid)];
+        let (Some(lesion), true, Some(point)) = (&truth.lesion, *flagged, point) else { continue };
+        let distance =
+            (0..3).map(|axis| (point[axis] - lesion.center_mm[axis]).powi(2)).sum::<f64>().sqrt();
+        eprintln!(
+            "{} {}: lesion {:.0} mm found {distance:.1} mm from its centre",
+            truth.directory, truth.pose.patient_position, lesion.diameter_mm
+        );
+        assert!(
+            distance <= lesion.diameter_mm.max(10.0),
+            "{} ({}): centroid {point:?}, lesion at {:?}",
+            truth.directory,
+            truth.pose.patient_position,
+            lesion.center_mm
+        );
+        if truth.pose.patient_position != "HFS" {
+            found_turned += 1;
+        }
+    }
+    assert!(found_turned > 0, "no lesion of a prone or feet-first study was found");
+}

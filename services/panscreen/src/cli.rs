@@ -9,7 +9,7 @@ use panscreen_shared::store::{OpenMode, Store};
 
 use crate::pipeline::{self, EmbeddedOptions};
 use crate::settings::{load_pseudonymizer, load_sites, ClusterArgs, ModelArgs};
-use panscreen_synth::{Size, SynthOptions};
+use panscreen_synth::{Poses, Size, SynthOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -131,6 +131,10 @@ pub struct SynthArgs {
     /// Slices per series, overriding the size's own count.
     #[arg(long, env = "PANSCREEN_SYNTH_SLICES")]
     pub slices: Option<usize>,
+    /// How patients lie: standard (supine, head first, centred) or varied (shifted up
+    /// to ±40 mm, turned up to ±10°, some prone, some feet first; in labels.parquet).
+    #[arg(long, value_enum, default_value = "standard", env = "PANSCREEN_SYNTH_POSES")]
+    pub poses: Poses,
 }
 
 #[derive(Debug, Args)]
@@ -249,6 +253,7 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         realistic: args.realistic_studies,
         slices: args.slices,
+        poses: args.poses,
     };
     let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
     let truths = panscreen_synth::synthesize(&options, &|_| bar.inc(1))?;

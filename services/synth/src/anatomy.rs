@@ -311,13 +311,32 @@ impl Phantom {
         rows: usize,
         columns: usize,
     ) -> Vec<f32> {
+        let axes = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        self.slice_hu_along(origin, axes, pixel_spacing, rows, columns)
+    }
+
+    /// The same for an axial slice whose rows run along `axes[0]` and columns along
+    /// `axes[1]` (both in the axial plane): pixel (r, c) sits at
+    /// `origin + c·spacing[1]·axes[0] + r·spacing[0]·axes[1]`.
+    pub fn slice_hu_along(
+        &self,
+        origin: [f64; 3],
+        axes: [[f64; 3]; 2],
+        pixel_spacing: [f64; 2],
+        rows: usize,
+        columns: usize,
+    ) -> Vec<f32> {
         let phantom = self.relevant_for_slice(origin[2]);
+        let [along_row, along_column] = axes;
         let mut out = Vec::with_capacity(rows * columns);
         for row in 0..rows {
-            let y = origin[1] + row as f64 * pixel_spacing[0];
+            let down = row as f64 * pixel_spacing[0];
             for column in 0..columns {
-                let x = origin[0] + column as f64 * pixel_spacing[1];
-                out.push(phantom.hu_at([x, y, origin[2]]) as f32);
+                let across = column as f64 * pixel_spacing[1];
+                let point: [f64; 3] = std::array::from_fn(|axis| {
+                    origin[axis] + across * along_row[axis] + down * along_column[axis]
+                });
+                out.push(phantom.hu_at([point[0], point[1], origin[2]]) as f32);
             }
         }
         out

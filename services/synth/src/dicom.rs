@@ -46,6 +46,8 @@ pub struct SeriesHeader {
     pub contrast_agent: Option<String>,
     /// GantryDetectorTilt in degrees (0 on most scanners).
     pub gantry_tilt: f64,
+    /// PatientPosition: HFS (head first, supine), HFP (prone), FFS (feet first)…
+    pub patient_position: String,
 }
 
 impl SeriesHeader {
@@ -85,6 +87,7 @@ impl SeriesHeader {
             orientation,
             contrast_agent: None,
             gantry_tilt: 0.0,
+            patient_position: "HFS".into(),
         }
     }
 
@@ -207,6 +210,7 @@ pub fn encode_slice(header: &SeriesHeader, slice: &Slice<'_>) -> anyhow::Result<
     );
     put(&mut object, multi(tags::IMAGE_POSITION_PATIENT, VR::DS, &slice.position.map(ds)));
     put(&mut object, multi(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, &header.orientation.map(ds)));
+    put(&mut object, text(tags::PATIENT_POSITION, VR::CS, &header.patient_position));
     if let Some(agent) = &header.contrast_agent {
         put(&mut object, text(tags::CONTRAST_BOLUS_AGENT, VR::LO, agent));
         put(&mut object, text(tags::CONTRAST_BOLUS_ROUTE, VR::LO, "IV"));

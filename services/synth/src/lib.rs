@@ -41,6 +41,47 @@ pub enum Size {
     Full,
 }
 
+/// How patients lie in the scanner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Poses {
+    /// Every patient supine, head first, centred, square to the scanner.
+    #[default]
+    Standard,
+    /// Body shifted up to ±40 mm and turned up to ±10° in the scanner; about one in six
+    /// prone and one in six feet first (the image's orientation says so, as scanners
+    /// write it).
+    Varied,
+}
+
+/// How one patient lay: recorded in `labels.parquet`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pose {
+    /// DICOM Patient Position: HFS (head first, supine), HFP (prone), FFS (feet first).
+    pub patient_position: &'static str,
+    /// Where the middle of the field of view is in the patient (LPS x, y, mm).
+    pub centre_mm: [f64; 2],
+    /// Turn of the image's rows from the patient's left-right axis, degrees.
+    pub rotation_deg: f64,
+}
+
+impl Pose {
+    const STANDARD: Pose =
+        Pose { patient_position: "HFS", centre_mm: [0.0, 0.0], rotation_deg: 0.0 };
+
+    /// Directions of the image's rows and columns in the patient.
+    pub fn directions(&self) -> ([f64; 3], [f64; 3]) {
+        let (sin, cos) = self.rotation_deg.to_radians().sin_cos();
+        let (x, y) = ([cos, sin, 0.0], [-sin, cos, 0.0]);
+        let minus = |v: [f64; 3]| v.map(|c| -c);
+        match self.patient_position {
+            "HFP" => (minus(x), minus(y)),
+            "FFS" => (minus(x), y),
+            _ => (x, y),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SynthOptions {
     pub out: PathBuf,
@@ -56,6 +97,7 @@ pub struct SynthOptions {
     /// Slices per series instead of the size's own count (a 1,000-slice series for the
     /// memory benchmark, say).
     pub slices: Option<usize>,
+    pub poses: Poses,
 }
 
 /// Ground truth of one synthetic study.
@@ -69,6 +111,7 @@ pub struct StudyTruth {
     pub region_code: String,
     pub lesion: Option<Lesion>,
     pub noise_sigma_hu: f64,
+    pub pose: Pose,
     pub age: i32,
     pub sex: String,
     pub slices: usize,
@@ -223,11 +266,45 @@ fn write_study(
     };
     let noise_sigma = rng.uniform(10.0, 20.0);
     let phantom = Phantom::random(&mut rng, with_lesion);
-    let field_of_view = rows as f64 * pixel_spacing;
     let scan_center_z = rng.uniform(-15.0, 15.0);
     let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
-    let origin_xy =
-        [-field_of_view / 2.0 + pixel_spacing / 2.0, -field_of_view / 2.0 + pixel_spacing / 2.0];
+    // Drawn from a generator of its own, so that standard cohorts keep their bytes.
+    let pose = match options.poses {
+        Poses::Standard => Pose::STANDARD,
+        Poses::Varied => {
+            let mut rng = Rng::derive(options.seed, &[index as u64, 0x706f_7365]);
+            let draw = rng.uniform(0.0, 1.0);
+            Pose {
+                patient_position: if draw < 1.0 / 6.0 {
+                    "HFP"
+                } else if draw < 2.0 / 6.0 {
+                    "FFS"
+                } else {
+                    "HFS"
+                },
+                centre_mm: [rng.uniform(-40.0, 40.0), rng.uniform(-40.0, 40.0)],
+                rotation_deg: rng.uniform(-10.0, 10.0),
+            }
+        }
+    };
+    let (row_direction, column_direction) = pose.directions();
+    let header = SeriesHeader {
+        orientation: [
+            row_direction[0],
+            row_direction[1],
+            row_direction[2],
+            column_direction[0],
+            column_direction[1],
+            column_direction[2],
+        ],
+        patient_position: pose.patient_position.to_string(),
+        ..header
+    };
+    // The first pixel: half the field of view back from its middle along rows and columns.
+    let half = (rows as f64 - 1.0) * pixel_spacing / 2.0;
+    let origin_xy: [f64; 2] = std::array::from_fn(|axis| {
+        pose.centre_mm[axis] - half * (row_direction[axis] + column_direction[axis])
+    });
 
     let directory = format!("study-{index:05}");
     let study_dir = studies_dir.join(&directory);
@@ -235,7 +312,13 @@ fn write_study(
         .map(|i| [origin_xy[0], origin_xy[1], first_z + i as f64 * slice_spacing])
         .collect();
     let noisy = |position: [f64; 3], salt: u64, slice_index: usize| {
-        let mut hu = phantom.slice_hu(position, header.pixel_spacing, rows, rows);
+        let mut hu = phantom.slice_hu_along(
+            position,
+            [row_direction, column_direction],
+            header.pixel_spacing,
+            rows,
+            rows,
+        );
         let mut noise = Rng::derive(options.seed, &[index as u64, salt + slice_index as u64]);
         for value in hu.iter_mut() {
             *value += (noise.normal() * noise_sigma) as f32;
@@ -261,6 +344,7 @@ fn write_study(
         region_code: site.region_code.clone(),
         lesion: phantom.lesion().cloned(),
         noise_sigma_hu: noise_sigma,
+        pose,
         age,
         sex: sex.to_string(),
         slices,
@@ -405,6 +489,22 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
         (
             "noise_sigma_hu",
             Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>()),
+        ),
+        (
+            "patient_position",
+            Arc::new(truths.iter().map(|t| Some(t.pose.patient_position)).collect::<StringArray>()),
+        ),
+        (
+            "fov_centre_x_mm",
+            Arc::new(truths.iter().map(|t| Some(t.pose.centre_mm[0])).collect::<Float64Array>()),
+        ),
+        (
+            "fov_centre_y_mm",
+            Arc::new(truths.iter().map(|t| Some(t.pose.centre_mm[1])).collect::<Float64Array>()),
+        ),
+        (
+            "rotation_deg",
+            Arc::new(truths.iter().map(|t| Some(t.pose.rotation_deg)).collect::<Float64Array>()),
         ),
         ("age", Arc::new(truths.iter().map(|t| Some(t.age)).collect::<Int32Array>())),
         ("sex", Arc::new(truths.iter().map(|t| Some(t.sex.as_str())).collect::<StringArray>())),
