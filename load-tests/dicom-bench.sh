@@ -3,7 +3,8 @@
 #  1. header-only scanning of realistic studies (scouts, phases, reformats, SC, dose SR):
 #     `panscreen inspect` against pydicom's dcmread(stop_before_pixels=True);
 #  2. the volume path (decode, HU, resample to the model grid) of `full` studies:
-#     panscreen's preprocess time per study against pydicom + scipy (python_reference.py);
+#     panscreen's preprocess time per study against pydicom + scipy (python_reference.py)
+#     and SimpleITK's ImageSeriesReader + Resample (simpleitk_reference.py);
 #  3. peak memory of one 1,000-slice 512×512 series through `panscreen run`.
 # Per-core figures pin both sides to one core with taskset. Run by `cargo xtask bench`.
 set -euo pipefail
@@ -36,6 +37,7 @@ n, pre = duckdb.execute(f"select count(*), avg(preprocess_ms) from read_parquet(
 print(f"panscreen volume path, 1 core: {pre:.0f} ms/study (decode + HU + resample + store; {n} studies)")
 PYEOF
 taskset -c 0 "$PY" load-tests/python_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
+taskset -c 0 "$PY" load-tests/simpleitk_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
 
 # 3. Memory on a 1,000-slice 512×512 series (int16 size 500 MiB).
 [ -d "$WORK/long" ] || $BIN synth --size full --studies 1 --slices 1000 --seed 3 --out "$WORK/long" > /dev/null
