@@ -315,6 +315,18 @@ fn a_missing_model_is_one_line_naming_it() {
 }
 
 #[test]
+fn tensorrt_options_on_the_cpu_are_refused_not_ignored() {
+    let (success, stderr) = run_with(&["--trt-fp16", "--trt-engine-cache", "/tmp/trt"]);
+    assert!(!success);
+    assert!(stderr.contains("apply to --device tensorrt[:N], not cpu"), "{stderr}");
+    // On a TensorRT device they are taken; this build (no `tensorrt` feature) then says
+    // what it lacks.
+    let (success, stderr) = run_with(&["--device", "tensorrt:0", "--trt-fp16"]);
+    assert!(!success);
+    assert!(stderr.contains("device tensorrt:0 is not available"), "{stderr}");
+}
+
+#[test]
 fn cuda_on_a_cpu_runtime_fails_and_says_how_to_fix_it() {
     let (success, stderr) = run_with(&["--device", "cuda:0"]);
     assert!(!success);

@@ -7,6 +7,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use panscreen_shared::manifest::ModelManifest;
 
+use crate::config::{Placement, TensorRtOptions};
 use crate::runtime::{self, file_sha256, RuntimeError};
 
 /// Where the model runs.
@@ -102,6 +103,7 @@ impl std::fmt::Debug for Model {
 
 fn execution_provider(
     device: Device,
+    #[allow(unused_variables)] tensorrt: &TensorRtOptions,
 ) -> Result<Option<ort::ep::ExecutionProviderDispatch>, ModelError> {
     match device {
         Device::Cpu => Ok(None),
@@ -132,7 +134,16 @@ fn execution_provider(
                     detail: "this ONNX Runtime library was built without the TensorRT execution provider".to_string(),
                 });
             }
-            Ok(Some(ort::ep::TensorRT::default().with_device_id(device_id).build().error_on_failure()))
+            let mut provider =
+                ort::ep::TensorRT::default().with_device_id(device_id).with_fp16(tensorrt.fp16);
+            if let Some(cache) = &tensorrt.engine_cache {
+                provider = provider
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(cache.display())
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(cache.display());
+            }
+            Ok(Some(provider.build().error_on_failure()))
         }
         #[allow(unreachable_patterns)]
         other => Err(ModelError::Device {
@@ -145,11 +156,9 @@ fn execution_provider(
 
 impl Model {
     /// Checks the model file against the manifest, then builds the session.
-    pub fn load(
-        manifest: &ModelManifest,
-        device: Device,
-        threads: usize,
-    ) -> Result<Model, ModelError> {
+    pub fn load(manifest: &ModelManifest, placement: &Placement) -> Result<Model, ModelError> {
+        let (device, threads) = (placement.device, placement.threads);
+        placement.check().map_err(|detail| ModelError::Device { device, detail })?;
         let path = manifest.onnx_path();
         if !path.is_file() {
             return Err(ModelError::Missing(path));
@@ -160,7 +169,7 @@ impl Model {
         }
         // The library must be loaded before anything asks it about providers.
         let (_, environment) = runtime::environment()?;
-        let provider = execution_provider(device)?;
+        let provider = execution_provider(device, &placement.tensorrt)?;
         let session_error =
             |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
         let mut builder = Session::builder(environment).map_err(session_error)?;

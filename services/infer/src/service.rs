@@ -10,8 +10,8 @@ use panscreen_shared::queue::{Queue, QueueError};
 use panscreen_shared::store::Store;
 use panscreen_shared::worker::{run_worker, StageCounters};
 
-use crate::config::InferConfig;
-use crate::{Device, InferHandler, Model};
+use crate::config::{InferConfig, Placement};
+use crate::{InferHandler, Model};
 
 /// A loaded model, shared by a worker's concurrent batches (one runs at a time).
 pub type SharedModel = Arc<Mutex<Model>>;
@@ -19,11 +19,9 @@ pub type SharedModel = Arc<Mutex<Model>>;
 /// Loads and checks the model on a blocking thread (loading takes seconds).
 pub async fn load_model(
     manifest: ModelManifest,
-    device: Device,
-    threads: usize,
+    placement: Placement,
 ) -> anyhow::Result<SharedModel> {
-    let model =
-        tokio::task::spawn_blocking(move || Model::load(&manifest, device, threads)).await??;
+    let model = tokio::task::spawn_blocking(move || Model::load(&manifest, &placement)).await??;
     Ok(Arc::new(Mutex::new(model)))
 }
 

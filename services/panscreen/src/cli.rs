@@ -297,6 +297,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let (placement, batch_max_wait) = (args.model.placement(), args.model.batch_max_wait());
     let options = EmbeddedOptions {
         input: args.input,
         out: args.out,
@@ -305,10 +306,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         sites: load_sites(&args.sites)?,
         pseudonymizer,
         ephemeral_key: ephemeral,
-        device: args.model.device,
+        placement,
         batch_size: args.model.batch_size,
+        batch_max_wait,
         preprocess_workers: args.preprocess_workers,
-        infer_threads: args.model.infer_threads,
         min_slices: args.min_slices,
         keep_work: args.keep_work,
         overwrite: args.overwrite,

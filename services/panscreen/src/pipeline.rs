@@ -14,9 +14,8 @@ use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use panscreen_aggregate::tables::RegionCounts;
 use panscreen_aggregate::{AggregateConfig, Aggregator};
-use panscreen_infer::config::InferConfig;
+use panscreen_infer::config::{InferConfig, Placement};
 use panscreen_infer::service::load_model;
-use panscreen_infer::Device;
 use panscreen_ingest::{IngestConfig, IngestReport, Redo};
 use panscreen_preprocess::config::PreprocessConfig;
 use panscreen_shared::contracts::{subjects, Stage};
@@ -37,10 +36,12 @@ pub struct EmbeddedOptions {
     pub sites: SiteRegistry,
     pub pseudonymizer: Pseudonymizer,
     pub ephemeral_key: bool,
-    pub device: Device,
+    /// Where and how the model runs.
+    pub placement: Placement,
     pub batch_size: usize,
+    /// How long an inference batch waits to fill.
+    pub batch_max_wait: Duration,
     pub preprocess_workers: usize,
-    pub infer_threads: usize,
     pub min_slices: usize,
     pub keep_work: bool,
     pub overwrite: bool,
@@ -212,8 +213,9 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         warn!("no pseudonym key given (--key-file or PANSCREEN_PSEUDONYM_KEY): using a throwaway key for this run");
     }
 
-    let model = load_model((*manifest).clone(), options.device, options.infer_threads).await?;
-    info!(model = %manifest.name, version = %manifest.version, device = %options.device, "model loaded");
+    let model = load_model((*manifest).clone(), options.placement.clone()).await?;
+    let device = options.placement.device;
+    info!(model = %manifest.name, version = %manifest.version, %device, "model loaded");
 
     let queue = MemoryQueue::new();
     let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
@@ -265,11 +267,13 @@ pub async fn run_embedded(options: EmbeddedOptions) -> anyhow::Result<RunSummary
         ))
     };
     let infer_task = {
+        let mut worker = WorkerConfig::new(&campaign, Stage::Infer);
+        worker.batch_linger = options.batch_max_wait;
         let config = InferConfig {
             campaign: campaign.clone(),
             batch_size: options.batch_size,
             keep_tensors: options.keep_work,
-            worker: WorkerConfig::new(&campaign, Stage::Infer),
+            worker,
         };
         let (queue, work, counters) = (dyn_queue.clone(), work.clone(), infer_counters.clone());
         tokio::spawn(panscreen_infer::service::serve(

@@ -259,12 +259,14 @@ pub async fn serve(
         }
         ServiceStage::Infer => {
             let manifest = ModelManifest::load(&args.model.model)?;
-            let model = load_model(manifest, args.model.device, args.model.infer_threads).await?;
+            let model = load_model(manifest, args.model.placement()).await?;
+            let mut worker = config;
+            worker.batch_linger = args.model.batch_max_wait();
             let config = InferConfig {
                 campaign: cluster.campaign.clone(),
                 batch_size: args.model.batch_size,
                 keep_tensors: args.keep_tensors,
-                worker: config,
+                worker,
             };
             let work = campaign_root.sub("work");
             panscreen_infer::service::serve(config, model, queue, work, counters.clone(), shutdown)

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use panscreen_infer::config::{Placement, TensorRtOptions};
 use panscreen_infer::Device;
 use panscreen_shared::pseudonym::{Pseudonymizer, KEY_ENV};
 use panscreen_shared::queue::jetstream::{JetStreamQueue, JetStreamSettings, NatsConfig};
@@ -104,6 +105,34 @@ pub struct ModelArgs {
     /// ONNX Runtime threads.
     #[arg(long, default_value_t = 2, env = "PANSCREEN_INFER_THREADS")]
     pub infer_threads: usize,
+    /// How long a batch waits to fill before it runs with fewer studies, in ms.
+    #[arg(long, default_value_t = 50, env = "PANSCREEN_BATCH_MAX_WAIT_MS")]
+    pub batch_max_wait_ms: u64,
+    /// TensorRT (--device tensorrt[:N]): build engines in half precision.
+    #[arg(long, env = "PANSCREEN_TRT_FP16")]
+    pub trt_fp16: bool,
+    /// TensorRT (--device tensorrt[:N]): keep built engines (and timing caches) in this
+    /// directory and reuse them at the next start.
+    #[arg(long, env = "PANSCREEN_TRT_ENGINE_CACHE")]
+    pub trt_engine_cache: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Where and how the model runs.
+    pub fn placement(&self) -> Placement {
+        Placement {
+            device: self.device,
+            threads: self.infer_threads,
+            tensorrt: TensorRtOptions {
+                fp16: self.trt_fp16,
+                engine_cache: self.trt_engine_cache.clone(),
+            },
+        }
+    }
+
+    pub fn batch_max_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_max_wait_ms)
+    }
 }
 
 /// The site registry from `path`, or the built-in one.
