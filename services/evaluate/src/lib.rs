@@ -64,6 +64,8 @@ pub struct Case {
     pub noise_sigma_hu: Option<f64>,
     pub site_id: Option<String>,
     pub region_code: Option<String>,
+    /// How the patient lay (DICOM Patient Position: HFS, HFP, FFS…), when labelled.
+    pub patient_position: Option<String>,
     pub outcome: Outcome,
 }
 
@@ -184,6 +186,7 @@ pub fn read_cohort(
         );
         let (location, site, region) =
             (string("lesion_location")?, string("site_id")?, string("region_code")?);
+        let position = string("patient_position")?;
         for row in 0..batch.num_rows() {
             if !uid.is_valid(row) {
                 continue;
@@ -200,6 +203,7 @@ pub fn read_cohort(
                 noise_sigma_hu: float_at(&noise, row),
                 site_id: string_at(&site, row),
                 region_code: string_at(&region, row),
+                patient_position: string_at(&position, row),
                 outcome: Outcome::Missing,
             });
         }
@@ -300,6 +304,7 @@ mod tests {
             noise_sigma_hu: Some(10.0),
             site_id: Some("site-a".into()),
             region_code: Some("330203".into()),
+            patient_position: None,
             outcome,
         }
     }

@@ -420,8 +420,13 @@ impl Report {
         };
         let site = |s: &&Scored| s.case.site_id.clone();
         let region = |s: &&Scored| s.case.region_code.clone();
-        let scan_groupings: [(&str, Key); 3] =
-            [("noise tertile", &tertile), ("site", &site), ("region", &region)];
+        let position = |s: &&Scored| s.case.patient_position.clone();
+        let scan_groupings: [(&str, Key); 4] = [
+            ("noise tertile", &tertile),
+            ("patient position", &position),
+            ("site", &site),
+            ("region", &region),
+        ];
         let all: Vec<&Scored> = scored.iter().collect();
         for (grouping, key) in scan_groupings {
             if noise.is_empty() && grouping == "noise tertile" {
