@@ -97,10 +97,16 @@ pub enum Normalization {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
-    /// Output of shape `[batch, 1]`: lesion probability in [0, 1].
-    pub probability: String,
+    /// Output of shape `[batch, 1]`: lesion probability in [0, 1]. Without it, the
+    /// study's score is the highest lesion probability of the `segmentation`'s voxels.
+    #[serde(default)]
+    pub probability: Option<String>,
     /// Optional output of the input's shape: per-voxel lesion probability.
     pub mask: Option<String>,
+    /// Optional per-class output `[batch, classes, depth, height, width]`, as nnU-Net
+    /// exports it; its lesion channel is then the mask.
+    #[serde(default)]
+    pub segmentation: Option<SegmentationSpec>,
     /// Voxels at or above this mask value belong to the lesion.
     #[serde(default = "default_mask_threshold")]
     pub mask_threshold: f64,
@@ -108,6 +114,36 @@ pub struct OutputSpec {
 
 fn default_mask_threshold() -> f64 {
     0.5
+}
+
+/// A segmentation output: which channel holds which label, and whether the values are
+/// logits (softmax over the classes is taken) or probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentationSpec {
+    pub name: String,
+    pub kind: SegmentationKind,
+    /// Label → channel, e.g. `{ background = 0, pancreas = 1, lesion = 2 }`; `lesion`
+    /// is required.
+    pub labels: std::collections::BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SegmentationKind {
+    Logits,
+    Probabilities,
+}
+
+impl SegmentationSpec {
+    pub fn lesion_channel(&self) -> usize {
+        self.labels.get("lesion").copied().unwrap_or(0)
+    }
+
+    /// Classes the output must have at least (the highest channel named, plus one).
+    pub fn classes(&self) -> usize {
+        self.labels.values().max().map_or(0, |c| c + 1)
+    }
 }
 
 /// Raw score → calibrated probability.
@@ -307,6 +343,22 @@ impl ModelManifest {
         if let Some(calibration) = &self.calibration {
             calibration.validate()?;
         }
+        match (&self.outputs.probability, &self.outputs.segmentation) {
+            (None, None) => {
+                return Err("outputs need a probability or a segmentation (or both)".into())
+            }
+            (_, Some(segmentation)) => {
+                if !segmentation.labels.contains_key("lesion") {
+                    return Err("outputs.segmentation.labels must name the lesion channel".into());
+                }
+                if self.outputs.mask.is_some() {
+                    return Err("give outputs.mask or outputs.segmentation, not both: the \
+                                segmentation's lesion channel is the mask"
+                        .into());
+                }
+            }
+            _ => {}
+        }
         if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err("sha256 must be 64 hex characters".to_string());
         }
@@ -470,6 +522,27 @@ validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity 
             "[calibration]\nkind = \"isotonic\"\nscores = [0.5, 0.1]\nprobabilities = [0.1, 0.2]\n",
         );
         assert!(load(unsorted).contains("scores must increase"));
+    }
+
+    #[test]
+    fn a_segmentation_output_must_name_its_lesion_channel_and_replaces_the_mask() {
+        let directory = tempfile::tempdir().unwrap();
+        let load = |outputs: &str| {
+            let text = EXAMPLE.replace("probability = \"p\"\nmask = \"m\"\n", outputs);
+            std::fs::write(directory.path().join("manifest.toml"), text).unwrap();
+            ModelManifest::load(directory.path())
+        };
+        let segmentation = "segmentation = { name = \"s\", kind = \"logits\", labels = { background = 0, lesion = 2 } }\n";
+        let manifest = load(segmentation).unwrap();
+        let spec = manifest.outputs.segmentation.unwrap();
+        assert_eq!((spec.lesion_channel(), spec.classes()), (2, 3));
+        let error =
+            load(&segmentation.replace("lesion = 2", "tumour = 2")).unwrap_err().to_string();
+        assert!(error.contains("must name the lesion channel"), "{error}");
+        let error = load(&format!("mask = \"m\"\n{segmentation}")).unwrap_err().to_string();
+        assert!(error.contains("not both"), "{error}");
+        let error = load("").unwrap_err().to_string();
+        assert!(error.contains("need a probability or a segmentation"), "{error}");
     }
 
     #[test]

@@ -635,3 +635,97 @@ threshold = 0.9
         assert_eq!((row[3].as_f64().unwrap(), row[4].as_str().unwrap()), (0.3, "sensitive"));
     }
 }
+
+/// A model that returns per-class logits `[batch, 3, depth, height, width]`, as nnU-Net
+/// exports them, with no probability output: the lesion channel goes through softmax,
+/// the study's score is its most lesion-like voxel. The model here is written by the
+/// test: logits (0, 0, 0.01 × HU), so a study whose clipped maximum is 300 HU (bone)
+/// scores e³ / (2 + e³) = 0.9094.
+#[test]
+fn a_model_with_per_class_logits_is_scored_from_its_lesion_channel() {
+    let scratch = tempfile::tempdir().unwrap();
+    let model = scratch.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let script = r#"
+import sys, hashlib
+from onnx import TensorProto, helper, numpy_helper
+import numpy as np
+x = helper.make_tensor_value_info("ct", TensorProto.FLOAT, ["N", 1, 48, 128, 128])
+y = helper.make_tensor_value_info("seg", TensorProto.FLOAT, ["N", 3, 48, 128, 128])
+zero = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")
+scale = numpy_helper.from_array(np.array(0.01, dtype=np.float32), "scale")
+nodes = [
+    helper.make_node("Mul", ["ct", "zero"], ["flat"]),
+    helper.make_node("Mul", ["ct", "scale"], ["lesion"]),
+    helper.make_node("Concat", ["flat", "flat", "lesion"], ["seg"], axis=1),
+]
+graph = helper.make_graph(nodes, "logits", [x], [y], [zero, scale])
+m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 8
+data = m.SerializeToString()
+open(sys.argv[1], "wb").write(data)
+print(hashlib.sha256(data).hexdigest())
+"#;
+    let onnx = model.join("logits.onnx");
+    let output = std::process::Command::new(panscreen_tests::python())
+        .args(["-c", script])
+        .arg(&onnx)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let sha256 = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    let manifest = format!(
+        r#"name = "logits"
+version = "0"
+onnx = "logits.onnx"
+sha256 = "{sha256}"
+intended_use = "test"
+clinical_use = false
+threshold = 0.5
+[input]
+name = "ct"
+shape = [-1, 1, 48, 128, 128]
+spacing_mm = [3.0, 2.5, 2.5]
+crop = "center"
+[input.intensity]
+window_hu = [-200.0, 300.0]
+normalize = {{ kind = "none" }}
+fill_hu = -1000.0
+[outputs]
+segmentation = {{ name = "seg", kind = "logits", labels = {{ background = 0, pancreas = 1, lesion = 2 }} }}
+"#
+    );
+    std::fs::write(model.join("manifest.toml"), manifest).unwrap();
+    let cohort = panscreen_tests::small_cohort(scratch.path().join("c"), 2, 9);
+    synthesize(&cohort, &|_| {}).unwrap();
+    let out = scratch.path().join("out");
+    std::fs::write(scratch.path().join("key"), KEY).unwrap();
+    let run = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        cohort.out.join("studies").as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        scratch.path().join("key").as_os_str(),
+        OsStr::new("--model"),
+        model.as_os_str(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let tables = panscreen_tests::query_tables(
+        &out,
+        &[(
+            "results",
+            "select lesion_probability, flagged, lesion_volume_mm3 from read_parquet('OUT/results/**/*.parquet')",
+        )],
+    );
+    let rows = tables["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{tables}");
+    let expected = 3f64.exp() / (2.0 + 3f64.exp());
+    for row in rows {
+        let probability = row[0].as_f64().unwrap();
+        assert!((probability - expected).abs() < 1e-5, "{row}");
+        assert!(row[1].as_bool().unwrap(), "{row}");
+        assert!(row[2].as_f64().unwrap() > 0.0, "the lesion channel is the mask: {row}");
+    }
+}

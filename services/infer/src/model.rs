@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use ndarray::{ArrayD, IxDyn};
 use ort::session::Session;
 use ort::value::TensorRef;
-use panscreen_shared::manifest::ModelManifest;
+use panscreen_shared::manifest::{ModelManifest, SegmentationKind};
 
 use crate::config::{Placement, TensorRtOptions};
 use crate::runtime::{self, file_sha256, RuntimeError};
@@ -197,9 +197,14 @@ impl Model {
         let inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
         let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
         check("input", &manifest.input.name, inputs)?;
-        check("output", &manifest.outputs.probability, outputs.clone())?;
+        if let Some(probability) = &manifest.outputs.probability {
+            check("output", probability, outputs.clone())?;
+        }
         if let Some(mask) = &manifest.outputs.mask {
-            check("output", mask, outputs)?;
+            check("output", mask, outputs.clone())?;
+        }
+        if let Some(segmentation) = &manifest.outputs.segmentation {
+            check("output", &segmentation.name, outputs)?;
         }
         // The dims the model declares against those the manifest promises preprocess
         // will make (and infer will read back): a mismatch is found here, not on the
@@ -207,14 +212,24 @@ impl Model {
         let [depth, height, width] = manifest.volume_shape().map(|n| n as i64);
         let volume = vec![-1, 1, depth, height, width];
         let mut wanted = vec![("input", &manifest.input.name, "input.shape", vec![volume.clone()])];
-        wanted.push((
-            "output",
-            &manifest.outputs.probability,
-            "outputs.probability ([batch, 1] or [batch])",
-            vec![vec![-1, 1], vec![-1]],
-        ));
+        if let Some(probability) = &manifest.outputs.probability {
+            wanted.push((
+                "output",
+                probability,
+                "outputs.probability ([batch, 1] or [batch])",
+                vec![vec![-1, 1], vec![-1]],
+            ));
+        }
         if let Some(mask) = &manifest.outputs.mask {
             wanted.push(("output", mask, "input.shape (the mask has the input's)", vec![volume]));
+        }
+        if let Some(segmentation) = &manifest.outputs.segmentation {
+            wanted.push((
+                "output",
+                &segmentation.name,
+                "input.shape with one channel per class",
+                vec![vec![-1, -1, depth, height, width]],
+            ));
         }
         let outlets = session.inputs().iter().chain(session.outputs());
         let declared: Vec<(String, Vec<i64>)> = outlets
@@ -257,15 +272,30 @@ impl Model {
             .session
             .run(ort::inputs![self.manifest.input.name.as_str() => tensor])
             .map_err(|e| ModelError::Run(e.to_string()))?;
-        let probability_name = &self.manifest.outputs.probability;
-        let probabilities = outputs
-            .get(probability_name)
-            .ok_or_else(|| ModelError::Run(format!("output {probability_name} missing")))?
-            .try_extract_array::<f32>()
-            .map_err(|e| ModelError::Run(e.to_string()))?
-            .iter()
-            .copied()
-            .collect::<Vec<f32>>();
+        let array = |name: &str| -> Result<ArrayD<f32>, ModelError> {
+            Ok(outputs
+                .get(name)
+                .ok_or_else(|| ModelError::Run(format!("output {name} missing")))?
+                .try_extract_array::<f32>()
+                .map_err(|e| ModelError::Run(e.to_string()))?
+                .to_owned())
+        };
+        // The lesion channel of a segmentation is the mask (softmax over the classes
+        // first, for logits).
+        let segmented = match &self.manifest.outputs.segmentation {
+            Some(spec) => Some(lesion_map(&array(&spec.name)?, spec)?),
+            None => None,
+        };
+        let probabilities: Vec<f32> = match (&self.manifest.outputs.probability, &segmented) {
+            (Some(name), _) => array(name)?.iter().copied().collect(),
+            // The study's score: its most lesion-like voxel.
+            (None, Some(map)) => {
+                map.outer_iter().map(|study| study.iter().copied().fold(0.0f32, f32::max)).collect()
+            }
+            (None, None) => {
+                return Err(ModelError::Run("the manifest names no probability output".into()))
+            }
+        };
         if probabilities.len() != volumes.len() {
             return Err(ModelError::Run(format!(
                 "{} probabilities for {} studies",
@@ -273,24 +303,87 @@ impl Model {
                 volumes.len()
             )));
         }
-        let mask = match &self.manifest.outputs.mask {
-            Some(name) => Some(
-                outputs
-                    .get(name)
-                    .ok_or_else(|| ModelError::Run(format!("output {name} missing")))?
-                    .try_extract_array::<f32>()
-                    .map_err(|e| ModelError::Run(e.to_string()))?
-                    .to_owned(),
-            ),
-            None => None,
+        let mask = match (&self.manifest.outputs.mask, segmented) {
+            (Some(name), _) => Some(array(name)?),
+            (None, map) => map,
         };
         Ok(BatchOutput { probabilities, mask })
     }
 }
 
+/// The lesion probability of every voxel, `[batch, 1, depth, height, width]`, from a
+/// segmentation output `[batch, classes, depth, height, width]`.
+fn lesion_map(
+    segmentation: &ArrayD<f32>,
+    spec: &panscreen_shared::manifest::SegmentationSpec,
+) -> Result<ArrayD<f32>, ModelError> {
+    let shape = segmentation.shape();
+    if shape.len() != 5 || shape[1] < spec.classes() {
+        return Err(ModelError::Run(format!(
+            "segmentation {} has shape {shape:?}, not [batch, {} or more classes, depth, height, width]",
+            spec.name,
+            spec.classes()
+        )));
+    }
+    let lesion = spec.lesion_channel();
+    let (batch, classes) = (shape[0], shape[1]);
+    let voxels: usize = shape[2..].iter().product();
+    let standard = segmentation.as_standard_layout();
+    let data = standard.as_slice().unwrap_or_default();
+    let mut map = vec![0.0f32; batch * voxels];
+    for study in 0..batch {
+        for voxel in 0..voxels {
+            let at = |class: usize| data[(study * classes + class) * voxels + voxel];
+            map[study * voxels + voxel] = match spec.kind {
+                SegmentationKind::Probabilities => at(lesion),
+                // Softmax at the lesion channel, stable: exp(l - max) / Σ exp(c - max).
+                SegmentationKind::Logits => {
+                    let top = (0..classes).map(at).fold(f32::NEG_INFINITY, f32::max);
+                    let total: f32 = (0..classes).map(|class| (at(class) - top).exp()).sum();
+                    (at(lesion) - top).exp() / total
+                }
+            };
+        }
+    }
+    let map = ArrayD::from_shape_vec(IxDyn(&[batch, 1, shape[2], shape[3], shape[4]]), map)
+        .map_err(|e| ModelError::Run(e.to_string()))?;
+    Ok(map)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lesion_channel_of_logits_goes_through_softmax() {
+        use panscreen_shared::manifest::SegmentationSpec;
+        let labels = [("background", 0), ("pancreas", 1), ("lesion", 2)];
+        let mut spec = SegmentationSpec {
+            name: "seg".into(),
+            kind: SegmentationKind::Logits,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        };
+        // One study, 3 classes, 1×1×2 voxels: logits (0, 0, ln 2) and (5, 0, 0).
+        let logits = [0.0, 5.0, 0.0, 0.0, 2f32.ln(), 0.0];
+        let segmentation =
+            ArrayD::from_shape_vec(IxDyn(&[1, 3, 1, 1, 2]), logits.to_vec()).unwrap();
+        let map = lesion_map(&segmentation, &spec).unwrap();
+        assert_eq!(map.shape(), &[1, 1, 1, 1, 2]);
+        let expected = [0.5, 1.0 / (5f32.exp() + 2.0)];
+        for (found, wanted) in map.iter().zip(expected) {
+            assert!((found - wanted).abs() < 1e-6, "{found} vs {wanted}");
+        }
+        spec.kind = SegmentationKind::Probabilities;
+        assert_eq!(
+            lesion_map(&segmentation, &spec).unwrap().iter().copied().collect::<Vec<_>>(),
+            [2f32.ln(), 0.0]
+        );
+        let two_classes = ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 1, 1]), vec![0.0, 1.0]).unwrap();
+        assert!(lesion_map(&two_classes, &spec)
+            .unwrap_err()
+            .to_string()
+            .contains("3 or more classes"));
+    }
 
     #[test]
     fn dims_fit_when_equal_or_dynamic() {
