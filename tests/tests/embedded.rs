@@ -604,19 +604,7 @@ threshold = 0.9
     };
     synthesize(&cohort, &|_| {}).unwrap();
     let out = scratch.path().join("out");
-    std::fs::write(scratch.path().join("key"), KEY).unwrap();
-    let run = panscreen(&[
-        OsStr::new("run"),
-        OsStr::new("--input"),
-        cohort.out.join("studies").as_os_str(),
-        OsStr::new("--out"),
-        out.as_os_str(),
-        OsStr::new("--key-file"),
-        scratch.path().join("key").as_os_str(),
-        OsStr::new("--model"),
-        model.as_os_str(),
-    ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    run_with_model(&cohort.out.join("studies"), &out, &scratch.path().join("key"), &model);
     let tables = panscreen_tests::query_tables(
         &out,
         &[(
@@ -699,19 +687,7 @@ segmentation = {{ name = "seg", kind = "logits", labels = {{ background = 0, pan
     let cohort = panscreen_tests::small_cohort(scratch.path().join("c"), 2, 9);
     synthesize(&cohort, &|_| {}).unwrap();
     let out = scratch.path().join("out");
-    std::fs::write(scratch.path().join("key"), KEY).unwrap();
-    let run = panscreen(&[
-        OsStr::new("run"),
-        OsStr::new("--input"),
-        cohort.out.join("studies").as_os_str(),
-        OsStr::new("--out"),
-        out.as_os_str(),
-        OsStr::new("--key-file"),
-        scratch.path().join("key").as_os_str(),
-        OsStr::new("--model"),
-        model.as_os_str(),
-    ]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    run_with_model(&cohort.out.join("studies"), &out, &scratch.path().join("key"), &model);
     let tables = panscreen_tests::query_tables(
         &out,
         &[(
@@ -728,4 +704,21 @@ segmentation = {{ name = "seg", kind = "logits", labels = {{ background = 0, pan
         assert!(row[1].as_bool().unwrap(), "{row}");
         assert!(row[2].as_f64().unwrap() > 0.0, "the lesion channel is the mask: {row}");
     }
+}
+
+/// `panscreen run` of `input` into `out` with the model in `model`; the run must succeed.
+fn run_with_model(input: &Path, out: &Path, key_file: &Path, model: &Path) {
+    std::fs::write(key_file, KEY).unwrap();
+    let run = panscreen(&[
+        OsStr::new("run"),
+        OsStr::new("--input"),
+        input.as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--key-file"),
+        key_file.as_os_str(),
+        OsStr::new("--model"),
+        model.as_os_str(),
+    ]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 }
