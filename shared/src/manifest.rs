@@ -365,6 +365,11 @@ impl ModelManifest {
         Ok(())
     }
 
+    /// The manifest as TOML, as `load` reads it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a manifest serializes")
+    }
+
     /// The operating point that sets `flagged`: the named default, or the one
     /// `threshold` of a single-point manifest (named "default").
     pub fn default_point(&self) -> OperatingPoint {

@@ -722,3 +722,134 @@ fn run_with_model(input: &Path, out: &Path, key_file: &Path, model: &Path) {
     ]);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
 }
+
+/// `panscreen model import-nnunet` on plans.json and dataset.json written in nnU-Net
+/// v2's published format (a `3d_lowres` configuration inheriting from `3d_fullres`, the
+/// lesion labelled "tumour") and an ONNX file with nnU-Net's shapes: the manifest takes
+/// the patch, the spacing, the CT normalisation and the labels, and the model runs.
+/// A dataset without the named lesion label is an error that lists the labels it has.
+#[test]
+fn an_nnunet_export_is_imported_and_runs() {
+    let scratch = tempfile::tempdir().unwrap();
+    let export = scratch.path().join("export");
+    std::fs::create_dir_all(&export).unwrap();
+    let plans = r#"{
+  "dataset_name": "Dataset777_Pancreas",
+  "plans_name": "nnUNetPlans",
+  "original_median_spacing_after_transp": [2.5, 0.8, 0.8],
+  "image_reader_writer": "SimpleITKIO",
+  "transpose_forward": [0, 1, 2],
+  "transpose_backward": [0, 1, 2],
+  "configurations": {
+    "3d_fullres": {
+      "data_identifier": "nnUNetPlans_3d_fullres",
+      "preprocessor_name": "DefaultPreprocessor",
+      "batch_size": 2,
+      "patch_size": [40, 112, 112],
+      "median_image_size_in_voxels": [120, 420, 420],
+      "spacing": [2.5, 0.8, 0.8],
+      "normalization_schemes": ["CTNormalization"],
+      "use_mask_for_norm": [false],
+      "resampling_fn_data": "resample_data_or_seg_to_shape"
+    },
+    "3d_lowres": {
+      "inherits_from": "3d_fullres",
+      "data_identifier": "nnUNetPlans_3d_lowres",
+      "spacing": [3.0, 2.5, 2.5],
+      "patch_size": [32, 96, 96]
+    }
+  },
+  "experiment_planner_used": "ExperimentPlanner",
+  "label_manager": "LabelManager",
+  "foreground_intensity_properties_per_channel": {
+    "0": {"max": 1450.0, "mean": 38.2, "median": 40.0, "min": -998.0,
+          "percentile_00_5": -96.0, "percentile_99_5": 212.0, "std": 41.5}
+  }
+}"#;
+    let dataset = r#"{
+  "channel_names": {"0": "CT"},
+  "labels": {"background": 0, "pancreas": 1, "tumour": 2},
+  "numTraining": 281,
+  "file_ending": ".nii.gz",
+  "name": "Dataset777_Pancreas"
+}"#;
+    std::fs::write(export.join("plans.json"), plans).unwrap();
+    std::fs::write(export.join("dataset.json"), dataset).unwrap();
+    let script = r#"
+import sys
+from onnx import TensorProto, helper, numpy_helper
+import numpy as np
+x = helper.make_tensor_value_info("data", TensorProto.FLOAT, ["batch", 1, 32, 96, 96])
+y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 32, 96, 96])
+w = numpy_helper.from_array(np.array([[[[[0.0]]]], [[[[0.5]]]], [[[[1.0]]]]], dtype=np.float32), "w")
+nodes = [helper.make_node("Conv", ["data", "w"], ["logits"], kernel_shape=[1, 1, 1])]
+m = helper.make_model(helper.make_graph(nodes, "net", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+m.ir_version = 8
+open(sys.argv[1], "wb").write(m.SerializeToString())
+"#;
+    let onnx = export.join("checkpoint_final.onnx");
+    let made = std::process::Command::new(panscreen_tests::python())
+        .args(["-c", script])
+        .arg(&onnx)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let model = scratch.path().join("model");
+    let import = |lesion_label: &str| {
+        panscreen(&[
+            OsStr::new("model"),
+            OsStr::new("import-nnunet"),
+            OsStr::new("--plans"),
+            export.join("plans.json").as_os_str(),
+            OsStr::new("--dataset-json"),
+            export.join("dataset.json").as_os_str(),
+            OsStr::new("--onnx"),
+            onnx.as_os_str(),
+            OsStr::new("--out"),
+            model.as_os_str(),
+            OsStr::new("--configuration"),
+            OsStr::new("3d_lowres"),
+            OsStr::new("--lesion-label"),
+            OsStr::new(lesion_label),
+        ])
+    };
+    let refused = import("lesion");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("no label \"lesion\"") && stderr.contains("tumour"), "{stderr}");
+
+    let imported = import("tumour");
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(model.join("manifest.toml")).unwrap()).unwrap();
+    let input = &manifest["input"];
+    assert_eq!(input["name"].as_str(), Some("data"));
+    let shape: Vec<i64> =
+        input["shape"].as_array().unwrap().iter().map(|v| v.as_integer().unwrap()).collect();
+    assert_eq!(shape, [-1, 1, 32, 96, 96], "the lowres patch, inherited fields kept");
+    let spacing: Vec<f64> =
+        input["spacing_mm"].as_array().unwrap().iter().map(|v| v.as_float().unwrap()).collect();
+    assert_eq!(spacing, [3.0, 2.5, 2.5]);
+    let intensity = &input["intensity"];
+    assert_eq!(intensity["window_hu"].as_array().unwrap()[1].as_float(), Some(212.0));
+    assert_eq!(intensity["normalize"]["kind"].as_str(), Some("zscore"));
+    assert_eq!(intensity["normalize"]["std"].as_float(), Some(41.5));
+    let segmentation = &manifest["outputs"]["segmentation"];
+    assert_eq!(segmentation["name"].as_str(), Some("logits"));
+    assert_eq!(segmentation["labels"]["lesion"].as_integer(), Some(2));
+
+    let cohort = panscreen_tests::small_cohort(scratch.path().join("c"), 2, 4);
+    synthesize(&cohort, &|_| {}).unwrap();
+    let out = scratch.path().join("out");
+    run_with_model(&cohort.out.join("studies"), &out, &scratch.path().join("key"), &model);
+    let tables = panscreen_tests::query_tables(
+        &out,
+        &[(
+            "results",
+            "select model_name, lesion_probability from read_parquet('OUT/results/**/*.parquet')",
+        )],
+    );
+    let rows = tables["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{tables}");
+    assert!(rows.iter().all(|row| row[0] == "Dataset777_Pancreas"), "{tables}");
+}

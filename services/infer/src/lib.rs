@@ -5,6 +5,7 @@
 //!   names) and loaded once per worker; CPU, CUDA or TensorRT.
 //! - [`lesion_metrics`]: lesion volume and centroid from the mask.
 //! - [`error`]: why a study cannot be scored, one variant per quarantine reason.
+//! - [`import`]: a manifest for a model trained with nnU-Net v2 (`panscreen model import-nnunet`).
 //! - [`config`]: the stage's settings; [`service`]: the stage as it runs.
 //!
 //! [`InferHandler`] is the stage: a batch of `StudyPreprocessed` in, one `StudyScored`
@@ -12,6 +13,7 @@
 
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod model;
 pub mod runtime;
 pub mod service;

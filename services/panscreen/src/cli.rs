@@ -46,10 +46,43 @@ pub enum Command {
     Compact(CompactArgs),
     /// Send quarantined inputs through the pipeline again (after the cause is fixed).
     Requeue(RequeueArgs),
+    /// Models: write a manifest for a trained model.
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Internal: decodes JPEG-LS and 12-bit JPEG frames with GDCM for another panscreen
     /// process, on stdin and stdout (a crash in GDCM ends only this helper).
     #[command(name = "gdcm-decoder", hide = true)]
     GdcmDecoder,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Write a manifest for a model trained with nnU-Net v2 and exported to ONNX (its
+    /// plans.json and dataset.json give the patch, spacing, CT normalisation and labels).
+    #[command(name = "import-nnunet")]
+    ImportNnunet(ImportNnunetArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ImportNnunetArgs {
+    /// nnU-Net's plans.json of the trained model.
+    #[arg(long)]
+    pub plans: PathBuf,
+    /// nnU-Net's dataset.json of the dataset it was trained on.
+    #[arg(long = "dataset-json")]
+    pub dataset_json: PathBuf,
+    /// The network exported to ONNX: one patch in, per-class logits out.
+    #[arg(long)]
+    pub onnx: PathBuf,
+    /// The model directory to write (manifest.toml and a copy of the ONNX file).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The plans' configuration the network was trained in.
+    #[arg(long, default_value = "3d_fullres")]
+    pub configuration: String,
+    /// The dataset's label that is the lesion.
+    #[arg(long, default_value = "lesion")]
+    pub lesion_label: String,
 }
 
 #[derive(Debug, Args)]
@@ -224,7 +257,28 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Compact(args) => compact(args),
         Command::Requeue(args) => requeue(args),
         Command::Evaluate(args) => evaluate(args),
+        Command::Model(ModelCommand::ImportNnunet(args)) => import_nnunet(args),
     }
+}
+
+/// `panscreen model import-nnunet`.
+fn import_nnunet(args: ImportNnunetArgs) -> anyhow::Result<()> {
+    panscreen_shared::telemetry::init_stderr("warn", false);
+    let manifest =
+        panscreen_infer::import::import_nnunet(&panscreen_infer::import::NnUnetExport {
+            plans: args.plans,
+            dataset_json: args.dataset_json,
+            onnx: args.onnx,
+            configuration: args.configuration,
+            lesion_label: args.lesion_label,
+            out: args.out,
+        })?;
+    println!(
+        "wrote {} (checked against the ONNX file); run it with --model {}",
+        manifest.display(),
+        manifest.parent().map(|p| p.display().to_string()).unwrap_or_default()
+    );
+    Ok(())
 }
 
 /// The runtime a command's async work runs on.
