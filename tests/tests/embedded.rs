@@ -598,23 +598,15 @@ name = "strict"
 threshold = 0.9
 "#;
     std::fs::write(model.join("manifest.toml"), manifest).unwrap();
-    let cohort = SynthOptions {
-        prevalence: 0.5,
-        ..panscreen_tests::small_cohort(scratch.path().join("c"), 6, 3)
-    };
-    synthesize(&cohort, &|_| {}).unwrap();
-    let out = scratch.path().join("out");
-    run_with_model(&cohort.out.join("studies"), &out, &scratch.path().join("key"), &model);
-    let tables = panscreen_tests::query_tables(
-        &out,
-        &[(
-            "results",
-            "select raw_score, lesion_probability, flagged, threshold, operating_point \
-             from read_parquet('OUT/results/**/*.parquet')",
-        )],
+    let rows = screen_with_model(
+        scratch.path(),
+        &model,
+        6,
+        3,
+        0.5,
+        "raw_score, lesion_probability, flagged, threshold, operating_point",
     );
-    let rows = tables["results"].as_array().unwrap();
-    assert_eq!(rows.len(), 6, "{tables}");
+    assert_eq!(rows.len(), 6, "{rows:?}");
     for row in rows {
         let (raw, probability) = (row[0].as_f64().unwrap(), row[1].as_f64().unwrap());
         let calibrated = if raw <= 0.2 { raw / 0.2 * 0.6 } else { 0.6 + (raw - 0.2) / 0.8 * 0.4 };
@@ -684,19 +676,15 @@ segmentation = {{ name = "seg", kind = "logits", labels = {{ background = 0, pan
 "#
     );
     std::fs::write(model.join("manifest.toml"), manifest).unwrap();
-    let cohort = panscreen_tests::small_cohort(scratch.path().join("c"), 2, 9);
-    synthesize(&cohort, &|_| {}).unwrap();
-    let out = scratch.path().join("out");
-    run_with_model(&cohort.out.join("studies"), &out, &scratch.path().join("key"), &model);
-    let tables = panscreen_tests::query_tables(
-        &out,
-        &[(
-            "results",
-            "select lesion_probability, flagged, lesion_volume_mm3 from read_parquet('OUT/results/**/*.parquet')",
-        )],
+    let rows = screen_with_model(
+        scratch.path(),
+        &model,
+        2,
+        9,
+        0.0,
+        "lesion_probability, flagged, lesion_volume_mm3",
     );
-    let rows = tables["results"].as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{tables}");
+    assert_eq!(rows.len(), 2, "{rows:?}");
     let expected = 3f64.exp() / (2.0 + 3f64.exp());
     for row in rows {
         let probability = row[0].as_f64().unwrap();
@@ -838,18 +826,29 @@ open(sys.argv[1], "wb").write(m.SerializeToString())
     assert_eq!(segmentation["name"].as_str(), Some("logits"));
     assert_eq!(segmentation["labels"]["lesion"].as_integer(), Some(2));
 
-    let cohort = panscreen_tests::small_cohort(scratch.path().join("c"), 2, 4);
+    let rows = screen_with_model(scratch.path(), &model, 2, 4, 0.0, "model_name");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(rows.iter().all(|row| row[0] == "Dataset777_Pancreas"), "{rows:?}");
+}
+
+/// A cohort of `studies` small studies (seed, prevalence) under `scratch/c`, screened by
+/// the model in `model` into `scratch/out`; `columns` of every result row.
+fn screen_with_model(
+    scratch: &Path,
+    model: &Path,
+    studies: usize,
+    seed: u64,
+    prevalence: f64,
+    columns: &str,
+) -> Vec<serde_json::Value> {
+    let cohort = SynthOptions {
+        prevalence,
+        ..panscreen_tests::small_cohort(scratch.join("c"), studies, seed)
+    };
     synthesize(&cohort, &|_| {}).unwrap();
-    let out = scratch.path().join("out");
-    run_with_model(&cohort.out.join("studies"), &out, &scratch.path().join("key"), &model);
-    let tables = panscreen_tests::query_tables(
-        &out,
-        &[(
-            "results",
-            "select model_name, lesion_probability from read_parquet('OUT/results/**/*.parquet')",
-        )],
-    );
-    let rows = tables["results"].as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{tables}");
-    assert!(rows.iter().all(|row| row[0] == "Dataset777_Pancreas"), "{tables}");
+    let out = scratch.join("out");
+    run_with_model(&cohort.out.join("studies"), &out, &scratch.join("key"), model);
+    let select = format!("select {columns} from read_parquet('OUT/results/**/*.parquet')");
+    let tables = panscreen_tests::query_tables(&out, &[("results", select.as_str())]);
+    tables["results"].as_array().unwrap().clone()
 }
