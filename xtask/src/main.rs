@@ -326,6 +326,14 @@ fn lint() -> anyhow::Result<()> {
         .args(clippy)
         .args(["-p", "panscreen"])
         .args(deny))
+    .with_context(|| format!("cargo clippy: {hint}"))?;
+    // The GPU execution providers build without CUDA: their code is linted although no
+    // GPU runs it here.
+    run(cargo(Codecs::Default)?
+        .current_dir(root())
+        .args(clippy)
+        .args(["-p", "panscreen-infer", "--features", "cuda,tensorrt"])
+        .args(deny))
     .with_context(|| format!("cargo clippy: {hint}"))
 }
 
