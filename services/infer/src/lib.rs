@@ -112,6 +112,8 @@ impl InferHandler {
         let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
         let per_study_ms = started.elapsed().as_secs_f64() * 1000.0 / messages.len() as f64;
         let mut outcomes = Vec::with_capacity(messages.len());
+        // The operating point is the manifest's, the same for every study of the batch.
+        let point = manifest.default_point();
         for (index, message) in messages.into_iter().enumerate() {
             let raw_score = output.probabilities[index] as f64;
             let probability = manifest.calibrate(raw_score);
@@ -124,7 +126,6 @@ impl InferHandler {
             let mut context = message.context;
             context.timings.scored_at = Some(OffsetDateTime::now_utc());
             context.timings.infer_ms = Some(per_study_ms);
-            let point = manifest.default_point();
             let flagged = probability >= point.threshold;
             info!(study = %context.study_key, probability, flagged, "study scored");
             let scored = StudyScored {
@@ -133,7 +134,7 @@ impl InferHandler {
                     lesion_probability: probability,
                     flagged,
                     threshold: point.threshold,
-                    operating_point: point.name,
+                    operating_point: point.name.clone(),
                     lesion_volume_mm3: lesion.map(|(volume, _)| volume),
                     lesion_centroid_mm: lesion.map(|(_, centroid)| centroid),
                     model: identity.clone(),
