@@ -3,8 +3,9 @@
 #  1. header-only scanning of realistic studies (scouts, phases, reformats, SC, dose SR):
 #     `panscreen inspect` against pydicom's dcmread(stop_before_pixels=True);
 #  2. the volume path (decode, HU, resample to the model grid) of `full` studies:
-#     panscreen's preprocess time per study against pydicom + scipy (python_reference.py)
-#     and SimpleITK's ImageSeriesReader + Resample (simpleitk_reference.py);
+#     panscreen's preprocess time per study against pydicom + scipy (python_reference.py,
+#     tiny-panda's grid) and SimpleITK's ImageSeriesReader + Resample onto the cascade's
+#     stage-1 grid (simpleitk_reference.py) on 512x512x300 studies;
 #  3. peak memory of one 1,000-slice 512×512 series through `panscreen run`.
 # Per-core figures pin both sides to one core with taskset. Run by `cargo xtask bench`.
 set -euo pipefail
@@ -27,17 +28,30 @@ for round in 1 2; do
   taskset -c 0 "$PY" load-tests/pydicom_headers.py "$WORK/realistic/studies" | sed 's/^/1 core: /'
 done
 
-# 2. Volume path.
+# 2. Volume path. (a) tiny-panda's centred 48x128x128 grid against pydicom + scipy;
+# (b) the default cascade's two grids from every slice (stage 1's 4 mm whole-scan grid and
+# the fine 3x2x2 mm int16 grid, gzip-compressed) against SimpleITK reading the series
+# and resampling it onto stage 1's grid alone, on 512x512x300 studies.
 [ -d "$WORK/full" ] || $BIN synth --size full --studies ${FULL_STUDIES:-6} --seed 11 --out "$WORK/full" > /dev/null
 cat "$WORK/full/studies"/*/*/* > /dev/null
-taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --input "$WORK/full/studies" --out "$WORK/full-out" --key-file "$WORK/key" --overwrite > /dev/null
+taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --model models/tiny-panda --input "$WORK/full/studies" --out "$WORK/full-out" --key-file "$WORK/key" --overwrite > /dev/null
 "$PY" - "$WORK/full-out" <<'PYEOF'
 import sys, duckdb
 n, pre = duckdb.execute(f"select count(*), avg(preprocess_ms) from read_parquet('{sys.argv[1]}/results/**/*.parquet', hive_partitioning=true)").fetchone()
-print(f"panscreen volume path, 1 core: {pre:.0f} ms/study (decode + HU + resample + store; {n} studies)")
+print(f"panscreen volume path (tiny-panda grid), 1 core: {pre:.0f} ms/study (decode + HU + resample + store; {n} studies)")
 PYEOF
 taskset -c 0 "$PY" load-tests/python_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
-taskset -c 0 "$PY" load-tests/simpleitk_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
+[ -d "$WORK/full300" ] || $BIN synth --size full --studies ${FULL300_STUDIES:-3} --slices 300 --seed 12 --out "$WORK/full300" > /dev/null
+cat "$WORK/full300/studies"/*/*/* > /dev/null
+for round in 1 2; do
+  /usr/bin/time -f "panscreen run (cascade, both grids), 1 core: wall %e s, peak RSS %M KiB" taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --input "$WORK/full300/studies" --out "$WORK/full300-out" --key-file "$WORK/key" --overwrite > /dev/null
+  "$PY" - "$WORK/full300-out" <<'PYEOF'
+import sys, duckdb
+n, pre = duckdb.execute(f"select count(*), avg(preprocess_ms) from read_parquet('{sys.argv[1]}/results/**/*.parquet', hive_partitioning=true)").fetchone()
+print(f"panscreen volume path (cascade: both grids, every slice), 1 core: {pre:.0f} ms/study ({n} studies of 512x512x300)")
+PYEOF
+  taskset -c 0 "$PY" load-tests/simpleitk_reference.py "$WORK/full300/studies" | sed 's/^/1 core, stage 1 grid: /'
+done
 
 # 3. Memory on a 1,000-slice 512×512 series (int16 size 500 MiB).
 [ -d "$WORK/long" ] || $BIN synth --size full --studies 1 --slices 1000 --seed 3 --out "$WORK/long" > /dev/null

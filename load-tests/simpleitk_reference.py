@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """SimpleITK's volume path, per study, as an imaging lab would write it: read the
 series with ImageSeriesReader (GDCM underneath; it sorts the slices and applies the
-rescale), then Resample onto the same grid as panscreen's model (48 x 128 x 128 at
-3.0 x 2.5 x 2.5 mm, centred on the scanned volume, linear interpolation, fill -1000 HU)
-and clip to the window. Linear interpolation does not average over a target voxel's
-footprint when downsampling, as panscreen does; it is the cheaper operation.
+rescale), then Resample onto the same grid as panscreen's first model (by default the
+cascade's stage 1: 112 x 96 x 96 at 4 mm, the whole scan; `--grid 48,128,128 --spacing
+3,2.5,2.5` for tiny-panda's), centred on the scanned volume, linear interpolation, fill
+-1000 HU, and clip to the window. Linear interpolation does not average over a target
+voxel's footprint when downsampling, as panscreen does; it is the cheaper operation.
 
-Usage: simpleitk_reference.py STUDIES_DIR [--limit N]
+Usage: simpleitk_reference.py STUDIES_DIR [--limit N] [--grid D,H,W] [--spacing D,H,W]
 Prints seconds per study and the peak RSS of this process."""
 
 import argparse
@@ -18,8 +19,8 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-TARGET_SPACING = (2.5, 2.5, 3.0)  # x, y, z (SimpleITK's order)
-SIZE = (128, 128, 48)
+TARGET_SPACING = (4.0, 4.0, 4.0)  # x, y, z (SimpleITK's order)
+SIZE = (96, 96, 112)
 
 
 def volume_path(series_dir):
@@ -49,7 +50,12 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("studies")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--grid", default="112,96,96", help="depth,height,width voxels")
+    parser.add_argument("--spacing", default="4,4,4", help="depth,height,width mm")
     args = parser.parse_args()
+    global SIZE, TARGET_SPACING
+    SIZE = tuple(int(v) for v in reversed(args.grid.split(",")))
+    TARGET_SPACING = tuple(float(v) for v in reversed(args.spacing.split(",")))
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     series_dirs = sorted(
         os.path.join(root, d) for root, dirs, _ in os.walk(args.studies) for d in dirs if d.startswith("series-")

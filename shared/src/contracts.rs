@@ -344,6 +344,18 @@ pub struct StudyPreprocessed {
     pub geometry: TensorGeometry,
     /// Name of the model manifest the tensor was made for.
     pub model_name: String,
+    /// For a cascade: the whole scan on stage 2's finer grid, HU as int16, which infer
+    /// cuts the pancreas's box from (`tensor_key` is then stage 1's input).
+    #[serde(default)]
+    pub fine_grid: Option<StoredGrid>,
+}
+
+/// A grid preprocess stored in the work store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredGrid {
+    /// Key of the gzip-compressed `.npy` (`<i2`, HU) in the work store.
+    pub key: String,
+    pub geometry: TensorGeometry,
 }
 
 /// The model that scored a study.
@@ -357,11 +369,18 @@ pub struct ModelIdentity {
 /// What the model said about one study.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
-    /// The model's own output, before calibration.
+    /// False when the model could not judge the study (no pancreas found, or it runs
+    /// off the scan): no probability, never flagged, never counted as negative.
+    #[serde(default = "assessable")]
+    pub assessable: bool,
+    /// Why the study is not assessable, for a person.
     #[serde(default)]
-    pub raw_score: f64,
+    pub not_assessable_reason: Option<String>,
+    /// The model's own output, before calibration (none when not assessable).
+    #[serde(default)]
+    pub raw_score: Option<f64>,
     /// The calibrated probability (the raw score when the manifest has no calibration).
-    pub lesion_probability: f64,
+    pub lesion_probability: Option<f64>,
     pub flagged: bool,
     /// The operating point's threshold on `lesion_probability`.
     pub threshold: f64,
@@ -372,7 +391,21 @@ pub struct Prediction {
     /// Present when the model returns a mask and the mask is not empty.
     pub lesion_volume_mm3: Option<f64>,
     pub lesion_centroid_mm: Option<[f64; 3]>,
+    /// Longest extent of the lesion's voxels along the tensor's axes, mm.
+    #[serde(default)]
+    pub lesion_diameter_mm: Option<f64>,
+    /// Part of the pancreas the lesion lies in (head, body, tail: thirds of the
+    /// pancreas's extent from the patient's right), cascades only.
+    #[serde(default)]
+    pub lesion_location: Option<String>,
+    /// The pancreas stage 1 found: its volume (mm³) and its box's centre (patient mm).
+    #[serde(default)]
+    pub pancreas_volume_mm3: Option<f64>,
     pub model: ModelIdentity,
+}
+
+fn assessable() -> bool {
+    true
 }
 
 /// infer → aggregate: a scored study.
@@ -489,13 +522,18 @@ pub fn example_scored(campaign: &str, study_key: &str, flagged: bool) -> StudySc
             not_chosen: Vec::new(),
         },
         prediction: Prediction {
-            raw_score: if flagged { 0.9 } else { 0.1 },
-            lesion_probability: if flagged { 0.9 } else { 0.1 },
+            assessable: true,
+            not_assessable_reason: None,
+            raw_score: Some(if flagged { 0.9 } else { 0.1 }),
+            lesion_probability: Some(if flagged { 0.9 } else { 0.1 }),
             flagged,
             threshold: 0.5,
             operating_point: "default".into(),
             lesion_volume_mm3: None,
             lesion_centroid_mm: None,
+            lesion_diameter_mm: None,
+            lesion_location: None,
+            pancreas_volume_mm3: None,
             model: ModelIdentity { name: "m".into(), version: "1".into(), sha256: "0".into() },
         },
     }

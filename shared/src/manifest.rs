@@ -49,6 +49,11 @@ pub struct ModelManifest {
     /// The operating point that sets `flagged` (required with `operating_points`).
     #[serde(default)]
     pub default_operating_point: Option<String>,
+    /// Stage 1 of a cascade: finds the pancreas on a coarse grid of the whole scan, so
+    /// that this (stage 2) model sees a box around it (`input.crop = "box"`). Absent:
+    /// a one-stage model on a fixed field of view.
+    #[serde(default)]
+    pub locate: Option<LocateSpec>,
     /// Directory of the manifest (filled in by [`ModelManifest::load`]).
     #[serde(skip)]
     pub directory: PathBuf,
@@ -62,15 +67,98 @@ pub struct InputSpec {
     pub shape: [i64; 5],
     /// Voxel spacing (depth, height, width) in mm.
     pub spacing_mm: [f64; 3],
-    /// Where the fixed field of view is placed: "center" (centre of the scanned volume).
+    /// Where the field of view is placed: "center" (centre of the scanned volume) or
+    /// "box" (around the pancreas stage 1 found; stage 2 of a cascade only).
     pub crop: CropPolicy,
     pub intensity: IntensitySpec,
+    /// Stage 2 only: the box is covered by patches of `shape` (nnU-Net's sliding-window
+    /// inference). Absent: one patch centred on the pancreas.
+    #[serde(default)]
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CropPolicy {
     Center,
+    Box,
+}
+
+/// How a box larger than one patch is covered, as nnU-Net predicts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlidingWindow {
+    /// Fraction of a patch that neighbouring patches share (nnU-Net: 0.5).
+    #[serde(default = "default_overlap")]
+    pub overlap: f64,
+    /// σ of the Gaussian that weights each patch's voxels when patches are blended, as
+    /// a fraction of the patch's size along each axis (nnU-Net: 1/8).
+    #[serde(default = "default_sigma_scale")]
+    pub sigma_scale: f64,
+    /// Tensor axes (0 depth, 1 height, 2 width) mirrored for test-time augmentation:
+    /// every combination of flips runs and the outputs are averaged. Empty: none.
+    #[serde(default)]
+    pub mirror_axes: Vec<usize>,
+}
+
+fn default_overlap() -> f64 {
+    0.5
+}
+
+fn default_sigma_scale() -> f64 {
+    0.125
+}
+
+/// Stage 1 of a cascade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocateSpec {
+    /// File name of the stage-1 ONNX model, relative to the manifest.
+    pub onnx: String,
+    /// Lowercase hex sha256 of that file.
+    pub sha256: String,
+    /// A coarse grid of the whole scan (`crop = "center"`; its extent should cover the
+    /// longest scan screened).
+    pub input: InputSpec,
+    /// Its segmentation output: `labels` must name `pancreas`.
+    pub segmentation: SegmentationSpec,
+    /// How the box stage 2 sees is derived from the pancreas map.
+    #[serde(rename = "box")]
+    pub box_rule: BoxRule,
+}
+
+/// The pancreas map → the box cut from the fine grid for stage 2.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoxRule {
+    /// Pancreas probability at or above which a stage-1 voxel is pancreas. The largest
+    /// connected (6-neighbour) region of such voxels is the pancreas.
+    #[serde(default = "default_mask_threshold")]
+    pub threshold: f64,
+    /// Added to every side of the pancreas's bounding box, mm (depth, height, width).
+    pub margin_mm: [f64; 3],
+    /// The crop is at least this large, mm (it is never smaller than one patch).
+    #[serde(default)]
+    pub min_size_mm: Option<[f64; 3]>,
+    /// The crop is exactly this large, centred on the pancreas (instead of its box).
+    #[serde(default)]
+    pub fixed_size_mm: Option<[f64; 3]>,
+    /// A largest region smaller than this is not a pancreas: the study is not
+    /// assessable ("no pancreas found").
+    #[serde(default)]
+    pub min_volume_mm3: f64,
+    /// A region that comes within this distance (mm) of the scan's first or last slice
+    /// or the image's side, is taken to run off the scan: the study is not assessable.
+    /// 0: only a region that reaches the edge (a stage 1 that is unsure near the edge
+    /// of the scan needs more).
+    #[serde(default)]
+    pub edge_mm: f64,
+    /// Lesions are looked for only within this distance (mm) of the pancreas stage 1
+    /// found: stage 2's lesion map is cleared beyond, and the study's score is the
+    /// highest lesion voxel left (stage 2 needs a mask or segmentation output). Absent:
+    /// anywhere in the crop, scored by stage 2's probability output.
+    #[serde(default)]
+    pub lesion_within_mm: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +224,11 @@ pub enum SegmentationKind {
 }
 
 impl SegmentationSpec {
+    /// The channel of `label`, when the output has one.
+    pub fn channel(&self, label: &str) -> Option<usize> {
+        self.labels.get(label).copied()
+    }
+
     pub fn lesion_channel(&self) -> usize {
         self.labels.get("lesion").copied().unwrap_or(0)
     }
@@ -243,7 +336,7 @@ impl ModelManifest {
     /// Reads and checks the manifest at `path` (the file, or the model directory holding
     /// `manifest.toml`). A
     /// relative path that is not under the working directory is looked for where the
-    /// binary's own files are ([`crate::install`]), so the default `models/tiny-panda`
+    /// binary's own files are ([`crate::install`]), so the default `models/tiny-panda-cascade`
     /// is found from any directory.
     pub fn load(path: &Path) -> Result<ModelManifest, ManifestError> {
         let names_a_file = path.extension().is_some_and(|extension| extension == "toml");
@@ -275,22 +368,53 @@ impl ModelManifest {
     }
 
     fn validate(&self) -> Result<(), String> {
-        let [batch, channels, depth, height, width] = self.input.shape;
-        if batch != -1 && batch < 1 {
-            return Err(format!("input batch dimension must be -1 or positive, not {batch}"));
+        self.input.validate("input")?;
+        match (&self.locate, self.input.crop) {
+            (None, CropPolicy::Box) => {
+                return Err("input.crop = \"box\" needs a [locate] stage to find the box".into())
+            }
+            (Some(_), CropPolicy::Center) => {
+                return Err("with a [locate] stage, input.crop must be \"box\"".into())
+            }
+            (None, CropPolicy::Center) if self.input.sliding_window.is_some() => {
+                return Err("input.sliding_window needs input.crop = \"box\"".into())
+            }
+            _ => {}
         }
-        if channels != 1 || depth < 1 || height < 1 || width < 1 {
-            return Err(format!(
-                "input shape must be [batch, 1, depth, height, width], not {:?}",
-                self.input.shape
-            ));
-        }
-        if self.input.spacing_mm.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(format!("input spacing must be positive, not {:?}", self.input.spacing_mm));
-        }
-        let [low, high] = self.input.intensity.window_hu;
-        if low.partial_cmp(&high) != Some(std::cmp::Ordering::Less) {
-            return Err(format!("intensity window must be increasing, not [{low}, {high}]"));
+        if let Some(locate) = &self.locate {
+            locate.input.validate("locate.input")?;
+            check_sha256("locate.sha256", &locate.sha256)?;
+            if locate.input.crop != CropPolicy::Center || locate.input.sliding_window.is_some() {
+                return Err("locate.input.crop must be \"center\", without a sliding window".into());
+            }
+            if !locate.segmentation.labels.contains_key("pancreas") {
+                return Err("locate.segmentation.labels must name the pancreas channel".into());
+            }
+            let rule = &locate.box_rule;
+            if !(0.0..=1.0).contains(&rule.threshold) {
+                return Err(format!(
+                    "locate.box.threshold must be within [0, 1], not {}",
+                    rule.threshold
+                ));
+            }
+            let sizes = [
+                Some(rule.margin_mm),
+                rule.min_size_mm,
+                rule.fixed_size_mm,
+                Some([rule.edge_mm; 3]),
+                rule.lesion_within_mm.map(|mm| [mm; 3]),
+            ];
+            if sizes.iter().flatten().flatten().any(|mm| !(mm.is_finite() && *mm >= 0.0)) {
+                return Err("locate.box sizes (margin_mm, min_size_mm, fixed_size_mm, edge_mm, \
+                            lesion_within_mm) must be finite and not negative"
+                    .into());
+            }
+            let has_map = self.outputs.mask.is_some() || self.outputs.segmentation.is_some();
+            if rule.lesion_within_mm.is_some() && !has_map {
+                return Err("locate.box.lesion_within_mm needs a lesion map from stage 2 \
+                            (outputs.mask or outputs.segmentation)"
+                    .into());
+            }
         }
         match (self.threshold, self.operating_points.is_empty()) {
             (Some(_), false) => {
@@ -359,10 +483,7 @@ impl ModelManifest {
             }
             _ => {}
         }
-        if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err("sha256 must be 64 hex characters".to_string());
-        }
-        Ok(())
+        check_sha256("sha256", &self.sha256)
     }
 
     /// The manifest as TOML, as `load` reads it.
@@ -393,23 +514,92 @@ impl ModelManifest {
         self.directory.join(&self.onnx)
     }
 
-    /// Spatial shape (depth, height, width) of one input.
+    /// Spatial shape (depth, height, width) of one (stage-2) input.
     pub fn volume_shape(&self) -> [usize; 3] {
-        let [_, _, depth, height, width] = self.input.shape;
-        [depth as usize, height as usize, width as usize]
+        self.input.volume_shape()
     }
 
+    /// The grid preprocess stores for the first model to run: stage 1's for a cascade.
+    pub fn first_input(&self) -> &InputSpec {
+        self.locate.as_ref().map_or(&self.input, |locate| &locate.input)
+    }
+
+    /// Maps HU to the first model's input scale.
+    pub fn normalize(&self, hu: f32) -> f32 {
+        self.first_input().intensity.normalize(hu)
+    }
+}
+
+impl IntensitySpec {
     /// Maps clipped HU to the model's input scale.
     pub fn normalize(&self, hu: f32) -> f32 {
-        let [low, high] = self.input.intensity.window_hu;
+        let [low, high] = self.window_hu;
         let clipped = (hu as f64).clamp(low, high);
-        let value = match self.input.intensity.normalize {
+        let value = match self.normalize {
             Normalization::None => clipped,
             Normalization::Window => (clipped - low) / (high - low),
             Normalization::Zscore { mean, std } => (clipped - mean) / std,
         };
         value as f32
     }
+}
+
+impl InputSpec {
+    /// Spatial shape (depth, height, width) of one input.
+    pub fn volume_shape(&self) -> [usize; 3] {
+        let [_, _, depth, height, width] = self.shape;
+        [depth as usize, height as usize, width as usize]
+    }
+
+    fn validate(&self, field: &str) -> Result<(), String> {
+        let [batch, channels, depth, height, width] = self.shape;
+        if batch != -1 && batch < 1 {
+            return Err(format!("{field}.shape: batch must be -1 or positive, not {batch}"));
+        }
+        if channels != 1 || depth < 1 || height < 1 || width < 1 {
+            return Err(format!(
+                "{field}.shape must be [batch, 1, depth, height, width], not {:?}",
+                self.shape
+            ));
+        }
+        if self.spacing_mm.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(format!("{field}.spacing_mm must be positive, not {:?}", self.spacing_mm));
+        }
+        let [low, high] = self.intensity.window_hu;
+        if low.partial_cmp(&high) != Some(std::cmp::Ordering::Less) {
+            return Err(format!(
+                "{field}.intensity.window_hu must be increasing, not [{low}, {high}]"
+            ));
+        }
+        if let Some(window) = &self.sliding_window {
+            if !(0.0..1.0).contains(&window.overlap) {
+                return Err(format!(
+                    "{field}.sliding_window.overlap must be in [0, 1), not {}",
+                    window.overlap
+                ));
+            }
+            if !(window.sigma_scale > 0.0 && window.sigma_scale.is_finite()) {
+                return Err(format!("{field}.sliding_window.sigma_scale must be positive"));
+            }
+            let mut axes = window.mirror_axes.clone();
+            axes.sort_unstable();
+            axes.dedup();
+            if axes.len() != window.mirror_axes.len() || axes.iter().any(|axis| *axis > 2) {
+                return Err(format!(
+                    "{field}.sliding_window.mirror_axes must be distinct axes among 0, 1, 2, not {:?}",
+                    window.mirror_axes
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_sha256(field: &str, sha256: &str) -> Result<(), String> {
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("{field} must be 64 hex characters"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -548,6 +738,84 @@ validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity 
         assert!(error.contains("not both"), "{error}");
         let error = load("").unwrap_err().to_string();
         assert!(error.contains("need a probability or a segmentation"), "{error}");
+    }
+
+    /// `EXAMPLE` as stage 2 of a cascade.
+    fn cascade(extra_box: &str) -> String {
+        EXAMPLE.replace(
+            "crop = \"center\"",
+            "crop = \"box\"\nsliding_window = { mirror_axes = [0, 2] }",
+        ) + &format!(
+            r#"
+[locate]
+onnx = "locate.onnx"
+sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+segmentation = {{ name = "seg", kind = "logits", labels = {{ background = 0, pancreas = 1 }} }}
+[locate.input]
+name = "ct"
+shape = [-1, 1, 32, 24, 24]
+spacing_mm = [6.0, 6.0, 6.0]
+crop = "center"
+intensity = {{ window_hu = [-200.0, 300.0], normalize = {{ kind = "none" }}, fill_hu = -1000.0 }}
+[locate.box]
+margin_mm = [10.0, 10.0, 10.0]
+{extra_box}
+"#
+        )
+    }
+
+    #[test]
+    fn a_cascade_loads_with_its_defaults() {
+        let (_directory, manifest) = write(&cascade("lesion_within_mm = 8.0"));
+        let locate = manifest.locate.as_ref().unwrap();
+        assert_eq!(manifest.first_input().volume_shape(), [32, 24, 24]);
+        assert_eq!(manifest.volume_shape(), [8, 16, 16], "stage 2's patch");
+        assert_eq!((locate.box_rule.threshold, locate.box_rule.edge_mm), (0.5, 0.0));
+        assert_eq!(locate.segmentation.channel("pancreas"), Some(1));
+        let window = manifest.input.sliding_window.as_ref().unwrap();
+        assert_eq!(
+            (window.overlap, window.sigma_scale, &window.mirror_axes[..]),
+            (0.5, 0.125, &[0, 2][..])
+        );
+        // The stored tensor is stage 1's, normalized as stage 1 asks (HU as is).
+        assert_eq!(manifest.normalize(100.0), 100.0);
+        // Written and read back, it is the same manifest.
+        let (_again, reread) = write(&manifest.to_toml());
+        assert_eq!(reread.locate, manifest.locate);
+    }
+
+    #[test]
+    fn a_cascade_that_cannot_work_is_refused_with_the_field() {
+        let directory = tempfile::tempdir().unwrap();
+        let load = |text: String| {
+            std::fs::write(directory.path().join("manifest.toml"), text).unwrap();
+            ModelManifest::load(directory.path()).unwrap_err().to_string()
+        };
+        let cases = [
+            (EXAMPLE.replace("crop = \"center\"", "crop = \"box\""), "needs a [locate] stage"),
+            (
+                cascade("").replace("crop = \"box\"", "crop = \"center\""),
+                "input.crop must be \"box\"",
+            ),
+            (cascade("").replace("pancreas = 1", "gland = 1"), "must name the pancreas channel"),
+            (cascade("edge_mm = -1.0"), "must be finite and not negative"),
+            (
+                cascade("").replace("mirror_axes = [0, 2]", "mirror_axes = [0, 3]"),
+                "distinct axes among 0, 1, 2",
+            ),
+            (
+                cascade("").replace("mirror_axes = [0, 2]", "overlap = 1.0"),
+                "overlap must be in [0, 1)",
+            ),
+            (
+                cascade("lesion_within_mm = 8.0").replace("mask = \"m\"\n", ""),
+                "lesion_within_mm needs a lesion map",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = load(text);
+            assert!(error.contains(expected), "{expected}: {error}");
+        }
     }
 
     #[test]

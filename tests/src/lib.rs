@@ -55,8 +55,19 @@ pub fn panscreen(args: &[&std::ffi::OsStr]) -> Output {
 /// `panscreen run --input INPUT --out OUT --key-file KEY_FILE` (the key written there
 /// first); returns the output, having checked that the run succeeded.
 pub fn run_embedded(input: &Path, out: &Path, key_file: &Path, key: &str) -> Output {
+    run_embedded_with(input, out, key_file, key, None)
+}
+
+/// [`run_embedded`] with the model in `model` (the default model when `None`).
+pub fn run_embedded_with(
+    input: &Path,
+    out: &Path,
+    key_file: &Path,
+    key: &str,
+    model: Option<&Path>,
+) -> Output {
     std::fs::write(key_file, key).unwrap();
-    let run = panscreen(&[
+    let mut args = vec![
         std::ffi::OsStr::new("run"),
         std::ffi::OsStr::new("--input"),
         input.as_os_str(),
@@ -64,7 +75,11 @@ pub fn run_embedded(input: &Path, out: &Path, key_file: &Path, key: &str) -> Out
         out.as_os_str(),
         std::ffi::OsStr::new("--key-file"),
         key_file.as_os_str(),
-    ]);
+    ];
+    if let Some(model) = model {
+        args.extend([std::ffi::OsStr::new("--model"), model.as_os_str()]);
+    }
+    let run = panscreen(&args);
     assert!(run.status.success(), "the run stopped: {}", String::from_utf8_lossy(&run.stderr));
     run
 }
@@ -126,6 +141,7 @@ pub fn small_cohort(out: PathBuf, studies: usize, seed: u64) -> SynthOptions {
         realistic: false,
         slices: None,
         poses: panscreen_synth::Poses::Standard,
+        scan_centre_z_mm: None,
     }
 }
 

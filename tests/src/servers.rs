@@ -137,7 +137,12 @@ impl SeaweedFs {
             .arg(format!("-volume.port={volume}"))
             .arg(format!("-filer.port={filer}"))
             .arg(format!("-s3.port={s3}"))
+            // Small volumes, and enough of them: 32 × 64 MB. SeaweedFS keeps a deleted
+            // object's bytes until a vacuum, and its default of 8 volumes (512 MB here)
+            // filled up under a 40-study cohort with a cascade's two grids per study;
+            // it then answers every write with 500.
             .arg("-master.volumeSizeLimitMB=64")
+            .arg("-volume.max=32")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

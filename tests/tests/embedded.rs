@@ -458,26 +458,29 @@ fn the_default_model_is_found_from_any_directory_and_under_an_install_prefix() {
         std::fs::read_to_string(scratch.path().join(out).join("logs/panscreen.jsonl")).unwrap()
     };
     let log = run(&panscreen_tests::binary(), "from-elsewhere");
-    assert!(log.contains(r#""model":"tiny-panda""#), "{log}");
+    assert!(log.contains(r#""model":"tiny-panda-cascade""#), "{log}");
 
-    // An install prefix: bin/panscreen and share/panscreen/models/tiny-panda, a copy
-    // renamed so that the log says which one was loaded.
+    // An install prefix: bin/panscreen and share/panscreen/models/tiny-panda-cascade, a
+    // copy renamed so that the log says which one was loaded.
     let prefix = scratch.path().join("prefix");
-    let model = prefix.join("share/panscreen/models/tiny-panda");
+    let model = prefix.join("share/panscreen/models/tiny-panda-cascade");
     std::fs::create_dir_all(prefix.join("bin")).unwrap();
     std::fs::create_dir_all(&model).unwrap();
     let installed = prefix.join("bin/panscreen");
     if std::fs::hard_link(panscreen_tests::binary(), &installed).is_err() {
         std::fs::copy(panscreen_tests::binary(), &installed).unwrap();
     }
-    let source = panscreen_tests::workspace_root().join("models/tiny-panda");
+    let source = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
     let manifest = std::fs::read_to_string(source.join("manifest.toml")).unwrap();
-    let renamed = manifest.replace(r#"name = "tiny-panda""#, r#"name = "tiny-panda-installed""#);
+    let renamed = manifest
+        .replace(r#"name = "tiny-panda-cascade""#, r#"name = "tiny-panda-cascade-installed""#);
     assert_ne!(manifest, renamed);
     std::fs::write(model.join("manifest.toml"), renamed).unwrap();
-    std::fs::copy(source.join("tiny-panda.onnx"), model.join("tiny-panda.onnx")).unwrap();
+    for file in ["locate.onnx", "detect.onnx"] {
+        std::fs::copy(source.join(file), model.join(file)).unwrap();
+    }
     let log = run(&installed, "from-prefix");
-    assert!(log.contains(r#""model":"tiny-panda-installed""#), "{log}");
+    assert!(log.contains(r#""model":"tiny-panda-cascade-installed""#), "{log}");
 }
 
 /// `panscreen evaluate` on a run: the report printed, the figures written as Parquet
@@ -783,14 +786,15 @@ open(sys.argv[1], "wb").write(m.SerializeToString())
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let model = scratch.path().join("model");
-    let import = |lesion_label: &str| {
-        panscreen(&[
+    let (plans, dataset) = (export.join("plans.json"), export.join("dataset.json"));
+    let import_to = |model: &Path, lesion_label: &str, locate: Option<&Path>| {
+        let mut args = vec![
             OsStr::new("model"),
             OsStr::new("import-nnunet"),
             OsStr::new("--plans"),
-            export.join("plans.json").as_os_str(),
+            plans.as_os_str(),
             OsStr::new("--dataset-json"),
-            export.join("dataset.json").as_os_str(),
+            dataset.as_os_str(),
             OsStr::new("--onnx"),
             onnx.as_os_str(),
             OsStr::new("--out"),
@@ -799,8 +803,13 @@ open(sys.argv[1], "wb").write(m.SerializeToString())
             OsStr::new("3d_lowres"),
             OsStr::new("--lesion-label"),
             OsStr::new(lesion_label),
-        ])
+        ];
+        if let Some(locate) = locate {
+            args.extend([OsStr::new("--locate"), locate.as_os_str()]);
+        }
+        panscreen(&args)
     };
+    let import = |lesion_label: &str| import_to(&model, lesion_label, None);
     let refused = import("lesion");
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -829,6 +838,29 @@ open(sys.argv[1], "wb").write(m.SerializeToString())
     let rows = screen_with_model(scratch.path(), &model, 2, 4, 0.0, "model_name");
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert!(rows.iter().all(|row| row[0] == "Dataset777_Pancreas"), "{rows:?}");
+
+    // Behind the reference cascade's stage 1, the same network is stage 2 of a cascade:
+    // it sees the pancreas's box, in patches blended and mirrored as nnU-Net predicts.
+    let cascade = scratch.path().join("cascade");
+    let locate = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    let imported = import_to(&cascade, "tumour", Some(&locate));
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
+    let manifest: toml::Value =
+        toml::from_str(&std::fs::read_to_string(cascade.join("manifest.toml")).unwrap()).unwrap();
+    assert_eq!(manifest["input"]["crop"].as_str(), Some("box"));
+    let window = &manifest["input"]["sliding_window"];
+    assert_eq!(window["overlap"].as_float(), Some(0.5));
+    assert_eq!(window["mirror_axes"].as_array().map(Vec::len), Some(3));
+    let stage_one = manifest["locate"]["onnx"].as_str().unwrap();
+    assert!(cascade.join(stage_one).is_file(), "stage 1's file is copied beside the manifest");
+    let second = scratch.path().join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let rows = screen_with_model(&second, &cascade, 2, 4, 0.0, "assessable, pancreas_volume_mm3");
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows.iter().all(|row| row[0] == true && row[1].as_f64().unwrap() > 10_000.0),
+        "{rows:?}"
+    );
 }
 
 /// A cohort of `studies` small studies (seed, prevalence) under `scratch/c`, screened by

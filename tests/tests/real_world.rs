@@ -313,9 +313,10 @@ async fn prone_feet_first_and_side_lying_scans_give_the_supine_tensor() {
 }
 
 /// Patients as they lie in real scanners (shifted up to 40 mm, turned up to 10°, some
-/// prone, some feet first): every study is screened, and where the model finds a lesion,
-/// the centroid it reports is where the lesion is in the patient, through every
-/// orientation (the geometry from DICOM to tensor and back holds).
+/// prone, some feet first): every study is screened, by the one-stage model and by the
+/// cascade, and where either finds a lesion, the centroid it reports is where the lesion
+/// is in the patient, through every orientation (the geometry from DICOM to tensor and
+/// back holds, for the cascade through its coarse grid, its box and its patches too).
 #[test]
 fn varied_poses_are_screened_and_lesions_are_found_where_they_are() {
     use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
@@ -329,53 +330,142 @@ fn varied_poses_are_screened_and_lesions_are_found_where_they_are() {
     let positions: std::collections::BTreeSet<&str> =
         truths.iter().map(|t| t.pose.patient_position).collect();
     assert_eq!(positions.len(), 3, "HFS, HFP and FFS in the cohort: {positions:?}");
-    let out = scratch.path().join("out");
-    run_embedded(&cohort.out.join("studies"), &out, &scratch.path().join("key"), KEY);
-    let mut results = std::collections::BTreeMap::new();
-    for file in panscreen_tests::parquet_files(&out.join("results")).unwrap() {
-        for batch in panscreen_tests::read_batches(&file).unwrap() {
-            let column = |name: &str| batch.column_by_name(name).unwrap().clone();
-            let keys = column("study_key");
-            let keys = keys.as_any().downcast_ref::<StringArray>().unwrap();
-            let flagged = column("flagged");
-            let flagged = flagged.as_any().downcast_ref::<BooleanArray>().unwrap();
-            let centroid: Vec<_> = ["x", "y", "z"]
-                .iter()
-                .map(|axis| column(&format!("lesion_centroid_{axis}_mm")))
-                .collect();
-            for row in 0..batch.num_rows() {
-                let at = |axis: usize| {
-                    let values = centroid[axis].as_any().downcast_ref::<Float64Array>().unwrap();
-                    values.is_valid(row).then(|| values.value(row))
-                };
-                let point = (0..3).map(at).collect::<Option<Vec<f64>>>();
-                results.insert(keys.value(row).to_string(), (flagged.value(row), point));
+    let cascade = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    for (name, model) in [("one-stage", None), ("cascade", Some(cascade.as_path()))] {
+        let out = scratch.path().join(format!("out-{name}"));
+        panscreen_tests::run_embedded_with(
+            &cohort.out.join("studies"),
+            &out,
+            &scratch.path().join("key"),
+            KEY,
+            model,
+        );
+        let mut results = std::collections::BTreeMap::new();
+        for file in panscreen_tests::parquet_files(&out.join("results")).unwrap() {
+            for batch in panscreen_tests::read_batches(&file).unwrap() {
+                let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+                let keys = column("study_key");
+                let keys = keys.as_any().downcast_ref::<StringArray>().unwrap();
+                let flagged = column("flagged");
+                let flagged = flagged.as_any().downcast_ref::<BooleanArray>().unwrap();
+                let assessable = column("assessable");
+                let assessable = assessable.as_any().downcast_ref::<BooleanArray>().unwrap();
+                let centroid: Vec<_> = ["x", "y", "z"]
+                    .iter()
+                    .map(|axis| column(&format!("lesion_centroid_{axis}_mm")))
+                    .collect();
+                for row in 0..batch.num_rows() {
+                    let at = |axis: usize| {
+                        let values =
+                            centroid[axis].as_any().downcast_ref::<Float64Array>().unwrap();
+                        values.is_valid(row).then(|| values.value(row))
+                    };
+                    let point = (0..3).map(at).collect::<Option<Vec<f64>>>();
+                    results.insert(
+                        keys.value(row).to_string(),
+                        (flagged.value(row), assessable.value(row), point),
+                    );
+                }
             }
         }
+        assert_eq!(results.len(), truths.len(), "{name}: every study screened");
+        let pseudonymizer =
+            panscreen_shared::pseudonym::Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
+        let (mut found, mut found_turned) = (0, 0);
+        for truth in &truths {
+            let (flagged, assessable, point) =
+                &results[&pseudonymizer.study(&truth.study_instance_uid)];
+            assert!(*assessable, "{name} {}: the whole pancreas is in every scan", truth.directory);
+            let (Some(lesion), true, Some(point)) = (&truth.lesion, *flagged, point) else {
+                continue;
+            };
+            let distance = (0..3)
+                .map(|axis| (point[axis] - lesion.center_mm[axis]).powi(2))
+                .sum::<f64>()
+                .sqrt();
+            eprintln!(
+                "{name} {} {}: lesion {:.0} mm found {distance:.1} mm from its centre",
+                truth.directory, truth.pose.patient_position, lesion.diameter_mm
+            );
+            assert!(
+                distance <= lesion.diameter_mm.max(10.0),
+                "{name} {} ({}): centroid {point:?}, lesion at {:?}",
+                truth.directory,
+                truth.pose.patient_position,
+                lesion.center_mm
+            );
+            found += 1;
+            if truth.pose.patient_position != "HFS" {
+                found_turned += 1;
+            }
+        }
+        assert!(found >= 4, "{name}: {found} lesions found and placed");
+        assert!(found_turned > 0, "{name}: no lesion of a prone or feet-first study was found");
     }
-    assert_eq!(results.len(), truths.len(), "every study screened");
+}
+
+/// The cascade judges only a scan that holds the whole pancreas. Scans of the pelvis
+/// (no pancreas) and scans that end across the pancreas come out not assessable, each
+/// with its reason: no probability, never flagged, counted apart in the summary. Whole
+/// scans beside them are scored as usual.
+#[test]
+fn the_cascade_judges_only_scans_that_hold_the_whole_pancreas() {
+    let scratch = tempfile::tempdir().unwrap();
+    let input = scratch.path().join("input");
+    let mut expected = std::collections::BTreeMap::new();
     let pseudonymizer =
         panscreen_shared::pseudonym::Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
-    let mut found_turned = 0;
-    for truth in &truths {
-        let (flagged, point) = &results[&pseudonymizer.study(&truth.study_instance_uid)];
-        let (Some(lesion), true, Some(point)) = (&truth.lesion, *flagged, point) else { continue };
-        let distance =
-            (0..3).map(|axis| (point[axis] - lesion.center_mm[axis]).powi(2)).sum::<f64>().sqrt();
-        eprintln!(
-            "{} {}: lesion {:.0} mm found {distance:.1} mm from its centre",
-            truth.directory, truth.pose.patient_position, lesion.diameter_mm
-        );
-        assert!(
-            distance <= lesion.diameter_mm.max(10.0),
-            "{} ({}): centroid {point:?}, lesion at {:?}",
-            truth.directory,
-            truth.pose.patient_position,
-            lesion.center_mm
-        );
-        if truth.pose.patient_position != "HFS" {
-            found_turned += 1;
+    for (seed, centre, outcome) in [
+        (61, None, "assessable"),
+        (62, Some(-200.0), "no pancreas found"),
+        (63, Some(-60.0), "the pancreas runs off the scan"),
+    ] {
+        let cohort = SynthOptions {
+            prevalence: 0.5,
+            scan_centre_z_mm: centre,
+            ..small_cohort(input.join(format!("cohort-{seed}")), 2, seed)
+        };
+        for truth in synthesize(&cohort, &|_| {}).unwrap() {
+            expected.insert(pseudonymizer.study(&truth.study_instance_uid), outcome);
         }
     }
-    assert!(found_turned > 0, "no lesion of a prone or feet-first study was found");
+    let out = scratch.path().join("out");
+    let cascade = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    panscreen_tests::run_embedded_with(
+        &input,
+        &out,
+        &scratch.path().join("key"),
+        KEY,
+        Some(&cascade),
+    );
+    let tables = query_tables(
+        &out,
+        &[
+            (
+                "results",
+                "select study_key, assessable, coalesce(not_assessable_reason, ''), \
+                 lesion_probability is null, flagged, pancreas_volume_mm3 is null \
+                 from read_parquet('OUT/results/**/*.parquet')",
+            ),
+            (
+                "summary",
+                "select sum(screened), sum(not_assessable) from 'OUT/summary/summary.parquet'",
+            ),
+        ],
+    );
+    let rows = tables["results"].as_array().unwrap();
+    assert_eq!(rows.len(), expected.len(), "{rows:?}");
+    for row in rows {
+        let outcome = expected[row[0].as_str().unwrap()];
+        let (assessable, reason) = (row[1].as_bool().unwrap(), row[2].as_str().unwrap());
+        if outcome == "assessable" {
+            assert!(assessable && reason.is_empty(), "{row:?}");
+            assert_eq!((row[3].as_bool(), row[5].as_bool()), (Some(false), Some(false)), "{row:?}");
+        } else {
+            assert!(!assessable && reason.starts_with(outcome), "{outcome}: {row:?}");
+            assert_eq!(row[3].as_bool(), Some(true), "no probability: {row:?}");
+            assert_eq!(row[4].as_bool(), Some(false), "never flagged: {row:?}");
+        }
+    }
+    assert_eq!(tables["summary"], serde_json::json!([[6, 4]]));
 }

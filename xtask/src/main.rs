@@ -202,23 +202,34 @@ fn build_release(codecs: Codecs) -> anyhow::Result<PathBuf> {
     Ok(target.join("release/panscreen"))
 }
 
-/// The model file must be what its script writes, byte for byte.
+/// Every shipped model file must be what its script writes, byte for byte.
 fn check_model_reproducible(interpreter: &Path) -> anyhow::Result<()> {
-    let model_dir = root().join("models/tiny-panda");
-    let scratch = std::env::temp_dir().join(format!("panscreen-model-{}.onnx", std::process::id()));
-    run(Command::new(interpreter)
-        .arg(model_dir.join("build_model.py"))
-        .arg("--out")
-        .arg(&scratch))?;
-    let rebuilt = sha256_file(&scratch)?;
-    let _ = std::fs::remove_file(&scratch);
-    let shipped = sha256_file(&model_dir.join("tiny-panda.onnx"))?;
-    if rebuilt != shipped {
-        bail!("models/tiny-panda/build_model.py writes sha256 {rebuilt}, but tiny-panda.onnx is {shipped}");
+    // (model directory, the files its build_model.py writes there)
+    let models: [(&str, &[&str]); 2] = [
+        ("tiny-panda", &["tiny-panda.onnx"]),
+        ("tiny-panda-cascade", &["locate.onnx", "detect.onnx"]),
+    ];
+    for (name, files) in models {
+        let model_dir = root().join("models").join(name);
+        let scratch =
+            std::env::temp_dir().join(format!("panscreen-model-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)?;
+        // tiny-panda's script takes the file, the cascade's the directory.
+        let out = if files.len() == 1 { scratch.join(files[0]) } else { scratch.clone() };
+        run(Command::new(interpreter)
+            .arg(model_dir.join("build_model.py"))
+            .arg("--out")
+            .arg(&out))?;
+        for file in files {
+            let rebuilt = sha256_file(&scratch.join(file))?;
+            let shipped = sha256_file(&model_dir.join(file))?;
+            if rebuilt != shipped {
+                bail!("models/{name}/build_model.py writes {file} with sha256 {rebuilt}, but the shipped one is {shipped}");
+            }
+            eprintln!("xtask: models/{name}/{file} is reproduced by build_model.py ({shipped})");
+        }
+        let _ = std::fs::remove_dir_all(&scratch);
     }
-    eprintln!(
-        "xtask: models/tiny-panda/tiny-panda.onnx is reproduced by build_model.py ({shipped})"
-    );
     Ok(())
 }
 

@@ -106,6 +106,10 @@ fn tally(
     let (region_name, province) = (text("region_name")?, text("province")?);
     let (model_name, model_version) = (text("model_name")?, text("model_version")?);
     let flagged = column::<BooleanArray>(batch, "flagged")?;
+    // Files written before not-assessable studies existed lack the column.
+    let assessable = batch
+        .column_by_name("assessable")
+        .and_then(|array| array.as_any().downcast_ref::<BooleanArray>());
     let probability = column::<Float64Array>(batch, "lesion_probability")?;
     let volume = column::<Float64Array>(batch, "lesion_volume_mm3")?;
     let centroid = [
@@ -122,6 +126,9 @@ fn tally(
             ..RegionCounts::default()
         });
         counts.screened += 1;
+        if assessable.is_some_and(|a| a.is_valid(row) && !a.value(row)) {
+            counts.not_assessable += 1;
+        }
         if flagged.value(row) {
             counts.flagged += 1;
             worklist.push(WorklistRow {

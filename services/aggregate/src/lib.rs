@@ -458,6 +458,7 @@ impl Aggregator {
                     );
                     region.screened += 1;
                     region.flagged += i64::from(row.prediction.flagged);
+                    region.not_assessable += i64::from(!row.prediction.assessable);
                     self.report.results_written += 1;
                     if row.prediction.flagged {
                         self.flagged.push(*row);

@@ -116,8 +116,16 @@ pub fn results_batch(
         ),
         ("slice_spacing_mm", floats(rows.iter().map(|r| Some(r.series.slice_spacing_mm)))),
         ("pixel_spacing_mm", floats(rows.iter().map(|r| Some(r.series.pixel_spacing_mm[0])))),
-        ("raw_score", floats(rows.iter().map(|r| Some(r.prediction.raw_score)))),
-        ("lesion_probability", floats(rows.iter().map(|r| Some(r.prediction.lesion_probability)))),
+        (
+            "assessable",
+            Arc::new(rows.iter().map(|r| Some(r.prediction.assessable)).collect::<BooleanArray>()),
+        ),
+        (
+            "not_assessable_reason",
+            strings(rows.iter().map(|r| r.prediction.not_assessable_reason.as_deref())),
+        ),
+        ("raw_score", floats(rows.iter().map(|r| r.prediction.raw_score))),
+        ("lesion_probability", floats(rows.iter().map(|r| r.prediction.lesion_probability))),
         (
             "flagged",
             Arc::new(rows.iter().map(|r| Some(r.prediction.flagged)).collect::<BooleanArray>()),
@@ -131,6 +139,9 @@ pub fn results_batch(
         ("lesion_centroid_x_mm", centroid(0)),
         ("lesion_centroid_y_mm", centroid(1)),
         ("lesion_centroid_z_mm", centroid(2)),
+        ("lesion_diameter_mm", floats(rows.iter().map(|r| r.prediction.lesion_diameter_mm))),
+        ("lesion_location", strings(rows.iter().map(|r| r.prediction.lesion_location.as_deref()))),
+        ("pancreas_volume_mm3", floats(rows.iter().map(|r| r.prediction.pancreas_volume_mm3))),
         ("model_name", strings(rows.iter().map(|r| Some(r.prediction.model.name.as_str())))),
         ("model_version", strings(rows.iter().map(|r| Some(r.prediction.model.version.as_str())))),
         ("model_sha256", strings(rows.iter().map(|r| Some(r.prediction.model.sha256.as_str())))),
@@ -181,6 +192,8 @@ pub struct RegionCounts {
     pub province: String,
     pub screened: i64,
     pub flagged: i64,
+    /// Screened, but the model could not judge them (no pancreas found, …).
+    pub not_assessable: i64,
     pub quarantined: i64,
 }
 
@@ -197,6 +210,10 @@ pub fn summary_batch(rows: &[RegionCounts], campaign: &str) -> Result<RecordBatc
             floats(
                 rows.iter().map(|r| (r.screened > 0).then(|| r.flagged as f64 / r.screened as f64)),
             ),
+        ),
+        (
+            "not_assessable",
+            Arc::new(rows.iter().map(|r| Some(r.not_assessable)).collect::<Int64Array>()),
         ),
         ("quarantined", Arc::new(rows.iter().map(|r| Some(r.quarantined)).collect::<Int64Array>())),
     ])
@@ -229,7 +246,8 @@ impl From<&StudyScored> for WorklistRow {
             series_key: r.series.series_key.clone(),
             scan_date: days_since_epoch(&r.context.scan_date),
             region_code: r.context.region_code.clone(),
-            lesion_probability: r.prediction.lesion_probability,
+            // Only flagged studies are on the worklist, and a flagged study has one.
+            lesion_probability: r.prediction.lesion_probability.unwrap_or_default(),
             lesion_volume_mm3: r.prediction.lesion_volume_mm3,
             lesion_centroid_mm: [centroid(0), centroid(1), centroid(2)],
             model_name: r.prediction.model.name.clone(),

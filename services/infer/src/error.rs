@@ -19,6 +19,11 @@ pub enum InferError {
     TensorUnreadable(String),
     #[error("stored tensor has the wrong shape: {stored:?}, the message says {expected:?}")]
     TensorShape { stored: Vec<usize>, expected: Vec<usize> },
+    /// A cascade needs the fine grid preprocess stores beside stage 1's tensor.
+    #[error(
+        "the message has no fine grid for stage 2: it was preprocessed for a one-stage model ({0})"
+    )]
+    NoFineGrid(String),
     /// The blocking inference task panicked or was cancelled.
     #[error("inference task failed: {0}")]
     TaskFailed(String),
@@ -36,6 +41,7 @@ impl InferError {
             InferError::BadMessage(_) => "unreadable preprocess message",
             InferError::TensorUnreadable(_) => "stored tensor is unreadable",
             InferError::TensorShape { .. } => "stored tensor has the wrong shape",
+            InferError::NoFineGrid(_) => "preprocessed without a fine grid",
             InferError::TaskFailed(_) => "inference task failed",
             InferError::InferenceFailed(_) => "inference failed",
             InferError::Store(_) => "store error",
@@ -48,9 +54,9 @@ impl From<InferError> for StageError {
         let reason = error.reason();
         match error {
             InferError::Store(error) => error.into(),
-            InferError::BadMessage(detail) | InferError::TensorUnreadable(detail) => {
-                StageError::permanent(reason, detail)
-            }
+            InferError::BadMessage(detail)
+            | InferError::TensorUnreadable(detail)
+            | InferError::NoFineGrid(detail) => StageError::permanent(reason, detail),
             InferError::TensorShape { stored, expected } => {
                 StageError::permanent(reason, format!("{stored:?}, the message says {expected:?}"))
             }

@@ -10,9 +10,11 @@
 //! the logits as a segmentation output with the dataset's labels. The names and dims of
 //! the ONNX file are read from the file itself and checked as every load checks them.
 //!
-//! Until panscreen's cascade crops around the pancreas, such a model is given the
-//! centre of the scan (`crop = "center"`); a patch smaller than the abdomen then sees
-//! only part of it. The manifest says so.
+//! With `--locate DIR` (a cascade's model directory), the imported network becomes
+//! stage 2 behind that cascade's stage 1: it sees the box around the pancreas, covered
+//! by patches as nnU-Net's own sliding-window inference covers an image. Without it the
+//! network is given the centre of the scan (`crop = "center"`), and a patch smaller
+//! than the abdomen then sees only part of it; the manifest says so.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +22,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use panscreen_shared::manifest::{
     CropPolicy, InputSpec, IntensitySpec, ModelManifest, Normalization, OutputSpec,
-    SegmentationKind, SegmentationSpec,
+    SegmentationKind, SegmentationSpec, SlidingWindow,
 };
 use serde_json::Value;
 
@@ -38,6 +40,11 @@ pub struct NnUnetExport {
     /// The dataset's label that is the lesion (nnU-Net datasets name it as they like).
     pub lesion_label: String,
     pub out: PathBuf,
+    /// A cascade's model directory whose stage 1 finds the pancreas for this model: the
+    /// manifest written is then a cascade (the box around the pancreas, covered by
+    /// patches as nnU-Net predicts: overlap 0.5, Gaussian σ 1/8, mirrored on all axes).
+    /// Without it the model is given the centre of the scan.
+    pub locate: Option<PathBuf>,
 }
 
 fn read_json(path: &Path) -> anyhow::Result<Value> {
@@ -153,16 +160,40 @@ pub fn import_nnunet(export: &NnUnetExport) -> anyhow::Result<PathBuf> {
     let (input_name, output_name) =
         onnx_names(&copied, labels.values().max().map_or(0, |c| c + 1))?;
     let name = dataset["name"].as_str().map(str::to_string).unwrap_or_else(|| "nnunet".into());
+    let locate = match &export.locate {
+        Some(directory) => {
+            let cascade = ModelManifest::load(directory)?;
+            let Some(mut locate) = cascade.locate else {
+                bail!("{} has no [locate] stage to take", directory.display());
+            };
+            let from = cascade.directory.join(&locate.onnx);
+            let to = export.out.join(format!("locate-{}", locate.onnx));
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+            locate.onnx = to.file_name().expect("a file name").to_string_lossy().into_owned();
+            Some(locate)
+        }
+        None => None,
+    };
+    let cascade = locate.is_some();
     let mut manifest = ModelManifest {
         name: name.clone(),
         version: format!("nnunet-{}", export.configuration),
         onnx: file_name.to_string_lossy().into_owned(),
         sha256: file_sha256(&copied)?,
-        intended_use: format!(
-            "Imported from nnU-Net v2 ({}, configuration {}). Until panscreen's cascade crops \
-             around the pancreas, it is given the centre of the scan. Validate before use.",
-            name, export.configuration
-        ),
+        intended_use: if cascade {
+            format!(
+                "Imported from nnU-Net v2 ({}, configuration {}) as stage 2 of a cascade. \
+                 Validate before use.",
+                name, export.configuration
+            )
+        } else {
+            format!(
+                "Imported from nnU-Net v2 ({}, configuration {}) without a locate stage: it \
+                 is given the centre of the scan. Validate before use.",
+                name, export.configuration
+            )
+        },
         clinical_use: false,
         threshold: Some(0.5),
         calibration: None,
@@ -172,7 +203,12 @@ pub fn import_nnunet(export: &NnUnetExport) -> anyhow::Result<PathBuf> {
             name: input_name,
             shape: [-1, 1, patch[0] as i64, patch[1] as i64, patch[2] as i64],
             spacing_mm: spacing,
-            crop: CropPolicy::Center,
+            crop: if cascade { CropPolicy::Box } else { CropPolicy::Center },
+            sliding_window: cascade.then(|| SlidingWindow {
+                overlap: 0.5,
+                sigma_scale: 0.125,
+                mirror_axes: vec![0, 1, 2],
+            }),
             intensity: IntensitySpec {
                 window_hu: window,
                 normalize: Normalization::Zscore { mean, std },
@@ -189,6 +225,7 @@ pub fn import_nnunet(export: &NnUnetExport) -> anyhow::Result<PathBuf> {
             }),
             mask_threshold: 0.5,
         },
+        locate,
         directory: export.out.clone(),
     };
     let text = manifest.to_toml();

@@ -3,7 +3,9 @@
 //! - [`runtime`]: finding, verifying and loading the pinned ONNX Runtime library.
 //! - [`model`]: one model, checked against its manifest (checksum, input and output
 //!   names) and loaded once per worker; CPU, CUDA or TensorRT.
-//! - [`lesion_metrics`]: lesion volume and centroid from the mask.
+//! - [`cascade`]: a two-stage model's geometry: the pancreas's box, the patches that
+//!   cover it, their outputs blended (Gaussian weights, mirrored copies).
+//! - [`lesion_metrics`]: lesion volume, centroid and diameter from the mask.
 //! - [`error`]: why a study cannot be scored, one variant per quarantine reason.
 //! - [`import`]: a manifest for a model trained with nnU-Net v2 (`panscreen model import-nnunet`).
 //! - [`config`]: the stage's settings; [`service`]: the stage as it runs.
@@ -11,6 +13,7 @@
 //! [`InferHandler`] is the stage: a batch of `StudyPreprocessed` in, one `StudyScored`
 //! per study out.
 
+pub mod cascade;
 pub mod config;
 pub mod error;
 pub mod import;
@@ -27,6 +30,7 @@ use panscreen_shared::contracts::{
     subjects, ModelIdentity, Prediction, Stage, StudyPreprocessed, StudyScored, TensorGeometry,
 };
 use panscreen_shared::error::StageError;
+use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
 use panscreen_shared::store::Store;
 use panscreen_shared::worker::{Handler, Outcome};
@@ -36,52 +40,132 @@ use tracing::info;
 pub use error::InferError;
 pub use model::{Device, Model, ModelError};
 
-/// Lesion volume (mm³) and centroid (patient mm) of the voxels at or above
-/// `threshold`; `None` when no voxel is.
+/// What the lesion map says: the voxels at or above the mask threshold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LesionFound {
+    pub volume_mm3: f64,
+    /// Patient coordinates (mm) of the voxels' centroid.
+    pub centroid_mm: [f64; 3],
+    /// The longest extent of the voxels along the tensor's axes, mm.
+    pub diameter_mm: f64,
+}
+
+/// The lesion in `mask` (voxels at or above `threshold`); `None` when no voxel is.
 pub fn lesion_metrics(
     mask: &[f32],
     geometry: &TensorGeometry,
     threshold: f32,
-) -> Option<(f64, [f64; 3])> {
+) -> Option<LesionFound> {
     let (depth, height, width) = (geometry.shape[2], geometry.shape[3], geometry.shape[4]);
     debug_assert_eq!(mask.len(), depth * height * width);
     let mut count = 0usize;
     let mut sum = [0.0f64; 3];
+    let (mut low, mut high) = ([usize::MAX; 3], [0usize; 3]);
     for (index, value) in mask.iter().enumerate() {
         if *value >= threshold {
             count += 1;
-            sum[0] += (index / (height * width)) as f64;
-            sum[1] += (index / width % height) as f64;
-            sum[2] += (index % width) as f64;
+            let at = [index / (height * width), index / width % height, index % width];
+            for axis in 0..3 {
+                sum[axis] += at[axis] as f64;
+                low[axis] = low[axis].min(at[axis]);
+                high[axis] = high[axis].max(at[axis]);
+            }
         }
     }
     if count == 0 {
         return None;
     }
     let centre_index = sum.map(|s| s / count as f64);
-    Some((count as f64 * geometry.voxel_volume_mm3(), geometry.to_patient(centre_index)))
+    let diameter_mm = (0..3)
+        .map(|axis| (high[axis] - low[axis] + 1) as f64 * geometry.spacing_mm[axis])
+        .fold(0.0, f64::max);
+    Some(LesionFound {
+        volume_mm3: count as f64 * geometry.voxel_volume_mm3(),
+        centroid_mm: geometry.to_patient(centre_index),
+        diameter_mm,
+    })
 }
 
 pub struct InferHandler {
     pub campaign: String,
     pub work: Store,
     pub model: Arc<Mutex<Model>>,
+    /// Studies per inference batch (studies from different messages run together); for
+    /// a cascade, also the most stage-2 patches in one run of the model, from any study.
     pub batch_size: usize,
     /// Keep each study's tensor in the work store after it is scored (for debugging);
     /// by default it is deleted once its message is settled for good.
     pub keep_tensors: bool,
 }
 
+/// What the model(s) said of one study, before calibration and the operating point.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Judgement {
+    raw_score: Option<f64>,
+    lesion: Option<LesionFound>,
+    lesion_location: Option<String>,
+    pancreas_volume_mm3: Option<f64>,
+    not_assessable: Option<String>,
+}
+
+impl Judgement {
+    fn not_assessable(reason: String) -> Judgement {
+        Judgement { not_assessable: Some(reason), ..Judgement::default() }
+    }
+}
+
+/// A study stage 1 judged assessable: where its pancreas is, and the crop stage 2 sees.
+struct Located {
+    /// Index of the study in the batch.
+    study: usize,
+    pancreas_volume_mm3: f64,
+    /// The pancreas's extent along the patient's x axis (right → left), mm.
+    pancreas_x_mm: [f64; 2],
+    /// The crop in the fine grid: where it starts (may lie outside) and its size.
+    crop_start: [i64; 3],
+    crop_size: [usize; 3],
+    /// With `lesion_within_mm`: the stage-1 voxels near enough to the pancreas.
+    near_pancreas: Option<Vec<bool>>,
+}
+
+/// Names of the tensor's sides, for the reason a pancreas runs off the scan.
+const EDGES: [&str; 3] = [
+    "the scan's first or last slice",
+    "the front or back of the image",
+    "the right or left side of the image",
+];
+
+fn run_blocking<T: Send + 'static>(
+    model: &Arc<Mutex<Model>>,
+    work: impl FnOnce(&mut Model) -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, InferError>> {
+    let model = model.clone();
+    async move {
+        tokio::task::spawn_blocking(move || {
+            // A panic in an earlier study left the lock poisoned; the session is intact.
+            let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            work(&mut model)
+        })
+        .await
+        .map_err(|error| InferError::TaskFailed(error.to_string()))
+    }
+}
+
 impl InferHandler {
-    fn identity(model: &Model) -> ModelIdentity {
+    fn identity(manifest: &ModelManifest) -> ModelIdentity {
         ModelIdentity {
-            name: model.manifest.name.clone(),
-            version: model.manifest.version.clone(),
-            sha256: model.manifest.sha256.clone(),
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            sha256: manifest.sha256.clone(),
         }
     }
 
-    async fn load_tensor(&self, message: &StudyPreprocessed) -> Result<Vec<f32>, InferError> {
+    /// The message's tensor and, for a cascade, its fine grid.
+    async fn load_tensors(
+        &self,
+        message: &StudyPreprocessed,
+        cascade: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<i16>>), InferError> {
         let bytes = self.work.get(&message.tensor_key).await?;
         let (shape, data) = npy::decode_f32(&bytes)
             .map_err(|error| InferError::TensorUnreadable(error.to_string()))?;
@@ -91,52 +175,282 @@ impl InferHandler {
                 expected: message.geometry.shape.clone(),
             });
         }
-        Ok(data)
+        if !cascade {
+            return Ok((data, None));
+        }
+        let Some(fine) = &message.fine_grid else {
+            return Err(InferError::NoFineGrid(message.model_name.clone()));
+        };
+        let bytes = self.work.get(&fine.key).await?;
+        let (shape, hu) = npy::decode_i16_gz(&bytes)
+            .map_err(|error| InferError::TensorUnreadable(format!("{}: {error}", fine.key)))?;
+        if shape != fine.geometry.shape {
+            return Err(InferError::TensorShape {
+                stored: shape,
+                expected: fine.geometry.shape.clone(),
+            });
+        }
+        Ok((data, Some(hu)))
+    }
+
+    /// One-stage: the whole tensor through the model.
+    async fn judge_whole(
+        &self,
+        messages: &[StudyPreprocessed],
+        volumes: Vec<Vec<f32>>,
+    ) -> Result<Vec<Judgement>, InferError> {
+        let (output, manifest) =
+            run_blocking(&self.model, move |model| (model.run(&volumes), model.manifest.clone()))
+                .await?;
+        let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
+        Ok(messages
+            .iter()
+            .enumerate()
+            .map(|(index, message)| {
+                let lesion = output.mask.as_ref().and_then(|mask| {
+                    let per_study = mask.len() / output.probabilities.len();
+                    let slice = mask
+                        .as_slice()
+                        .map(|all| &all[index * per_study..(index + 1) * per_study])?;
+                    lesion_metrics(slice, &message.geometry, manifest.outputs.mask_threshold as f32)
+                });
+                Judgement {
+                    raw_score: Some(output.probabilities[index] as f64),
+                    lesion,
+                    ..Judgement::default()
+                }
+            })
+            .collect())
+    }
+
+    /// Stage 1's pancreas map → the crop stage 2 sees, or why there is none.
+    fn locate_one(
+        manifest: &ModelManifest,
+        study: usize,
+        message: &StudyPreprocessed,
+        fine: &TensorGeometry,
+        map: &[f32],
+    ) -> Result<Located, String> {
+        let locate = manifest.locate.as_ref().expect("a cascade");
+        let rule = &locate.box_rule;
+        let shape = locate.input.volume_shape();
+        let coarse = &message.geometry;
+        let Some(region) = cascade::largest_region(map, shape, rule.threshold as f32) else {
+            return Err(format!(
+                "no pancreas found: no voxel of the locate stage's map reaches {}",
+                rule.threshold
+            ));
+        };
+        let pancreas_volume_mm3 = region.voxels as f64 * coarse.voxel_volume_mm3();
+        if pancreas_volume_mm3 < rule.min_volume_mm3 {
+            return Err(format!(
+                "no pancreas found: the largest region the locate stage found is {:.0} mm³, under \
+                 the {:.0} mm³ a pancreas needs",
+                pancreas_volume_mm3, rule.min_volume_mm3
+            ));
+        }
+        let fine_shape = [fine.shape[2], fine.shape[3], fine.shape[4]];
+        let centre: [f64; 3] =
+            std::array::from_fn(|axis| (region.min[axis] + region.max[axis]) as f64 / 2.0);
+        // The pancreas runs off the scan when a voxel beyond its region (and `edge_mm`
+        // further), on any side, lies outside stage 1's grid or outside the scanned
+        // volume (the fine grid).
+        for axis in 0..3 {
+            let reach = 1.0 + rule.edge_mm / coarse.spacing_mm[axis];
+            for beyond in [region.min[axis] as f64 - reach, region.max[axis] as f64 + reach] {
+                let mut point = centre;
+                point[axis] = beyond;
+                let in_grid = beyond >= 0.0 && beyond <= (shape[axis] - 1) as f64;
+                let in_scan = cascade::to_index(fine, coarse.to_patient(point))[axis];
+                if !in_grid || in_scan < -0.5 || in_scan > fine_shape[axis] as f64 - 0.5 {
+                    return Err(format!(
+                        "the pancreas runs off the scan: it reaches {}",
+                        EDGES[axis]
+                    ));
+                }
+            }
+        }
+        // The box, in the fine grid's indices: the region's outer faces (half a coarse
+        // voxel beyond its outermost centres).
+        let corners: Vec<[f64; 3]> = (0..8)
+            .map(|corner: usize| {
+                let point: [f64; 3] = std::array::from_fn(|axis| {
+                    if corner >> axis & 1 == 1 {
+                        region.max[axis] as f64 + 0.5
+                    } else {
+                        region.min[axis] as f64 - 0.5
+                    }
+                });
+                coarse.to_patient(point)
+            })
+            .collect();
+        let pancreas_x_mm = corners
+            .iter()
+            .fold([f64::MAX, f64::MIN], |[low, high], p| [low.min(p[0]), high.max(p[0])]);
+        let in_fine: Vec<[f64; 3]> =
+            corners.iter().map(|point| cascade::to_index(fine, *point)).collect();
+        let patch = manifest.input.volume_shape();
+        let mut crop_start = [0i64; 3];
+        let mut crop_size = [0usize; 3];
+        for axis in 0..3 {
+            let low = in_fine.iter().map(|p| p[axis]).fold(f64::MAX, f64::min);
+            let high = in_fine.iter().map(|p| p[axis]).fold(f64::MIN, f64::max);
+            let spacing = fine.spacing_mm[axis];
+            let wanted = match (rule.fixed_size_mm, &manifest.input.sliding_window) {
+                (Some(fixed), _) => fixed[axis] / spacing,
+                // One patch only: the patch, centred on the pancreas.
+                (None, None) => patch[axis] as f64,
+                (None, Some(_)) => {
+                    let boxed = high - low + 2.0 * rule.margin_mm[axis] / spacing;
+                    let least = rule.min_size_mm.map_or(0.0, |min| min[axis] / spacing);
+                    boxed.max(least).max(patch[axis] as f64)
+                }
+            };
+            let size = (wanted.round() as usize).max(1);
+            crop_size[axis] = size;
+            crop_start[axis] = ((low + high) / 2.0 - (size as f64 - 1.0) / 2.0).round() as i64;
+        }
+        let near_pancreas = rule.lesion_within_mm.map(|mm| {
+            let reach = coarse.spacing_mm.map(|spacing| (mm / spacing).ceil() as usize);
+            cascade::grown(&region.members, shape, reach)
+        });
+        Ok(Located {
+            study,
+            pancreas_volume_mm3,
+            pancreas_x_mm,
+            crop_start,
+            crop_size,
+            near_pancreas,
+        })
+    }
+
+    /// A cascade: stage 1 on every study's coarse grid, then stage 2 on patches of each
+    /// pancreas's box cut from the fine grid, patches from all studies batched together.
+    async fn judge_cascade(
+        &self,
+        manifest: &ModelManifest,
+        messages: &[StudyPreprocessed],
+        volumes: Vec<Vec<f32>>,
+        mut all_fines: Vec<Option<Vec<i16>>>,
+    ) -> Result<Vec<Judgement>, InferError> {
+        let maps = run_blocking(&self.model, move |model| model.locate(&volumes))
+            .await?
+            .map_err(|error| InferError::InferenceFailed(error.to_string()))?;
+        let mut judgements = vec![Judgement::default(); messages.len()];
+        let mut located = Vec::new();
+        let mut fines = Vec::new();
+        for (study, (message, map)) in messages.iter().zip(&maps).enumerate() {
+            let (Some(fine), Some(hu)) = (&message.fine_grid, all_fines[study].take()) else {
+                return Err(InferError::NoFineGrid(message.model_name.clone()));
+            };
+            match Self::locate_one(manifest, study, message, &fine.geometry, map) {
+                Err(reason) => judgements[study] = Judgement::not_assessable(reason),
+                Ok(found) => {
+                    fines.push(hu);
+                    located.push(found);
+                }
+            }
+        }
+        let geometries: Vec<TensorGeometry> = located
+            .iter()
+            .map(|found| {
+                let fine = &messages[found.study].fine_grid.as_ref().expect("checked").geometry;
+                cascade::sub_geometry(fine, found.crop_start, found.crop_size)
+            })
+            .collect();
+        let fine_shapes: Vec<[usize; 3]> = located
+            .iter()
+            .map(|found| {
+                let shape =
+                    &messages[found.study].fine_grid.as_ref().expect("checked").geometry.shape;
+                [shape[2], shape[3], shape[4]]
+            })
+            .collect();
+        let batch = self.batch_size.max(1);
+        let crops: Vec<([i64; 3], [usize; 3])> =
+            located.iter().map(|found| (found.crop_start, found.crop_size)).collect();
+        let (blended, manifest) = run_blocking(&self.model, move |model| {
+            let manifest = model.manifest.clone();
+            let blended = detect_crops(model, &crops, &fines, &fine_shapes, batch);
+            (blended, manifest)
+        })
+        .await?;
+        let blended = blended.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
+        for ((found, geometry), (mut score, mut map)) in
+            located.iter().zip(&geometries).zip(blended)
+        {
+            if let Some(near) = &found.near_pancreas {
+                let coarse = &messages[found.study].geometry;
+                let shape = [coarse.shape[2], coarse.shape[3], coarse.shape[4]];
+                score = keep_near(&mut map, geometry, near, coarse, shape);
+            }
+            let lesion = lesion_metrics(&map, geometry, manifest.outputs.mask_threshold as f32);
+            let lesion_location = lesion.map(|lesion| {
+                let [right, left] = found.pancreas_x_mm;
+                let along = (lesion.centroid_mm[0] - right) / (left - right).max(1e-6);
+                if along < 1.0 / 3.0 {
+                    "head"
+                } else if along < 2.0 / 3.0 {
+                    "body"
+                } else {
+                    "tail"
+                }
+                .to_string()
+            });
+            judgements[found.study] = Judgement {
+                raw_score: Some(score as f64),
+                lesion,
+                lesion_location,
+                pancreas_volume_mm3: Some(found.pancreas_volume_mm3),
+                not_assessable: None,
+            };
+        }
+        Ok(judgements)
     }
 
     async fn score(
         &self,
         messages: Vec<StudyPreprocessed>,
         volumes: Vec<Vec<f32>>,
+        fines: Vec<Option<Vec<i16>>>,
     ) -> Result<Vec<Outcome>, InferError> {
         let started = Instant::now();
-        let model = self.model.clone();
-        let (output, identity, manifest) = tokio::task::spawn_blocking(move || {
-            // A panic in an earlier study left the lock poisoned; the session itself is intact.
-            let mut model = model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let output = model.run(&volumes);
-            (output, Self::identity(&model), model.manifest.clone())
-        })
-        .await
-        .map_err(|error| InferError::TaskFailed(error.to_string()))?;
-        let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
+        let manifest =
+            self.model.lock().unwrap_or_else(std::sync::PoisonError::into_inner).manifest.clone();
+        let judgements = if manifest.locate.is_some() {
+            self.judge_cascade(&manifest, &messages, volumes, fines).await?
+        } else {
+            self.judge_whole(&messages, volumes).await?
+        };
+        let identity = Self::identity(&manifest);
         let per_study_ms = started.elapsed().as_secs_f64() * 1000.0 / messages.len() as f64;
         let mut outcomes = Vec::with_capacity(messages.len());
         // The operating point is the manifest's, the same for every study of the batch.
         let point = manifest.default_point();
-        for (index, message) in messages.into_iter().enumerate() {
-            let raw_score = output.probabilities[index] as f64;
-            let probability = manifest.calibrate(raw_score);
-            let lesion = output.mask.as_ref().and_then(|mask| {
-                let per_study = mask.len() / output.probabilities.len();
-                let slice =
-                    mask.as_slice().map(|all| &all[index * per_study..(index + 1) * per_study])?;
-                lesion_metrics(slice, &message.geometry, manifest.outputs.mask_threshold as f32)
-            });
+        for (message, judgement) in messages.into_iter().zip(judgements) {
+            let probability = judgement.raw_score.map(|raw| manifest.calibrate(raw));
             let mut context = message.context;
             context.timings.scored_at = Some(OffsetDateTime::now_utc());
             context.timings.infer_ms = Some(per_study_ms);
-            let flagged = probability >= point.threshold;
-            info!(study = %context.study_key, probability, flagged, "study scored");
+            let flagged = probability.is_some_and(|p| p >= point.threshold);
+            match &judgement.not_assessable {
+                Some(reason) => info!(study = %context.study_key, reason, "study not assessable"),
+                None => info!(study = %context.study_key, probability, flagged, "study scored"),
+            }
             let scored = StudyScored {
                 prediction: Prediction {
-                    raw_score,
+                    assessable: judgement.not_assessable.is_none(),
+                    not_assessable_reason: judgement.not_assessable,
+                    raw_score: judgement.raw_score,
                     lesion_probability: probability,
                     flagged,
                     threshold: point.threshold,
                     operating_point: point.name.clone(),
-                    lesion_volume_mm3: lesion.map(|(volume, _)| volume),
-                    lesion_centroid_mm: lesion.map(|(_, centroid)| centroid),
+                    lesion_volume_mm3: judgement.lesion.map(|lesion| lesion.volume_mm3),
+                    lesion_centroid_mm: judgement.lesion.map(|lesion| lesion.centroid_mm),
+                    lesion_diameter_mm: judgement.lesion.map(|lesion| lesion.diameter_mm),
+                    lesion_location: judgement.lesion_location,
+                    pancreas_volume_mm3: judgement.pancreas_volume_mm3,
                     model: identity.clone(),
                 },
                 context,
@@ -150,6 +464,136 @@ impl InferHandler {
         }
         Ok(outcomes)
     }
+}
+
+/// Clears the voxels of a crop's lesion `map` (on `crop`) that lie outside `near` (on
+/// the stage-1 grid `coarse` of `shape`); returns the highest voxel left.
+fn keep_near(
+    map: &mut [f32],
+    crop: &TensorGeometry,
+    near: &[bool],
+    coarse: &TensorGeometry,
+    shape: [usize; 3],
+) -> f32 {
+    let (height, width) = (crop.shape[3], crop.shape[4]);
+    let mut highest = 0.0f32;
+    for (at, value) in map.iter_mut().enumerate() {
+        let index = [at / (height * width), at / width % height, at % width];
+        let point = crop.to_patient(index.map(|i| i as f64));
+        let nearest = cascade::to_index(coarse, point).map(|i| i.round());
+        let inside = (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64)
+            && near[(nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2]
+                + nearest[2] as usize];
+        if inside {
+            highest = highest.max(*value);
+        } else {
+            *value = 0.0;
+        }
+    }
+    highest
+}
+
+/// Stage 2 over each crop: its patches (every mirroring of each), `batch` at a time
+/// from any crop, blended back with Gaussian weights. Returns each crop's score (the
+/// highest patch probability, or the highest blended lesion voxel when the model has
+/// no probability output) and its blended lesion map.
+fn detect_crops(
+    model: &mut Model,
+    crops: &[([i64; 3], [usize; 3])],
+    fines: &[Vec<i16>],
+    fine_shapes: &[[usize; 3]],
+    batch: usize,
+) -> Result<Vec<(f32, Vec<f32>)>, ModelError> {
+    let manifest = model.manifest.clone();
+    let patch = manifest.volume_shape();
+    let intensity = &manifest.input.intensity;
+    let window = manifest.input.sliding_window.clone();
+    let (overlap, sigma_scale, axes) = window
+        .as_ref()
+        .map_or((0.0, 0.125, Vec::new()), |w| (w.overlap, w.sigma_scale, w.mirror_axes.clone()));
+    let weights = cascade::gaussian(patch, sigma_scale);
+    let mirrorings = cascade::mirrorings(&axes);
+    let fill = intensity.fill_hu.round() as i16;
+    let normalized: Vec<Vec<f32>> = crops
+        .iter()
+        .zip(fines.iter().zip(fine_shapes))
+        .map(|((start, size), (hu, shape))| {
+            cascade::cut(hu, *shape, *start, *size, fill)
+                .into_iter()
+                .map(|v| intensity.normalize(f32::from(v)))
+                .collect()
+        })
+        .collect();
+    // Every (crop, patch start, mirroring) to run.
+    let mut jobs: Vec<(usize, [usize; 3], usize)> = Vec::new();
+    for (crop, (_, size)) in crops.iter().enumerate() {
+        let starts: Vec<Vec<usize>> =
+            (0..3).map(|axis| cascade::steps(size[axis], patch[axis], overlap)).collect();
+        for z in &starts[0] {
+            for y in &starts[1] {
+                for x in &starts[2] {
+                    for mirroring in 0..mirrorings.len() {
+                        jobs.push((crop, [*z, *y, *x], mirroring));
+                    }
+                }
+            }
+        }
+    }
+    let mut sums: Vec<(Vec<f32>, Vec<f32>)> = crops
+        .iter()
+        .map(|(_, size)| (vec![0.0; size.iter().product()], vec![0.0; size.iter().product()]))
+        .collect();
+    // Per crop, per patch start: the probabilities of its mirrorings, averaged later.
+    let mut patch_scores: Vec<std::collections::BTreeMap<[usize; 3], Vec<f32>>> =
+        vec![Default::default(); crops.len()];
+    for chunk in jobs.chunks(batch) {
+        let inputs: Vec<Vec<f32>> = chunk
+            .iter()
+            .map(|(crop, start, mirroring)| {
+                let size = crops[*crop].1;
+                let block = cascade::cut(
+                    &normalized[*crop],
+                    size,
+                    start.map(|s| s as i64),
+                    patch,
+                    intensity.normalize(fill as f32),
+                );
+                cascade::mirror(&block, patch, &mirrorings[*mirroring])
+            })
+            .collect();
+        let output = model.run(&inputs)?;
+        let per_patch: usize = patch.iter().product();
+        for (index, (crop, start, mirroring)) in chunk.iter().enumerate() {
+            patch_scores[*crop].entry(*start).or_default().push(output.probabilities[index]);
+            if let Some(mask) = output.mask.as_ref().and_then(|mask| mask.as_slice()) {
+                let values = cascade::mirror(
+                    &mask[index * per_patch..(index + 1) * per_patch],
+                    patch,
+                    &mirrorings[*mirroring],
+                );
+                let (sum, weight) = &mut sums[*crop];
+                cascade::blend(sum, weight, crops[*crop].1, *start, patch, &values, &weights);
+            }
+        }
+    }
+    let has_probability = manifest.outputs.probability.is_some();
+    Ok(sums
+        .into_iter()
+        .zip(patch_scores)
+        .map(|((sum, weight), scores)| {
+            let map: Vec<f32> =
+                sum.iter().zip(&weight).map(|(s, w)| if *w > 0.0 { s / w } else { 0.0 }).collect();
+            let score = if has_probability || map.is_empty() {
+                scores
+                    .values()
+                    .map(|each| each.iter().sum::<f32>() / each.len() as f32)
+                    .fold(0.0f32, f32::max)
+            } else {
+                map.iter().copied().fold(0.0f32, f32::max)
+            };
+            (score, map)
+        })
+        .collect())
 }
 
 #[async_trait]
@@ -168,8 +612,11 @@ impl Handler for InferHandler {
             return;
         }
         let Ok(message) = serde_json::from_slice::<StudyPreprocessed>(payload) else { return };
-        if let Err(error) = self.work.delete_if_present(&message.tensor_key).await {
-            tracing::warn!(kind = ?error.kind(), "deleting a scored study's tensor failed; it stays in the work store");
+        let fine = message.fine_grid.as_ref().map(|fine| &fine.key);
+        for key in std::iter::once(&message.tensor_key).chain(fine) {
+            if let Err(error) = self.work.delete_if_present(key).await {
+                tracing::warn!(kind = ?error.kind(), "deleting a scored study's tensor failed; it stays in the work store");
+            }
         }
     }
 
@@ -177,27 +624,43 @@ impl Handler for InferHandler {
         // Read every message and tensor; only the good ones go through the model together.
         let mut results: Vec<Option<Result<Outcome, StageError>>> =
             Vec::with_capacity(payloads.len());
-        let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>)> = Vec::new();
+        let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>, Option<Vec<i16>>)> = Vec::new();
+        let cascade = self
+            .model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .manifest
+            .locate
+            .is_some();
         for (index, payload) in payloads.iter().enumerate() {
             let parsed = serde_json::from_slice::<StudyPreprocessed>(payload)
                 .map_err(|error| InferError::BadMessage(error.to_string()));
             let loaded = match parsed {
-                Ok(message) => self.load_tensor(&message).await.map(|tensor| (message, tensor)),
+                Ok(message) => self
+                    .load_tensors(&message, cascade)
+                    .await
+                    .map(|(tensor, fine)| (message, tensor, fine)),
                 Err(error) => Err(error),
             };
             match loaded {
-                Ok((message, tensor)) => {
+                Ok((message, tensor, fine)) => {
                     results.push(None);
-                    ready.push((index, message, tensor));
+                    ready.push((index, message, tensor, fine));
                 }
                 Err(error) => results.push(Some(Err(error.into()))),
             }
         }
         if !ready.is_empty() {
-            let indices: Vec<usize> = ready.iter().map(|(index, _, _)| *index).collect();
-            let (messages, volumes): (Vec<_>, Vec<_>) =
-                ready.into_iter().map(|(_, m, v)| (m, v)).unzip();
-            match self.score(messages, volumes).await {
+            let indices: Vec<usize> = ready.iter().map(|(index, ..)| *index).collect();
+            let mut messages = Vec::with_capacity(ready.len());
+            let mut volumes = Vec::with_capacity(ready.len());
+            let mut fines = Vec::with_capacity(ready.len());
+            for (_, message, volume, fine) in ready {
+                messages.push(message);
+                volumes.push(volume);
+                fines.push(fine);
+            }
+            match self.score(messages, volumes, fines).await {
                 Ok(outcomes) => {
                     for (index, outcome) in indices.into_iter().zip(outcomes) {
                         results[index] = Some(Ok(outcome));
@@ -232,9 +695,11 @@ mod tests {
         let mut mask = vec![0.0f32; 24];
         mask[12 + 4 + 1] = 0.9; // slice 1, row 1, column 1
         mask[12 + 4 + 3] = 0.6; // slice 1, row 1, column 3
-        let (volume, centroid) = lesion_metrics(&mask, &geometry, 0.5).unwrap();
-        assert_eq!(volume, 4.0);
-        assert_eq!(centroid, [2.0, 1.0, 102.0]);
+        let lesion = lesion_metrics(&mask, &geometry, 0.5).unwrap();
+        assert_eq!(lesion.volume_mm3, 4.0);
+        assert_eq!(lesion.centroid_mm, [2.0, 1.0, 102.0]);
+        // Columns 1 to 3 at 1 mm: 3 mm across.
+        assert_eq!(lesion.diameter_mm, 3.0);
         assert!(lesion_metrics(&[0.1; 24], &geometry, 0.5).is_none());
     }
 }

@@ -90,6 +90,8 @@ pub struct Model {
     pub manifest: ModelManifest,
     pub device: Device,
     session: Session,
+    /// Stage 1 of a cascade.
+    locate: Option<Session>,
 }
 
 impl std::fmt::Debug for Model {
@@ -154,64 +156,107 @@ fn execution_provider(
     }
 }
 
-impl Model {
-    /// Checks the model file against the manifest, then builds the session.
-    pub fn load(manifest: &ModelManifest, placement: &Placement) -> Result<Model, ModelError> {
-        let (device, threads) = (placement.device, placement.threads);
-        placement.check().map_err(|detail| ModelError::Device { device, detail })?;
-        let path = manifest.onnx_path();
-        if !path.is_file() {
-            return Err(ModelError::Missing(path));
-        }
-        let actual = file_sha256(&path)?;
-        if !actual.eq_ignore_ascii_case(&manifest.sha256) {
-            return Err(ModelError::Checksum { path, actual, expected: manifest.sha256.clone() });
-        }
-        // The library must be loaded before anything asks it about providers.
-        let (_, environment) = runtime::environment()?;
-        let provider = execution_provider(device, &placement.tensorrt)?;
-        let session_error =
-            |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
-        let mut builder = Session::builder(environment).map_err(session_error)?;
-        builder =
-            builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;
-        if let Some(provider) = provider {
-            builder = builder
-                .with_execution_providers([provider])
-                .map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
-        }
-        let session = builder.commit_from_file(&path).map_err(session_error)?;
+/// The checksum, then the session.
+fn open_session(
+    path: PathBuf,
+    sha256: &str,
+    placement: &Placement,
+) -> Result<(Session, PathBuf), ModelError> {
+    let (device, threads) = (placement.device, placement.threads);
+    if !path.is_file() {
+        return Err(ModelError::Missing(path));
+    }
+    let actual = file_sha256(&path)?;
+    if !actual.eq_ignore_ascii_case(sha256) {
+        return Err(ModelError::Checksum { path, actual, expected: sha256.to_string() });
+    }
+    // The library must be loaded before anything asks it about providers.
+    let (_, environment) = runtime::environment()?;
+    let provider = execution_provider(device, &placement.tensorrt)?;
+    let session_error =
+        |e: ort::Error| ModelError::Session { path: path.clone(), detail: e.to_string() };
+    let mut builder = Session::builder(environment).map_err(session_error)?;
+    builder = builder.with_intra_threads(threads.max(1)).map_err(|e| session_error(e.into()))?;
+    if let Some(provider) = provider {
+        builder = builder
+            .with_execution_providers([provider])
+            .map_err(|e| ModelError::Device { device, detail: e.to_string() })?;
+    }
+    let session = builder.commit_from_file(&path).map_err(session_error)?;
+    Ok((session, path))
+}
 
-        let check =
-            |kind: &'static str, name: &str, names: Vec<String>| -> Result<(), ModelError> {
-                if names.iter().any(|n| n == name) {
-                    return Ok(());
-                }
-                Err(ModelError::Name {
-                    path: path.clone(),
-                    kind,
-                    name: name.to_string(),
-                    available: names.join(", "),
-                })
-            };
-        let inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
-        let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
-        check("input", &manifest.input.name, inputs)?;
-        if let Some(probability) = &manifest.outputs.probability {
-            check("output", probability, outputs.clone())?;
+/// An input or output the manifest promises: its kind, name, the manifest field that
+/// promises it, and the shapes it may have.
+type Outlet<'a> = (&'static str, &'a str, &'static str, Vec<Vec<i64>>);
+
+/// The names and dims the model declares against those the manifest promises
+/// preprocess will make (and infer will read back): a mismatch is found here, not on
+/// the first study.
+fn check_outlets(
+    session: &Session,
+    path: &std::path::Path,
+    wanted: &[Outlet],
+) -> Result<(), ModelError> {
+    let inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_string()).collect();
+    let outputs: Vec<String> = session.outputs().iter().map(|o| o.name().to_string()).collect();
+    for (kind, name, _, _) in wanted {
+        let names = if *kind == "input" { &inputs } else { &outputs };
+        if !names.iter().any(|n| n == name) {
+            return Err(ModelError::Name {
+                path: path.to_path_buf(),
+                kind,
+                name: name.to_string(),
+                available: names.join(", "),
+            });
         }
-        if let Some(mask) = &manifest.outputs.mask {
-            check("output", mask, outputs.clone())?;
+    }
+    let outlets = session.inputs().iter().chain(session.outputs());
+    let declared: Vec<(String, Vec<i64>)> = outlets
+        .filter_map(|o| Some((o.name().to_string(), o.dtype().tensor_shape()?.to_vec())))
+        .collect();
+    for (kind, name, field, shapes) in wanted {
+        let Some((_, dims)) = declared.iter().find(|(n, _)| n == name) else { continue };
+        if !shapes.iter().any(|shape| dims_fit(dims, shape)) {
+            let detail = format!(
+                "{kind} {name:?} has dims {dims:?}, but the manifest's {field} says {:?} \
+                 (-1: any)",
+                shapes[0]
+            );
+            return Err(ModelError::Dims { path: path.to_path_buf(), detail });
         }
-        if let Some(segmentation) = &manifest.outputs.segmentation {
-            check("output", &segmentation.name, outputs)?;
+    }
+    Ok(())
+}
+
+/// Stacks `[depth, height, width]` volumes into one `[N, 1, …]` input.
+fn stack(volumes: &[Vec<f32>], shape: [usize; 3]) -> Result<ArrayD<f32>, ModelError> {
+    let per_volume: usize = shape.iter().product();
+    let mut stacked = Vec::with_capacity(per_volume * volumes.len());
+    for volume in volumes {
+        if volume.len() != per_volume {
+            return Err(ModelError::Run(format!(
+                "a tensor has {} values, the model takes {per_volume}",
+                volume.len()
+            )));
         }
-        // The dims the model declares against those the manifest promises preprocess
-        // will make (and infer will read back): a mismatch is found here, not on the
-        // first study.
+        stacked.extend_from_slice(volume);
+    }
+    ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, shape[0], shape[1], shape[2]]), stacked)
+        .map_err(|e| ModelError::Run(e.to_string()))
+}
+
+impl Model {
+    /// Checks the model file(s) against the manifest, then builds the session(s): stage
+    /// 1's too, for a cascade.
+    pub fn load(manifest: &ModelManifest, placement: &Placement) -> Result<Model, ModelError> {
+        let device = placement.device;
+        placement.check().map_err(|detail| ModelError::Device { device, detail })?;
+        let (session, path) = open_session(manifest.onnx_path(), &manifest.sha256, placement)?;
         let [depth, height, width] = manifest.volume_shape().map(|n| n as i64);
         let volume = vec![-1, 1, depth, height, width];
-        let mut wanted = vec![("input", &manifest.input.name, "input.shape", vec![volume.clone()])];
+        let mut wanted: Vec<Outlet> =
+            vec![("input", &manifest.input.name, "input.shape", vec![volume.clone()])];
         if let Some(probability) = &manifest.outputs.probability {
             wanted.push((
                 "output",
@@ -231,41 +276,61 @@ impl Model {
                 vec![vec![-1, -1, depth, height, width]],
             ));
         }
-        let outlets = session.inputs().iter().chain(session.outputs());
-        let declared: Vec<(String, Vec<i64>)> = outlets
-            .filter_map(|o| Some((o.name().to_string(), o.dtype().tensor_shape()?.to_vec())))
-            .collect();
-        for (kind, name, field, shapes) in wanted {
-            let Some((_, dims)) = declared.iter().find(|(n, _)| n == name) else { continue };
-            if !shapes.iter().any(|shape| dims_fit(dims, shape)) {
-                let detail = format!(
-                    "{kind} {name:?} has dims {dims:?}, but the manifest's {field} says {:?} \
-                     (-1: any)",
-                    shapes[0]
-                );
-                return Err(ModelError::Dims { path: path.clone(), detail });
+        check_outlets(&session, &path, &wanted)?;
+        let locate = match &manifest.locate {
+            Some(locate) => {
+                let (session, path) =
+                    open_session(manifest.directory.join(&locate.onnx), &locate.sha256, placement)?;
+                let [depth, height, width] = locate.input.volume_shape().map(|n| n as i64);
+                let wanted: Vec<Outlet> = vec![
+                    (
+                        "input",
+                        &locate.input.name,
+                        "locate.input.shape",
+                        vec![vec![-1, 1, depth, height, width]],
+                    ),
+                    (
+                        "output",
+                        &locate.segmentation.name,
+                        "locate.input.shape with one channel per class",
+                        vec![vec![-1, -1, depth, height, width]],
+                    ),
+                ];
+                check_outlets(&session, &path, &wanted)?;
+                Some(session)
             }
-        }
-        Ok(Model { manifest: manifest.clone(), device, session })
+            None => None,
+        };
+        Ok(Model { manifest: manifest.clone(), device, session, locate })
+    }
+
+    /// Runs stage 1 of a cascade on `[depth, height, width]` tensors of its grid;
+    /// returns each study's pancreas probability map.
+    pub fn locate(&mut self, volumes: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let (Some(session), Some(spec)) = (self.locate.as_mut(), self.manifest.locate.as_ref())
+        else {
+            return Err(ModelError::Run("this model has no locate stage".into()));
+        };
+        let input = stack(volumes, spec.input.volume_shape())?;
+        let tensor =
+            TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
+        let outputs = session
+            .run(ort::inputs![spec.input.name.as_str() => tensor])
+            .map_err(|e| ModelError::Run(e.to_string()))?;
+        let segmentation = outputs
+            .get(spec.segmentation.name.as_str())
+            .ok_or_else(|| ModelError::Run(format!("output {} missing", spec.segmentation.name)))?
+            .try_extract_array::<f32>()
+            .map_err(|e| ModelError::Run(e.to_string()))?
+            .to_owned();
+        let channel = spec.segmentation.channel("pancreas").unwrap_or(0);
+        let map = class_map(&segmentation, &spec.segmentation, channel)?;
+        Ok(map.outer_iter().map(|study| study.iter().copied().collect()).collect())
     }
 
     /// Runs a batch: `volumes` are `depth × height × width` tensors, already normalized.
     pub fn run(&mut self, volumes: &[Vec<f32>]) -> Result<BatchOutput, ModelError> {
-        let [depth, height, width] = self.manifest.volume_shape();
-        let per_volume = depth * height * width;
-        let mut stacked = Vec::with_capacity(per_volume * volumes.len());
-        for volume in volumes {
-            if volume.len() != per_volume {
-                return Err(ModelError::Run(format!(
-                    "a tensor has {} values, the model takes {per_volume}",
-                    volume.len()
-                )));
-            }
-            stacked.extend_from_slice(volume);
-        }
-        let input =
-            ArrayD::from_shape_vec(IxDyn(&[volumes.len(), 1, depth, height, width]), stacked)
-                .map_err(|e| ModelError::Run(e.to_string()))?;
+        let input = stack(volumes, self.manifest.volume_shape())?;
         let tensor =
             TensorRef::from_array_view(&input).map_err(|e| ModelError::Run(e.to_string()))?;
         let outputs = self
@@ -283,7 +348,7 @@ impl Model {
         // The lesion channel of a segmentation is the mask (softmax over the classes
         // first, for logits).
         let segmented = match &self.manifest.outputs.segmentation {
-            Some(spec) => Some(lesion_map(&array(&spec.name)?, spec)?),
+            Some(spec) => Some(class_map(&array(&spec.name)?, spec, spec.lesion_channel())?),
             None => None,
         };
         let probabilities: Vec<f32> = match (&self.manifest.outputs.probability, &segmented) {
@@ -311,11 +376,12 @@ impl Model {
     }
 }
 
-/// The lesion probability of every voxel, `[batch, 1, depth, height, width]`, from a
-/// segmentation output `[batch, classes, depth, height, width]`.
-fn lesion_map(
+/// The probability of one class (`channel`) at every voxel, `[batch, 1, depth, height,
+/// width]`, from a segmentation output `[batch, classes, depth, height, width]`.
+fn class_map(
     segmentation: &ArrayD<f32>,
     spec: &panscreen_shared::manifest::SegmentationSpec,
+    channel: usize,
 ) -> Result<ArrayD<f32>, ModelError> {
     let shape = segmentation.shape();
     if shape.len() != 5 || shape[1] < spec.classes() {
@@ -325,7 +391,7 @@ fn lesion_map(
             spec.classes()
         )));
     }
-    let lesion = spec.lesion_channel();
+    let lesion = channel;
     let (batch, classes) = (shape[0], shape[1]);
     let voxels: usize = shape[2..].iter().product();
     let standard = segmentation.as_standard_layout();
@@ -367,7 +433,7 @@ mod tests {
         let logits = [0.0, 5.0, 0.0, 0.0, 2f32.ln(), 0.0];
         let segmentation =
             ArrayD::from_shape_vec(IxDyn(&[1, 3, 1, 1, 2]), logits.to_vec()).unwrap();
-        let map = lesion_map(&segmentation, &spec).unwrap();
+        let map = class_map(&segmentation, &spec, 2).unwrap();
         assert_eq!(map.shape(), &[1, 1, 1, 1, 2]);
         let expected = [0.5, 1.0 / (5f32.exp() + 2.0)];
         for (found, wanted) in map.iter().zip(expected) {
@@ -375,11 +441,11 @@ mod tests {
         }
         spec.kind = SegmentationKind::Probabilities;
         assert_eq!(
-            lesion_map(&segmentation, &spec).unwrap().iter().copied().collect::<Vec<_>>(),
+            class_map(&segmentation, &spec, 2).unwrap().iter().copied().collect::<Vec<_>>(),
             [2f32.ln(), 0.0]
         );
         let two_classes = ArrayD::from_shape_vec(IxDyn(&[1, 2, 1, 1, 1]), vec![0.0, 1.0]).unwrap();
-        assert!(lesion_map(&two_classes, &spec)
+        assert!(class_map(&two_classes, &spec, 2)
             .unwrap_err()
             .to_string()
             .contains("3 or more classes"));

@@ -77,6 +77,10 @@ pub struct ImportNnunetArgs {
     /// The model directory to write (manifest.toml and a copy of the ONNX file).
     #[arg(long)]
     pub out: PathBuf,
+    /// A cascade's model directory whose stage 1 (locate) finds the pancreas for this
+    /// network: the result is a two-stage model that sees the box around the pancreas.
+    #[arg(long)]
+    pub locate: Option<PathBuf>,
     /// The plans' configuration the network was trained in.
     #[arg(long, default_value = "3d_fullres")]
     pub configuration: String,
@@ -168,6 +172,10 @@ pub struct SynthArgs {
     /// to ±40 mm, turned up to ±10°, some prone, some feet first; in labels.parquet).
     #[arg(long, value_enum, default_value = "standard", env = "PANSCREEN_SYNTH_POSES")]
     pub poses: Poses,
+    /// Centre every scan at this head–foot position (mm; the pancreas lies within 25 mm
+    /// of 0): −200 scans the pelvis only, −90 cuts the pancreas. Default: within ±15 mm.
+    #[arg(long, allow_hyphen_values = true, env = "PANSCREEN_SYNTH_SCAN_CENTRE_Z_MM")]
+    pub scan_centre_z_mm: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +280,7 @@ fn import_nnunet(args: ImportNnunetArgs) -> anyhow::Result<()> {
             configuration: args.configuration,
             lesion_label: args.lesion_label,
             out: args.out,
+            locate: args.locate,
         })?;
     println!(
         "wrote {} (checked against the ONNX file); run it with --model {}",
@@ -308,6 +317,7 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         realistic: args.realistic_studies,
         slices: args.slices,
         poses: args.poses,
+        scan_centre_z_mm: args.scan_centre_z_mm,
     };
     let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
     let truths = panscreen_synth::synthesize(&options, &|_| bar.inc(1))?;

@@ -101,12 +101,23 @@ impl RunSummary {
         line(&mut text, format!("  accepted by ingest  {:>6}", self.studies_accepted));
         line(&mut text, format!("  results written     {:>6}", self.results_written));
         line(&mut text, format!("  flagged for recall  {:>6}", self.flagged));
+        let not_assessable: i64 = self.regions.iter().map(|r| r.not_assessable).sum();
+        if not_assessable > 0 {
+            line(
+                &mut text,
+                format!(
+                    "  not assessable      {not_assessable:>6}   (no pancreas found, or it runs off \
+                     the scan: not_assessable_reason in results)"
+                ),
+            );
+        }
         for (stage, count) in &self.quarantined_by_stage {
             line(&mut text, format!("  quarantined at {:<10}{:>6}", stage.as_str(), count));
         }
         line(
             &mut text,
-            "\nregion     name          screened  flagged  flag rate  quarantined".to_string(),
+            "\nregion     name          screened  flagged  flag rate  not assessable  quarantined"
+                .to_string(),
         );
         for region in &self.regions {
             let rate = if region.screened > 0 {
@@ -117,12 +128,13 @@ impl RunSummary {
             line(
                 &mut text,
                 format!(
-                    "{:<10} {:<13} {:>8}  {:>7}  {:>8.1}%  {:>11}",
+                    "{:<10} {:<13} {:>8}  {:>7}  {:>8.1}%  {:>14}  {:>11}",
                     region.region_code,
                     region.region_name,
                     region.screened,
                     region.flagged,
                     rate,
+                    region.not_assessable,
                     region.quarantined
                 ),
             );

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use dicom_object::DefaultDicomObject;
 use futures::StreamExt;
 use panscreen_shared::contracts::{
-    subjects, SliceRef, Stage, StudyIngested, StudyPreprocessed, TensorGeometry,
+    subjects, SliceRef, Stage, StoredGrid, StudyIngested, StudyPreprocessed, TensorGeometry,
 };
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
@@ -43,11 +43,18 @@ use tracing::info;
 
 use crate::decode::DecodeLimits;
 pub use crate::error::PreprocessError;
-use crate::resample::{axis_weights, centred_positions, resample_plane, SliceAccumulator};
+use crate::resample::{
+    axis_weights, centred_positions, resample_plane, AxisWeights, SliceAccumulator,
+};
 
 /// Key of a study's tensor in the work store.
 pub fn tensor_key(study_key: &str) -> String {
     format!("tensors/{study_key}.npy")
+}
+
+/// Key of a cascade's fine grid (the whole scan in HU on stage 2's grid).
+pub fn fine_grid_key(study_key: &str) -> String {
+    format!("tensors/{study_key}.fine.npy.gz")
 }
 
 /// Deletes the tensors of `done` studies left in the work store (by a study scored
@@ -58,7 +65,8 @@ pub async fn sweep_tensors(
 ) -> Result<usize, panscreen_shared::store::StoreError> {
     let mut swept = 0;
     for object in work.list("tensors").await? {
-        let study = object.key.trim_start_matches("tensors/").trim_end_matches(".npy");
+        let name = object.key.trim_start_matches("tensors/");
+        let study = name.split('.').next().unwrap_or(name);
         if done.contains(study) {
             work.delete_if_present(&object.key).await?;
             swept += 1;
@@ -98,14 +106,41 @@ fn grid_origin(first_position: [f64; 3], directions: [[f64; 3]; 3], offsets: [f6
     })
 }
 
-impl PreprocessHandler {
-    /// Decodes, resamples and normalizes; returns the tensor and where it sits.
-    pub async fn build_tensor(
-        &self,
-        study: &StudyIngested,
-    ) -> Result<(TensorGeometry, Vec<f32>), PreprocessError> {
-        let manifest = &self.manifest;
-        let fill = manifest.input.intensity.fill_hu as f32;
+/// One grid a study is resampled onto: where its samples lie along the series' axes,
+/// the weights that carry each source sample to them, and the planes accumulated so far.
+struct Grid {
+    spacing: [f64; 3],
+    shape: [usize; 3],
+    fill: f32,
+    slice_positions: Vec<f64>,
+    row_positions: Vec<f64>,
+    column_positions: Vec<f64>,
+    row_weights: Arc<AxisWeights>,
+    column_weights: Arc<AxisWeights>,
+    accumulator: SliceAccumulator,
+}
+
+/// What carries a source plane onto one grid's plane: the row and column weights and
+/// the fill outside the source.
+type PlaneWeights = (Arc<AxisWeights>, Arc<AxisWeights>, f32);
+
+/// How the series lies: its axes, the positions of its samples, and how the tensor's
+/// axes lie on them.
+struct SeriesFrame {
+    row_direction: [f64; 3],
+    column_direction: [f64; 3],
+    slice_direction: [f64; 3],
+    first_position: [f64; 3],
+    slice_positions: Vec<f64>,
+    row_positions: Vec<f64>,
+    column_positions: Vec<f64>,
+    pixel_spacing: [f64; 2],
+    slice_spacing: f64,
+    placement: orientation::Placement,
+}
+
+impl SeriesFrame {
+    fn new(study: &StudyIngested) -> Result<SeriesFrame, PreprocessError> {
         let row_direction = unit([
             study.image_orientation[0],
             study.image_orientation[1],
@@ -120,62 +155,180 @@ impl PreprocessHandler {
         let Some(first) = study.slices.first() else {
             return Err(PreprocessError::NoSlices);
         };
-        let origin = first.position_mm;
         let slice_positions: Vec<f64> =
             study.slices.iter().map(|s| dot(s.position_mm, slice_direction)).collect();
         if slice_positions.windows(2).any(|pair| pair[1] <= pair[0]) {
             return Err(PreprocessError::Unsorted);
         }
-        let [row_spacing, column_spacing] = study.series.pixel_spacing_mm;
+        let pixel_spacing = study.series.pixel_spacing_mm;
         let (rows, columns) = (study.series.rows as usize, study.series.columns as usize);
-        let row_positions: Vec<f64> = (0..rows).map(|i| i as f64 * row_spacing).collect();
-        let column_positions: Vec<f64> = (0..columns).map(|j| j as f64 * column_spacing).collect();
-        let [depth, height, width] = manifest.volume_shape();
-        let [target_dz, target_dy, target_dx] = manifest.input.spacing_mm;
-        // The tensor's axes lie along the patient's, whichever way the series runs: its
-        // width and height come from the image's columns and rows, or, for a series
-        // with rows and columns swapped, the other way round (`orientation`).
-        let placement = orientation::placement(row_direction, column_direction, slice_direction);
+        Ok(SeriesFrame {
+            row_direction,
+            column_direction,
+            slice_direction,
+            first_position: first.position_mm,
+            slice_positions,
+            row_positions: (0..rows).map(|i| i as f64 * pixel_spacing[0]).collect(),
+            column_positions: (0..columns).map(|j| j as f64 * pixel_spacing[1]).collect(),
+            pixel_spacing,
+            slice_spacing: study.series.slice_spacing_mm,
+            // The tensor's axes lie along the patient's, whichever way the series runs:
+            // its width and height come from the image's columns and rows, or, for a
+            // series with rows and columns swapped, the other way round (`orientation`).
+            placement: orientation::placement(row_direction, column_direction, slice_direction),
+        })
+    }
+
+    /// A grid of `spacing` (depth, height, width) centred on the scanned volume, of
+    /// `shape`, or, when `shape` is `None`, as large as the scanned volume.
+    fn grid(&self, spacing: [f64; 3], shape: Option<[usize; 3]>, fill: f32) -> Grid {
+        let placement = self.placement;
         let [depth_reversed, height_reversed, width_reversed] = placement.reversed;
-        let ((along_rows, rows_dy, rows_reversed), (along_columns, columns_dx, columns_reversed)) =
+        let [dz, dy, dx] = spacing;
+        // Along the series' rows (the row index) and columns (the column index).
+        let extent = |positions: &[f64]| positions[positions.len() - 1] - positions[0];
+        let cover = |positions: &[f64], step: f64| (extent(positions) / step).floor() as usize + 1;
+        let ((row_step, row_reversed, row_axis), (column_step, column_reversed, column_axis)) =
             if placement.transposed {
-                ((width, target_dx, width_reversed), (height, target_dy, height_reversed))
+                ((dx, width_reversed, 2), (dy, height_reversed, 1))
             } else {
-                ((height, target_dy, height_reversed), (width, target_dx, width_reversed))
+                ((dy, height_reversed, 1), (dx, width_reversed, 2))
             };
-        let slice_centre = (slice_positions[0] + slice_positions[slice_positions.len() - 1]) / 2.0;
-        let target_slices =
-            orientation::ordered(centred_positions(slice_centre, depth, target_dz), depth_reversed);
-        let target_rows = orientation::ordered(
-            centred_positions((rows as f64 - 1.0) * row_spacing / 2.0, along_rows, rows_dy),
-            rows_reversed,
+        let shape = shape.unwrap_or_else(|| {
+            let mut covered = [cover(&self.slice_positions, dz), 0, 0];
+            covered[row_axis] = cover(&self.row_positions, row_step);
+            covered[column_axis] = cover(&self.column_positions, column_step);
+            covered
+        });
+        let centre = |positions: &[f64]| (positions[0] + positions[positions.len() - 1]) / 2.0;
+        let slice_positions = orientation::ordered(
+            centred_positions(centre(&self.slice_positions), shape[0], dz),
+            depth_reversed,
         );
-        let target_columns = orientation::ordered(
-            centred_positions(
-                (columns as f64 - 1.0) * column_spacing / 2.0,
-                along_columns,
-                columns_dx,
-            ),
-            columns_reversed,
+        let row_positions = orientation::ordered(
+            centred_positions(centre(&self.row_positions), shape[row_axis], row_step),
+            row_reversed,
         );
-        let (target_dy, target_dx) = (rows_dy, columns_dx);
-        let slice_weights = axis_weights(
-            &slice_positions,
-            study.series.slice_spacing_mm,
-            &target_slices,
-            target_dz,
+        let column_positions = orientation::ordered(
+            centred_positions(centre(&self.column_positions), shape[column_axis], column_step),
+            column_reversed,
         );
-        let row_weights =
-            Arc::new(axis_weights(&row_positions, row_spacing, &target_rows, target_dy));
-        let column_weights =
-            Arc::new(axis_weights(&column_positions, column_spacing, &target_columns, target_dx));
-        let mut accumulator =
-            SliceAccumulator::new(&slice_weights, study.slices.len(), height * width, fill);
+        let slice_weights =
+            axis_weights(&self.slice_positions, self.slice_spacing, &slice_positions, dz);
+        let row_weights = Arc::new(axis_weights(
+            &self.row_positions,
+            self.pixel_spacing[0],
+            &row_positions,
+            row_step,
+        ));
+        let column_weights = Arc::new(axis_weights(
+            &self.column_positions,
+            self.pixel_spacing[1],
+            &column_positions,
+            column_step,
+        ));
+        let accumulator = SliceAccumulator::new(
+            &slice_weights,
+            self.slice_positions.len(),
+            shape[1] * shape[2],
+            fill,
+        );
+        Grid {
+            spacing,
+            shape,
+            fill,
+            slice_positions,
+            row_positions,
+            column_positions,
+            row_weights,
+            column_weights,
+            accumulator,
+        }
+    }
+
+    /// Where a finished grid lies in the patient.
+    fn geometry(&self, grid: &Grid) -> TensorGeometry {
+        let placement = self.placement;
+        let [depth_reversed, height_reversed, width_reversed] = placement.reversed;
+        // Voxel (0, 0, 0) where the first target positions meet, in the series' axes.
+        let offsets = [
+            grid.column_positions[0],
+            grid.row_positions[0],
+            grid.slice_positions[0] - self.slice_positions[0],
+        ];
+        let directions = [self.row_direction, self.column_direction, self.slice_direction];
+        let signed = |direction: [f64; 3], reversed: bool| {
+            if reversed {
+                direction.map(|v| -v)
+            } else {
+                direction
+            }
+        };
+        let (width_from, height_from) = if placement.transposed {
+            (self.column_direction, self.row_direction)
+        } else {
+            (self.row_direction, self.column_direction)
+        };
+        let [depth, height, width] = grid.shape;
+        TensorGeometry {
+            shape: vec![1, 1, depth, height, width],
+            spacing_mm: grid.spacing,
+            origin_mm: grid_origin(self.first_position, directions, offsets),
+            row_direction: signed(width_from, width_reversed),
+            column_direction: signed(height_from, height_reversed),
+            slice_direction: signed(self.slice_direction, depth_reversed),
+        }
+    }
+}
+
+/// The grids of one study, as preprocess made them: the model's input (stage 1's for a
+/// cascade, normalized) and, for a cascade, the whole scan on stage 2's grid in HU.
+pub struct Grids {
+    pub tensor: (TensorGeometry, Vec<f32>),
+    pub fine: Option<(TensorGeometry, Vec<f32>)>,
+}
+
+impl PreprocessHandler {
+    /// Decodes, resamples and normalizes; returns the tensor and where it sits.
+    pub async fn build_tensor(
+        &self,
+        study: &StudyIngested,
+    ) -> Result<(TensorGeometry, Vec<f32>), PreprocessError> {
+        Ok(self.build_grids(study).await?.tensor)
+    }
+
+    /// Decodes every slice a grid needs once, and resamples it onto each grid.
+    pub async fn build_grids(&self, study: &StudyIngested) -> Result<Grids, PreprocessError> {
+        let manifest = &self.manifest;
+        let frame = SeriesFrame::new(study)?;
+        let first = manifest.first_input();
+        let mut grids = vec![frame.grid(
+            first.spacing_mm,
+            Some(first.volume_shape()),
+            first.intensity.fill_hu as f32,
+        )];
+        if manifest.locate.is_some() {
+            grids.push(frame.grid(
+                manifest.input.spacing_mm,
+                None,
+                manifest.input.intensity.fill_hu as f32,
+            ));
+        }
+        let (rows, columns) = (study.series.rows as usize, study.series.columns as usize);
+        let mut needed: Vec<usize> =
+            grids.iter().flat_map(|grid| grid.accumulator.needed_slices()).collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let weights: Arc<Vec<PlaneWeights>> = Arc::new(
+            grids
+                .iter()
+                .map(|grid| (grid.row_weights.clone(), grid.column_weights.clone(), grid.fill))
+                .collect(),
+        );
 
         // Objects are fetched once: the frames of an Enhanced CT object share its key.
         let mut previous_key: Option<String> = None;
-        let plan: Vec<(usize, SliceRef, bool)> = accumulator
-            .needed_slices()
+        let plan: Vec<(usize, SliceRef, bool)> = needed
             .into_iter()
             .map(|index| {
                 let slice = study.slices[index].clone();
@@ -193,12 +346,13 @@ impl PreprocessHandler {
         }))
         .buffered(self.fetch_ahead.max(1));
         let mut current: Option<Arc<DefaultDicomObject>> = None;
+        let decode_fill = first.intensity.fill_hu as f32;
         while let Some((index, slice, bytes)) = fetched.next().await {
             let bytes = bytes.transpose()?;
-            let (row_weights, column_weights) = (row_weights.clone(), column_weights.clone());
-            let transposed = placement.transposed;
+            let weights = weights.clone();
+            let transposed = frame.placement.transposed;
             let reuse = current.clone();
-            let (object, plane) =
+            let (object, planes) =
                 tokio::task::spawn_blocking(move || -> Result<_, PreprocessError> {
                     let object = match bytes {
                         Some(bytes) => {
@@ -206,7 +360,8 @@ impl PreprocessHandler {
                         }
                         None => reuse.expect("the object of an earlier frame"),
                     };
-                    let decoded = decode::decode_frame(&slice.key, &object, slice.frame, fill)?;
+                    let decoded =
+                        decode::decode_frame(&slice.key, &object, slice.frame, decode_fill)?;
                     if decoded.rows != rows || decoded.columns != columns {
                         return Err(PreprocessError::SliceSize {
                             key: slice.key.clone(),
@@ -224,59 +379,64 @@ impl PreprocessHandler {
                     {
                         return Err(PreprocessError::PositionChanged { key: slice.key.clone() });
                     }
-                    let plane =
-                        resample_plane(&decoded.hu, columns, &row_weights, &column_weights, fill);
-                    let plane = if transposed {
-                        let (rows, columns) =
-                            (row_weights.per_target.len(), column_weights.per_target.len());
-                        orientation::transpose(&plane, rows, columns)
-                    } else {
-                        plane
-                    };
-                    Ok((object, plane))
+                    let planes = weights
+                        .iter()
+                        .map(|(row_weights, column_weights, fill)| {
+                            let plane = resample_plane(
+                                &decoded.hu,
+                                columns,
+                                row_weights,
+                                column_weights,
+                                *fill,
+                            );
+                            if transposed {
+                                let (rows, columns) =
+                                    (row_weights.per_target.len(), column_weights.per_target.len());
+                                orientation::transpose(&plane, rows, columns)
+                            } else {
+                                plane
+                            }
+                        })
+                        .collect::<Vec<_>>();
+                    Ok((object, planes))
                 })
                 .await
                 .map_err(|error| PreprocessError::TaskFailed(error.to_string()))??;
             current = Some(object);
-            accumulator.add(index, &plane);
-        }
-        let mut volume = accumulator.finish();
-        for value in volume.iter_mut() {
-            *value = manifest.normalize(*value);
-        }
-        // Voxel (0, 0, 0) where the first target positions meet, in the series' axes.
-        let offsets = [target_columns[0], target_rows[0], target_slices[0] - slice_positions[0]];
-        let directions = [row_direction, column_direction, slice_direction];
-        let signed = |direction: [f64; 3], reversed: bool| {
-            if reversed {
-                direction.map(|v| -v)
-            } else {
-                direction
+            for (grid, plane) in grids.iter_mut().zip(planes) {
+                if grid.accumulator.feeds(index) {
+                    grid.accumulator.add(index, &plane);
+                }
             }
-        };
-        let (width_from, height_from) = if placement.transposed {
-            (column_direction, row_direction)
-        } else {
-            (row_direction, column_direction)
-        };
-        let geometry = TensorGeometry {
-            shape: vec![1, 1, depth, height, width],
-            spacing_mm: manifest.input.spacing_mm,
-            origin_mm: grid_origin(origin, directions, offsets),
-            row_direction: signed(width_from, width_reversed),
-            column_direction: signed(height_from, height_reversed),
-            slice_direction: signed(slice_direction, depth_reversed),
-        };
-        Ok((geometry, volume))
+        }
+        let mut grids = grids.into_iter();
+        let tensor = grids.next().expect("the model's grid");
+        let geometry = frame.geometry(&tensor);
+        let mut volume = tensor.accumulator.finish();
+        for value in volume.iter_mut() {
+            *value = first.intensity.normalize(*value);
+        }
+        let fine = grids.next().map(|fine| (frame.geometry(&fine), fine.accumulator.finish()));
+        Ok(Grids { tensor: (geometry, volume), fine })
     }
 
     async fn handle_one(&self, payload: Bytes) -> Result<Outcome, StageError> {
         let started = Instant::now();
         let mut study: StudyIngested = serde_json::from_slice(&payload)
             .map_err(|error| PreprocessError::BadMessage(error.to_string()))?;
-        let (geometry, volume) = self.build_tensor(&study).await?;
+        let Grids { tensor: (geometry, volume), fine } = self.build_grids(&study).await?;
         let key = tensor_key(&study.context.study_key);
         self.work.put(&key, npy::encode_f32(&geometry.shape, &volume)).await?;
+        let fine_grid = match fine {
+            Some((geometry, hu)) => {
+                let key = fine_grid_key(&study.context.study_key);
+                let hu: Vec<i16> =
+                    hu.iter().map(|v| v.round().clamp(-32768.0, 32767.0) as i16).collect();
+                self.work.put(&key, npy::encode_i16_gz(&geometry.shape, &hu)).await?;
+                Some(StoredGrid { key, geometry })
+            }
+            None => None,
+        };
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
         study.context.timings.preprocessed_at = Some(OffsetDateTime::now_utc());
         study.context.timings.preprocess_ms = Some(elapsed_ms);
@@ -287,6 +447,7 @@ impl PreprocessHandler {
             tensor_key: key,
             geometry,
             model_name: self.manifest.name.clone(),
+            fine_grid,
         };
         Ok(Outcome::Publish {
             subject: subjects::preprocessed(&self.campaign),

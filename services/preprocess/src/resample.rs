@@ -195,6 +195,11 @@ impl SliceAccumulator {
             .collect()
     }
 
+    /// Whether source slice `slice` carries weight for some target plane.
+    pub fn feeds(&self, slice: usize) -> bool {
+        !self.contributions[slice].is_empty()
+    }
+
     pub fn add(&mut self, slice: usize, resampled_plane: &[f32]) {
         debug_assert_eq!(resampled_plane.len(), self.plane_len);
         for (plane, weight) in &self.contributions[slice] {

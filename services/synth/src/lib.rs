@@ -98,6 +98,10 @@ pub struct SynthOptions {
     /// memory benchmark, say).
     pub slices: Option<usize>,
     pub poses: Poses,
+    /// Where the middle of every scan lies along the patient's head–foot axis (LPS z,
+    /// mm; the pancreas lies within 25 mm of 0) instead of a draw within ±15 mm: a scan
+    /// of the pelvis (−200, say) or one that cuts the pancreas (−90).
+    pub scan_centre_z_mm: Option<f64>,
 }
 
 /// Ground truth of one synthetic study.
@@ -266,7 +270,8 @@ fn write_study(
     };
     let noise_sigma = rng.uniform(10.0, 20.0);
     let phantom = Phantom::random(&mut rng, with_lesion);
-    let scan_center_z = rng.uniform(-15.0, 15.0);
+    let drawn_z = rng.uniform(-15.0, 15.0);
+    let scan_center_z = options.scan_centre_z_mm.unwrap_or(drawn_z);
     let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
     // Drawn from a generator of its own, so that standard cohorts keep their bytes.
     let pose = match options.poses {
