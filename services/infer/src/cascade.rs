@@ -1,11 +1,16 @@
-//! The geometry of a two-stage cascade: the pancreas stage 1 found → the box stage 2
-//! sees → the patches that cover it → their outputs blended back into one map.
+//! A two-stage cascade as infer runs it: the pancreas stage 1 found → the box stage 2
+//! sees ([`locate`], or why the study is not assessable) → the patches that cover it,
+//! run in batches from every study → their outputs blended back into one map
+//! ([`detect_crops`]), kept near the pancreas ([`keep_near`]).
 //!
 //! As nnU-Net predicts: patches overlap by a fraction of their size, each patch's
 //! output is weighted by a Gaussian centred on it (its centre is where it sees the most
 //! context), and mirrored copies of a patch may be averaged (test-time augmentation).
 
 use panscreen_shared::contracts::TensorGeometry;
+use panscreen_shared::manifest::ModelManifest;
+
+use crate::model::{Model, ModelError};
 
 /// The largest connected region of a stage-1 map at or above a threshold.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +242,246 @@ pub fn to_index(grid: &TensorGeometry, point: [f64; 3]) -> [f64; 3] {
     ]
 }
 
+/// A study stage 1 judged assessable: where its pancreas is, and the crop stage 2 sees.
+pub(crate) struct Located {
+    /// Index of the study in the batch.
+    pub study: usize,
+    pub pancreas_volume_mm3: f64,
+    /// The pancreas's extent along the patient's x axis (right → left), mm.
+    pub pancreas_x_mm: [f64; 2],
+    /// The crop in the fine grid: where it starts (may lie outside) and its size.
+    pub crop_start: [i64; 3],
+    pub crop_size: [usize; 3],
+    /// With `lesion_within_mm`: the stage-1 voxels near enough to the pancreas.
+    pub near_pancreas: Option<Vec<bool>>,
+}
+
+/// Names of the tensor's sides, for the reason a pancreas runs off the scan.
+const EDGES: [&str; 3] = [
+    "the scan's first or last slice",
+    "the front or back of the image",
+    "the right or left side of the image",
+];
+
+/// Stage 1's pancreas map → the crop stage 2 sees, or why there is none.
+/// `coarse` is stage 1's grid (the map's), `fine` the whole scan on stage 2's.
+pub(crate) fn locate(
+    manifest: &ModelManifest,
+    study: usize,
+    coarse: &TensorGeometry,
+    fine: &TensorGeometry,
+    map: &[f32],
+) -> Result<Located, String> {
+    let locate = manifest.locate.as_ref().expect("a cascade");
+    let rule = &locate.box_rule;
+    let shape = locate.input.volume_shape();
+    let Some(region) = largest_region(map, shape, rule.threshold as f32) else {
+        return Err(format!(
+            "no pancreas found: no voxel of the locate stage's map reaches {}",
+            rule.threshold
+        ));
+    };
+    let pancreas_volume_mm3 = region.voxels as f64 * coarse.voxel_volume_mm3();
+    if pancreas_volume_mm3 < rule.min_volume_mm3 {
+        return Err(format!(
+            "no pancreas found: the largest region the locate stage found is {:.0} mm³, under \
+             the {:.0} mm³ a pancreas needs",
+            pancreas_volume_mm3, rule.min_volume_mm3
+        ));
+    }
+    let fine_shape = [fine.shape[2], fine.shape[3], fine.shape[4]];
+    let centre: [f64; 3] =
+        std::array::from_fn(|axis| (region.min[axis] + region.max[axis]) as f64 / 2.0);
+    // The pancreas runs off the scan when a voxel beyond its region (and `edge_mm`
+    // further), on any side, lies outside stage 1's grid or outside the scanned
+    // volume (the fine grid).
+    for axis in 0..3 {
+        let reach = 1.0 + rule.edge_mm / coarse.spacing_mm[axis];
+        for beyond in [region.min[axis] as f64 - reach, region.max[axis] as f64 + reach] {
+            let mut point = centre;
+            point[axis] = beyond;
+            let in_grid = beyond >= 0.0 && beyond <= (shape[axis] - 1) as f64;
+            let in_scan = to_index(fine, coarse.to_patient(point))[axis];
+            if !in_grid || in_scan < -0.5 || in_scan > fine_shape[axis] as f64 - 0.5 {
+                return Err(format!("the pancreas runs off the scan: it reaches {}", EDGES[axis]));
+            }
+        }
+    }
+    // The box, in the fine grid's indices: the region's outer faces (half a coarse
+    // voxel beyond its outermost centres).
+    let corners: Vec<[f64; 3]> = (0..8)
+        .map(|corner: usize| {
+            let point: [f64; 3] = std::array::from_fn(|axis| {
+                if corner >> axis & 1 == 1 {
+                    region.max[axis] as f64 + 0.5
+                } else {
+                    region.min[axis] as f64 - 0.5
+                }
+            });
+            coarse.to_patient(point)
+        })
+        .collect();
+    let pancreas_x_mm =
+        corners.iter().fold([f64::MAX, f64::MIN], |[low, high], p| [low.min(p[0]), high.max(p[0])]);
+    let in_fine: Vec<[f64; 3]> = corners.iter().map(|point| to_index(fine, *point)).collect();
+    let patch = manifest.input.volume_shape();
+    let mut crop_start = [0i64; 3];
+    let mut crop_size = [0usize; 3];
+    for axis in 0..3 {
+        let low = in_fine.iter().map(|p| p[axis]).fold(f64::MAX, f64::min);
+        let high = in_fine.iter().map(|p| p[axis]).fold(f64::MIN, f64::max);
+        let spacing = fine.spacing_mm[axis];
+        let wanted = match (rule.fixed_size_mm, &manifest.input.sliding_window) {
+            (Some(fixed), _) => fixed[axis] / spacing,
+            // One patch only: the patch, centred on the pancreas.
+            (None, None) => patch[axis] as f64,
+            (None, Some(_)) => {
+                let boxed = high - low + 2.0 * rule.margin_mm[axis] / spacing;
+                let least = rule.min_size_mm.map_or(0.0, |min| min[axis] / spacing);
+                boxed.max(least).max(patch[axis] as f64)
+            }
+        };
+        let size = (wanted.round() as usize).max(1);
+        crop_size[axis] = size;
+        crop_start[axis] = ((low + high) / 2.0 - (size as f64 - 1.0) / 2.0).round() as i64;
+    }
+    let near_pancreas = rule.lesion_within_mm.map(|mm| {
+        let reach = coarse.spacing_mm.map(|spacing| (mm / spacing).ceil() as usize);
+        grown(&region.members, shape, reach)
+    });
+    Ok(Located { study, pancreas_volume_mm3, pancreas_x_mm, crop_start, crop_size, near_pancreas })
+}
+
+/// Clears the voxels of a crop's lesion `map` (on `crop`) that lie outside `near` (on
+/// the stage-1 grid `coarse` of `shape`); returns the highest voxel left.
+pub(crate) fn keep_near(
+    map: &mut [f32],
+    crop: &TensorGeometry,
+    near: &[bool],
+    coarse: &TensorGeometry,
+    shape: [usize; 3],
+) -> f32 {
+    let (height, width) = (crop.shape[3], crop.shape[4]);
+    let mut highest = 0.0f32;
+    for (at, value) in map.iter_mut().enumerate() {
+        let index = [at / (height * width), at / width % height, at % width];
+        let point = crop.to_patient(index.map(|i| i as f64));
+        let nearest = to_index(coarse, point).map(|i| i.round());
+        let inside = (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64)
+            && near[(nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2]
+                + nearest[2] as usize];
+        if inside {
+            highest = highest.max(*value);
+        } else {
+            *value = 0.0;
+        }
+    }
+    highest
+}
+
+/// Stage 2 over each crop: its patches (every mirroring of each), `batch` at a time
+/// from any crop, blended back with Gaussian weights. Returns each crop's score (the
+/// highest patch probability, or the highest blended lesion voxel when the model has
+/// no probability output) and its blended lesion map.
+pub(crate) fn detect_crops(
+    model: &mut Model,
+    crops: &[([i64; 3], [usize; 3])],
+    fines: &[Vec<i16>],
+    fine_shapes: &[[usize; 3]],
+    batch: usize,
+) -> Result<Vec<(f32, Vec<f32>)>, ModelError> {
+    let manifest = model.manifest.clone();
+    let patch = manifest.volume_shape();
+    let intensity = &manifest.input.intensity;
+    let window = manifest.input.sliding_window.clone();
+    let (overlap, sigma_scale, axes) = window
+        .as_ref()
+        .map_or((0.0, 0.125, Vec::new()), |w| (w.overlap, w.sigma_scale, w.mirror_axes.clone()));
+    let weights = gaussian(patch, sigma_scale);
+    let mirrorings = mirrorings(&axes);
+    let fill = intensity.fill_hu.round() as i16;
+    let normalized: Vec<Vec<f32>> = crops
+        .iter()
+        .zip(fines.iter().zip(fine_shapes))
+        .map(|((start, size), (hu, shape))| {
+            cut(hu, *shape, *start, *size, fill)
+                .into_iter()
+                .map(|v| intensity.normalize(f32::from(v)))
+                .collect()
+        })
+        .collect();
+    // Every (crop, patch start, mirroring) to run.
+    let mut jobs: Vec<(usize, [usize; 3], usize)> = Vec::new();
+    for (crop, (_, size)) in crops.iter().enumerate() {
+        let starts: Vec<Vec<usize>> =
+            (0..3).map(|axis| steps(size[axis], patch[axis], overlap)).collect();
+        for z in &starts[0] {
+            for y in &starts[1] {
+                for x in &starts[2] {
+                    for mirroring in 0..mirrorings.len() {
+                        jobs.push((crop, [*z, *y, *x], mirroring));
+                    }
+                }
+            }
+        }
+    }
+    let mut sums: Vec<(Vec<f32>, Vec<f32>)> = crops
+        .iter()
+        .map(|(_, size)| (vec![0.0; size.iter().product()], vec![0.0; size.iter().product()]))
+        .collect();
+    // Per crop, per patch start: the probabilities of its mirrorings, averaged later.
+    let mut patch_scores: Vec<std::collections::BTreeMap<[usize; 3], Vec<f32>>> =
+        vec![Default::default(); crops.len()];
+    for chunk in jobs.chunks(batch) {
+        let inputs: Vec<Vec<f32>> = chunk
+            .iter()
+            .map(|(crop, start, mirroring)| {
+                let size = crops[*crop].1;
+                let block = cut(
+                    &normalized[*crop],
+                    size,
+                    start.map(|s| s as i64),
+                    patch,
+                    intensity.normalize(fill as f32),
+                );
+                mirror(&block, patch, &mirrorings[*mirroring])
+            })
+            .collect();
+        let output = model.run(&inputs)?;
+        let per_patch: usize = patch.iter().product();
+        for (index, (crop, start, mirroring)) in chunk.iter().enumerate() {
+            patch_scores[*crop].entry(*start).or_default().push(output.probabilities[index]);
+            if let Some(mask) = output.mask.as_ref().and_then(|mask| mask.as_slice()) {
+                let values = mirror(
+                    &mask[index * per_patch..(index + 1) * per_patch],
+                    patch,
+                    &mirrorings[*mirroring],
+                );
+                let (sum, weight) = &mut sums[*crop];
+                blend(sum, weight, crops[*crop].1, *start, patch, &values, &weights);
+            }
+        }
+    }
+    let has_probability = manifest.outputs.probability.is_some();
+    Ok(sums
+        .into_iter()
+        .zip(patch_scores)
+        .map(|((sum, weight), scores)| {
+            let map: Vec<f32> =
+                sum.iter().zip(&weight).map(|(s, w)| if *w > 0.0 { s / w } else { 0.0 }).collect();
+            let score = if has_probability || map.is_empty() {
+                scores
+                    .values()
+                    .map(|each| each.iter().sum::<f32>() / each.len() as f32)
+                    .fold(0.0f32, f32::max)
+            } else {
+                map.iter().copied().fold(0.0f32, f32::max)
+            };
+            (score, map)
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +503,80 @@ mod tests {
         map[10] = 0.9; // (0, 2, 2): diagonal only
         assert_eq!(largest_region(&map, shape, 0.5).unwrap().voxels, 4);
         assert!(largest_region(&map, shape, 0.95).is_none());
+    }
+
+    /// The shipped cascade's rule (4 mm stage-1 grid of 112 × 96 × 96, margin 15 mm, at
+    /// least 3 ml, edge 10 mm, lesions within 8 mm; patches of 32 × 64 × 64 at 3 × 2 × 2
+    /// mm) on a scan from z = 160 to 319 mm: stage 1's planes 40 to 79.
+    fn shipped() -> (ModelManifest, TensorGeometry, TensorGeometry) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let manifest = ModelManifest::load(&root.join("models/tiny-panda-cascade")).unwrap();
+        let axes = |shape: Vec<usize>, spacing_mm: [f64; 3], origin_mm: [f64; 3]| TensorGeometry {
+            shape,
+            spacing_mm,
+            origin_mm,
+            row_direction: [1.0, 0.0, 0.0],
+            column_direction: [0.0, 1.0, 0.0],
+            slice_direction: [0.0, 0.0, 1.0],
+        };
+        let coarse = axes(vec![1, 1, 112, 96, 96], [4.0; 3], [0.0; 3]);
+        let fine = axes(vec![1, 1, 54, 190, 190], [3.0, 2.0, 2.0], [0.0, 0.0, 160.0]);
+        (manifest, coarse, fine)
+    }
+
+    /// A map of stage 1's grid with the block `[low, high]` (inclusive) at 0.9.
+    fn block(low: [usize; 3], high: [usize; 3]) -> Vec<f32> {
+        let mut map = vec![0.0f32; 112 * 96 * 96];
+        for z in low[0]..=high[0] {
+            for y in low[1]..=high[1] {
+                for x in low[2]..=high[2] {
+                    map[(z * 96 + y) * 96 + x] = 0.9;
+                }
+            }
+        }
+        map
+    }
+
+    #[test]
+    fn the_box_is_the_pancreas_plus_its_margin_and_never_less_than_a_patch() {
+        let (manifest, coarse, fine) = shipped();
+        let found =
+            locate(&manifest, 3, &coarse, &fine, &block([55, 40, 30], [62, 50, 60])).unwrap();
+        assert_eq!(found.study, 3);
+        assert_eq!(found.pancreas_volume_mm3, (8 * 11 * 31) as f64 * 64.0);
+        // Width: voxel faces 29.5 to 60.5 (118 to 242 mm, fine 59 to 121) plus 15 mm on
+        // each side: 77 voxels, more than a patch. Depth and height: a patch (32, 64).
+        assert_eq!(found.crop_size, [32, 64, 77]);
+        // Each crop centred on the region's box: depth, faces at 218 and 250 mm (fine
+        // 19.3 to 30.0), 24.7 − 15.5 → 9; height, fine 79 to 101, 90 − 31.5 → 59 (a
+        // half rounds up); width, 59 to 121, 90 − 38 → 52.
+        assert_eq!(found.crop_start, [9, 59, 52]);
+        assert_eq!(found.pancreas_x_mm, [118.0, 242.0]);
+        let near = found.near_pancreas.unwrap();
+        // 8 mm: two stage-1 voxels beyond the region, not three.
+        assert!(near[(55 * 96 + 40) * 96 + 28] && !near[(55 * 96 + 40) * 96 + 27]);
+    }
+
+    #[test]
+    fn a_pancreas_too_small_or_at_the_scan_s_end_is_not_assessable() {
+        let (manifest, coarse, fine) = shipped();
+        let reason = |map: Vec<f32>| locate(&manifest, 0, &coarse, &fine, &map).err();
+        assert_eq!(
+            reason(vec![0.0; 112 * 96 * 96]).unwrap(),
+            "no pancreas found: no voxel of the locate stage's map reaches 0.5"
+        );
+        let small = reason(block([60, 40, 40], [61, 41, 41])).unwrap();
+        assert!(small.contains("512 mm³, under the 3000 mm³"), "{small}");
+        // Ending at plane 76: 3.5 planes beyond (4 mm + 10 mm) is 318 mm, inside the scan.
+        assert!(reason(block([60, 40, 30], [76, 50, 60])).is_none());
+        // Ending at plane 77: 322 mm, past the scan's last slice (319 mm).
+        assert_eq!(
+            reason(block([60, 40, 30], [77, 50, 60])).unwrap(),
+            "the pancreas runs off the scan: it reaches the scan's first or last slice"
+        );
+        // At the side of stage 1's grid.
+        let side = reason(block([60, 40, 0], [66, 50, 20])).unwrap();
+        assert!(side.ends_with("the right or left side of the image"), "{side}");
     }
 
     #[test]

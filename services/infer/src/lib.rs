@@ -3,8 +3,9 @@
 //! - [`runtime`]: finding, verifying and loading the pinned ONNX Runtime library.
 //! - [`model`]: one model, checked against its manifest (checksum, input and output
 //!   names) and loaded once per worker; CPU, CUDA or TensorRT.
-//! - [`cascade`]: a two-stage model's geometry: the pancreas's box, the patches that
-//!   cover it, their outputs blended (Gaussian weights, mirrored copies).
+//! - [`cascade`]: a two-stage model as infer runs it: the pancreas's box (or why the
+//!   study is not assessable), the patches that cover it, batched across studies, their
+//!   outputs blended (Gaussian weights, mirrored copies).
 //! - [`lesion_metrics`]: lesion volume, centroid and diameter from the mask.
 //! - [`error`]: why a study cannot be scored, one variant per quarantine reason.
 //! - [`import`]: a manifest for a model trained with nnU-Net v2 (`panscreen model import-nnunet`).
@@ -114,27 +115,6 @@ impl Judgement {
     }
 }
 
-/// A study stage 1 judged assessable: where its pancreas is, and the crop stage 2 sees.
-struct Located {
-    /// Index of the study in the batch.
-    study: usize,
-    pancreas_volume_mm3: f64,
-    /// The pancreas's extent along the patient's x axis (right → left), mm.
-    pancreas_x_mm: [f64; 2],
-    /// The crop in the fine grid: where it starts (may lie outside) and its size.
-    crop_start: [i64; 3],
-    crop_size: [usize; 3],
-    /// With `lesion_within_mm`: the stage-1 voxels near enough to the pancreas.
-    near_pancreas: Option<Vec<bool>>,
-}
-
-/// Names of the tensor's sides, for the reason a pancreas runs off the scan.
-const EDGES: [&str; 3] = [
-    "the scan's first or last slice",
-    "the front or back of the image",
-    "the right or left side of the image",
-];
-
 fn run_blocking<T: Send + 'static>(
     model: &Arc<Mutex<Model>>,
     work: impl FnOnce(&mut Model) -> T + Send + 'static,
@@ -223,107 +203,6 @@ impl InferHandler {
             .collect())
     }
 
-    /// Stage 1's pancreas map → the crop stage 2 sees, or why there is none.
-    fn locate_one(
-        manifest: &ModelManifest,
-        study: usize,
-        message: &StudyPreprocessed,
-        fine: &TensorGeometry,
-        map: &[f32],
-    ) -> Result<Located, String> {
-        let locate = manifest.locate.as_ref().expect("a cascade");
-        let rule = &locate.box_rule;
-        let shape = locate.input.volume_shape();
-        let coarse = &message.geometry;
-        let Some(region) = cascade::largest_region(map, shape, rule.threshold as f32) else {
-            return Err(format!(
-                "no pancreas found: no voxel of the locate stage's map reaches {}",
-                rule.threshold
-            ));
-        };
-        let pancreas_volume_mm3 = region.voxels as f64 * coarse.voxel_volume_mm3();
-        if pancreas_volume_mm3 < rule.min_volume_mm3 {
-            return Err(format!(
-                "no pancreas found: the largest region the locate stage found is {:.0} mm³, under \
-                 the {:.0} mm³ a pancreas needs",
-                pancreas_volume_mm3, rule.min_volume_mm3
-            ));
-        }
-        let fine_shape = [fine.shape[2], fine.shape[3], fine.shape[4]];
-        let centre: [f64; 3] =
-            std::array::from_fn(|axis| (region.min[axis] + region.max[axis]) as f64 / 2.0);
-        // The pancreas runs off the scan when a voxel beyond its region (and `edge_mm`
-        // further), on any side, lies outside stage 1's grid or outside the scanned
-        // volume (the fine grid).
-        for axis in 0..3 {
-            let reach = 1.0 + rule.edge_mm / coarse.spacing_mm[axis];
-            for beyond in [region.min[axis] as f64 - reach, region.max[axis] as f64 + reach] {
-                let mut point = centre;
-                point[axis] = beyond;
-                let in_grid = beyond >= 0.0 && beyond <= (shape[axis] - 1) as f64;
-                let in_scan = cascade::to_index(fine, coarse.to_patient(point))[axis];
-                if !in_grid || in_scan < -0.5 || in_scan > fine_shape[axis] as f64 - 0.5 {
-                    return Err(format!(
-                        "the pancreas runs off the scan: it reaches {}",
-                        EDGES[axis]
-                    ));
-                }
-            }
-        }
-        // The box, in the fine grid's indices: the region's outer faces (half a coarse
-        // voxel beyond its outermost centres).
-        let corners: Vec<[f64; 3]> = (0..8)
-            .map(|corner: usize| {
-                let point: [f64; 3] = std::array::from_fn(|axis| {
-                    if corner >> axis & 1 == 1 {
-                        region.max[axis] as f64 + 0.5
-                    } else {
-                        region.min[axis] as f64 - 0.5
-                    }
-                });
-                coarse.to_patient(point)
-            })
-            .collect();
-        let pancreas_x_mm = corners
-            .iter()
-            .fold([f64::MAX, f64::MIN], |[low, high], p| [low.min(p[0]), high.max(p[0])]);
-        let in_fine: Vec<[f64; 3]> =
-            corners.iter().map(|point| cascade::to_index(fine, *point)).collect();
-        let patch = manifest.input.volume_shape();
-        let mut crop_start = [0i64; 3];
-        let mut crop_size = [0usize; 3];
-        for axis in 0..3 {
-            let low = in_fine.iter().map(|p| p[axis]).fold(f64::MAX, f64::min);
-            let high = in_fine.iter().map(|p| p[axis]).fold(f64::MIN, f64::max);
-            let spacing = fine.spacing_mm[axis];
-            let wanted = match (rule.fixed_size_mm, &manifest.input.sliding_window) {
-                (Some(fixed), _) => fixed[axis] / spacing,
-                // One patch only: the patch, centred on the pancreas.
-                (None, None) => patch[axis] as f64,
-                (None, Some(_)) => {
-                    let boxed = high - low + 2.0 * rule.margin_mm[axis] / spacing;
-                    let least = rule.min_size_mm.map_or(0.0, |min| min[axis] / spacing);
-                    boxed.max(least).max(patch[axis] as f64)
-                }
-            };
-            let size = (wanted.round() as usize).max(1);
-            crop_size[axis] = size;
-            crop_start[axis] = ((low + high) / 2.0 - (size as f64 - 1.0) / 2.0).round() as i64;
-        }
-        let near_pancreas = rule.lesion_within_mm.map(|mm| {
-            let reach = coarse.spacing_mm.map(|spacing| (mm / spacing).ceil() as usize);
-            cascade::grown(&region.members, shape, reach)
-        });
-        Ok(Located {
-            study,
-            pancreas_volume_mm3,
-            pancreas_x_mm,
-            crop_start,
-            crop_size,
-            near_pancreas,
-        })
-    }
-
     /// A cascade: stage 1 on every study's coarse grid, then stage 2 on patches of each
     /// pancreas's box cut from the fine grid, patches from all studies batched together.
     async fn judge_cascade(
@@ -343,7 +222,7 @@ impl InferHandler {
             let (Some(fine), Some(hu)) = (&message.fine_grid, all_fines[study].take()) else {
                 return Err(InferError::NoFineGrid(message.model_name.clone()));
             };
-            match Self::locate_one(manifest, study, message, &fine.geometry, map) {
+            match cascade::locate(manifest, study, &message.geometry, &fine.geometry, map) {
                 Err(reason) => judgements[study] = Judgement::not_assessable(reason),
                 Ok(found) => {
                     fines.push(hu);
@@ -371,7 +250,7 @@ impl InferHandler {
             located.iter().map(|found| (found.crop_start, found.crop_size)).collect();
         let (blended, manifest) = run_blocking(&self.model, move |model| {
             let manifest = model.manifest.clone();
-            let blended = detect_crops(model, &crops, &fines, &fine_shapes, batch);
+            let blended = cascade::detect_crops(model, &crops, &fines, &fine_shapes, batch);
             (blended, manifest)
         })
         .await?;
@@ -382,7 +261,7 @@ impl InferHandler {
             if let Some(near) = &found.near_pancreas {
                 let coarse = &messages[found.study].geometry;
                 let shape = [coarse.shape[2], coarse.shape[3], coarse.shape[4]];
-                score = keep_near(&mut map, geometry, near, coarse, shape);
+                score = cascade::keep_near(&mut map, geometry, near, coarse, shape);
             }
             let lesion = lesion_metrics(&map, geometry, manifest.outputs.mask_threshold as f32);
             let lesion_location = lesion.map(|lesion| {
@@ -464,136 +343,6 @@ impl InferHandler {
         }
         Ok(outcomes)
     }
-}
-
-/// Clears the voxels of a crop's lesion `map` (on `crop`) that lie outside `near` (on
-/// the stage-1 grid `coarse` of `shape`); returns the highest voxel left.
-fn keep_near(
-    map: &mut [f32],
-    crop: &TensorGeometry,
-    near: &[bool],
-    coarse: &TensorGeometry,
-    shape: [usize; 3],
-) -> f32 {
-    let (height, width) = (crop.shape[3], crop.shape[4]);
-    let mut highest = 0.0f32;
-    for (at, value) in map.iter_mut().enumerate() {
-        let index = [at / (height * width), at / width % height, at % width];
-        let point = crop.to_patient(index.map(|i| i as f64));
-        let nearest = cascade::to_index(coarse, point).map(|i| i.round());
-        let inside = (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64)
-            && near[(nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2]
-                + nearest[2] as usize];
-        if inside {
-            highest = highest.max(*value);
-        } else {
-            *value = 0.0;
-        }
-    }
-    highest
-}
-
-/// Stage 2 over each crop: its patches (every mirroring of each), `batch` at a time
-/// from any crop, blended back with Gaussian weights. Returns each crop's score (the
-/// highest patch probability, or the highest blended lesion voxel when the model has
-/// no probability output) and its blended lesion map.
-fn detect_crops(
-    model: &mut Model,
-    crops: &[([i64; 3], [usize; 3])],
-    fines: &[Vec<i16>],
-    fine_shapes: &[[usize; 3]],
-    batch: usize,
-) -> Result<Vec<(f32, Vec<f32>)>, ModelError> {
-    let manifest = model.manifest.clone();
-    let patch = manifest.volume_shape();
-    let intensity = &manifest.input.intensity;
-    let window = manifest.input.sliding_window.clone();
-    let (overlap, sigma_scale, axes) = window
-        .as_ref()
-        .map_or((0.0, 0.125, Vec::new()), |w| (w.overlap, w.sigma_scale, w.mirror_axes.clone()));
-    let weights = cascade::gaussian(patch, sigma_scale);
-    let mirrorings = cascade::mirrorings(&axes);
-    let fill = intensity.fill_hu.round() as i16;
-    let normalized: Vec<Vec<f32>> = crops
-        .iter()
-        .zip(fines.iter().zip(fine_shapes))
-        .map(|((start, size), (hu, shape))| {
-            cascade::cut(hu, *shape, *start, *size, fill)
-                .into_iter()
-                .map(|v| intensity.normalize(f32::from(v)))
-                .collect()
-        })
-        .collect();
-    // Every (crop, patch start, mirroring) to run.
-    let mut jobs: Vec<(usize, [usize; 3], usize)> = Vec::new();
-    for (crop, (_, size)) in crops.iter().enumerate() {
-        let starts: Vec<Vec<usize>> =
-            (0..3).map(|axis| cascade::steps(size[axis], patch[axis], overlap)).collect();
-        for z in &starts[0] {
-            for y in &starts[1] {
-                for x in &starts[2] {
-                    for mirroring in 0..mirrorings.len() {
-                        jobs.push((crop, [*z, *y, *x], mirroring));
-                    }
-                }
-            }
-        }
-    }
-    let mut sums: Vec<(Vec<f32>, Vec<f32>)> = crops
-        .iter()
-        .map(|(_, size)| (vec![0.0; size.iter().product()], vec![0.0; size.iter().product()]))
-        .collect();
-    // Per crop, per patch start: the probabilities of its mirrorings, averaged later.
-    let mut patch_scores: Vec<std::collections::BTreeMap<[usize; 3], Vec<f32>>> =
-        vec![Default::default(); crops.len()];
-    for chunk in jobs.chunks(batch) {
-        let inputs: Vec<Vec<f32>> = chunk
-            .iter()
-            .map(|(crop, start, mirroring)| {
-                let size = crops[*crop].1;
-                let block = cascade::cut(
-                    &normalized[*crop],
-                    size,
-                    start.map(|s| s as i64),
-                    patch,
-                    intensity.normalize(fill as f32),
-                );
-                cascade::mirror(&block, patch, &mirrorings[*mirroring])
-            })
-            .collect();
-        let output = model.run(&inputs)?;
-        let per_patch: usize = patch.iter().product();
-        for (index, (crop, start, mirroring)) in chunk.iter().enumerate() {
-            patch_scores[*crop].entry(*start).or_default().push(output.probabilities[index]);
-            if let Some(mask) = output.mask.as_ref().and_then(|mask| mask.as_slice()) {
-                let values = cascade::mirror(
-                    &mask[index * per_patch..(index + 1) * per_patch],
-                    patch,
-                    &mirrorings[*mirroring],
-                );
-                let (sum, weight) = &mut sums[*crop];
-                cascade::blend(sum, weight, crops[*crop].1, *start, patch, &values, &weights);
-            }
-        }
-    }
-    let has_probability = manifest.outputs.probability.is_some();
-    Ok(sums
-        .into_iter()
-        .zip(patch_scores)
-        .map(|((sum, weight), scores)| {
-            let map: Vec<f32> =
-                sum.iter().zip(&weight).map(|(s, w)| if *w > 0.0 { s / w } else { 0.0 }).collect();
-            let score = if has_probability || map.is_empty() {
-                scores
-                    .values()
-                    .map(|each| each.iter().sum::<f32>() / each.len() as f32)
-                    .fold(0.0f32, f32::max)
-            } else {
-                map.iter().copied().fold(0.0f32, f32::max)
-            };
-            (score, map)
-        })
-        .collect())
 }
 
 #[async_trait]
