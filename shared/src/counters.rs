@@ -21,6 +21,9 @@ pub struct StageCounters {
     pub timed_out_in_a_row: AtomicU64,
     /// Messages held through an outage right now.
     pub held: AtomicU64,
+    /// Studies the model could not judge (infer: a cascade found no pancreas, or one
+    /// that runs off the scan). Scored, not quarantined: also in `processed`.
+    pub not_assessable: AtomicU64,
     pub latency: LatencyHistogram,
 }
 

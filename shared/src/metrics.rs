@@ -21,6 +21,7 @@ pub const QUARANTINED_TOTAL: &str = "panscreen_quarantined_total";
 pub const RETRIED_TOTAL: &str = "panscreen_retried_total";
 pub const REDELIVERED_TOTAL: &str = "panscreen_redelivered_total";
 pub const IN_FLIGHT: &str = "panscreen_in_flight";
+pub const NOT_ASSESSABLE_TOTAL: &str = "panscreen_not_assessable_total";
 pub const STAGE_SECONDS: &str = "panscreen_stage_seconds";
 
 pub use crate::counters::LATENCY_BUCKETS;
@@ -82,6 +83,12 @@ pub fn render(stage: Stage, counters: &StageCounters) -> String {
         "Deliveries after the first.",
         "counter",
         counters.redelivered.load(Ordering::Relaxed),
+    );
+    counter(
+        NOT_ASSESSABLE_TOTAL,
+        "Studies the model could not judge (no pancreas found, or it runs off the scan).",
+        "counter",
+        counters.not_assessable.load(Ordering::Relaxed),
     );
     counter(
         IN_FLIGHT,
@@ -185,10 +192,12 @@ mod tests {
     fn renders_counters_and_histogram() {
         let counters = StageCounters::default();
         counters.processed.fetch_add(3, Ordering::Relaxed);
+        counters.not_assessable.fetch_add(1, Ordering::Relaxed);
         counters.latency.observe(0.2);
         counters.latency.observe(7.0);
         let text = render(Stage::Infer, &counters);
         assert!(text.contains("panscreen_processed_total{stage=\"infer\"} 3\n"), "{text}");
+        assert!(text.contains("panscreen_not_assessable_total{stage=\"infer\"} 1\n"), "{text}");
         assert!(
             text.contains("panscreen_stage_seconds_bucket{stage=\"infer\",le=\"0.25\"} 1\n"),
             "{text}"

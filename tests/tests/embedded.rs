@@ -551,7 +551,8 @@ fn evaluate_prints_and_writes_every_figure_and_refuses_a_wrong_key() {
 
 /// A manifest that promises the model another grid than the ONNX file declares is
 /// refused when the model loads, naming the field and the file, before any study is
-/// read (it would otherwise fail on the first study, or score a grid it was not made for).
+/// read (it would otherwise fail on the first study, or score a grid it was not made for);
+/// so is a cascade whose stage 1 does not match its manifest.
 #[test]
 fn a_manifest_whose_grid_the_model_does_not_take_stops_the_run_at_load() {
     let scratch = tempfile::tempdir().unwrap();
@@ -570,6 +571,29 @@ fn a_manifest_whose_grid_the_model_does_not_take_stops_the_run_at_load() {
     for part in ["input \"ct\"", "[-1, 1, 48, 128, 128]", "input.shape", "tiny-panda.onnx"] {
         assert!(stderr.contains(part), "{part} missing from: {stderr}");
     }
+
+    // The same for a cascade's stage 1: its own field and its own file are named, and
+    // a stage-1 file that is not the one the manifest's checksum names is refused.
+    let cascade = scratch.path().join("cascade");
+    std::fs::create_dir_all(&cascade).unwrap();
+    let source = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    for file in ["locate.onnx", "detect.onnx"] {
+        std::fs::copy(source.join(file), cascade.join(file)).unwrap();
+    }
+    let manifest = std::fs::read_to_string(source.join("manifest.toml")).unwrap();
+    let changed = manifest.replace("shape = [-1, 1, 112, 96, 96]", "shape = [-1, 1, 100, 96, 96]");
+    assert_ne!(manifest, changed);
+    std::fs::write(cascade.join("manifest.toml"), changed).unwrap();
+    let (success, stderr) = run_with(&["--model", cascade.to_str().unwrap()]);
+    assert!(!success);
+    for part in ["[-1, 1, 112, 96, 96]", "locate.input.shape", "locate.onnx"] {
+        assert!(stderr.contains(part), "{part} missing from: {stderr}");
+    }
+    std::fs::write(cascade.join("manifest.toml"), &manifest).unwrap();
+    std::fs::copy(source.join("detect.onnx"), cascade.join("locate.onnx")).unwrap();
+    let (success, stderr) = run_with(&["--model", cascade.to_str().unwrap()]);
+    assert!(!success);
+    assert!(stderr.contains("locate.onnx has sha256"), "{stderr}");
 }
 
 /// A manifest with a calibration and named operating points: each result keeps the raw

@@ -22,6 +22,7 @@ pub mod model;
 pub mod runtime;
 pub mod service;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -30,6 +31,7 @@ use bytes::Bytes;
 use panscreen_shared::contracts::{
     subjects, ModelIdentity, Prediction, Stage, StudyPreprocessed, StudyScored, TensorGeometry,
 };
+use panscreen_shared::counters::StageCounters;
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
@@ -97,6 +99,8 @@ pub struct InferHandler {
     /// Keep each study's tensor in the work store after it is scored (for debugging);
     /// by default it is deleted once its message is settled for good.
     pub keep_tensors: bool,
+    /// The stage's counters (the worker's): infer adds the studies not assessable.
+    pub counters: Arc<StageCounters>,
 }
 
 /// What the model(s) said of one study, before calibration and the operating point.
@@ -313,7 +317,10 @@ impl InferHandler {
             context.timings.infer_ms = Some(per_study_ms);
             let flagged = probability.is_some_and(|p| p >= point.threshold);
             match &judgement.not_assessable {
-                Some(reason) => info!(study = %context.study_key, reason, "study not assessable"),
+                Some(reason) => {
+                    self.counters.not_assessable.fetch_add(1, Ordering::Relaxed);
+                    info!(study = %context.study_key, reason, "study not assessable")
+                }
                 None => info!(study = %context.study_key, probability, flagged, "study scored"),
             }
             let scored = StudyScored {

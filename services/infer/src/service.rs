@@ -42,6 +42,7 @@ pub async fn serve(
         model,
         batch_size: config.batch_size,
         keep_tensors: config.keep_tensors,
+        counters: counters.clone(),
     });
     if let Some(readiness) = &config.worker.readiness {
         readiness.set(true);
