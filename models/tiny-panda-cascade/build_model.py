@@ -21,8 +21,8 @@ Stage 1, `locate.onnx`, on a coarse grid of the whole scan (4 mm, 112 x 96 x 96 
                48-100 mm in front of it, from 55 mm to its right to 45 mm to its left,
                and for the tail, 25-100 mm in front, 45-90 mm to its left (separable
                box filters)
-  6. big     = large organs of 0-60 HU (spleen, liver, kidneys): eroded by 20 mm, which
-               no part of the pancreas survives, then grown by 28 mm
+  6. big     = large organs of 0-60 HU (spleen, liver, kidneys): eroded by a 28 mm cube,
+               which no part of the pancreas holds, then grown by 28 mm each way
   7. pancreas = MaxPool(core * sigmoid((behind - 0.5) / 0.1) * (1 - big), 3 x 3 x 3)
                (the erosion of step 3 grown back)
 
@@ -97,8 +97,9 @@ def build_locate() -> onnx.ModelProto:
     not_bone = g.op("Sub", [one, bone])
     bone = g.op("Sub", [one, g.op("MaxPool", [not_bone], "erode", kernel_shape=[1, 5, 5], pads=[0, 2, 2, 0, 2, 2], strides=[1, 1, 1])])
     # Large organs of soft-tissue HU (spleen, liver, kidneys): what is left of 0-60 HU
-    # after an erosion by 20 mm, which no part of the pancreas survives, grown back by
-    # 28 mm. The tail of the pancreas touches the spleen, whose HU overlaps its own.
+    # after an erosion by a 28 mm cube (12 mm each way), which no part of the pancreas
+    # holds (its section is at most 36 mm across; the cube's diagonal is 40 mm), grown by
+    # 28 mm each way. The tail of the pancreas touches the spleen, whose HU overlaps its own.
     wide = g.op("Mul", [g.sigmoid_of(smooth, 0.0, 3.0), g.sigmoid_of(smooth, 60.0, -2.0)], "wide")
     big = g.op("Sub", [one, g.max_pool_separable(g.op("Sub", [one, wide]), 7)], "big")
     near_big = g.max_pool_separable(big, 15)
