@@ -93,6 +93,9 @@ pub struct InferHandler {
     pub campaign: String,
     pub work: Store,
     pub model: Arc<Mutex<Model>>,
+    /// The loaded model's manifest, read without taking the model's lock (which a
+    /// running batch holds for as long as inference takes).
+    pub manifest: Arc<ModelManifest>,
     /// Studies per inference batch (studies from different messages run together); for
     /// a cascade, also the most stage-2 patches in one run of the model, from any study.
     pub batch_size: usize,
@@ -183,9 +186,8 @@ impl InferHandler {
         messages: &[StudyPreprocessed],
         volumes: Vec<Vec<f32>>,
     ) -> Result<Vec<Judgement>, InferError> {
-        let (output, manifest) =
-            run_blocking(&self.model, move |model| (model.run(&volumes), model.manifest.clone()))
-                .await?;
+        let manifest = &self.manifest;
+        let output = run_blocking(&self.model, move |model| model.run(&volumes)).await?;
         let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
         Ok(messages
             .iter()
@@ -211,11 +213,11 @@ impl InferHandler {
     /// pancreas's box cut from the fine grid, patches from all studies batched together.
     async fn judge_cascade(
         &self,
-        manifest: &ModelManifest,
         messages: &[StudyPreprocessed],
         volumes: Vec<Vec<f32>>,
         mut all_fines: Vec<Option<Vec<i16>>>,
     ) -> Result<Vec<Judgement>, InferError> {
+        let manifest = &self.manifest;
         let maps = run_blocking(&self.model, move |model| model.locate(&volumes))
             .await?
             .map_err(|error| InferError::InferenceFailed(error.to_string()))?;
@@ -252,10 +254,8 @@ impl InferHandler {
         let batch = self.batch_size.max(1);
         let crops: Vec<([i64; 3], [usize; 3])> =
             located.iter().map(|found| (found.crop_start, found.crop_size)).collect();
-        let (blended, manifest) = run_blocking(&self.model, move |model| {
-            let manifest = model.manifest.clone();
-            let blended = cascade::detect_crops(model, &crops, &fines, &fine_shapes, batch);
-            (blended, manifest)
+        let blended = run_blocking(&self.model, move |model| {
+            cascade::detect_crops(model, &crops, &fines, &fine_shapes, batch)
         })
         .await?;
         let blended = blended.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
@@ -298,10 +298,9 @@ impl InferHandler {
         fines: Vec<Option<Vec<i16>>>,
     ) -> Result<Vec<Outcome>, InferError> {
         let started = Instant::now();
-        let manifest =
-            self.model.lock().unwrap_or_else(std::sync::PoisonError::into_inner).manifest.clone();
+        let manifest = self.manifest.clone();
         let judgements = if manifest.locate.is_some() {
-            self.judge_cascade(&manifest, &messages, volumes, fines).await?
+            self.judge_cascade(&messages, volumes, fines).await?
         } else {
             self.judge_whole(&messages, volumes).await?
         };
@@ -381,13 +380,7 @@ impl Handler for InferHandler {
         let mut results: Vec<Option<Result<Outcome, StageError>>> =
             Vec::with_capacity(payloads.len());
         let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>, Option<Vec<i16>>)> = Vec::new();
-        let cascade = self
-            .model
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .manifest
-            .locate
-            .is_some();
+        let cascade = self.manifest.locate.is_some();
         for (index, payload) in payloads.iter().enumerate() {
             let parsed = serde_json::from_slice::<StudyPreprocessed>(payload)
                 .map_err(|error| InferError::BadMessage(error.to_string()));

@@ -36,10 +36,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), QueueError> {
     let subject = topology::input(Stage::Infer, &config.campaign);
+    let manifest =
+        Arc::new(model.lock().unwrap_or_else(std::sync::PoisonError::into_inner).manifest.clone());
     let handler = Arc::new(InferHandler {
         campaign: config.campaign,
         work,
         model,
+        manifest,
         batch_size: config.batch_size,
         keep_tensors: config.keep_tensors,
         counters: counters.clone(),
