@@ -32,7 +32,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::contracts::{subjects, QuarantineRecord, Stage};
 pub use crate::counters::{LatencyHistogram, StageCounters, WEDGED_AFTER};
 use crate::error::StageError;
-use crate::queue::{Delivery, Queue, QueueError};
+use crate::queue::{Delivery, Published, Queue, QueueError};
 
 /// What a handler made of one input.
 #[derive(Debug)]
@@ -61,6 +61,12 @@ pub trait Handler: Send + Sync + 'static {
     /// quarantined and terminated): the queue will not deliver it again, so what only it
     /// needed (a work tensor) can go.
     async fn finished(&self, _payload: &Bytes) {}
+
+    /// Called with an output the queue dropped as a duplicate: an earlier attempt at the
+    /// same input (on a worker that died after publishing, before acking) published first,
+    /// and its message is what the next stage reads. Whatever this attempt wrote for
+    /// `output` alone is referenced by nothing and can go. Runs before the input is acked.
+    async fn superseded(&self, _output: &Bytes) {}
 }
 
 /// Settings chosen on purpose for every stage worker.
@@ -304,7 +310,7 @@ async fn settle_one<H: Handler>(
         info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
     }
     let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-    if settle(queue, stage, config, counters, pause, delivery, envelope, result)
+    if settle(queue, handler, config, counters, pause, delivery, envelope, result)
         .instrument(span)
         .await
     {
@@ -365,7 +371,7 @@ async fn run_handler<H: Handler>(
 }
 
 /// Publishes, holding `delivery` through an outage of the queue (in-progress acks,
-/// paused) until it goes through or the worker stops. Returns whether it went through.
+/// paused) until it goes through or the worker stops. `None` if it did not go through.
 async fn publish_holding(
     queue: &dyn Queue,
     config: &WorkerConfig,
@@ -373,14 +379,14 @@ async fn publish_holding(
     pause: &Pause,
     delivery: &Delivery,
     (subject, message_id, payload): (&str, &str, Bytes),
-) -> bool {
+) -> Option<Published> {
     let mut outages = 0u32;
     loop {
         match queue.publish(subject, message_id, payload.clone()).await {
-            Ok(()) => return true,
+            Ok(published) => return Some(published),
             Err(error) if pause.stopping() => {
                 warn!(%error, "publishing failed while stopping; the message goes back to the queue");
-                return false;
+                return None;
             }
             Err(error) => {
                 outages += 1;
@@ -393,9 +399,9 @@ async fn publish_holding(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn settle(
+async fn settle<H: Handler>(
     queue: &dyn Queue,
-    stage: Stage,
+    handler: &H,
     config: &WorkerConfig,
     counters: &StageCounters,
     pause: &Pause,
@@ -404,18 +410,23 @@ async fn settle(
     result: Result<Outcome, StageError>,
 ) -> bool {
     let attempt = delivery.attempt;
+    let stage = handler.stage();
     let quarantine = match result {
         Ok(Outcome::Publish { subject, message_id, payload }) => {
-            if publish_holding(
+            let published = publish_holding(
                 queue,
                 config,
                 counters,
                 pause,
                 &delivery,
-                (&subject, &message_id, payload),
+                (&subject, &message_id, payload.clone()),
             )
-            .await
-            {
+            .await;
+            if let Some(published) = published {
+                if published == Published::Duplicate {
+                    info!("an earlier attempt published this study's output first; this attempt's is dropped");
+                    handler.superseded(&payload).await;
+                }
                 counters.processed.fetch_add(1, Ordering::Relaxed);
                 return log_settle_error(delivery.ack().await);
             }
@@ -455,6 +466,7 @@ async fn settle(
     let subject = subjects::quarantine(&config.campaign);
     if publish_holding(queue, config, counters, pause, &delivery, (&subject, &message_id, payload))
         .await
+        .is_some()
     {
         counters.quarantined.fetch_add(1, Ordering::Relaxed);
         return log_settle_error(delivery.term().await);
@@ -586,6 +598,78 @@ mod tests {
                 })
                 .collect()
         }
+    }
+
+    /// Publishes "<input>-output" under the input's id; records what it was told.
+    #[derive(Default)]
+    struct Recording {
+        superseded: std::sync::Mutex<Vec<Bytes>>,
+        finished: std::sync::Mutex<Vec<Bytes>>,
+    }
+
+    #[async_trait]
+    impl Handler for Recording {
+        fn stage(&self) -> Stage {
+            Stage::Preprocess
+        }
+
+        async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+            payloads
+                .into_iter()
+                .map(|payload| {
+                    let id = String::from_utf8_lossy(&payload).to_string();
+                    let output = Bytes::from(format!("{id}-output"));
+                    Ok(Outcome::Publish { subject: "out".into(), message_id: id, payload: output })
+                })
+                .collect()
+        }
+
+        async fn finished(&self, payload: &Bytes) {
+            self.finished.lock().unwrap().push(payload.clone());
+        }
+
+        async fn superseded(&self, output: &Bytes) {
+            self.superseded.lock().unwrap().push(output.clone());
+        }
+    }
+
+    /// A worker killed after publishing "b"'s output, before acking: "b" comes again, its
+    /// new output is dropped as a duplicate, and the handler hears of exactly that output.
+    #[tokio::test]
+    async fn an_output_dropped_as_a_duplicate_is_handed_back_to_the_handler() {
+        let queue = MemoryQueue::new();
+        let earlier = queue.publish("out", "b", Bytes::from_static(b"b-earlier")).await.unwrap();
+        assert_eq!(earlier, Published::New);
+        for input in ["a", "b"] {
+            queue.publish("in", input, Bytes::from(input)).await.unwrap();
+        }
+        queue.close("in").await;
+        let handler = Arc::new(Recording::default());
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        run_worker(
+            dyn_queue,
+            "in",
+            handler.clone(),
+            WorkerConfig::new("c", Stage::Preprocess),
+            Arc::new(StageCounters::default()),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(*handler.superseded.lock().unwrap(), vec![Bytes::from_static(b"b-output")]);
+        let mut finished = handler.finished.lock().unwrap().clone();
+        finished.sort();
+        assert_eq!(finished, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+        queue.close("out").await;
+        let mut outputs = queue.subscribe("out", "next").await.unwrap();
+        let mut read = Vec::new();
+        while let Some(delivery) = outputs.next().await {
+            let delivery = delivery.unwrap();
+            read.push(delivery.payload.clone());
+            delivery.ack().await.unwrap();
+        }
+        read.sort();
+        assert_eq!(read, vec![Bytes::from_static(b"a-output"), Bytes::from_static(b"b-earlier")]);
     }
 
     #[tokio::test]

@@ -75,7 +75,7 @@ async fn messages_survive_a_server_restart() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match queue.publish(subject, "r5", Bytes::from_static(b"5")).await {
-            Ok(()) => break,
+            Ok(_) => break,
             Err(error) if tokio::time::Instant::now() < deadline => {
                 eprintln!("waiting for the reconnect: {error}");
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -368,7 +368,20 @@ impl Handler for InferHandler {
         }
         let Ok(message) = serde_json::from_slice::<StudyPreprocessed>(payload) else { return };
         let fine = message.fine_grid.as_ref().map(|fine| &fine.key);
-        for key in std::iter::once(&message.tensor_key).chain(fine) {
+        let mut keys: Vec<String> =
+            std::iter::once(&message.tensor_key).chain(fine).cloned().collect();
+        // What attempts that died before publishing wrote beside them (same folder).
+        if let Some((folder, _)) = message.tensor_key.rsplit_once('/') {
+            match self.work.list(folder).await {
+                Ok(objects) => keys.extend(objects.into_iter().map(|object| object.key)),
+                Err(error) => {
+                    tracing::warn!(kind = ?error.kind(), "listing a scored study's work folder failed")
+                }
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        for key in &keys {
             if let Err(error) = self.work.delete_if_present(key).await {
                 tracing::warn!(kind = ?error.kind(), "deleting a scored study's tensor failed; it stays in the work store");
             }

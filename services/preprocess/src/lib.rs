@@ -47,18 +47,42 @@ use crate::resample::{
     axis_weights, centred_positions, resample_plane, AxisWeights, SliceAccumulator,
 };
 
-/// Key of a study's tensor in the work store.
-pub fn tensor_key(study_key: &str) -> String {
-    format!("tensors/{study_key}.npy")
+/// Folder of a study's grids in the work store, one per pass (a requeued study's
+/// generation gets its own): `tensors/<study>` or `tensors/<study>.g<generation>`.
+pub fn tensor_folder(study_key: &str, generation: u32) -> String {
+    match generation {
+        0 => format!("tensors/{study_key}"),
+        generation => format!("tensors/{study_key}.g{generation}"),
+    }
+}
+
+/// Names this attempt's objects apart from any other attempt's at the same study: a
+/// redelivered attempt never overwrites what an earlier one published a reference to, and
+/// the one whose output the queue drops as a duplicate deletes exactly what it wrote.
+fn attempt_name() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy source (never seen): the clock and process still tell attempts apart.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
+        bytes = (nanos ^ u64::from(std::process::id()).rotate_left(40)).to_le_bytes();
+    }
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Key of a study's stage-1 (or only) tensor, written by one attempt.
+pub fn tensor_key(folder: &str, attempt: &str) -> String {
+    format!("{folder}/{attempt}.npy")
 }
 
 /// Key of a cascade's fine grid (the whole scan in HU on stage 2's grid).
-pub fn fine_grid_key(study_key: &str) -> String {
-    format!("tensors/{study_key}.fine.npy.gz")
+pub fn fine_grid_key(folder: &str, attempt: &str) -> String {
+    format!("{folder}/{attempt}.fine.npy.gz")
 }
 
-/// Deletes the tensors of `done` studies left in the work store (by a study scored
-/// twice after a redelivery, whose second tensor nobody deletes); returns how many.
+/// Deletes the tensors of `done` studies left in the work store (kept with `--keep-work`,
+/// or left by a worker that died between writing and deleting); returns how many.
 pub async fn sweep_tensors(
     work: &Store,
     done: &std::collections::HashSet<String>,
@@ -66,7 +90,7 @@ pub async fn sweep_tensors(
     let mut swept = 0;
     for object in work.list("tensors").await? {
         let name = object.key.trim_start_matches("tensors/");
-        let study = name.split('.').next().unwrap_or(name);
+        let study = name.split(['/', '.']).next().unwrap_or(name);
         if done.contains(study) {
             work.delete_if_present(&object.key).await?;
             swept += 1;
@@ -425,15 +449,24 @@ impl PreprocessHandler {
         let mut study: StudyIngested = serde_json::from_slice(&payload)
             .map_err(|error| PreprocessError::BadMessage(error.to_string()))?;
         let Grids { tensor: (geometry, volume), fine } = self.build_grids(&study).await?;
-        let key = tensor_key(&study.context.study_key);
+        let folder = tensor_folder(&study.context.study_key, study.context.generation);
+        let attempt = attempt_name();
+        let key = tensor_key(&folder, &attempt);
         self.work.put(&key, npy::encode_f32(&geometry.shape, &volume)).await?;
         let fine_grid = match fine {
             Some((geometry, hu)) => {
-                let key = fine_grid_key(&study.context.study_key);
+                let fine_key = fine_grid_key(&folder, &attempt);
                 let hu: Vec<i16> =
                     hu.iter().map(|v| v.round().clamp(-32768.0, 32767.0) as i16).collect();
-                self.work.put(&key, npy::encode_i16_gz(&geometry.shape, &hu)).await?;
-                Some(StoredGrid { key, geometry })
+                if let Err(error) =
+                    self.work.put(&fine_key, npy::encode_i16_gz(&geometry.shape, &hu)).await
+                {
+                    // The next attempt writes both afresh; this one's tensor would be
+                    // referenced by nothing.
+                    let _ = self.work.delete_if_present(&key).await;
+                    return Err(error.into());
+                }
+                Some(StoredGrid { key: fine_key, geometry })
             }
             None => None,
         };
@@ -469,6 +502,18 @@ impl Handler for PreprocessHandler {
             results.push(self.handle_one(payload).await);
         }
         results
+    }
+
+    /// An earlier attempt at this study published first; this attempt's grids are
+    /// referenced by nothing.
+    async fn superseded(&self, output: &Bytes) {
+        let Ok(message) = serde_json::from_slice::<StudyPreprocessed>(output) else { return };
+        let fine = message.fine_grid.as_ref().map(|fine| &fine.key);
+        for key in std::iter::once(&message.tensor_key).chain(fine) {
+            if let Err(error) = self.work.delete_if_present(key).await {
+                tracing::warn!(kind = ?error.kind(), "deleting a superseded attempt's grid failed; it stays in the work store");
+            }
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{Delivery, Queue, Subscription};
+use super::{Delivery, Published, Queue, Subscription};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -55,12 +55,13 @@ pub async fn publish_receive_ack(queue: &dyn Queue, prefix: &str) {
     nothing_within(&mut subscription, Duration::from_millis(500)).await;
 }
 
-/// A second publish with the same message id is dropped.
+/// A second publish with the same message id is dropped, and the publisher is told so.
 pub async fn duplicate_ids_are_dropped(queue: &dyn Queue, prefix: &str) {
     let subject = format!("{prefix}.duplicates");
     let mut subscription = queue.subscribe(&subject, "conformance-duplicates").await.unwrap();
-    queue.publish(&subject, "same-id", Bytes::from_static(b"first")).await.unwrap();
-    queue.publish(&subject, "same-id", Bytes::from_static(b"second")).await.unwrap();
+    let first = queue.publish(&subject, "same-id", Bytes::from_static(b"first")).await.unwrap();
+    let second = queue.publish(&subject, "same-id", Bytes::from_static(b"second")).await.unwrap();
+    assert_eq!((first, second), (Published::New, Published::Duplicate));
     let delivery = next(&mut subscription).await;
     assert_eq!(&delivery.payload[..], b"first");
     delivery.ack().await.unwrap();

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{Delivery, Queue, QueueError, Settle, Settlement, Subscription};
+use super::{Delivery, Published, Queue, QueueError, Settle, Settlement, Subscription};
 
 /// How to reach NATS.
 #[derive(Debug, Clone, Default)]
@@ -293,7 +293,7 @@ impl Queue for JetStreamQueue {
         subject: &str,
         message_id: &str,
         payload: Bytes,
-    ) -> Result<(), QueueError> {
+    ) -> Result<Published, QueueError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", message_id);
         let failed = |error: String| QueueError::PublishFailed {
@@ -305,8 +305,8 @@ impl Queue for JetStreamQueue {
             .publish_with_headers(subject.to_string(), headers, payload)
             .await
             .map_err(|e| failed(e.to_string()))?;
-        ack.await.map_err(|e| failed(e.to_string()))?;
-        Ok(())
+        let ack = ack.await.map_err(|e| failed(e.to_string()))?;
+        Ok(if ack.duplicate { Published::Duplicate } else { Published::New })
     }
 
     async fn subscribe(

@@ -3,9 +3,11 @@
 //! NATS refuses a message over its `max_payload` (1 MiB by default); a study of 2,000
 //! slices with long object keys, or the quarantine record of such a study listing every
 //! key, can be larger. [`LargePayloads`] wraps a queue: a payload over `limit` bytes is
-//! written to the store under its message id and a small reference is published in its
-//! place; a subscriber gets the original bytes back, and the stored copy is deleted once
-//! the message is acked or terminated. Stages never see the difference.
+//! written to the store under its message id and digest and a small reference is
+//! published in its place; a subscriber gets the original bytes back, and the stored copy
+//! is deleted once the message is acked or terminated. A retried publish whose reference
+//! the queue drops as a duplicate deletes its own copy, leaving the first one's alone.
+//! Stages never see the difference.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use super::{Delivery, Queue, QueueError, Settle, Settlement, Subscription};
+use super::{Delivery, Published, Queue, QueueError, Settle, Settlement, Subscription};
 use crate::store::{Store, StoreErrorKind};
 
 /// What is published in place of a large payload.
@@ -45,8 +47,10 @@ impl LargePayloads {
     }
 }
 
-fn reference_key(message_id: &str) -> String {
-    format!("{}.msg", hex::encode(Sha256::digest(message_id.as_bytes())))
+/// A retry of the same message can carry other bytes (its timings differ), so the key
+/// names both: a duplicate's copy never overwrites the copy the queue holds a reference to.
+fn reference_key(message_id: &str, sha256: &str) -> String {
+    format!("{}.{}.msg", hex::encode(Sha256::digest(message_id.as_bytes())), &sha256[..16])
 }
 
 #[async_trait]
@@ -56,22 +60,26 @@ impl Queue for LargePayloads {
         subject: &str,
         message_id: &str,
         payload: Bytes,
-    ) -> Result<(), QueueError> {
+    ) -> Result<Published, QueueError> {
         if payload.len() <= self.limit {
             return self.inner.publish(subject, message_id, payload).await;
         }
-        let key = reference_key(message_id);
-        let reference = PayloadRef {
-            panscreen_payload_ref: key.clone(),
-            bytes: payload.len(),
-            sha256: hex::encode(Sha256::digest(&payload)),
-        };
+        let sha256 = hex::encode(Sha256::digest(&payload));
+        let key = reference_key(message_id, &sha256);
+        let reference =
+            PayloadRef { panscreen_payload_ref: key.clone(), bytes: payload.len(), sha256 };
         self.store.put(&key, payload).await.map_err(|error| QueueError::PublishFailed {
             subject: subject.to_string(),
             detail: format!("storing a large message by reference: {error}"),
         })?;
         let body = Bytes::from(serde_json::to_vec(&reference).expect("a reference serializes"));
-        self.inner.publish(subject, message_id, body).await
+        let published = self.inner.publish(subject, message_id, body).await?;
+        if published == Published::Duplicate {
+            if let Err(error) = self.store.delete_if_present(&key).await {
+                warn!(%error, "a duplicate large message's stored copy was not deleted");
+            }
+        }
+        Ok(published)
     }
 
     async fn subscribe(
@@ -217,6 +225,24 @@ mod tests {
         let again = subscription.next().await.unwrap().unwrap();
         assert_eq!((again.payload.clone(), again.attempt), (big, 2));
         again.term().await.unwrap();
+        assert!(store.list("").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_retry_with_other_bytes_leaves_the_first_copy_whole() {
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
+        let queue = LargePayloads::new(Arc::new(MemoryQueue::new()), store.clone(), 10);
+        let first = Bytes::from(vec![b'a'; 100]);
+        let retry = Bytes::from(vec![b'b'; 100]);
+        assert_eq!(queue.publish("s", "same", first.clone()).await.unwrap(), Published::New);
+        assert_eq!(queue.publish("s", "same", retry).await.unwrap(), Published::Duplicate);
+        queue.close("s").await;
+        assert_eq!(store.list("").await.unwrap().len(), 1, "the retry's copy is deleted");
+        let mut subscription = queue.subscribe("s", "c").await.unwrap();
+        let delivery = subscription.next().await.unwrap().unwrap();
+        assert_eq!(delivery.payload, first, "the queued reference still finds its bytes");
+        delivery.ack().await.unwrap();
         assert!(store.list("").await.unwrap().is_empty());
     }
 }

@@ -3,7 +3,7 @@
 //! Semantics follow JetStream work-queue streams, so the same stage code runs on
 //! either implementation:
 //! - `publish` carries a deterministic message id; a second publish with the same id
-//!   is dropped (JetStream's duplicate window).
+//!   is dropped (JetStream's duplicate window), and the publisher is told so.
 //! - a subscription is a shared durable consumer: each message goes to one subscriber.
 //! - each delivery is acked, nak'd (redelivered after a delay, attempt + 1) or
 //!   terminated (never redelivered).
@@ -32,6 +32,16 @@ pub enum QueueError {
     Unavailable(String),
     #[error("publish to {subject} was not acknowledged: {detail}")]
     PublishFailed { subject: String, detail: String },
+}
+
+/// What became of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// The queue holds the message.
+    New,
+    /// A message with this id was published before (by an earlier attempt at the same
+    /// work); this one was dropped, and the earlier one is what consumers get.
+    Duplicate,
 }
 
 /// One delivered message and the means to settle it.
@@ -103,13 +113,14 @@ pub trait Subscription: Send {
 
 #[async_trait]
 pub trait Queue: Send + Sync {
-    /// Publishes and waits until the queue holds the message. Duplicate ids are dropped.
+    /// Publishes and waits until the queue holds the message. Duplicate ids are dropped
+    /// (and said to be).
     async fn publish(
         &self,
         subject: &str,
         message_id: &str,
         payload: Bytes,
-    ) -> Result<(), QueueError>;
+    ) -> Result<Published, QueueError>;
 
     /// Joins the shared consumer `consumer` on `subject`.
     async fn subscribe(
@@ -180,7 +191,7 @@ impl Queue for MemoryQueue {
         subject: &str,
         message_id: &str,
         payload: Bytes,
-    ) -> Result<(), QueueError> {
+    ) -> Result<Published, QueueError> {
         let state = self.subject(subject);
         {
             let mut inner = state.inner.lock().expect("queue lock poisoned");
@@ -191,13 +202,13 @@ impl Queue for MemoryQueue {
                 });
             }
             if !inner.seen_ids.insert(message_id.to_string()) {
-                return Ok(());
+                return Ok(Published::Duplicate);
             }
             inner.published += 1;
             inner.pending.push_back((payload, 1));
         }
         state.changed.notify_waiters();
-        Ok(())
+        Ok(Published::New)
     }
 
     async fn subscribe(
@@ -290,9 +301,10 @@ mod tests {
     #[tokio::test]
     async fn duplicate_ids_are_dropped() {
         let queue = MemoryQueue::new();
-        queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
-        queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
-        queue.publish("s", "b", Bytes::from_static(b"2")).await.unwrap();
+        let first = queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
+        let again = queue.publish("s", "a", Bytes::from_static(b"1")).await.unwrap();
+        let other = queue.publish("s", "b", Bytes::from_static(b"2")).await.unwrap();
+        assert_eq!((first, again, other), (Published::New, Published::Duplicate, Published::New));
         assert_eq!(queue.stats("s").pending, 2);
     }
 
