@@ -347,25 +347,32 @@ fn the_same_seed_gives_the_same_bytes() {
             .collect()
     };
     let scratch = tempfile::tempdir().unwrap();
-    let mut digests = Vec::new();
-    for (attempt, threads) in [(0, "1"), (1, "2")] {
-        let out = scratch.path().join(format!("cohort{attempt}"));
-        let output = panscreen(&[
-            OsStr::new("synth"),
-            OsStr::new("--studies"),
-            OsStr::new("3"),
-            OsStr::new("--seed"),
-            OsStr::new("9"),
-            OsStr::new("--threads"),
-            OsStr::new(threads),
-            OsStr::new("--out"),
-            out.as_os_str(),
-        ]);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        digests.push(digest(&out));
+    for anatomy in ["basic", "screening"] {
+        let mut digests = Vec::new();
+        for threads in ["1", "2"] {
+            let out = scratch.path().join(format!("cohort-{anatomy}-{threads}"));
+            let output = panscreen(&[
+                OsStr::new("synth"),
+                OsStr::new("--studies"),
+                OsStr::new("3"),
+                OsStr::new("--seed"),
+                OsStr::new("9"),
+                OsStr::new("--anatomy"),
+                OsStr::new(anatomy),
+                OsStr::new("--threads"),
+                OsStr::new(threads),
+                OsStr::new("--out"),
+                out.as_os_str(),
+            ]);
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+            digests.push(digest(&out));
+        }
+        if anatomy == "basic" {
+            assert_eq!(digests[0].len(), 3 * 60 + 1);
+        }
+        assert!(digests[0].len() > 3 * 30, "{anatomy}: {} files", digests[0].len());
+        assert_eq!(digests[0], digests[1], "{anatomy}");
     }
-    assert_eq!(digests[0].len(), 3 * 60 + 1);
-    assert_eq!(digests[0], digests[1]);
 }
 
 /// `panscreen run --requeue`: studies quarantined by a rule (here too few slices for

@@ -404,6 +404,69 @@ fn varied_poses_are_screened_and_lesions_are_found_where_they_are() {
     }
 }
 
+/// The screening phantom's studies (fields of view that follow the body, 2.5–5 mm
+/// slices, 150–450 mm scans, varied poses, correlated noise) all go through the
+/// cascade: each one is in the results, scored or judged not assessable with its reason;
+/// none is quarantined. What the model makes of them is measured in docs/benchmarks.md.
+#[test]
+fn every_study_of_the_screening_phantom_is_screened() {
+    use arrow::array::{Array, BooleanArray, StringArray};
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = SynthOptions {
+        prevalence: 0.5,
+        poses: panscreen_synth::Poses::Varied,
+        anatomy: panscreen_synth::Anatomy::Screening,
+        ..small_cohort(scratch.path().join("cohort"), 8, 23)
+    };
+    let truths = synthesize(&cohort, &|_| {}).unwrap();
+    let spacings: std::collections::BTreeSet<String> = truths
+        .iter()
+        .map(|t| format!("{}/{}", t.image.pixel_spacing_mm, t.image.slice_spacing_mm))
+        .collect();
+    assert!(spacings.len() >= 4, "geometry varies from study to study: {spacings:?}");
+    let out = scratch.path().join("out");
+    let cascade = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    panscreen_tests::run_embedded_with(
+        &cohort.out.join("studies"),
+        &out,
+        &scratch.path().join("key"),
+        KEY,
+        Some(cascade.as_path()),
+    );
+    let mut screened = std::collections::BTreeMap::new();
+    for file in panscreen_tests::parquet_files(&out.join("results")).unwrap() {
+        for batch in panscreen_tests::read_batches(&file).unwrap() {
+            let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let (keys, assessable, reasons) =
+                (column("study_key"), column("assessable"), column("not_assessable_reason"));
+            let keys = keys.as_any().downcast_ref::<StringArray>().unwrap();
+            let assessable = assessable.as_any().downcast_ref::<BooleanArray>().unwrap();
+            let reasons = reasons.as_any().downcast_ref::<StringArray>().unwrap();
+            for row in 0..batch.num_rows() {
+                assert_eq!(
+                    assessable.value(row),
+                    !reasons.is_valid(row),
+                    "a study not assessable says why, an assessable one has no reason"
+                );
+                screened.insert(keys.value(row).to_string(), assessable.value(row));
+            }
+        }
+    }
+    let pseudonymizer =
+        panscreen_shared::pseudonym::Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap();
+    for truth in &truths {
+        let key = pseudonymizer.study(&truth.study_instance_uid);
+        assert!(screened.contains_key(&key), "{} is not in the results", truth.directory);
+    }
+    let quarantined = panscreen_tests::parquet_files(&out.join("quarantine")).unwrap_or_default();
+    let rows: usize = quarantined
+        .iter()
+        .flat_map(|file| panscreen_tests::read_batches(file).unwrap())
+        .map(|batch| batch.num_rows())
+        .sum();
+    assert_eq!(rows, 0, "nothing of the screening phantom is quarantined");
+}
+
 /// The cascade judges only a scan that holds the whole pancreas. Scans of the pelvis
 /// (no pancreas) and scans that end across the pancreas come out not assessable, each
 /// with its reason: no probability, never flagged, counted apart in the summary. Whole

@@ -9,7 +9,7 @@ use panscreen_shared::store::{OpenMode, Store};
 
 use crate::pipeline::{self, EmbeddedOptions};
 use crate::settings::{load_pseudonymizer, load_sites, ClusterArgs, ModelArgs};
-use panscreen_synth::{Poses, Size, SynthOptions};
+use panscreen_synth::{Anatomy, Poses, Size, SynthOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -168,10 +168,15 @@ pub struct SynthArgs {
     /// Slices per series, overriding the size's own count.
     #[arg(long, env = "PANSCREEN_SYNTH_SLICES")]
     pub slices: Option<usize>,
+    /// Which phantom: basic (one build, easy lesions, white noise) or screening (every
+    /// build, mimics, hard lesions, correlated noise, long scans; docs/synthetic-data.md).
+    #[arg(long, value_enum, default_value = "basic", env = "PANSCREEN_SYNTH_ANATOMY")]
+    pub anatomy: Anatomy,
     /// How patients lie: standard (supine, head first, centred) or varied (shifted up
     /// to ±40 mm, turned up to ±10°, some prone, some feet first; in labels.parquet).
-    #[arg(long, value_enum, default_value = "standard", env = "PANSCREEN_SYNTH_POSES")]
-    pub poses: Poses,
+    /// Default: standard for the basic phantom, varied for the screening one.
+    #[arg(long, value_enum, env = "PANSCREEN_SYNTH_POSES")]
+    pub poses: Option<Poses>,
     /// Centre every scan at this head–foot position (mm; the pancreas lies within 25 mm
     /// of 0): −200 scans the pelvis only, −90 cuts the pancreas. Default: within ±15 mm.
     #[arg(long, allow_hyphen_values = true, env = "PANSCREEN_SYNTH_SCAN_CENTRE_Z_MM")]
@@ -316,7 +321,11 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         realistic: args.realistic_studies,
         slices: args.slices,
-        poses: args.poses,
+        poses: args.poses.unwrap_or(match args.anatomy {
+            Anatomy::Basic => Poses::Standard,
+            Anatomy::Screening => Poses::Varied,
+        }),
+        anatomy: args.anatomy,
         scan_centre_z_mm: args.scan_centre_z_mm,
     };
     let bar = pipeline::progress_bar(args.studies as u64, "synth", false);

@@ -13,6 +13,7 @@
 
 pub mod anatomy;
 pub mod dicom;
+pub mod noise;
 pub mod rng;
 
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use panscreen_shared::sites::{Site, SiteRegistry};
 use sha2::{Digest, Sha256};
 use time::{Date, Duration, Month};
 
-pub use anatomy::{Lesion, Phantom};
+pub use anatomy::{BodyTruth, Lesion, Phantom, Tissue, BACKGROUND, LESION, PANCREAS};
 pub use dicom::{encode_enhanced_ct, encode_slice, SeriesHeader, Slice};
 pub use rng::Rng;
 
@@ -39,6 +40,31 @@ pub enum Size {
     Small,
     /// 512×512, 150–300 slices, 0.6–0.8 mm in-plane, 1–2.5 mm slices: realistic load.
     Full,
+}
+
+/// Which phantom the cohort is drawn from (docs/synthetic-data.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+pub enum Anatomy {
+    /// One build, a smooth tube of a gland, a round sharp lesion of 10–30 mm and
+    /// 10–30 HU, white noise, scans centred on the pancreas: easy, and kept so that
+    /// earlier cohorts keep their bytes.
+    #[default]
+    Basic,
+    /// Bodies of every build, mimics in every study, a lobulated textured gland, lesions
+    /// of 5–40 mm and 5–30 HU with blurred irregular edges, correlated noise rising with
+    /// body size, blur, a calibration offset per site, scans of 150–450 mm with the
+    /// pancreas anywhere in the upper abdomen.
+    Screening,
+}
+
+impl Anatomy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Anatomy::Basic => "basic",
+            Anatomy::Screening => "screening",
+        }
+    }
 }
 
 /// How patients lie in the scanner.
@@ -98,6 +124,7 @@ pub struct SynthOptions {
     /// memory benchmark, say).
     pub slices: Option<usize>,
     pub poses: Poses,
+    pub anatomy: Anatomy,
     /// Where the middle of every scan lies along the patient's head–foot axis (LPS z,
     /// mm; the pancreas lies within 25 mm of 0) instead of a draw within ±15 mm: a scan
     /// of the pelvis (−200, say) or one that cuts the pancreas (−90).
@@ -115,6 +142,10 @@ pub struct StudyTruth {
     pub region_code: String,
     pub lesion: Option<Lesion>,
     pub noise_sigma_hu: f64,
+    pub anatomy: Anatomy,
+    /// The screening phantom's body, gland and image draws (`None` for the basic one).
+    pub body: Option<BodyTruth>,
+    pub image: ImageTruth,
     pub pose: Pose,
     pub age: i32,
     pub sex: String,
@@ -126,6 +157,22 @@ pub struct StudyTruth {
     pub patient_id: String,
     pub patient_birth_date: String,
     pub accession_number: String,
+}
+
+/// How the image was made beyond the anatomy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageTruth {
+    pub pixel_spacing_mm: f64,
+    pub slice_spacing_mm: f64,
+    /// Head–foot extent of the scan (LPS z of the first and last slice, mm).
+    pub scan_z_mm: [f64; 2],
+    /// Standard deviation (pixels) of the Gaussian the white noise was smoothed with
+    /// before being scaled to `noise_sigma_hu` (0: white noise).
+    pub noise_correlation_px: f64,
+    /// In-plane blur of the noise-free image (Gaussian σ, mm; 0: none).
+    pub blur_mm: f64,
+    /// The site's calibration offset, added to every pixel (HU).
+    pub site_offset_hu: f64,
 }
 
 /// Writes the cohort and `labels.parquet`; `on_study` is called after each study.
@@ -210,12 +257,22 @@ fn date_text(date: Date) -> String {
     format!("{:04}{:02}{:02}", date.year(), date.month() as u8, date.day())
 }
 
-fn write_study(
-    options: &SynthOptions,
-    index: usize,
-    with_lesion: bool,
-    studies_dir: &Path,
-) -> anyhow::Result<StudyTruth> {
+/// Everything one study is made of, drawn from its seed before a pixel is computed.
+pub struct StudyPlan {
+    pub truth: StudyTruth,
+    pub header: SeriesHeader,
+    pub phantom: Phantom,
+    /// Patient positions of the slices (first pixel of each).
+    pub positions: Vec<[f64; 3]>,
+    /// Directions of the image's rows and columns.
+    pub directions: ([f64; 3], [f64; 3]),
+    /// The study's generator after the plan's draws (the other series' UIDs).
+    rest: Rng,
+}
+
+/// The study's plan: the same `options`, `index` and `with_lesion` give the same plan
+/// (so the truth can be drawn again on any grid, see [`StudyPlan::truth_on`]).
+pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> StudyPlan {
     let mut rng = Rng::derive(options.seed, &[index as u64]);
     let site: &Site = rng.pick(&options.sites.sites);
     let sex = if rng.chance(0.5) { "F" } else { "M" };
@@ -229,12 +286,38 @@ fn write_study(
     let patient_id = format!("P{:08}", rng.range(0, 99_999_999));
     let accession_number = format!("A{:010}", rng.range(0, 9_999_999_999));
 
-    let (rows, slices, pixel_spacing, slice_spacing) = match options.size {
-        Size::Small => (256usize, 60usize, 1.40625, 2.5),
-        Size::Full => {
+    // The screening phantom is drawn first: the scanner's field of view follows the body.
+    let screening = match options.anatomy {
+        Anatomy::Basic => None,
+        Anatomy::Screening => {
+            let mut anatomy_rng = Rng::derive(options.seed, &[index as u64, 0x616e_6174]);
+            Some((Phantom::screening(&mut anatomy_rng, with_lesion), anatomy_rng))
+        }
+    };
+    let (rows, slices, pixel_spacing, slice_spacing) = match (&screening, options.size) {
+        (None, Size::Small) => (256usize, 60usize, 1.40625, 2.5),
+        (None, Size::Full) => {
             let spacing = [1.0, 1.25, 1.5, 2.0, 2.5][rng.range(0, 4) as usize];
             let slices = ((rng.uniform(220.0, 400.0) / spacing).round() as usize).clamp(150, 300);
             (512usize, slices, (rng.uniform(0.6, 0.8) * 1000.0).round() / 1000.0, spacing)
+        }
+        (Some(((_, body), _)), size) => {
+            let length = rng.uniform(150.0, 450.0);
+            let field = (2.0 * body.semi_axes_mm[0] + rng.uniform(40.0, 120.0)).clamp(320.0, 500.0);
+            let rows = if size == Size::Small { 256usize } else { 512 };
+            let (most, choices): (f64, &[f64]) = match size {
+                // Thin-slice archives for the small size would be slow to test with:
+                // 2.5–5 mm, as many routine reports are read.
+                Size::Small => (90.0, &[2.5, 3.0, 4.0, 5.0]),
+                Size::Full => (300.0, &[1.0, 1.25, 1.5, 2.0, 2.5]),
+            };
+            let spacing = choices
+                .iter()
+                .copied()
+                .find(|spacing| length / spacing <= most)
+                .unwrap_or(choices[choices.len() - 1]);
+            let slices = (length / spacing).round() as usize + 1;
+            (rows, slices, (field / rows as f64 * 1000.0).round() / 1000.0, spacing)
         }
     };
     let slices = options.slices.unwrap_or(slices);
@@ -269,10 +352,49 @@ fn write_study(
         ..SeriesHeader::plain_ct()
     };
     let noise_sigma = rng.uniform(10.0, 20.0);
-    let phantom = Phantom::random(&mut rng, with_lesion);
-    let drawn_z = rng.uniform(-15.0, 15.0);
-    let scan_center_z = options.scan_centre_z_mm.unwrap_or(drawn_z);
-    let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
+    let (phantom, body, image, first_z) = match screening {
+        None => {
+            let phantom = Phantom::random(&mut rng, with_lesion);
+            let drawn_z = rng.uniform(-15.0, 15.0);
+            let scan_center_z = options.scan_centre_z_mm.unwrap_or(drawn_z);
+            let first_z = scan_center_z - (slices - 1) as f64 * slice_spacing / 2.0;
+            let image = ImageTruth {
+                pixel_spacing_mm: pixel_spacing,
+                slice_spacing_mm: slice_spacing,
+                scan_z_mm: [first_z, first_z + (slices - 1) as f64 * slice_spacing],
+                noise_correlation_px: 0.0,
+                blur_mm: 0.0,
+                site_offset_hu: 0.0,
+            };
+            (phantom, None, (image, noise_sigma), first_z)
+        }
+        Some(((phantom, body), mut anatomy_rng)) => {
+            let rng = &mut anatomy_rng;
+            // The gland anywhere in the scan's upper part, 25 mm clear of its ends when
+            // the scan is long enough.
+            let length = (slices - 1) as f64 * slice_spacing;
+            let [low, high] = body.pancreas_z_mm;
+            let room = length - (high - low) - 50.0;
+            let first_z = match options.scan_centre_z_mm {
+                Some(centre) => centre - length / 2.0,
+                None if room > 0.0 => low - 25.0 - room * rng.uniform(0.0, 1.0).powf(0.7),
+                None => (low + high) / 2.0 - length / 2.0,
+            };
+            // Noise rises with the body (fewer photons through more tissue).
+            let build = ((body.semi_axes_mm[0] - 120.0) / 80.0).clamp(0.0, 1.0);
+            let sigma = 8.0 + 22.0 * (0.75 * build + 0.25 * rng.uniform(0.0, 1.0));
+            let image = ImageTruth {
+                pixel_spacing_mm: pixel_spacing,
+                slice_spacing_mm: slice_spacing,
+                scan_z_mm: [first_z, first_z + length],
+                noise_correlation_px: rng.uniform(0.6, 1.4),
+                blur_mm: rng.uniform(0.5, 1.0),
+                site_offset_hu: site_offset_hu(&site.id),
+            };
+            (phantom, Some(body), (image, sigma), first_z)
+        }
+    };
+    let (image, noise_sigma) = image;
     // Drawn from a generator of its own, so that standard cohorts keep their bytes.
     let pose = match options.poses {
         Poses::Standard => Pose::STANDARD,
@@ -310,45 +432,20 @@ fn write_study(
     let origin_xy: [f64; 2] = std::array::from_fn(|axis| {
         pose.centre_mm[axis] - half * (row_direction[axis] + column_direction[axis])
     });
-
-    let directory = format!("study-{index:05}");
-    let study_dir = studies_dir.join(&directory);
     let positions: Vec<[f64; 3]> = (0..slices)
         .map(|i| [origin_xy[0], origin_xy[1], first_z + i as f64 * slice_spacing])
         .collect();
-    let noisy = |position: [f64; 3], salt: u64, slice_index: usize| {
-        let mut hu = phantom.slice_hu_along(
-            position,
-            [row_direction, column_direction],
-            header.pixel_spacing,
-            rows,
-            rows,
-        );
-        let mut noise = Rng::derive(options.seed, &[index as u64, salt + slice_index as u64]);
-        for value in hu.iter_mut() {
-            *value += (noise.normal() * noise_sigma) as f32;
-        }
-        (hu, noise.uid())
-    };
-    write_series(&study_dir, &header, &positions, |i, position| noisy(position, 1, i))?;
-    if options.realistic {
-        write_other_series(
-            &study_dir,
-            &header,
-            &positions,
-            slice_spacing,
-            &mut rng,
-            &|i, position, salt| noisy(position, salt, i),
-        )?;
-    }
-    Ok(StudyTruth {
+    let truth = StudyTruth {
         index,
-        directory,
-        study_instance_uid: header.study_instance_uid,
+        directory: format!("study-{index:05}"),
+        study_instance_uid: header.study_instance_uid.clone(),
         site_id: site.id.clone(),
         region_code: site.region_code.clone(),
         lesion: phantom.lesion().cloned(),
         noise_sigma_hu: noise_sigma,
+        anatomy: options.anatomy,
+        body,
+        image,
         pose,
         age,
         sex: sex.to_string(),
@@ -357,9 +454,102 @@ fn write_study(
         columns: rows,
         patient_name,
         patient_id,
-        patient_birth_date: header.patient_birth_date,
+        patient_birth_date: header.patient_birth_date.clone(),
         accession_number,
-    })
+    };
+    StudyPlan {
+        truth,
+        header,
+        phantom,
+        positions,
+        directions: (row_direction, column_direction),
+        rest: rng,
+    }
+}
+
+/// A site's calibration offset: within ±10 HU, fixed by its id.
+pub fn site_offset_hu(site_id: &str) -> f64 {
+    let digest = Sha256::digest(site_id.as_bytes());
+    let unit = u16::from_le_bytes([digest[0], digest[1]]) as f64 / u16::MAX as f64;
+    (unit * 20.0 - 10.0).round()
+}
+
+impl StudyPlan {
+    /// Noise-free HU of the axial slice at `position` (blurred in-plane as the
+    /// scanner's kernel would).
+    fn clean_slice(&self, position: [f64; 3]) -> Vec<f32> {
+        let rows = self.truth.rows;
+        let hu = self.phantom.slice_hu_along(
+            position,
+            [self.directions.0, self.directions.1],
+            self.header.pixel_spacing,
+            rows,
+            rows,
+        );
+        let sigma_px = self.truth.image.blur_mm / self.truth.image.pixel_spacing_mm;
+        if sigma_px > 0.0 {
+            noise::blur(&hu, rows, rows, sigma_px)
+        } else {
+            hu
+        }
+    }
+
+    /// Slice `slice` of a series at `position` as written: noise-free HU, the noise, the
+    /// site's offset; and its UID.
+    fn noisy_slice(
+        &self,
+        seed: u64,
+        salt: u64,
+        slice: usize,
+        position: [f64; 3],
+    ) -> (Vec<f32>, String) {
+        let mut hu = self.clean_slice(position);
+        let image = &self.truth.image;
+        let mut rng = Rng::derive(seed, &[self.truth.index as u64, salt + slice as u64]);
+        let sigma = self.truth.noise_sigma_hu;
+        if image.noise_correlation_px > 0.0 {
+            let rows = self.truth.rows;
+            let noise = noise::correlated(&mut rng, rows, rows, image.noise_correlation_px, sigma);
+            for (value, noise) in hu.iter_mut().zip(noise) {
+                *value += noise + image.site_offset_hu as f32;
+            }
+        } else {
+            for value in hu.iter_mut() {
+                *value += (rng.normal() * sigma) as f32;
+            }
+        }
+        (hu, rng.uid())
+    }
+
+    /// Voxel truth ([`BACKGROUND`], [`PANCREAS`], [`LESION`]) at `points` (LPS, mm).
+    pub fn truth_at(&self, points: impl Iterator<Item = [f64; 3]>) -> Vec<u8> {
+        points.map(|point| self.phantom.label_at(point)).collect()
+    }
+}
+
+fn write_study(
+    options: &SynthOptions,
+    index: usize,
+    with_lesion: bool,
+    studies_dir: &Path,
+) -> anyhow::Result<StudyTruth> {
+    let plan = plan_study(options, index, with_lesion);
+    let study_dir = studies_dir.join(&plan.truth.directory);
+    write_series(&study_dir, &plan.header, &plan.positions, |i, position| {
+        plan.noisy_slice(options.seed, 1, i, position)
+    })?;
+    if options.realistic {
+        let mut rng = plan.rest.clone();
+        write_other_series(
+            &study_dir,
+            &plan.header,
+            &plan.positions,
+            plan.truth.image.slice_spacing_mm,
+            &mut rng,
+            &|i, position, salt| plan.noisy_slice(options.seed, salt, i, position),
+        )?;
+    }
+    Ok(plan.truth)
 }
 
 /// Writes one series, one file per slice; `slice` gives the HU and SOP Instance UID of
@@ -463,6 +653,12 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
     let lesion_field = |pick: fn(&Lesion) -> f64| -> ArrayRef {
         Arc::new(truths.iter().map(|t| t.lesion.as_ref().map(pick)).collect::<Float64Array>())
     };
+    let image_field = |pick: fn(&ImageTruth) -> f64| -> ArrayRef {
+        Arc::new(truths.iter().map(|t| Some(pick(&t.image))).collect::<Float64Array>())
+    };
+    let body_field = |pick: fn(&BodyTruth) -> f64| -> ArrayRef {
+        Arc::new(truths.iter().map(|t| t.body.as_ref().map(pick)).collect::<Float64Array>())
+    };
     let columns: Vec<(&str, ArrayRef)> = vec![
         (
             "study_dir",
@@ -492,9 +688,46 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
         ("lesion_diameter_mm", lesion_field(|l| l.diameter_mm)),
         ("lesion_hu_below_pancreas", lesion_field(|l| l.hu_delta)),
         (
+            "lesion_location",
+            Arc::new(
+                truths
+                    .iter()
+                    .map(|t| t.lesion.as_ref().map(|l| l.location))
+                    .collect::<StringArray>(),
+            ),
+        ),
+        ("lesion_edge_mm", lesion_field(|l| l.edge_mm)),
+        ("lesion_irregularity", lesion_field(|l| l.irregularity)),
+        (
+            "lesion_duct_dilated",
+            Arc::new(
+                truths
+                    .iter()
+                    .map(|t| t.lesion.as_ref().map(|l| l.duct_dilated))
+                    .collect::<BooleanArray>(),
+            ),
+        ),
+        (
             "noise_sigma_hu",
             Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>()),
         ),
+        ("noise_correlation_px", image_field(|i| i.noise_correlation_px)),
+        ("blur_mm", image_field(|i| i.blur_mm)),
+        ("site_offset_hu", image_field(|i| i.site_offset_hu)),
+        ("pixel_spacing_mm", image_field(|i| i.pixel_spacing_mm)),
+        ("slice_spacing_mm", image_field(|i| i.slice_spacing_mm)),
+        ("scan_z_min_mm", image_field(|i| i.scan_z_mm[0])),
+        ("scan_z_max_mm", image_field(|i| i.scan_z_mm[1])),
+        (
+            "anatomy",
+            Arc::new(truths.iter().map(|t| Some(t.anatomy.name())).collect::<StringArray>()),
+        ),
+        ("body_semi_axis_lr_mm", body_field(|b| b.semi_axes_mm[0])),
+        ("body_semi_axis_ap_mm", body_field(|b| b.semi_axes_mm[1])),
+        ("visceral_fat", body_field(|b| b.visceral_fat)),
+        ("pancreas_hu", body_field(|b| b.pancreas_hu)),
+        ("pancreas_z_min_mm", body_field(|b| b.pancreas_z_mm[0])),
+        ("pancreas_z_max_mm", body_field(|b| b.pancreas_z_mm[1])),
         (
             "patient_position",
             Arc::new(truths.iter().map(|t| Some(t.pose.patient_position)).collect::<StringArray>()),
@@ -514,6 +747,10 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
         ("age", Arc::new(truths.iter().map(|t| Some(t.age)).collect::<Int32Array>())),
         ("sex", Arc::new(truths.iter().map(|t| Some(t.sex.as_str())).collect::<StringArray>())),
         ("slices", Arc::new(truths.iter().map(|t| Some(t.slices as i32)).collect::<Int32Array>())),
+        (
+            "study_index",
+            Arc::new(truths.iter().map(|t| Some(t.index as i32)).collect::<Int32Array>()),
+        ),
     ];
     let schema = Schema::new(
         columns
