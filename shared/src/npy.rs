@@ -45,6 +45,17 @@ impl Element for i16 {
     }
 }
 
+impl Element for u8 {
+    const DESCR: &'static str = "|u1";
+    const SIZE: usize = 1;
+    fn put(self, out: &mut Vec<u8>) {
+        out.push(self);
+    }
+    fn take(b: &[u8]) -> Self {
+        b[0]
+    }
+}
+
 fn encode<T: Element>(shape: &[usize], data: &[T]) -> Vec<u8> {
     debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "shape matches data");
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
@@ -104,6 +115,26 @@ pub fn encode_f32(shape: &[usize], data: &[f32]) -> Bytes {
 
 /// Decodes a `.npy` file written by [`encode_f32`] (or by numpy, for `<f4` C order).
 pub fn decode_f32(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
+    decode(bytes)
+}
+
+/// Int16 `.npy` (HU of a training crop).
+pub fn encode_i16(shape: &[usize], data: &[i16]) -> Bytes {
+    Bytes::from(encode(shape, data))
+}
+
+/// Decodes [`encode_i16`]'s bytes.
+pub fn decode_i16(bytes: &[u8]) -> Result<(Vec<usize>, Vec<i16>), NpyError> {
+    decode(bytes)
+}
+
+/// Unsigned 8-bit `.npy` (voxel labels).
+pub fn encode_u8(shape: &[usize], data: &[u8]) -> Bytes {
+    Bytes::from(encode(shape, data))
+}
+
+/// Decodes [`encode_u8`]'s bytes (or numpy's `|u1`, C order).
+pub fn decode_u8(bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), NpyError> {
     decode(bytes)
 }
 

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 
+use panscreen_shared::npy;
 use panscreen_synth::{
     encode_enhanced_ct, encode_slice, synthesize, SeriesHeader, Slice, SynthOptions,
 };
@@ -465,6 +466,102 @@ fn every_study_of_the_screening_phantom_is_screened() {
         .map(|batch| batch.num_rows())
         .sum();
     assert_eq!(rows, 0, "nothing of the screening phantom is quarantined");
+}
+
+/// `panscreen model dataset`: the tensors a cascade is given, with the phantom's truth
+/// on them. The truth lands on the image through every pose: the gland's inner voxels
+/// (two voxels from its edge) read the gland's HU plus the site's offset, within its
+/// texture; a lesion study has lesion voxels on both grids; the gland's volume on the
+/// 4 mm grid and on the fine one agree.
+#[test]
+fn a_dataset_puts_the_phantoms_truth_on_the_models_grids() {
+    use arrow::array::{Array, Float64Array, StringArray};
+    use std::ffi::OsStr;
+    let scratch = tempfile::tempdir().unwrap();
+    let cohort = SynthOptions {
+        prevalence: 0.5,
+        poses: panscreen_synth::Poses::Varied,
+        anatomy: panscreen_synth::Anatomy::Screening,
+        ..small_cohort(scratch.path().join("cohort"), 4, 5)
+    };
+    let truths = synthesize(&cohort, &|_| {}).unwrap();
+    let out = scratch.path().join("dataset");
+    let model = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    let output = panscreen_tests::panscreen(&[
+        OsStr::new("model"),
+        OsStr::new("dataset"),
+        OsStr::new("--cohort"),
+        cohort.out.as_os_str(),
+        OsStr::new("--model"),
+        model.as_os_str(),
+        OsStr::new("--out"),
+        out.as_os_str(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut gland_hu = std::collections::HashMap::new();
+    for batch in panscreen_tests::read_batches(&cohort.out.join("labels.parquet")).unwrap() {
+        let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let (dirs, hu, offset) =
+            (column("study_dir"), column("pancreas_hu"), column("site_offset_hu"));
+        let dirs = dirs.as_any().downcast_ref::<StringArray>().unwrap();
+        let hu = hu.as_any().downcast_ref::<Float64Array>().unwrap();
+        let offset = offset.as_any().downcast_ref::<Float64Array>().unwrap();
+        for row in 0..batch.num_rows() {
+            gland_hu.insert(dirs.value(row).to_string(), hu.value(row) + offset.value(row));
+        }
+    }
+    let read = |path: std::path::PathBuf| std::fs::read(&path).unwrap();
+    for truth in &truths {
+        let name = &truth.directory;
+        let (shape, labels) =
+            npy::decode_u8(&read(out.join(format!("fine/{name}.labels.npy")))).unwrap();
+        let (image_shape, hu) =
+            npy::decode_i16(&read(out.join(format!("fine/{name}.npy")))).unwrap();
+        assert_eq!(shape, image_shape);
+        let (_, coarse) =
+            npy::decode_u8(&read(out.join(format!("coarse/{name}.labels.npy")))).unwrap();
+        let volume = |labels: &[u8], voxel_mm3: f64| {
+            labels.iter().filter(|l| **l != 0).count() as f64 * voxel_mm3 / 1000.0
+        };
+        let (fine_ml, coarse_ml) = (volume(&labels, 12.0), volume(&coarse, 64.0));
+        assert!((fine_ml / coarse_ml - 1.0).abs() < 0.15, "{name}: {fine_ml} ml vs {coarse_ml} ml");
+        let [depth, height, width] = [shape[0], shape[1], shape[2]];
+        let at = |z: usize, y: usize, x: usize| (z * height + y) * width + x;
+        let mut inner = Vec::new();
+        for z in 2..depth - 2 {
+            for y in 2..height - 2 {
+                for x in 2..width - 2 {
+                    let gland = |dz: i64, dy: i64, dx: i64| {
+                        labels[at(
+                            (z as i64 + dz) as usize,
+                            (y as i64 + dy) as usize,
+                            (x as i64 + dx) as usize,
+                        )] == panscreen_synth::PANCREAS
+                    };
+                    let deep = (-2..=2).all(|d| gland(d, 0, 0) && gland(0, d, 0) && gland(0, 0, d));
+                    if deep {
+                        inner.push(f64::from(hu[at(z, y, x)]));
+                    }
+                }
+            }
+        }
+        assert!(inner.len() > 200, "{name}: {} inner gland voxels", inner.len());
+        let mean = inner.iter().sum::<f64>() / inner.len() as f64;
+        let wanted = gland_hu[name];
+        assert!(
+            (mean - wanted).abs() < 6.0,
+            "{name} ({}): inner gland {mean:.1} HU, truth {wanted:.1}",
+            truth.pose.patient_position
+        );
+        let lesion_voxels = labels.iter().filter(|l| **l == panscreen_synth::LESION).count();
+        assert_eq!(
+            lesion_voxels > 0,
+            truth.lesion.is_some(),
+            "{name}: {lesion_voxels} lesion voxels"
+        );
+    }
+    let lines = std::fs::read_to_string(out.join("dataset.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), truths.len());
 }
 
 /// The cascade judges only a scan that holds the whole pancreas. Scans of the pelvis

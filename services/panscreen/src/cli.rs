@@ -61,6 +61,9 @@ pub enum ModelCommand {
     /// plans.json and dataset.json give the patch, spacing, CT normalisation and labels).
     #[command(name = "import-nnunet")]
     ImportNnunet(ImportNnunetArgs),
+    /// Write a synthetic cohort as a cascade sees it (both grids, through the production
+    /// ingest and preprocess) with the phantom's voxel truth on them: a training set.
+    Dataset(crate::dataset::DatasetArgs),
 }
 
 #[derive(Debug, Args)]
@@ -271,6 +274,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Requeue(args) => requeue(args),
         Command::Evaluate(args) => evaluate(args),
         Command::Model(ModelCommand::ImportNnunet(args)) => import_nnunet(args),
+        Command::Model(ModelCommand::Dataset(args)) => {
+            panscreen_shared::telemetry::init_stderr("warn", false);
+            crate::dataset::build(args)
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! - [`requeue`]: quarantined inputs through the pipeline again, once the cause is fixed.
 
 pub mod cli;
+pub mod dataset;
 pub mod pipeline;
 pub mod requeue;
 pub mod serve;

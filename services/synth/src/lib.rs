@@ -131,6 +131,69 @@ pub struct SynthOptions {
     pub scan_centre_z_mm: Option<f64>,
 }
 
+/// Beside `labels.parquet`: the options that drew the cohort, so that any study's plan
+/// (and its truth on any grid) can be drawn again ([`SynthOptions::from_record`]).
+pub const COHORT_RECORD: &str = "cohort.json";
+
+impl SynthOptions {
+    fn record(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seed": self.seed,
+            "studies": self.studies,
+            "prevalence": self.prevalence,
+            "size": match self.size { Size::Small => "small", Size::Full => "full" },
+            "anatomy": self.anatomy.name(),
+            "poses": match self.poses { Poses::Standard => "standard", Poses::Varied => "varied" },
+            "slices": self.slices,
+            "scan_centre_z_mm": self.scan_centre_z_mm,
+        })
+    }
+
+    /// The options recorded in `cohort/cohort.json` (the site registry is the built-in
+    /// one: a study's plan draws its site with one number whatever the registry holds,
+    /// and the truth does not depend on the site).
+    pub fn from_record(cohort: &Path) -> anyhow::Result<SynthOptions> {
+        let path = cohort.join(COHORT_RECORD);
+        let text = std::fs::read(&path).with_context(|| {
+            format!("cannot read {} (written by panscreen synth since 2026-11-28)", path.display())
+        })?;
+        let record: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not JSON", path.display()))?;
+        let field = |name: &str| {
+            record.get(name).with_context(|| format!("{} has no {name}", path.display()))
+        };
+        let text_of = |name: &str| -> anyhow::Result<String> {
+            Ok(field(name)?.as_str().with_context(|| format!("{name} is not text"))?.to_string())
+        };
+        Ok(SynthOptions {
+            out: cohort.to_path_buf(),
+            studies: field("studies")?.as_u64().context("studies is not a count")? as usize,
+            seed: field("seed")?.as_u64().context("seed is not a number")?,
+            prevalence: field("prevalence")?.as_f64().context("prevalence is not a number")?,
+            size: match text_of("size")?.as_str() {
+                "small" => Size::Small,
+                "full" => Size::Full,
+                other => anyhow::bail!("unknown size {other:?} in {}", path.display()),
+            },
+            sites: SiteRegistry::builtin(),
+            threads: 1,
+            realistic: false,
+            slices: field("slices")?.as_u64().map(|n| n as usize),
+            poses: match text_of("poses")?.as_str() {
+                "standard" => Poses::Standard,
+                "varied" => Poses::Varied,
+                other => anyhow::bail!("unknown poses {other:?} in {}", path.display()),
+            },
+            anatomy: match text_of("anatomy")?.as_str() {
+                "basic" => Anatomy::Basic,
+                "screening" => Anatomy::Screening,
+                other => anyhow::bail!("unknown anatomy {other:?} in {}", path.display()),
+            },
+            scan_centre_z_mm: field("scan_centre_z_mm")?.as_f64(),
+        })
+    }
+}
+
 /// Ground truth of one synthetic study.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StudyTruth {
@@ -229,6 +292,10 @@ pub fn synthesize(
     let mut truths = truths.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
     truths.sort_by_key(|truth| truth.index);
     write_labels(&options.out.join("labels.parquet"), &truths)?;
+    let record = options.record();
+    let path = options.out.join(COHORT_RECORD);
+    std::fs::write(&path, serde_json::to_vec_pretty(&record).expect("JSON"))
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(truths)
 }
 
