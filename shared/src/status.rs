@@ -43,6 +43,10 @@ pub struct InstanceStats {
     /// The instance stopped (SIGTERM): its counts are final and it is not live.
     #[serde(default)]
     pub stopped: bool,
+    /// Infer only: studies judged not assessable (no pancreas found, or it runs off
+    /// the scan), counted in `processed` too.
+    #[serde(default)]
+    pub not_assessable: u64,
 }
 
 impl InstanceStats {
@@ -112,6 +116,7 @@ pub async fn report_until(
             per_minute: window.per_minute(),
             updated_at: OffsetDateTime::now_utc(),
             stopped,
+            not_assessable: counters.not_assessable.load(Ordering::Relaxed),
         };
         let body = Bytes::from(serde_json::to_vec(&stats).expect("stats serialize"));
         if let Err(error) = bucket.put(&key, body).await {

@@ -36,6 +36,9 @@ pub struct StageStatus {
     /// Ingest only: studies seen whose files are still arriving.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting_studies: Option<u64>,
+    /// Infer only: studies judged not assessable (in `processed` too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_assessable: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +112,9 @@ pub async fn status(cluster: &ClusterArgs) -> anyhow::Result<CampaignStatus> {
         let entry = stages.get_mut(&stats.stage).expect("every stage");
         entry.processed += stats.processed;
         entry.quarantined += stats.quarantined;
+        if stats.stage == Stage::Infer {
+            *entry.not_assessable.get_or_insert(0) += stats.not_assessable;
+        }
         if stats.is_fresh(now) {
             entry.instances += 1;
             // Reports from before `per_minute` existed carry only the minute's count.
@@ -220,6 +226,14 @@ impl CampaignStatus {
             )
             .expect("a String takes every write");
         }
+        if let Some(count) = self.stages.iter().find_map(|s| s.not_assessable).filter(|n| *n > 0) {
+            writeln!(
+                out,
+                "infer: {count} of the processed studies not assessable (no pancreas found, or it \
+                 runs off the scan): no probability, never counted as negative"
+            )
+            .expect("a String takes every write");
+        }
         out
     }
 }
@@ -239,5 +253,24 @@ mod tests {
         assert_eq!((seconds, progress.as_str()), (Some(120.0), "moving"));
         assert_eq!(time_left(Some(120.0), "moving"), "2 min");
         assert_eq!(time_left(None, "working"), "working");
+    }
+
+    #[test]
+    fn the_studies_not_assessable_are_said_apart() {
+        let stage = |name: &str, not_assessable| StageStatus {
+            stage: name.into(),
+            processed: 40,
+            not_assessable,
+            ..StageStatus::default()
+        };
+        let mut status = CampaignStatus {
+            campaign: "c".into(),
+            at: OffsetDateTime::UNIX_EPOCH,
+            stages: vec![stage("preprocess", None), stage("infer", Some(3))],
+            submitted: Some(Vec::new()),
+        };
+        assert!(status.render().contains("infer: 3 of the processed studies not assessable"));
+        status.stages[1].not_assessable = Some(0);
+        assert!(!status.render().contains("not assessable"));
     }
 }
