@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Trains learned-cascade's two networks on the screening phantom; writes weights.npz.
+
+NOT FOR CLINICAL USE. Trained on synthetic CT only (docs/synthetic-data.md).
+
+The data are what a run gives the model: `panscreen synth --anatomy screening` draws a
+cohort and `panscreen model dataset` passes it through the production ingest and
+preprocess, with the phantom's voxel truth on both grids (docs/models.md). `--prepare`
+runs both. Then, on CPU with JAX, fixed seeds throughout:
+
+  stage 1, locate: a small 3D U-Net on the 4 mm grid of the whole scan (pooled to 8 mm
+    inside, three levels), trained on 64^3 crops for pancreas (gland and lesion) vs the
+    rest, with binary cross-entropy and soft Dice;
+  stage 2, detect: a small 3D U-Net on 3 x 2 x 2 mm patches of the box around the
+    pancreas (one full-resolution layer, then 6 x 4 x 4 mm and 12 x 8 x 8 mm levels),
+    trained on 24 x 48 x 48 crops, a third of them centred on a lesion and the rest on
+    the gland (where the mimics are), for lesion vs the rest, with cross-entropy and
+    soft Dice.
+
+The networks are described once, in architecture.py, and written as JAX here and as ONNX
+operators in build_model.py; the two were compared on dataset tensors (README.md).
+
+Usage:
+  train.py --prepare --panscreen target/release/panscreen --work /tmp/lc   # data, then train
+  train.py --dataset /tmp/lc/dataset [--out models/learned-cascade/weights.npz]
+  train.py --dataset D --time-steps 20                                      # time 20 steps, write nothing
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from architecture import DETECT, LEAK, LOCATE, WINDOW_HU, shapes  # noqa: E402  (shared with build_model.py)
+
+# --------------------------------------------------------------------------- networks
+
+
+def conv(x, w, b):
+    """3D convolution, 'same' zero padding, stride 1; NCDHW, OIDHW."""
+    pad = [(k // 2, k // 2) for k in w.shape[2:]]
+    y = lax.conv_general_dilated(x, w, (1, 1, 1), pad, dimension_numbers=("NCDHW", "OIDHW", "NCDHW"))
+    return y + b.reshape(1, -1, 1, 1, 1)
+
+
+def max_pool(x):
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 1, 2, 2, 2), (1, 1, 2, 2, 2), "VALID")
+
+
+def avg_pool(x):
+    return lax.reduce_window(x, 0.0, lax.add, (1, 1, 2, 2, 2), (1, 1, 2, 2, 2), "VALID") / 8.0
+
+
+def up(x):
+    """Nearest-neighbour upsampling by 2 (ONNX Resize: nearest, asymmetric, floor)."""
+    return jnp.repeat(jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3), 2, axis=4)
+
+
+def act(x):
+    """Leaky ReLU: a unit pushed below zero early in training still learns."""
+    return jnp.where(x >= 0, x, LEAK * x)
+
+
+def unet(params, spec, ct):
+    """The shared U-Net of both stages (see architecture.py): returns logits."""
+    x = (jnp.clip(ct, *WINDOW_HU) - spec["shift"]) * spec["scale"]
+    if spec["stem"] == "avg_pool":
+        x = avg_pool(x)
+    else:
+        x = max_pool(act(conv(x, params["stem_w"], params["stem_b"])))
+    skips = []
+    for level, _ in enumerate(spec["encoder"]):
+        for layer in range(2):
+            name = f"enc{level}_{layer}"
+            x = act(conv(x, params[name + "_w"], params[name + "_b"]))
+        if level < len(spec["encoder"]) - 1:
+            skips.append(x)
+            x = max_pool(x)
+    for level in reversed(range(len(spec["decoder"]))):
+        x = jnp.concatenate([up(x), skips[level]], axis=1)
+        name = f"dec{level}"
+        x = act(conv(x, params[name + "_w"], params[name + "_b"]))
+    logits = conv(x, params["head_w"], params["head_b"])
+    for _ in range(spec["head_up"]):
+        logits = up(logits)
+    return logits
+
+
+def init(spec, key):
+    """He-normal weights, zero biases; the shapes architecture.py lists."""
+    params = {}
+    for name, shape in sorted(shapes(spec).items()):
+        key, sub = jax.random.split(key)
+        if name.endswith("_w"):
+            fan_in = int(np.prod(shape[1:]))
+            params[name] = jax.random.normal(sub, shape) * np.sqrt(2.0 / fan_in)
+        else:
+            params[name] = jnp.zeros(shape)
+    # The head starts at the prior of a rare class, so the first steps are not spent on it.
+    params["head_b"] = jnp.full(params["head_b"].shape, spec["head_bias"])
+    return params
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def loss_fn(params, spec, ct, target, positive_weight):
+    logits = unet(params, spec, ct)
+    probability = jax.nn.sigmoid(logits)
+    bce = positive_weight * target * jax.nn.softplus(-logits) + (1 - target) * jax.nn.softplus(logits)
+    intersection = jnp.sum(probability * target)
+    dice = 1.0 - (2.0 * intersection + 1.0) / (jnp.sum(probability) + jnp.sum(target) + 1.0)
+    return jnp.mean(bce) + dice
+
+
+def adam(params, grads, state, step, lr):
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    m, v = state
+    m = jax.tree_util.tree_map(lambda m, g: b1 * m + (1 - b1) * g, m, grads)
+    v = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, v, grads)
+    t = step + 1
+    params = jax.tree_util.tree_map(
+        lambda p, m, v: p - lr * (m / (1 - b1**t)) / (jnp.sqrt(v / (1 - b2**t)) + eps), params, m, v
+    )
+    return params, (m, v)
+
+
+def make_step(spec, positive_weight):
+    grad = jax.value_and_grad(loss_fn)
+
+    @jax.jit
+    def step(params, state, ct, target, index, lr):
+        loss, grads = grad(params, spec, ct, target, positive_weight)
+        params, state = adam(params, grads, state, index, lr)
+        return params, state, loss
+
+    return step
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load(dataset):
+    studies = [json.loads(line) for line in open(os.path.join(dataset, "dataset.jsonl"))]
+    studies.sort(key=lambda s: s["study_dir"])
+    for study in studies:
+        name = study["study_dir"]
+        study["coarse"] = np.load(os.path.join(dataset, "coarse", name + ".npy"))
+        study["coarse_labels"] = np.load(os.path.join(dataset, "coarse", name + ".labels.npy"))
+        study["fine"] = np.load(os.path.join(dataset, "fine", name + ".npy"))
+        study["fine_labels"] = np.load(os.path.join(dataset, "fine", name + ".labels.npy"))
+    return studies
+
+
+def cut(volume, start, size, fill):
+    """volume[start:start+size] with `fill` where the box leaves the volume."""
+    out = np.full(size, fill, dtype=np.float32)
+    src = [slice(max(0, s), min(n, s + k)) for s, k, n in zip(start, size, volume.shape)]
+    dst = [slice(a.start - s, a.stop - s) for a, s in zip(src, start)]
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+def sample(rng, studies, batch, size, volume_key, labels_key, positive, focus_p, fill, anchor=None):
+    """`batch` crops of `size`: with probability `focus_p` centred near a voxel of
+    `positive` labels (when the study has one), else near a voxel of `anchor` labels
+    (when given: where the model will be asked, and where the mimics are), else
+    anywhere in the volume."""
+    cts, targets = [], []
+    for _ in range(batch):
+        study = studies[rng.integers(len(studies))]
+        volume, labels = study[volume_key], study[labels_key]
+        wanted = np.isin(labels, positive)
+        jitter = [rng.integers(-(k // 4), k // 4 + 1) for k in size]
+        if rng.random() < focus_p and wanted.any():
+            voxels = np.argwhere(wanted)
+            centre = voxels[rng.integers(len(voxels))] + jitter
+        elif anchor is not None:
+            voxels = np.argwhere(np.isin(labels, anchor))
+            centre = voxels[rng.integers(len(voxels))] + jitter
+        else:
+            centre = [rng.integers(0, n) for n in volume.shape]
+        start = [int(c) - k // 2 for c, k in zip(centre, size)]
+        cts.append(cut(volume.astype(np.float32), start, size, fill))
+        targets.append(cut(wanted.astype(np.float32), start, size, 0.0))
+    return np.stack(cts)[:, None], np.stack(targets)[:, None]
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train(spec, studies, steps, batch, crop, volume_key, labels_key, positive, focus_p, fill, seed, lr_max, positive_weight, label, time_only=False, anchor=None):
+    rng = np.random.default_rng(seed)
+    params = init(spec, jax.random.PRNGKey(seed))
+    state = (jax.tree_util.tree_map(jnp.zeros_like, params), jax.tree_util.tree_map(jnp.zeros_like, params))
+    step = make_step(spec, positive_weight)
+    started = time.time()
+    losses = []
+    for index in range(steps):
+        lr = lr_max * 0.5 * (1 + np.cos(np.pi * index / steps)) if index > 20 else lr_max * (index + 1) / 21
+        ct, target = sample(rng, studies, batch, crop, volume_key, labels_key, positive, focus_p, fill, anchor)
+        params, state, loss = step(params, state, jnp.asarray(ct), jnp.asarray(target), index, lr)
+        losses.append(float(loss))
+        if index == 0:
+            compiled = time.time()
+        if (index + 1) % 50 == 0 or index + 1 == steps:
+            print(f"{label} step {index + 1}/{steps} loss {np.mean(losses[-50:]):.4f} ({time.time() - started:.0f} s)", flush=True)
+    per_step = (time.time() - compiled) / max(1, steps - 1)
+    print(f"{label}: {per_step:.2f} s a step after compiling ({compiled - started:.0f} s)", flush=True)
+    if time_only:
+        return None
+    return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+
+
+def prepare(panscreen, work, studies, seed):
+    cohort, dataset = os.path.join(work, "cohort"), os.path.join(work, "dataset")
+    subprocess.run([panscreen, "synth", "--out", cohort, "--studies", str(studies), "--seed", str(seed),
+                    "--prevalence", "0.5", "--anatomy", "screening"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([panscreen, "model", "dataset", "--cohort", cohort, "--model",
+                    os.path.join(HERE, "..", "tiny-panda-cascade"), "--out", dataset], check=True, stdout=subprocess.DEVNULL)
+    return dataset
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset")
+    parser.add_argument("--prepare", action="store_true", help="draw the cohort and write the dataset first")
+    parser.add_argument("--panscreen", default="panscreen")
+    parser.add_argument("--work", default="/tmp/learned-cascade")
+    parser.add_argument("--studies", type=int, default=400)
+    parser.add_argument("--cohort-seed", type=int, default=101)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--locate-steps", type=int, default=600)
+    parser.add_argument("--detect-steps", type=int, default=1500)
+    parser.add_argument("--time-steps", type=int, help="time this many steps of each stage; write nothing")
+    parser.add_argument("--stages", default="locate,detect", help="train only these (the others' weights are left out)")
+    parser.add_argument("--out", default=os.path.join(HERE, "weights.npz"))
+    args = parser.parse_args()
+    started = time.time()
+    dataset = prepare(args.panscreen, args.work, args.studies, args.cohort_seed) if args.prepare else args.dataset
+    if dataset is None:
+        parser.error("give --dataset or --prepare")
+    studies = load(dataset)
+    print(f"{len(studies)} studies loaded ({time.time() - started:.0f} s)", flush=True)
+    timing = args.time_steps is not None
+    locate_steps = args.time_steps or args.locate_steps
+    detect_steps = args.time_steps or args.detect_steps
+    weights = {}
+    stages = args.stages.split(",")
+    if "locate" in stages:
+        locate = train(LOCATE, studies, locate_steps, LOCATE["batch"], LOCATE["crop"], "coarse", "coarse_labels",
+                       (1, 2), 0.7, WINDOW_HU[0], args.seed, LOCATE["lr"], LOCATE["positive_weight"], "locate", timing)
+        weights.update({f"locate/{k}": v for k, v in (locate or {}).items()})
+    if "detect" in stages:
+        detect = train(DETECT, studies, detect_steps, DETECT["batch"], DETECT["crop"], "fine", "fine_labels", (2,),
+                       DETECT["focus"], -1000.0, args.seed + 1, DETECT["lr"], DETECT["positive_weight"], "detect", timing,
+                       anchor=(1, 2))
+        weights.update({f"detect/{k}": v for k, v in (detect or {}).items()})
+    if timing:
+        return 0
+    np.savez(args.out, **dict(sorted(weights.items())))
+    print(f"wrote {args.out} ({sum(v.size for v in weights.values())} weights) in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
