@@ -19,6 +19,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use arrow::array::{Array, BooleanArray, Int32Array, StringArray};
 use clap::Args;
+use panscreen_infer::cascade::to_index;
 use panscreen_ingest::config::IngestConfig;
 use panscreen_preprocess::PreprocessHandler;
 use panscreen_shared::contracts::TensorGeometry;
@@ -44,20 +45,6 @@ pub struct DatasetArgs {
     /// Fine-grid margin around the pancreas (mm).
     #[arg(long, default_value_t = 40.0)]
     pub margin_mm: f64,
-}
-
-/// A patient point's (fractional) index on a grid: the inverse of `to_patient`.
-fn to_index(geometry: &TensorGeometry, point: [f64; 3]) -> [f64; 3] {
-    let offset: [f64; 3] = std::array::from_fn(|axis| point[axis] - geometry.origin_mm[axis]);
-    let along = |direction: [f64; 3], spacing: f64| {
-        (0..3).map(|axis| offset[axis] * direction[axis]).sum::<f64>() / spacing
-    };
-    let [dz, dy, dx] = geometry.spacing_mm;
-    [
-        along(geometry.slice_direction, dz),
-        along(geometry.column_direction, dy),
-        along(geometry.row_direction, dx),
-    ]
 }
 
 /// Labels at the centres of the voxels of `geometry` in `[start, start + size)`.
