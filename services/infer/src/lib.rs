@@ -147,12 +147,16 @@ impl InferHandler {
         }
     }
 
-    /// The message's tensor and, for a cascade, its fine grid.
-    async fn load_tensors(
+    /// The message's tensor (a cascade's stage-1 grid). A cascade's fine grid is read
+    /// only once stage 1 has found the study assessable ([`Self::load_fine`]).
+    async fn load_tensor(
         &self,
         message: &StudyPreprocessed,
         cascade: bool,
-    ) -> Result<(Vec<f32>, Option<Vec<i16>>), InferError> {
+    ) -> Result<Vec<f32>, InferError> {
+        if cascade && message.fine_grid.is_none() {
+            return Err(InferError::NoFineGrid(message.model_name.clone()));
+        }
         let bytes = self.work.get(&message.tensor_key).await?;
         let (shape, data) = npy::decode_f32(&bytes)
             .map_err(|error| InferError::TensorUnreadable(error.to_string()))?;
@@ -162,9 +166,11 @@ impl InferHandler {
                 expected: message.geometry.shape.clone(),
             });
         }
-        if !cascade {
-            return Ok((data, None));
-        }
+        Ok(data)
+    }
+
+    /// A cascade's fine grid: the whole scan on stage 2's grid, HU.
+    async fn load_fine(&self, message: &StudyPreprocessed) -> Result<Vec<i16>, InferError> {
         let Some(fine) = &message.fine_grid else {
             return Err(InferError::NoFineGrid(message.model_name.clone()));
         };
@@ -177,7 +183,7 @@ impl InferHandler {
                 expected: fine.geometry.shape.clone(),
             });
         }
-        Ok((data, Some(hu)))
+        Ok(hu)
     }
 
     /// One-stage: the whole tensor through the model.
@@ -185,7 +191,7 @@ impl InferHandler {
         &self,
         messages: &[StudyPreprocessed],
         volumes: Vec<Vec<f32>>,
-    ) -> Result<Vec<Judgement>, InferError> {
+    ) -> Result<Vec<Result<Judgement, InferError>>, InferError> {
         let manifest = &self.manifest;
         let output = run_blocking(&self.model, move |model| model.run(&volumes)).await?;
         let output = output.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
@@ -200,40 +206,46 @@ impl InferHandler {
                         .map(|all| &all[index * per_study..(index + 1) * per_study])?;
                     lesion_metrics(slice, &message.geometry, manifest.outputs.mask_threshold as f32)
                 });
-                Judgement {
+                Ok(Judgement {
                     raw_score: Some(output.probabilities[index] as f64),
                     lesion,
                     ..Judgement::default()
-                }
+                })
             })
             .collect())
     }
 
     /// A cascade: stage 1 on every study's coarse grid, then stage 2 on patches of each
     /// pancreas's box cut from the fine grid, patches from all studies batched together.
+    /// The fine grid of a study stage 1 finds not assessable is never read; one that
+    /// cannot be read fails its own study only.
     async fn judge_cascade(
         &self,
         messages: &[StudyPreprocessed],
         volumes: Vec<Vec<f32>>,
-        mut all_fines: Vec<Option<Vec<i16>>>,
-    ) -> Result<Vec<Judgement>, InferError> {
+    ) -> Result<Vec<Result<Judgement, InferError>>, InferError> {
         let manifest = &self.manifest;
         let maps = run_blocking(&self.model, move |model| model.locate(&volumes))
             .await?
             .map_err(|error| InferError::InferenceFailed(error.to_string()))?;
-        let mut judgements = vec![Judgement::default(); messages.len()];
+        let mut judgements: Vec<Result<Judgement, InferError>> =
+            messages.iter().map(|_| Ok(Judgement::default())).collect();
         let mut located = Vec::new();
         let mut fines = Vec::new();
         for (study, (message, map)) in messages.iter().zip(&maps).enumerate() {
-            let (Some(fine), Some(hu)) = (&message.fine_grid, all_fines[study].take()) else {
-                return Err(InferError::NoFineGrid(message.model_name.clone()));
+            let Some(fine) = &message.fine_grid else {
+                judgements[study] = Err(InferError::NoFineGrid(message.model_name.clone()));
+                continue;
             };
             match cascade::locate(manifest, study, &message.geometry, &fine.geometry, map) {
-                Err(reason) => judgements[study] = Judgement::not_assessable(reason),
-                Ok(found) => {
-                    fines.push(hu);
-                    located.push(found);
-                }
+                Err(reason) => judgements[study] = Ok(Judgement::not_assessable(reason)),
+                Ok(found) => match self.load_fine(message).await {
+                    Ok(hu) => {
+                        fines.push(hu);
+                        located.push(found);
+                    }
+                    Err(error) => judgements[study] = Err(error),
+                },
             }
         }
         let geometries: Vec<TensorGeometry> = located
@@ -280,27 +292,27 @@ impl InferHandler {
                 }
                 .to_string()
             });
-            judgements[found.study] = Judgement {
+            judgements[found.study] = Ok(Judgement {
                 raw_score: Some(score as f64),
                 lesion,
                 lesion_location,
                 pancreas_volume_mm3: Some(found.pancreas_volume_mm3),
                 not_assessable: None,
-            };
+            });
         }
         Ok(judgements)
     }
 
+    /// Every study of the batch scored: an outcome each, or why that study could not be.
     async fn score(
         &self,
         messages: Vec<StudyPreprocessed>,
         volumes: Vec<Vec<f32>>,
-        fines: Vec<Option<Vec<i16>>>,
-    ) -> Result<Vec<Outcome>, InferError> {
+    ) -> Result<Vec<Result<Outcome, StageError>>, InferError> {
         let started = Instant::now();
         let manifest = self.manifest.clone();
         let judgements = if manifest.locate.is_some() {
-            self.judge_cascade(&messages, volumes, fines).await?
+            self.judge_cascade(&messages, volumes).await?
         } else {
             self.judge_whole(&messages, volumes).await?
         };
@@ -310,6 +322,13 @@ impl InferHandler {
         // The operating point is the manifest's, the same for every study of the batch.
         let point = manifest.default_point();
         for (message, judgement) in messages.into_iter().zip(judgements) {
+            let judgement = match judgement {
+                Ok(judgement) => judgement,
+                Err(error) => {
+                    outcomes.push(Err(error.into()));
+                    continue;
+                }
+            };
             let probability = judgement.raw_score.map(|raw| manifest.calibrate(raw));
             let mut context = message.context;
             context.timings.scored_at = Some(OffsetDateTime::now_utc());
@@ -341,11 +360,11 @@ impl InferHandler {
                 context,
                 series: message.series,
             };
-            outcomes.push(Outcome::Publish {
+            outcomes.push(Ok(Outcome::Publish {
                 subject: subjects::scored(&self.campaign),
                 message_id: scored.context.message_id(Stage::Infer),
                 payload: Bytes::from(serde_json::to_vec(&scored).expect("contracts serialize")),
-            });
+            }));
         }
         Ok(outcomes)
     }
@@ -392,40 +411,33 @@ impl Handler for InferHandler {
         // Read every message and tensor; only the good ones go through the model together.
         let mut results: Vec<Option<Result<Outcome, StageError>>> =
             Vec::with_capacity(payloads.len());
-        let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>, Option<Vec<i16>>)> = Vec::new();
+        let mut ready: Vec<(usize, StudyPreprocessed, Vec<f32>)> = Vec::new();
         let cascade = self.manifest.locate.is_some();
         for (index, payload) in payloads.iter().enumerate() {
             let parsed = serde_json::from_slice::<StudyPreprocessed>(payload)
                 .map_err(|error| InferError::BadMessage(error.to_string()));
             let loaded = match parsed {
-                Ok(message) => self
-                    .load_tensors(&message, cascade)
-                    .await
-                    .map(|(tensor, fine)| (message, tensor, fine)),
+                Ok(message) => {
+                    self.load_tensor(&message, cascade).await.map(|tensor| (message, tensor))
+                }
                 Err(error) => Err(error),
             };
             match loaded {
-                Ok((message, tensor, fine)) => {
+                Ok((message, tensor)) => {
                     results.push(None);
-                    ready.push((index, message, tensor, fine));
+                    ready.push((index, message, tensor));
                 }
                 Err(error) => results.push(Some(Err(error.into()))),
             }
         }
         if !ready.is_empty() {
             let indices: Vec<usize> = ready.iter().map(|(index, ..)| *index).collect();
-            let mut messages = Vec::with_capacity(ready.len());
-            let mut volumes = Vec::with_capacity(ready.len());
-            let mut fines = Vec::with_capacity(ready.len());
-            for (_, message, volume, fine) in ready {
-                messages.push(message);
-                volumes.push(volume);
-                fines.push(fine);
-            }
-            match self.score(messages, volumes, fines).await {
+            let (messages, volumes): (Vec<_>, Vec<_>) =
+                ready.into_iter().map(|(_, message, volume)| (message, volume)).unzip();
+            match self.score(messages, volumes).await {
                 Ok(outcomes) => {
                     for (index, outcome) in indices.into_iter().zip(outcomes) {
-                        results[index] = Some(Ok(outcome));
+                        results[index] = Some(outcome);
                     }
                 }
                 Err(error) => {
@@ -443,6 +455,95 @@ impl Handler for InferHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use panscreen_shared::contracts::{example_scored, StoredGrid};
+    use panscreen_shared::store::OpenMode;
+
+    /// A cascade reads a study's fine grid only when stage 1 has found the pancreas in
+    /// it, and a study it cannot score fails alone. Here, in one batch: an empty scan
+    /// whose fine grid is missing from the store (not assessable, the grid never read),
+    /// a message without a fine grid, and one whose tensor is not an `.npy`.
+    #[tokio::test]
+    async fn a_cascade_reads_the_fine_grid_only_of_a_study_it_can_assess() {
+        let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
+        let manifest = ModelManifest::load(&models.join("tiny-panda-cascade/manifest.toml"))
+            .expect("the shipped cascade loads");
+        let model = Model::load(&manifest, &config::Placement::cpu(1)).expect("model");
+        let directory = tempfile::tempdir().unwrap();
+        let work = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
+        let locate = manifest.locate.as_ref().expect("a cascade");
+        let [_, _, depth, height, width] = locate.input.shape.map(|dim| dim.max(1) as usize);
+        let geometry = |shape: Vec<usize>, spacing_mm| TensorGeometry {
+            shape,
+            spacing_mm,
+            origin_mm: [-200.0, -200.0, -200.0],
+            row_direction: [1.0, 0.0, 0.0],
+            column_direction: [0.0, 1.0, 0.0],
+            slice_direction: [0.0, 0.0, 1.0],
+        };
+        let coarse = geometry(vec![1, 1, depth, height, width], locate.input.spacing_mm);
+        // Air everywhere, as stage 1's input: the window's low end, normalised.
+        let air = vec![manifest_air(locate); depth * height * width];
+        work.put("empty.npy", npy::encode_f32(&coarse.shape, &air)).await.unwrap();
+        work.put("garbage.npy", Bytes::from_static(b"not an npy")).await.unwrap();
+        let message = |tensor_key: &str, fine: Option<&str>| {
+            let scored = example_scored("c", &format!("study-{tensor_key}"), false);
+            let fine_grid = fine.map(|key| StoredGrid {
+                key: key.to_string(),
+                geometry: geometry(vec![1, 1, 60, 200, 200], manifest.input.spacing_mm),
+            });
+            let message = StudyPreprocessed {
+                context: scored.context,
+                series: scored.series,
+                tensor_key: tensor_key.to_string(),
+                geometry: coarse.clone(),
+                model_name: manifest.name.clone(),
+                fine_grid,
+            };
+            Bytes::from(serde_json::to_vec(&message).unwrap())
+        };
+        let handler = InferHandler {
+            campaign: "c".into(),
+            work,
+            model: Arc::new(Mutex::new(model)),
+            manifest: Arc::new(manifest.clone()),
+            batch_size: 4,
+            keep_tensors: false,
+            counters: Arc::new(StageCounters::default()),
+        };
+        let results = handler
+            .handle_batch(vec![
+                message("empty.npy", Some("never-written.fine.npy.gz")),
+                message("empty.npy", None),
+                message("garbage.npy", Some("never-written.fine.npy.gz")),
+            ])
+            .await;
+        let Ok(Outcome::Publish { payload, .. }) = &results[0] else {
+            panic!("the empty scan is judged, not failed: {:?}", results[0]);
+        };
+        let scored: StudyScored = serde_json::from_slice(payload).unwrap();
+        assert!(!scored.prediction.assessable);
+        let reason = scored.prediction.not_assessable_reason.unwrap();
+        assert!(reason.starts_with("no pancreas found"), "{reason}");
+        assert!(scored.prediction.raw_score.is_none() && !scored.prediction.flagged);
+        let reason = |result: &Result<Outcome, StageError>| match result {
+            Err(error) => error.reason.clone(),
+            Ok(_) => panic!("scored: {result:?}"),
+        };
+        assert_eq!(reason(&results[1]), "preprocessed without a fine grid");
+        assert_eq!(reason(&results[2]), "stored tensor is unreadable");
+        assert_eq!(handler.counters.not_assessable.load(Ordering::Relaxed), 1);
+    }
+
+    /// The value air (the window's low end) takes in stage 1's input.
+    fn manifest_air(locate: &panscreen_shared::manifest::LocateSpec) -> f32 {
+        use panscreen_shared::manifest::Normalization;
+        let [low, _] = locate.input.intensity.window_hu;
+        (match locate.input.intensity.normalize {
+            Normalization::None => low,
+            Normalization::Window => 0.0,
+            Normalization::Zscore { mean, std } => (low - mean) / std,
+        }) as f32
+    }
 
     #[test]
     fn lesion_volume_and_centroid() {
