@@ -13,8 +13,8 @@ Stage 1, `locate.onnx`:
   Output `pancreas`: [N, 2, 112, 96, 96] float32 probabilities (background, pancreas)
 Stage 2, `detect.onnx`:
   Input  `ct`:                 [N, 1, 32, 64, 64] float32, HU (3 x 2 x 2 mm patch)
-  Output `lesion_mask`:        [N, 1, 32, 64, 64] lesion probability per voxel, averaged
-                               over 3 x 5 x 5 voxels
+  Output `lesion_mask`:        [N, 1, 32, 64, 64] lesion score per voxel: the logits
+                               averaged over 3 x 5 x 5 voxels, / 4, through a sigmoid
   Output `lesion_probability`: [N, 1] the patch's highest voxel
 
 Usage: build_model.py [--weights weights.npz] [--out DIR]
@@ -135,10 +135,14 @@ def build_locate(weights):
 
 def build_detect(weights):
     b = Builder("detect", weights)
-    # The map is averaged over 9 x 10 x 10 mm (3 x 5 x 5 voxels): a lone voxel the network
-    # calls lesion weighs less than a lesion-sized group.
-    raw = b.op("Sigmoid", [unet(b, DETECT)])
-    b.op("AveragePool", [raw], output="lesion_mask", kernel_shape=[3, 5, 5], pads=[1, 2, 2, 1, 2, 2], strides=[1, 1, 1])
+    # The logits are averaged over 9 x 10 x 10 mm (3 x 5 x 5 voxels), so a lone voxel the
+    # network calls lesion weighs less than a lesion-sized group, then tempered (see
+    # architecture.py) and squashed.
+    pool = list(DETECT["mask_pool"])
+    pooled = b.op("AveragePool", [unet(b, DETECT)], kernel_shape=pool, pads=[k // 2 for k in pool] * 2,
+                  strides=[1, 1, 1])
+    tempered = b.op("Mul", [pooled, b.constant(1.0 / DETECT["mask_temperature"])])
+    b.op("Sigmoid", [tempered], output="lesion_mask")
     peak = b.op("ReduceMax", ["lesion_mask"], axes=[1, 2, 3, 4], keepdims=1)
     b.op("Flatten", [peak], output="lesion_probability", axis=1)
     shape = ["N", 1, *DETECT_SHAPE]

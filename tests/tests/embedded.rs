@@ -559,10 +559,10 @@ fn evaluate_prints_and_writes_every_figure_and_refuses_a_wrong_key() {
 /// The smoke check of the learned model (models/learned-cascade, trained on the
 /// screening phantom): on a fixed 40-study screening cohort it never saw (its training
 /// cohort is seed 101, its validation seed 202) it judges nearly every study assessable
-/// and ranks lesions above lesion-free studies above chance (AUC 0.667 measured, checked
-/// ≥ 0.6: a guard against a broken export or path, not a quality claim; the hand-set
-/// cascade scores 0.475 on this phantom, and issue 9's gate of 0.95 is not yet met:
-/// models/learned-cascade/README.md).
+/// and ranks lesions above lesion-free studies above chance (AUC 0.735 measured with
+/// version 0.2.0, checked ≥ 0.65: a guard against a broken export or path, not a quality
+/// claim; the hand-set cascade scores 0.507 on this phantom, and issue 9's gate of 0.95
+/// is not yet met: models/learned-cascade/README.md).
 #[test]
 fn the_learned_cascade_separates_a_screening_smoke_cohort() {
     let scratch = tempfile::tempdir().unwrap();
@@ -609,7 +609,7 @@ fn the_learned_cascade_separates_a_screening_smoke_cohort() {
     );
     let auc = figures["auc"][0][0].as_f64().unwrap();
     eprintln!("learned-cascade on the smoke cohort: AUC {auc}");
-    assert!(auc >= 0.6, "the learned cascade's AUC on the smoke cohort is {auc}: {figures}");
+    assert!(auc >= 0.65, "the learned cascade's AUC on the smoke cohort is {auc}: {figures}");
     let (assessable, all) = (
         figures["assessable"][0][0].as_i64().unwrap(),
         figures["assessable"][0][1].as_i64().unwrap(),

@@ -222,6 +222,15 @@ pub struct StudyTruth {
     pub accession_number: String,
 }
 
+/// The voxel radiology states a scan's noise on: 0.75 × 0.75 mm pixels, 5 mm slices.
+pub const REFERENCE_VOXEL_MM3: f64 = 0.75 * 0.75 * 5.0;
+
+/// Noise σ on a voxel of this size over σ on the reference voxel: quantum noise
+/// averages down with the square root of the volume a voxel integrates.
+pub fn voxel_noise_factor(pixel_spacing_mm: f64, slice_spacing_mm: f64) -> f64 {
+    (REFERENCE_VOXEL_MM3 / (pixel_spacing_mm * pixel_spacing_mm * slice_spacing_mm)).sqrt()
+}
+
 /// How the image was made beyond the anatomy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageTruth {
@@ -234,6 +243,10 @@ pub struct ImageTruth {
     pub noise_correlation_px: f64,
     /// In-plane blur of the noise-free image (Gaussian σ, mm; 0: none).
     pub blur_mm: f64,
+    /// The scan's noise as radiology states it: σ (HU) in a uniform region of a
+    /// 5 mm-thick image with 0.75 mm pixels ([`REFERENCE_VOXEL_MM3`]). The noise of a
+    /// voxel of another size follows from it (`noise_sigma_hu`).
+    pub noise_reference_sigma_hu: f64,
     /// The site's calibration offset, added to every pixel (HU).
     pub site_offset_hu: f64,
 }
@@ -432,6 +445,8 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
                 noise_correlation_px: 0.0,
                 blur_mm: 0.0,
                 site_offset_hu: 0.0,
+                noise_reference_sigma_hu: noise_sigma
+                    * voxel_noise_factor(pixel_spacing, slice_spacing).recip(),
             };
             (phantom, None, (image, noise_sigma), first_z)
         }
@@ -449,7 +464,10 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
             };
             // Noise rises with the body (fewer photons through more tissue).
             let build = ((body.semi_axes_mm[0] - 120.0) / 80.0).clamp(0.0, 1.0);
-            let sigma = 8.0 + 22.0 * (0.75 * build + 0.25 * rng.uniform(0.0, 1.0));
+            // σ 8–30 HU on the reference voxel; a voxel n times its volume averages n
+            // of them, so its noise is √n times lower (thin slices are noisier).
+            let reference_sigma = 8.0 + 22.0 * (0.75 * build + 0.25 * rng.uniform(0.0, 1.0));
+            let sigma = reference_sigma * voxel_noise_factor(pixel_spacing, slice_spacing);
             let image = ImageTruth {
                 pixel_spacing_mm: pixel_spacing,
                 slice_spacing_mm: slice_spacing,
@@ -457,6 +475,7 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
                 noise_correlation_px: rng.uniform(0.6, 1.4),
                 blur_mm: rng.uniform(0.5, 1.0),
                 site_offset_hu: site_offset_hu(&site.id),
+                noise_reference_sigma_hu: reference_sigma,
             };
             (phantom, Some(body), (image, sigma), first_z)
         }
@@ -778,6 +797,7 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
             "noise_sigma_hu",
             Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>()),
         ),
+        ("noise_reference_sigma_hu", image_field(|i| i.noise_reference_sigma_hu)),
         ("noise_correlation_px", image_field(|i| i.noise_correlation_px)),
         ("blur_mm", image_field(|i| i.blur_mm)),
         ("site_offset_hu", image_field(|i| i.site_offset_hu)),
@@ -846,5 +866,43 @@ mod tests {
         let chosen = choose_lesion_studies(20, 0.3, 7);
         assert_eq!(chosen.iter().filter(|c| **c).count(), 6);
         assert_eq!(chosen, choose_lesion_studies(20, 0.3, 7));
+    }
+
+    #[test]
+    fn a_voxel_carries_the_reference_noise_scaled_by_its_volume() {
+        // The reference voxel itself, and one 4 times its volume (half the noise).
+        assert!((voxel_noise_factor(0.75, 5.0) - 1.0).abs() < 1e-12);
+        assert!((voxel_noise_factor(1.5, 5.0) - 0.5).abs() < 1e-12);
+        for size in [Size::Small, Size::Full] {
+            let options = SynthOptions {
+                out: PathBuf::new(),
+                studies: 12,
+                seed: 5,
+                prevalence: 0.5,
+                size,
+                sites: SiteRegistry::builtin(),
+                threads: 1,
+                realistic: false,
+                slices: None,
+                poses: Poses::Varied,
+                anatomy: Anatomy::Screening,
+                scan_centre_z_mm: None,
+            };
+            for index in 0..options.studies {
+                let truth = plan_study(&options, index, index % 2 == 0).truth;
+                let image = &truth.image;
+                // 8–30 HU as radiology states it, whatever the voxel.
+                assert!((8.0..=30.0).contains(&image.noise_reference_sigma_hu), "{image:?}");
+                let factor = voxel_noise_factor(image.pixel_spacing_mm, image.slice_spacing_mm);
+                let expected = image.noise_reference_sigma_hu * factor;
+                assert!((truth.noise_sigma_hu - expected).abs() < 1e-9);
+                // Small studies' thick voxels average the noise down; full ones' thin
+                // slices carry more of it.
+                match size {
+                    Size::Small => assert!(factor < 1.0, "{factor}"),
+                    Size::Full => assert!(factor > 1.0, "{factor}"),
+                }
+            }
+        }
     }
 }
