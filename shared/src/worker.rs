@@ -41,6 +41,12 @@ pub enum Outcome {
     Publish { subject: String, message_id: String, payload: Bytes },
     /// The input cannot be screened; record why.
     Quarantine(QuarantineRecord),
+    /// What the input points to is gone from the work store. Either an earlier attempt
+    /// published `output_id`, released the input's data ([`Handler::finished`]) and died
+    /// before acking, and the message is settled; or the data was lost, and the input is
+    /// quarantined with `record`. The queue's deduplication tells which: the record is
+    /// published under `output_id`, and is dropped if that output is already there.
+    InputGone { output_id: String, record: QuarantineRecord },
 }
 
 /// One stage's work on messages. Implementations do their blocking work on
@@ -57,9 +63,11 @@ pub trait Handler: Send + Sync + 'static {
     /// One result per payload, in order.
     async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>>;
 
-    /// Called once a message is settled for good (its outcome published and acked, or
-    /// quarantined and terminated): the queue will not deliver it again, so what only it
-    /// needed (a work tensor) can go.
+    /// Called once a message's outcome is in the queue for good, so what only it needed
+    /// (a work tensor) can go: for a published output, after the publish and *before*
+    /// the ack, so that a worker killed in between has the message redelivered rather
+    /// than the data left behind (the handler answers that redelivery with
+    /// [`Outcome::InputGone`]); for a quarantine, after the message is terminated.
     async fn finished(&self, _payload: &Bytes) {}
 
     /// Called with an output the queue dropped as a duplicate: an earlier attempt at the
@@ -303,19 +311,15 @@ async fn settle_one<H: Handler>(
     result: Result<Outcome, StageError>,
 ) {
     let stage = handler.stage();
-    let payload = delivery.payload.clone();
     let envelope = Envelope::peek(&delivery.payload);
     if delivery.attempt > 1 {
         counters.redelivered.fetch_add(1, Ordering::Relaxed);
         info!(stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt, "redelivered message");
     }
     let span = info_span!("message", stage = %stage, study = %envelope.study_key.as_deref().unwrap_or("-"), attempt = delivery.attempt);
-    if settle(queue, handler, config, counters, pause, delivery, envelope, result)
+    settle(queue, handler, config, counters, pause, delivery, envelope, result)
         .instrument(span)
-        .await
-    {
-        handler.finished(&payload).await;
-    }
+        .await;
     counters.in_flight.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -408,7 +412,7 @@ async fn settle<H: Handler>(
     delivery: Delivery,
     envelope: Envelope,
     result: Result<Outcome, StageError>,
-) -> bool {
+) {
     let attempt = delivery.attempt;
     let stage = handler.stage();
     let quarantine = match result {
@@ -427,20 +431,59 @@ async fn settle<H: Handler>(
                     info!("an earlier attempt published this study's output first; this attempt's is dropped");
                     handler.superseded(&payload).await;
                 }
+                handler.finished(&delivery.payload).await;
                 counters.processed.fetch_add(1, Ordering::Relaxed);
-                return log_settle_error(delivery.ack().await);
+                log_settle_error(delivery.ack().await);
+                return;
             }
             counters.retried.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.nak(Duration::from_millis(500)).await);
-            return false;
+            return;
         }
         Ok(Outcome::Quarantine(record)) => record,
+        Ok(Outcome::InputGone { output_id, mut record }) => {
+            record.attempts = attempt;
+            let payload =
+                Bytes::from(serde_json::to_vec(&record).expect("quarantine record serializes"));
+            let subject = subjects::quarantine(&config.campaign);
+            match publish_holding(
+                queue,
+                config,
+                counters,
+                pause,
+                &delivery,
+                (&subject, &output_id, payload),
+            )
+            .await
+            {
+                Some(Published::Duplicate) => {
+                    info!("its data is gone, released by an earlier attempt that published its output; settled");
+                    // That attempt may have died part-way through releasing it.
+                    handler.finished(&delivery.payload).await;
+                    counters.processed.fetch_add(1, Ordering::Relaxed);
+                    log_settle_error(delivery.ack().await);
+                }
+                Some(Published::New) => {
+                    warn!(reason = %record.reason, "quarantined");
+                    counters.quarantined.fetch_add(1, Ordering::Relaxed);
+                    let payload = delivery.payload.clone();
+                    if log_settle_error(delivery.term().await) {
+                        handler.finished(&payload).await;
+                    }
+                }
+                None => {
+                    counters.retried.fetch_add(1, Ordering::Relaxed);
+                    log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+                }
+            }
+            return;
+        }
         // Only while stopping: an outage hands the message back, whatever its attempt.
         Err(error) if error.is_infrastructure() => {
             warn!(reason = %error.reason, "stopping during an outage; the message goes back to the queue");
             counters.retried.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.nak(Duration::from_millis(500)).await);
-            return false;
+            return;
         }
         Err(error) if error.is_retryable() && attempt < config.max_deliver => {
             // The detail may name object keys (folder names can be patients'): it goes
@@ -448,7 +491,7 @@ async fn settle<H: Handler>(
             warn!(reason = %error.reason, "retryable failure, will retry");
             counters.retried.fetch_add(1, Ordering::Relaxed);
             log_settle_error(delivery.nak(config.backoff_for(attempt)).await);
-            return false;
+            return;
         }
         Err(error) => {
             let reason = if error.is_retryable() {
@@ -469,10 +512,15 @@ async fn settle<H: Handler>(
         .is_some()
     {
         counters.quarantined.fetch_add(1, Ordering::Relaxed);
-        return log_settle_error(delivery.term().await);
+        // Terminated first: a quarantined message is not delivered again, so nothing
+        // comes back to find its data gone.
+        let payload = delivery.payload.clone();
+        if log_settle_error(delivery.term().await) {
+            handler.finished(&payload).await;
+        }
+        return;
     }
     log_settle_error(delivery.nak(Duration::from_millis(500)).await);
-    false
 }
 
 /// Logs a failed settlement; returns whether it went through.
@@ -670,6 +718,100 @@ mod tests {
         }
         read.sort();
         assert_eq!(read, vec![Bytes::from_static(b"a-output"), Bytes::from_static(b"b-earlier")]);
+    }
+
+    /// Publishes "<input>-output" while the input's data is in `data`; otherwise says
+    /// it is gone. Releases the data when told the input is finished.
+    struct Releasing {
+        queue: MemoryQueue,
+        data: std::sync::Mutex<std::collections::HashSet<String>>,
+        /// Messages of "in" not yet settled, seen each time the handler releases one.
+        unsettled_at_release: std::sync::Mutex<Vec<usize>>,
+    }
+
+    #[async_trait]
+    impl Handler for Releasing {
+        fn stage(&self) -> Stage {
+            Stage::Infer
+        }
+
+        async fn handle_batch(&self, payloads: Vec<Bytes>) -> Vec<Result<Outcome, StageError>> {
+            payloads
+                .into_iter()
+                .map(|payload| {
+                    let id = String::from_utf8_lossy(&payload).to_string();
+                    if self.data.lock().unwrap().contains(&id) {
+                        let output = Bytes::from(format!("{id}-output"));
+                        return Ok(Outcome::Publish {
+                            subject: subjects::scored("c"),
+                            message_id: id,
+                            payload: output,
+                        });
+                    }
+                    let record = Envelope::peek(&payload).quarantine_record(
+                        "c",
+                        Stage::Infer,
+                        "its data is gone".into(),
+                        String::new(),
+                        0,
+                    );
+                    Ok(Outcome::InputGone { output_id: id, record })
+                })
+                .collect()
+        }
+
+        async fn finished(&self, payload: &Bytes) {
+            self.data.lock().unwrap().remove(&*String::from_utf8_lossy(payload));
+            self.unsettled_at_release.lock().unwrap().push(self.queue.stats("in").in_flight);
+        }
+    }
+
+    /// A worker releases an input's data after publishing its output and before acking
+    /// it. "b" stands for a worker killed in between: its output is in the queue and its
+    /// data gone; redelivered, it is settled without a second output or a quarantine.
+    /// "c"'s data was lost with nothing published: it is quarantined, with its attempt.
+    #[tokio::test]
+    async fn data_released_before_the_ack_settles_a_redelivery_and_quarantines_a_loss() {
+        let queue = MemoryQueue::new();
+        queue.publish(&subjects::scored("c"), "b", Bytes::from_static(b"b-output")).await.unwrap();
+        for input in ["a", "b", "c"] {
+            queue.publish("in", input, Bytes::from(input)).await.unwrap();
+        }
+        queue.close("in").await;
+        let handler = Arc::new(Releasing {
+            queue: queue.clone(),
+            data: std::sync::Mutex::new(["a".to_string()].into()),
+            unsettled_at_release: Default::default(),
+        });
+        let mut config = WorkerConfig::new("c", Stage::Infer);
+        config.concurrency = 1;
+        let counters = Arc::new(StageCounters::default());
+        let dyn_queue: Arc<dyn Queue> = Arc::new(queue.clone());
+        run_worker(
+            dyn_queue,
+            "in",
+            handler.clone(),
+            config,
+            counters.clone(),
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        // "a" and "b" released while still unsettled, "c" after its term.
+        assert_eq!(*handler.unsettled_at_release.lock().unwrap(), vec![1, 1, 0]);
+        assert_eq!(counters.snapshot(), (2, 1, 0));
+        assert_eq!(queue.stats(&subjects::scored("c")).published, 2);
+        let subject = subjects::quarantine("c");
+        queue.close(&subject).await;
+        let mut quarantined = queue.subscribe(&subject, "aggregate").await.unwrap();
+        let mut records = Vec::new();
+        while let Some(delivery) = quarantined.next().await {
+            let delivery = delivery.unwrap();
+            records.push(serde_json::from_slice::<QuarantineRecord>(&delivery.payload).unwrap());
+            delivery.ack().await.unwrap();
+        }
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!((records[0].reason.as_str(), records[0].attempts), ("its data is gone", 1));
     }
 
     #[tokio::test]

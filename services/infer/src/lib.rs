@@ -29,13 +29,14 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use panscreen_shared::contracts::{
-    subjects, ModelIdentity, Prediction, Stage, StudyPreprocessed, StudyScored, TensorGeometry,
+    subjects, ModelIdentity, Prediction, QuarantineRecord, Stage, StudyPreprocessed, StudyScored,
+    TensorGeometry,
 };
 use panscreen_shared::counters::StageCounters;
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
-use panscreen_shared::store::Store;
+use panscreen_shared::store::{Store, StoreErrorKind};
 use panscreen_shared::worker::{Handler, Outcome};
 use time::OffsetDateTime;
 use tracing::info;
@@ -167,6 +168,38 @@ impl InferHandler {
             });
         }
         Ok(data)
+    }
+
+    /// What `error` makes of the study. A grid missing from the work store is most often
+    /// one an earlier attempt deleted after publishing this study's score, before it
+    /// could ack: [`Outcome::InputGone`] settles that under the score's message id, and
+    /// quarantines the study only if no score was published.
+    fn failed(
+        &self,
+        message: &StudyPreprocessed,
+        error: InferError,
+    ) -> Result<Outcome, StageError> {
+        let InferError::Store(store) = &error else { return Err(error.into()) };
+        if store.kind() != StoreErrorKind::NotFound {
+            return Err(error.into());
+        }
+        let context = &message.context;
+        let record = QuarantineRecord {
+            campaign: self.campaign.clone(),
+            stage: Stage::Infer,
+            input: context.study_key.clone(),
+            inputs: Vec::new(),
+            study_key: Some(context.study_key.clone()),
+            site_id: Some(context.site_id.clone()),
+            reason: "its preprocessed grids are gone from the work store".into(),
+            detail: format!(
+                "{store}: deleted before the study was scored (by hand, or by an expiry rule on the work store); submit the study again"
+            ),
+            attempts: 0,
+            at: OffsetDateTime::now_utc(),
+            generation: context.generation,
+        };
+        Ok(Outcome::InputGone { output_id: context.message_id(Stage::Infer), record })
     }
 
     /// A cascade's fine grid: the whole scan on stage 2's grid, HU.
@@ -325,7 +358,7 @@ impl InferHandler {
             let judgement = match judgement {
                 Ok(judgement) => judgement,
                 Err(error) => {
-                    outcomes.push(Err(error.into()));
+                    outcomes.push(self.failed(&message, error));
                     continue;
                 }
             };
@@ -380,7 +413,9 @@ impl Handler for InferHandler {
         self.batch_size.max(1)
     }
 
-    /// The study is scored (or quarantined) for good: its tensor is not needed again.
+    /// The study's score (or quarantine) is in the queue: its grids are not needed
+    /// again. Runs before the ack; a redelivery after a kill in between finds them gone
+    /// and settles through [`InferHandler::failed`].
     async fn finished(&self, payload: &Bytes) {
         if self.keep_tensors {
             return;
@@ -416,17 +451,14 @@ impl Handler for InferHandler {
         for (index, payload) in payloads.iter().enumerate() {
             let parsed = serde_json::from_slice::<StudyPreprocessed>(payload)
                 .map_err(|error| InferError::BadMessage(error.to_string()));
-            let loaded = match parsed {
-                Ok(message) => {
-                    self.load_tensor(&message, cascade).await.map(|tensor| (message, tensor))
-                }
-                Err(error) => Err(error),
-            };
-            match loaded {
-                Ok((message, tensor)) => {
-                    results.push(None);
-                    ready.push((index, message, tensor));
-                }
+            match parsed {
+                Ok(message) => match self.load_tensor(&message, cascade).await {
+                    Ok(tensor) => {
+                        results.push(None);
+                        ready.push((index, message, tensor));
+                    }
+                    Err(error) => results.push(Some(self.failed(&message, error))),
+                },
                 Err(error) => results.push(Some(Err(error.into()))),
             }
         }
@@ -461,7 +493,8 @@ mod tests {
     /// A cascade reads a study's fine grid only when stage 1 has found the pancreas in
     /// it, and a study it cannot score fails alone. Here, in one batch: an empty scan
     /// whose fine grid is missing from the store (not assessable, the grid never read),
-    /// a message without a fine grid, and one whose tensor is not an `.npy`.
+    /// a message without a fine grid, one whose tensor is not an `.npy`, and one whose
+    /// tensor is gone.
     #[tokio::test]
     async fn a_cascade_reads_the_fine_grid_only_of_a_study_it_can_assess() {
         let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models");
@@ -515,6 +548,7 @@ mod tests {
                 message("empty.npy", Some("never-written.fine.npy.gz")),
                 message("empty.npy", None),
                 message("garbage.npy", Some("never-written.fine.npy.gz")),
+                message("deleted.npy", Some("deleted.fine.npy.gz")),
             ])
             .await;
         let Ok(Outcome::Publish { payload, .. }) = &results[0] else {
@@ -531,6 +565,13 @@ mod tests {
         };
         assert_eq!(reason(&results[1]), "preprocessed without a fine grid");
         assert_eq!(reason(&results[2]), "stored tensor is unreadable");
+        // A grid no longer in the store: settled if a score went out under its id.
+        let Ok(Outcome::InputGone { output_id, record }) = &results[3] else {
+            panic!("a missing grid is handed to the queue's deduplication: {:?}", results[3]);
+        };
+        assert_eq!(output_id, "study-deleted.npy:infer");
+        assert_eq!(record.study_key.as_deref(), Some("study-deleted.npy"));
+        assert_eq!(record.reason, "its preprocessed grids are gone from the work store");
         assert_eq!(handler.counters.not_assessable.load(Ordering::Relaxed), 1);
     }
 

@@ -68,6 +68,16 @@ pub async fn duplicate_ids_are_dropped(queue: &dyn Queue, prefix: &str) {
     nothing_within(&mut subscription, Duration::from_millis(500)).await;
 }
 
+/// Message ids are shared by all the subjects under `prefix` (one campaign's).
+pub async fn ids_are_shared_across_a_campaigns_subjects(queue: &dyn Queue, prefix: &str) {
+    let (one, other) = (format!("{prefix}.shared-ids-one"), format!("{prefix}.shared-ids-other"));
+    let first = queue.publish(&one, "shared-id", Bytes::from_static(b"first")).await.unwrap();
+    let second = queue.publish(&other, "shared-id", Bytes::from_static(b"second")).await.unwrap();
+    assert_eq!((first, second), (Published::New, Published::Duplicate));
+    let mut subscription = queue.subscribe(&other, "conformance-shared-ids").await.unwrap();
+    nothing_within(&mut subscription, Duration::from_millis(500)).await;
+}
+
 /// A nak'd message comes back after its delay with the attempt counted up.
 pub async fn nak_redelivers_with_the_next_attempt(queue: &dyn Queue, prefix: &str) {
     let subject = format!("{prefix}.nak");
@@ -122,6 +132,7 @@ pub async fn a_shared_consumer_splits_the_work(queue: &dyn Queue, prefix: &str) 
 pub async fn all(queue: &dyn Queue, prefix: &str) {
     publish_receive_ack(queue, prefix).await;
     duplicate_ids_are_dropped(queue, prefix).await;
+    ids_are_shared_across_a_campaigns_subjects(queue, prefix).await;
     nak_redelivers_with_the_next_attempt(queue, prefix).await;
     term_is_final(queue, prefix).await;
     a_shared_consumer_splits_the_work(queue, prefix).await;

@@ -114,7 +114,9 @@ pub trait Subscription: Send {
 #[async_trait]
 pub trait Queue: Send + Sync {
     /// Publishes and waits until the queue holds the message. Duplicate ids are dropped
-    /// (and said to be).
+    /// (and said to be), across all the subjects of a campaign (`panscreen.<campaign>.…`,
+    /// one JetStream stream): a stage can ask whether an output went out by publishing
+    /// something else under its id.
     async fn publish(
         &self,
         subject: &str,
@@ -138,6 +140,17 @@ pub trait Queue: Send + Sync {
 #[derive(Default, Clone)]
 pub struct MemoryQueue {
     subjects: Arc<Mutex<HashMap<String, Arc<SubjectState>>>>,
+    /// Message ids published, by deduplication scope ([`dedup_scope`]).
+    seen_ids: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+/// The subjects that share message ids, as one JetStream stream does: a subject's first
+/// two tokens (`panscreen.<campaign>`), or the whole of a shorter subject.
+fn dedup_scope(subject: &str) -> &str {
+    match subject.match_indices('.').nth(1) {
+        Some((end, _)) => &subject[..end],
+        None => subject,
+    }
 }
 
 #[derive(Default)]
@@ -151,7 +164,6 @@ struct SubjectInner {
     pending: VecDeque<(Bytes, u32)>,
     in_flight: usize,
     closed: bool,
-    seen_ids: HashSet<String>,
     published: u64,
 }
 
@@ -201,7 +213,8 @@ impl Queue for MemoryQueue {
                     detail: "subject is closed".to_string(),
                 });
             }
-            if !inner.seen_ids.insert(message_id.to_string()) {
+            let key = (dedup_scope(subject).to_string(), message_id.to_string());
+            if !self.seen_ids.lock().expect("queue lock poisoned").insert(key) {
                 return Ok(Published::Duplicate);
             }
             inner.published += 1;
