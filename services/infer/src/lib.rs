@@ -29,8 +29,8 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use panscreen_shared::contracts::{
-    subjects, ModelIdentity, Prediction, QuarantineRecord, Stage, StudyPreprocessed, StudyScored,
-    TensorGeometry,
+    subjects, ModelIdentity, Prediction, QuarantineRecord, Stage, StoredGrid, StudyPreprocessed,
+    StudyScored, TensorGeometry,
 };
 use panscreen_shared::counters::StageCounters;
 use panscreen_shared::error::StageError;
@@ -203,10 +203,7 @@ impl InferHandler {
     }
 
     /// A cascade's fine grid: the whole scan on stage 2's grid, HU.
-    async fn load_fine(&self, message: &StudyPreprocessed) -> Result<Vec<i16>, InferError> {
-        let Some(fine) = &message.fine_grid else {
-            return Err(InferError::NoFineGrid(message.model_name.clone()));
-        };
+    async fn load_fine(&self, fine: &StoredGrid) -> Result<Vec<i16>, InferError> {
         let bytes = self.work.get(&fine.key).await?;
         let (shape, hu) = npy::decode_i16_gz(&bytes)
             .map_err(|error| InferError::TensorUnreadable(format!("{}: {error}", fine.key)))?;
@@ -272,10 +269,10 @@ impl InferHandler {
             };
             match cascade::locate(manifest, study, &message.geometry, &fine.geometry, map) {
                 Err(reason) => judgements[study] = Ok(Judgement::not_assessable(reason)),
-                Ok(found) => match self.load_fine(message).await {
+                Ok(found) => match self.load_fine(fine).await {
                     Ok(hu) => {
                         fines.push(hu);
-                        located.push(found);
+                        located.push((found, &fine.geometry));
                     }
                     Err(error) => judgements[study] = Err(error),
                 },
@@ -283,28 +280,19 @@ impl InferHandler {
         }
         let geometries: Vec<TensorGeometry> = located
             .iter()
-            .map(|found| {
-                let fine = &messages[found.study].fine_grid.as_ref().expect("checked").geometry;
-                cascade::sub_geometry(fine, found.crop_start, found.crop_size)
-            })
+            .map(|(found, fine)| cascade::sub_geometry(fine, found.crop_start, found.crop_size))
             .collect();
-        let fine_shapes: Vec<[usize; 3]> = located
-            .iter()
-            .map(|found| {
-                let shape =
-                    &messages[found.study].fine_grid.as_ref().expect("checked").geometry.shape;
-                [shape[2], shape[3], shape[4]]
-            })
-            .collect();
+        let fine_shapes: Vec<[usize; 3]> =
+            located.iter().map(|(_, fine)| [fine.shape[2], fine.shape[3], fine.shape[4]]).collect();
         let batch = self.batch_size.max(1);
         let crops: Vec<([i64; 3], [usize; 3])> =
-            located.iter().map(|found| (found.crop_start, found.crop_size)).collect();
+            located.iter().map(|(found, _)| (found.crop_start, found.crop_size)).collect();
         let blended = run_blocking(&self.model, move |model| {
             cascade::detect_crops(model, &crops, &fines, &fine_shapes, batch)
         })
         .await?;
         let blended = blended.map_err(|error| InferError::InferenceFailed(error.to_string()))?;
-        for ((found, geometry), (mut score, mut map)) in
+        for (((found, _), geometry), (mut score, mut map)) in
             located.iter().zip(&geometries).zip(blended)
         {
             if let Some(near) = &found.near_pancreas {
@@ -487,7 +475,7 @@ impl Handler for InferHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use panscreen_shared::contracts::{example_scored, StoredGrid};
+    use panscreen_shared::contracts::example_scored;
     use panscreen_shared::store::OpenMode;
 
     /// A cascade reads a study's fine grid only when stage 1 has found the pancreas in
