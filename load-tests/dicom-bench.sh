@@ -5,7 +5,8 @@
 #  2. the volume path (decode, HU, resample to the model grid) of `full` studies:
 #     panscreen's preprocess time per study against pydicom + scipy (python_reference.py,
 #     tiny-panda's grid) and SimpleITK's ImageSeriesReader + Resample onto the cascade's
-#     stage-1 grid (simpleitk_reference.py) on 512x512x300 studies;
+#     stage-1 grid (simpleitk_reference.py) on 512x512x300 studies, both with the volume
+#     path alone (examples/volume_path.rs) and inside `panscreen run`;
 #  3. peak memory of one 1,000-slice 512×512 series through `panscreen run`.
 # Per-core figures pin both sides to one core with taskset. Run by `cargo xtask bench`.
 set -euo pipefail
@@ -43,6 +44,15 @@ PYEOF
 taskset -c 0 "$PY" load-tests/python_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
 [ -d "$WORK/full300" ] || $BIN synth --size full --studies ${FULL300_STUDIES:-3} --slices 300 --seed 12 --out "$WORK/full300" > /dev/null
 cat "$WORK/full300/studies"/*/*/* > /dev/null
+# The volume path alone (no infer sharing the core): examples/volume_path.rs, built with
+# the same codecs as the binary.
+cargo build --quiet --release -p panscreen --features panscreen/gdcm --example volume_path
+VOLUME=target/release/examples/volume_path
+for round in 1 2; do
+  taskset -c 0 $VOLUME "$WORK/full300/studies" models/tiny-panda-cascade 2 | sed 's/^/panscreen volume path, both grids, 1 core: /'
+  taskset -c 0 $VOLUME "$WORK/full300/studies" models/tiny-panda-cascade 2 --stage1-only | sed 's/^/panscreen volume path, stage 1 grid only, 1 core: /'
+  taskset -c 0 "$PY" load-tests/simpleitk_reference.py "$WORK/full300/studies" | sed 's/^/1 core, stage 1 grid: /'
+done
 for round in 1 2; do
   /usr/bin/time -f "panscreen run (cascade, both grids), 1 core: wall %e s, peak RSS %M KiB" taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --input "$WORK/full300/studies" --out "$WORK/full300-out" --key-file "$WORK/key" --overwrite > /dev/null
   "$PY" - "$WORK/full300-out" <<'PYEOF'

@@ -24,7 +24,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use panscreen_preprocess::decode::{decode_frame, open, DecodeLimits};
+use panscreen_preprocess::decode::{
+    decode_frame, decode_opened, open, open_in_place, DecodeLimits,
+};
 use panscreen_preprocess::PreprocessError;
 use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 use proptest::prelude::*;
@@ -192,8 +194,8 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
     // GDCM (JPEG extended, JPEG-LS) runs in helper processes: a C++ exception there ends
     // the helper, not this process.
     panscreen_preprocess::gdcm_helper::set_program(panscreen_tests::binary());
-    let (parsed, decoded, contained) =
-        (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let (parsed, decoded, contained, in_place) =
+        (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
     let outcome = runner.run(&strategy, |(seed, mutations, prefix_only)| {
         let bytes = apply(&seeds[seed], &mutations);
         let size = bytes.len() as u64;
@@ -203,18 +205,50 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
         if panscreen_ingest::header::parse("fuzz.dcm", size, view).is_ok() {
             parsed.fetch_add(1, Ordering::Relaxed);
         }
-        if let Ok(object) = open("fuzz.dcm", &bytes, &limits) {
-            match decode_frame("fuzz.dcm", &object, 0, -1000.0) {
-                Ok(_) => {
-                    decoded.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(PreprocessError::DecoderFailed { detail, .. })
-                    if detail.contains("GDCM helper died") =>
-                {
-                    contained.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(_) => {}
+        let whole = open("fuzz.dcm", &bytes, &limits)
+            .and_then(|object| decode_frame("fuzz.dcm", &object, 0, -1000.0));
+        match &whole {
+            Ok(_) => {
+                decoded.fetch_add(1, Ordering::Relaxed);
             }
+            Err(PreprocessError::DecoderFailed { detail, .. })
+                if detail.contains("GDCM helper died") =>
+            {
+                contained.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        // Preprocess reads native pixel data in place; it must decode exactly what the
+        // whole parse decodes, and refuse what it refuses.
+        let opened = open_in_place("fuzz.dcm", bytes::Bytes::from(bytes.clone()), &limits);
+        if opened.as_ref().is_ok_and(|opened| opened.in_place()) {
+            in_place.fetch_add(1, Ordering::Relaxed);
+        }
+        let fast =
+            opened.and_then(|opened| decode_opened("fuzz.dcm", &opened, 0, -1000.0, Vec::new()));
+        match (&whole, &fast) {
+            (Ok(whole), Ok(fast)) => {
+                prop_assert_eq!(whole.position, fast.position);
+                prop_assert!(
+                    whole.hu.iter().zip(&fast.hu).all(|(a, b)| a.to_bits() == b.to_bits())
+                        && whole.hu.len() == fast.hu.len(),
+                    "HU differ in place for {:?} on seed {}",
+                    mutations,
+                    seed
+                );
+            }
+            (Err(_), Err(_)) => {}
+            // A GDCM helper that died is not the input's verdict: it may die once only.
+            (Err(PreprocessError::DecoderFailed { .. }), _)
+            | (_, Err(PreprocessError::DecoderFailed { .. })) => {}
+            (whole, fast) => prop_assert!(
+                false,
+                "whole parse {:?}, in place {:?}, for {:?} on seed {}",
+                whole.as_ref().map(|_| "decoded"),
+                fast.as_ref().map(|_| "decoded"),
+                mutations,
+                seed
+            ),
         }
         let largest = LARGEST.load(Ordering::Relaxed);
         LARGEST_EVER.fetch_max(largest, Ordering::Relaxed);
@@ -225,11 +259,11 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
         Ok(())
     });
     let _ = std::panic::take_hook();
-    let (parsed, decoded, contained) =
-        (parsed.into_inner(), decoded.into_inner(), contained.into_inner());
+    let (parsed, decoded, contained, in_place) =
+        (parsed.into_inner(), decoded.into_inner(), contained.into_inner(), in_place.into_inner());
     println!(
         "{cases} cases over {} seeds: {parsed} headers parsed, {decoded} frames decoded, {contained} GDCM crashes \
-         contained in helpers; largest single allocation {} bytes",
+         contained in helpers, {in_place} opened with pixels in place; largest single allocation {} bytes",
         seeds.len(),
         LARGEST_EVER.load(Ordering::Relaxed)
     );
@@ -238,6 +272,8 @@ fn corrupted_files_neither_panic_nor_allocate_without_bound() {
     }
     // The corruption must not be so heavy that nothing parses (the run would test nothing).
     assert!(parsed >= 20 && decoded >= 10, "{parsed} parsed, {decoded} decoded");
+    // And the in-place reading must have been compared on enough cases to mean something.
+    assert!(in_place >= 10, "{in_place} cases read in place");
     // Some corrupt JPEG-LS and 12-bit JPEG streams do crash GDCM (an uncaught C++
     // exception, or a segmentation fault): this process went on all the same.
     assert!(

@@ -53,6 +53,14 @@ fn enhanced_ct_frames_decode_like_the_slices_they_hold() {
     assert_eq!(parsed.pixel_spacing, Some([5.6, 5.6]));
     assert_eq!(parsed.image_orientation, Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]));
     let object = panscreen_preprocess::decode::open("e.dcm", &bytes, &Default::default()).unwrap();
+    // Preprocess reads the frames of a native Enhanced CT object where they lie in the file.
+    let opened = panscreen_preprocess::decode::open_in_place(
+        "e.dcm",
+        bytes::Bytes::from(bytes.clone()),
+        &Default::default(),
+    )
+    .unwrap();
+    assert!(opened.in_place());
     for (index, (position, _)) in series_hu(&header, place).into_iter().enumerate().step_by(7) {
         let single = encode_slice(
             &header,
@@ -71,6 +79,19 @@ fn enhanced_ct_frames_decode_like_the_slices_they_hold() {
                 .unwrap();
         assert_eq!(frame.position, position);
         assert_eq!(frame.hu, expected.hu, "frame {index}");
+        let in_place = panscreen_preprocess::decode::decode_opened(
+            "e.dcm",
+            &opened,
+            index as u32,
+            -1000.0,
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            (in_place.position, &in_place.hu),
+            (position, &expected.hu),
+            "frame {index} in place"
+        );
     }
 }
 

@@ -9,7 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use panscreen_preprocess::decode::decode_slice;
+use panscreen_preprocess::decode::{
+    decode_opened, decode_slice, open_in_place, DecodeLimits, DecodedSlice,
+};
 use panscreen_synth::{encode_slice, Phantom, Rng, SeriesHeader, Slice};
 
 const FILL: f32 = -1000.0;
@@ -241,6 +243,32 @@ fn encode(encoding: &Encoding, original: &Path, out: &Path) {
     );
 }
 
+/// Preprocess opens objects with [`open_in_place`]: native little-endian pixel data is
+/// read where it lies in the file, anything else parsed whole. Either way the HU must be
+/// exactly those of the whole parse.
+fn in_place_agrees(what: &str, bytes: &[u8], syntax: &str, whole: &DecodedSlice) {
+    let opened = open_in_place(
+        "encoded.dcm",
+        bytes::Bytes::copy_from_slice(bytes),
+        &DecodeLimits::default(),
+    )
+    .unwrap_or_else(|error| panic!("{what}: {error}"));
+    let native = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"].contains(&syntax);
+    assert_eq!(
+        opened.in_place(),
+        native,
+        "{what}: pixels read in place only when native little endian"
+    );
+    let decoded = decode_opened("encoded.dcm", &opened, 0, FILL, Vec::new())
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+    assert_eq!(decoded.position, whole.position, "{what}");
+    assert!(
+        decoded.hu.len() == whole.hu.len()
+            && decoded.hu.iter().zip(&whole.hu).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "{what}: HU differ when read in place"
+    );
+}
+
 #[test]
 fn every_transfer_syntax_decodes_to_the_original_hu() {
     panscreen_preprocess::gdcm_helper::set_program(panscreen_tests::binary());
@@ -250,6 +278,7 @@ fn every_transfer_syntax_decodes_to_the_original_hu() {
         let original_path = write_original(scratch.path(), variant);
         let original_bytes = std::fs::read(&original_path).unwrap();
         let original = decode_slice("original", &original_bytes, FILL).unwrap();
+        in_place_agrees(variant.name, &original_bytes, "1.2.840.10008.1.2.1", &original);
         if variant.padding.is_some() {
             assert_eq!(original.hu[0], FILL, "{}: padding becomes the fill value", variant.name);
         }
@@ -276,6 +305,12 @@ fn every_transfer_syntax_decodes_to_the_original_hu() {
                 }
             };
             assert_eq!(decoded.position, original.position);
+            in_place_agrees(
+                &format!("{} / {}", variant.name, encoding.name),
+                &bytes,
+                encoding.transfer_syntax,
+                &decoded,
+            );
             // Lossy codecs blur the edge of the padded corner, so padding is judged only
             // by lossless ones (above); errors are measured on the image around it.
             let errors: Vec<f32> = (0..128 * 128)

@@ -209,11 +209,7 @@ pub fn build(args: DatasetArgs) -> anyhow::Result<()> {
         for z in start[0]..end[0] {
             for y in start[1]..end[1] {
                 let row = (z * fine_shape[1] + y) * fine_shape[2];
-                crop.extend(
-                    hu[row + start[2]..row + end[2]]
-                        .iter()
-                        .map(|v| v.round().clamp(-32768.0, 32767.0) as i16),
-                );
+                crop.extend(panscreen_preprocess::hu::to_int16(&hu[row + start[2]..row + end[2]]));
             }
         }
         let name = &labelled.directory;

@@ -12,16 +12,18 @@
 
 use std::io::{Cursor, Read};
 
+use bytes::Bytes;
+
 use dicom_core::Tag;
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::file::ReadPreamble;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
-use panscreen_dicom::{frame_position, frame_rescale, number_of_frames};
+use panscreen_dicom::{frame_position, frame_rescale, number_of_frames, Walked};
 
 use crate::error::PreprocessError;
 use crate::gdcm_helper;
-use crate::hu::{frame_to_hu, PixelFormat};
+use crate::hu::{frame_to_hu_into, PixelFormat};
 
 /// Upper bounds on what one object may expand to.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,6 +79,91 @@ pub fn open(
     bytes: &[u8],
     limits: &DecodeLimits,
 ) -> Result<DefaultDicomObject, PreprocessError> {
+    check_before_parsing(key, bytes, limits)?;
+    let object = parse(key, bytes, None)?;
+    check_decoded_size(key, &object, limits)?;
+    Ok(object)
+}
+
+/// An object ready to decode. When its pixel data is native little endian and ends the
+/// file (what CT scanners write), only the header is parsed and the pixels are read
+/// where they lie in the file; anything else is parsed whole, as [`open`] does.
+pub struct Opened {
+    pub object: DefaultDicomObject,
+    /// All frames' pixel bytes, when read in place.
+    native_pixels: Option<Bytes>,
+}
+
+impl Opened {
+    /// Whether the pixels are read in place (the header alone was parsed).
+    pub fn in_place(&self) -> bool {
+        self.native_pixels.is_some()
+    }
+}
+
+/// [`open`], reading native pixel data in place: it is neither copied into the object
+/// nor copied again by the decoder. Decodes to the same HU as [`open`] then
+/// [`decode_frame`] (the fuzz test checks this on every case).
+pub fn open_in_place(
+    key: &str,
+    bytes: Bytes,
+    limits: &DecodeLimits,
+) -> Result<Opened, PreprocessError> {
+    let walked = check_before_parsing(key, &bytes, limits)?;
+    if let Ok(header) = parse(key, &bytes, Some(tags::PIXEL_DATA)) {
+        if let Some(range) = native_pixel_range(&walked, &header).filter(|r| r.end <= bytes.len()) {
+            check_decoded_size(key, &header, limits)?;
+            return Ok(Opened { object: header, native_pixels: Some(bytes.slice(range)) });
+        }
+    }
+    let object = parse(key, &bytes, None)?;
+    check_decoded_size(key, &object, limits)?;
+    Ok(Opened { object, native_pixels: None })
+}
+
+/// The implicit and explicit VR little endian transfer syntaxes (deflated and big endian
+/// are parsed whole).
+const NATIVE_LITTLE_ENDIAN: [&str; 2] = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"];
+
+/// The byte range of the frames in the pixel data of a native little-endian object:
+/// where the element walk found the top-level (7FE0,0010) (it walks elements, so a
+/// vendor's blob or an icon image's own Pixel Data cannot pass for it), holding exactly
+/// the bytes the image attributes imply (one more to make an odd count even). `None`
+/// otherwise, and the object is parsed whole.
+fn native_pixel_range(
+    walked: &Walked,
+    header: &DefaultDicomObject,
+) -> Option<std::ops::Range<usize>> {
+    let syntax = header.meta().transfer_syntax().trim_end_matches('\0');
+    if !walked.whole || !NATIVE_LITTLE_ENDIAN.contains(&syntax) {
+        return None;
+    }
+    let at = walked.pixel_data?;
+    let attribute = |tag| integer(header, tag).filter(|value| *value > 0);
+    let rows = attribute(tags::ROWS)? as u64;
+    let columns = attribute(tags::COLUMNS)? as u64;
+    let bytes_per_sample = match attribute(tags::BITS_ALLOCATED)? {
+        8 => 1,
+        16 => 2,
+        _ => return None,
+    };
+    let samples = integer(header, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1) as u64;
+    let pixels = rows * columns * samples * bytes_per_sample * u64::from(number_of_frames(header));
+    if at.length? != pixels + (pixels & 1) {
+        return None;
+    }
+    let start = usize::try_from(at.offset).ok()?;
+    Some(start..start.checked_add(usize::try_from(pixels).ok()?)?)
+}
+
+/// What is checked before a parser sees the bytes: the Part 10 preamble, a deflated
+/// data set's inflated size, and the declared lengths.
+/// Returns what the walk of the declared lengths met.
+fn check_before_parsing(
+    key: &str,
+    bytes: &[u8],
+    limits: &DecodeLimits,
+) -> Result<Walked, PreprocessError> {
     if bytes.len() < 144 || &bytes[128..132] != b"DICM" {
         return Err(unreadable(key, "not a DICOM Part 10 file"));
     }
@@ -103,29 +190,48 @@ pub fn open(
         }
     }
     panscreen_dicom::check_declared_lengths(bytes, bytes.len() as u64)
-        .map_err(|error| unreadable(key, error))?;
-    let object = contain_panic(key, || {
-        OpenFileOptions::new()
-            .read_preamble(ReadPreamble::Never)
-            .from_reader(Cursor::new(&bytes[128..]))
+        .map_err(|error| unreadable(key, error))
+}
+
+/// Parses the object after its preamble, up to `until` (exclusive) or whole.
+fn parse(
+    key: &str,
+    bytes: &[u8],
+    until: Option<Tag>,
+) -> Result<DefaultDicomObject, PreprocessError> {
+    contain_panic(key, || {
+        let options = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
+        let options = match until {
+            Some(tag) => options.read_until(tag),
+            None => options,
+        };
+        options.from_reader(Cursor::new(&bytes[128..]))
     })?
-    .map_err(|error| unreadable(key, error))?;
-    let rows = integer(&object, tags::ROWS).unwrap_or(0).max(0) as u64;
-    let columns = integer(&object, tags::COLUMNS).unwrap_or(0).max(0) as u64;
-    let bits = integer(&object, tags::BITS_ALLOCATED).unwrap_or(16).max(8) as u64;
-    let samples = integer(&object, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1) as u64;
-    let decoded = rows * columns * samples * bits / 8 * number_of_frames(&object) as u64;
+    .map_err(|error| unreadable(key, error))
+}
+
+/// Refuses an object whose frames would decode to more than the limit.
+fn check_decoded_size(
+    key: &str,
+    object: &DefaultDicomObject,
+    limits: &DecodeLimits,
+) -> Result<(), PreprocessError> {
+    let rows = integer(object, tags::ROWS).unwrap_or(0).max(0) as u64;
+    let columns = integer(object, tags::COLUMNS).unwrap_or(0).max(0) as u64;
+    let bits = integer(object, tags::BITS_ALLOCATED).unwrap_or(16).max(8) as u64;
+    let samples = integer(object, tags::SAMPLES_PER_PIXEL).unwrap_or(1).max(1) as u64;
+    let decoded = rows * columns * samples * bits / 8 * number_of_frames(object) as u64;
     if decoded > limits.max_decoded_bytes {
         return Err(PreprocessError::TooLarge {
             key: key.to_string(),
             detail: format!(
                 "{rows}×{columns}×{} frames would decode to {decoded} bytes, the limit is {}",
-                number_of_frames(&object),
+                number_of_frames(object),
                 limits.max_decoded_bytes
             ),
         });
     }
-    Ok(object)
+    Ok(())
 }
 
 /// Decodes frame `frame` (0-based) of an opened object to HU.
@@ -134,6 +240,31 @@ pub fn decode_frame(
     object: &DefaultDicomObject,
     frame: u32,
     fill_hu: f32,
+) -> Result<DecodedSlice, PreprocessError> {
+    decode(key, object, None, frame, fill_hu, Vec::new())
+}
+
+/// Decodes frame `frame` of an [`Opened`] object, writing the HU into `buffer` (a
+/// previous slice's, handed back), so a series of equal slices allocates it once.
+pub fn decode_opened(
+    key: &str,
+    opened: &Opened,
+    frame: u32,
+    fill_hu: f32,
+    buffer: Vec<f32>,
+) -> Result<DecodedSlice, PreprocessError> {
+    decode(key, &opened.object, opened.native_pixels.as_deref(), frame, fill_hu, buffer)
+}
+
+/// `native_pixels`: all frames' bytes of native little-endian pixel data read in place,
+/// or `None` to take them from the object.
+fn decode(
+    key: &str,
+    object: &DefaultDicomObject,
+    native_pixels: Option<&[u8]>,
+    frame: u32,
+    fill_hu: f32,
+    mut buffer: Vec<f32>,
 ) -> Result<DecodedSlice, PreprocessError> {
     let frames = number_of_frames(object);
     if frame >= frames {
@@ -175,7 +306,37 @@ pub fn decode_frame(
             syntax: format!("{} ({transfer_syntax})", gdcm_helper::syntax_name(code)),
         });
     }
-    let hu = if let Some(gdcm_syntax) = gdcm_syntax {
+    let hu = if let Some(pixels) = native_pixels {
+        // Read in place, the image attributes are required as the decoder requires
+        // them; display attributes (window, VOI LUT) are not looked at.
+        let required = |tag, name| {
+            integer(object, tag).ok_or_else(|| unreadable(key, format!("{name} is missing")))
+        };
+        required(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?;
+        required(tags::HIGH_BIT, "HighBit")?;
+        if object.element_opt(tags::PHOTOMETRIC_INTERPRETATION).ok().flatten().is_none() {
+            return Err(unreadable(key, "PhotometricInterpretation is missing"));
+        }
+        let pixel_representation = required(tags::PIXEL_REPRESENTATION, "PixelRepresentation")?;
+        if !(0..=1).contains(&pixel_representation) {
+            return Err(unreadable(
+                key,
+                format!("PixelRepresentation is {pixel_representation}; 0 (unsigned) or 1 (signed) expected"),
+            ));
+        }
+        let format = PixelFormat {
+            bits_allocated: required(tags::BITS_ALLOCATED, "BitsAllocated")? as u16,
+            bits_stored: required(tags::BITS_STORED, "BitsStored")?.clamp(0, 64) as u16,
+            pixel_representation: pixel_representation as u16,
+            rescale_slope,
+            rescale_intercept,
+            padding_value,
+        };
+        let frame_length = rows * columns * usize::from(format.bits_allocated / 8);
+        let start = frame as usize * frame_length;
+        let frame_bytes = pixels.get(start..start + frame_length).unwrap_or(&[]);
+        frame_to_hu_into(frame_bytes, rows * columns, &format, fill_hu, &mut buffer)
+    } else if let Some(gdcm_syntax) = gdcm_syntax {
         let format = PixelFormat {
             bits_allocated: integer(object, tags::BITS_ALLOCATED).unwrap_or(16) as u16,
             bits_stored: integer(object, tags::BITS_STORED).unwrap_or(12) as u16,
@@ -185,7 +346,7 @@ pub fn decode_frame(
             padding_value,
         };
         let pixels = decode_with_gdcm(key, &compressed, rows, columns, &format, gdcm_syntax)?;
-        frame_to_hu(&pixels, rows * columns, &format, fill_hu)
+        frame_to_hu_into(&pixels, rows * columns, &format, fill_hu, &mut buffer)
     } else {
         let decoded = contain_panic(key, || object.decode_pixel_data_frame(frame))?
             .map_err(|error| unreadable(key, error))?;
@@ -198,10 +359,10 @@ pub fn decode_frame(
             rescale_intercept,
             padding_value,
         };
-        frame_to_hu(decoded.data(), rows * columns, &format, fill_hu)
+        frame_to_hu_into(decoded.data(), rows * columns, &format, fill_hu, &mut buffer)
     };
-    let hu = hu.map_err(|error| unreadable(key, error))?;
-    Ok(DecodedSlice { position, rows, columns, hu })
+    hu.map_err(|error| unreadable(key, error))?;
+    Ok(DecodedSlice { position, rows, columns, hu: buffer })
 }
 
 /// An RLE frame starts with a 64-byte header: the number of segments (1 to 15) and

@@ -65,6 +65,21 @@ pub fn frame_to_hu(
     format: &PixelFormat,
     fill_hu: f32,
 ) -> Result<Vec<f32>, HuError> {
+    let mut hu = Vec::new();
+    frame_to_hu_into(raw, pixels, format, fill_hu, &mut hu)?;
+    Ok(hu)
+}
+
+/// [`frame_to_hu`] into `hu` (cleared first), so a series reuses one buffer. The loop
+/// has no branch per sample (masking and sign extension are two shifts, padding a
+/// select), so the compiler vectorizes it.
+pub fn frame_to_hu_into(
+    raw: &[u8],
+    pixels: usize,
+    format: &PixelFormat,
+    fill_hu: f32,
+    hu: &mut Vec<f32>,
+) -> Result<(), HuError> {
     format.check()?;
     let bytes_per_sample = format.bits_allocated as usize / 8;
     let expected = pixels * bytes_per_sample;
@@ -73,23 +88,101 @@ pub fn frame_to_hu(
     }
     let slope = format.rescale_slope as f32;
     let intercept = format.rescale_intercept as f32;
-    let convert = |sample: u16| {
-        let stored = format.stored_value(sample);
-        if Some(stored) == format.padding_value {
-            fill_hu
+    // A padding value no stored value can equal stands for "no padding".
+    let padding = format.padding_value.unwrap_or(i32::MIN);
+    hu.clear();
+    hu.resize(pixels, 0.0);
+    let raw = &raw[..expected];
+    let convert =
+        Rescale { shift: 32 - u32::from(format.bits_stored), slope, intercept, padding, fill_hu };
+    let (words, signed) = (bytes_per_sample == 2, format.pixel_representation == 1);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked on the line above.
+        unsafe { convert.all_avx2(raw, words, signed, hu) };
+        return Ok(());
+    }
+    convert.all(raw, words, signed, hu);
+    Ok(())
+}
+
+/// HU rounded to whole units (half away from zero) and saturated to int16: how a
+/// cascade's fine grid is stored.
+pub fn to_int16(hu: &[f32]) -> Vec<i16> {
+    #[inline(always)]
+    fn round(hu: &[f32]) -> Vec<i16> {
+        hu.iter().map(|value| value.round().clamp(-32768.0, 32767.0) as i16).collect()
+    }
+    /// The same code compiled for 8-lane vectors, where rounding is an instruction.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn round_avx2(hu: &[f32]) -> Vec<i16> {
+        round(hu)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked on the line above.
+        return unsafe { round_avx2(hu) };
+    }
+    round(hu)
+}
+
+/// Stored samples to HU. A stored value is the low `bits_stored` bits, shifted up to the
+/// top of 32 and back: arithmetically (sign-extending) when signed, logically when not.
+struct Rescale {
+    shift: u32,
+    slope: f32,
+    intercept: f32,
+    padding: i32,
+    fill_hu: f32,
+}
+
+impl Rescale {
+    #[inline(always)]
+    fn one<const SIGNED: bool>(&self, sample: u32) -> f32 {
+        let stored = if SIGNED {
+            ((sample << self.shift) as i32) >> self.shift
         } else {
-            stored as f32 * slope + intercept
+            ((sample << self.shift) >> self.shift) as i32
+        };
+        let value = stored as f32 * self.slope + self.intercept;
+        if stored == self.padding {
+            self.fill_hu
+        } else {
+            value
         }
-    };
-    let hu = if bytes_per_sample == 2 {
-        raw[..expected]
-            .chunks_exact(2)
-            .map(|pair| convert(u16::from_le_bytes([pair[0], pair[1]])))
-            .collect()
-    } else {
-        raw[..expected].iter().map(|byte| convert(*byte as u16)).collect()
-    };
-    Ok(hu)
+    }
+
+    #[inline(always)]
+    fn all(&self, raw: &[u8], words: bool, signed: bool, hu: &mut [f32]) {
+        match (words, signed) {
+            (true, true) => self.words::<true>(raw, hu),
+            (true, false) => self.words::<false>(raw, hu),
+            (false, true) => self.bytes::<true>(raw, hu),
+            (false, false) => self.bytes::<false>(raw, hu),
+        }
+    }
+
+    /// The same code compiled for 8-lane vectors (no FMA, so the same rounding).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn all_avx2(&self, raw: &[u8], words: bool, signed: bool, hu: &mut [f32]) {
+        self.all(raw, words, signed, hu);
+    }
+
+    #[inline(always)]
+    fn words<const SIGNED: bool>(&self, raw: &[u8], hu: &mut [f32]) {
+        for (out, pair) in hu.iter_mut().zip(raw.chunks_exact(2)) {
+            *out = self.one::<SIGNED>(u32::from(u16::from_le_bytes([pair[0], pair[1]])));
+        }
+    }
+
+    #[inline(always)]
+    fn bytes<const SIGNED: bool>(&self, raw: &[u8], hu: &mut [f32]) {
+        for (out, byte) in hu.iter_mut().zip(raw) {
+            *out = self.one::<SIGNED>(u32::from(*byte));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -149,7 +242,42 @@ mod tests {
         );
     }
 
+    #[test]
+    fn int16_rounds_half_away_from_zero_and_saturates() {
+        let hu = [-1000.4, -0.5, 0.49999997, 0.5, 2.5, 40.6, 1e9, -1e9];
+        assert_eq!(to_int16(&hu), [-1000, -1, 0, 1, 3, 41, 32767, -32768]);
+        // Long enough for the vector loop, against the scalar rule.
+        let many: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 180.5).collect();
+        let expected: Vec<i16> = many.iter().map(|v| v.round() as i16).collect();
+        assert_eq!(to_int16(&many), expected);
+    }
+
     proptest! {
+        /// The vectorized loop against the rule written out sample by sample
+        /// ([`PixelFormat::stored_value`]), for any bit depth, sign and padding value.
+        #[test]
+        fn the_vector_loop_matches_the_rule(
+            raw in prop::collection::vec(any::<u16>(), 1..300),
+            bits_stored in 1u16..=16,
+            signed in any::<bool>(),
+            slope in 0.1f64..4.0,
+            intercept in -2048.0f64..2048.0,
+            padding_at in any::<prop::sample::Index>(),
+        ) {
+            let mut f = format(bits_stored, signed, slope, intercept);
+            f.padding_value = Some(f.stored_value(raw[padding_at.index(raw.len())]));
+            let hu = frame_to_hu(&bytes(&raw), raw.len(), &f, -1000.0).unwrap();
+            for (found, sample) in hu.iter().zip(&raw) {
+                let stored = f.stored_value(*sample);
+                let expected = if Some(stored) == f.padding_value {
+                    -1000.0
+                } else {
+                    stored as f32 * slope as f32 + intercept as f32
+                };
+                prop_assert_eq!(found.to_bits(), expected.to_bits());
+            }
+        }
+
         #[test]
         fn signed_sixteen_bit_round_trips(value in any::<i16>(), slope in 0.1f64..4.0, intercept in -2048.0f64..2048.0) {
             let hu = frame_to_hu(&bytes(&[value as u16]), 1, &format(16, true, slope, intercept), 0.0).unwrap()[0];

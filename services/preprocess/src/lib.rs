@@ -28,7 +28,6 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use dicom_object::DefaultDicomObject;
 use futures::StreamExt;
 use panscreen_shared::contracts::{
     subjects, SliceRef, Stage, StoredGrid, StudyIngested, StudyPreprocessed, TensorGeometry,
@@ -44,7 +43,7 @@ use tracing::info;
 use crate::decode::DecodeLimits;
 pub use crate::error::PreprocessError;
 use crate::resample::{
-    axis_weights, centred_positions, resample_plane, AxisWeights, SliceAccumulator,
+    axis_weights, centred_positions, AxisWeights, PlaneResampler, SliceAccumulator,
 };
 
 /// Folder of a study's grids in the work store, one per pass (a requeued study's
@@ -139,14 +138,18 @@ struct Grid {
     slice_positions: Vec<f64>,
     row_positions: Vec<f64>,
     column_positions: Vec<f64>,
-    row_weights: Arc<AxisWeights>,
-    column_weights: Arc<AxisWeights>,
+    row_weights: AxisWeights,
+    column_weights: AxisWeights,
     accumulator: SliceAccumulator,
 }
 
-/// What carries a source plane onto one grid's plane: the row and column weights and
-/// the fill outside the source.
-type PlaneWeights = (Arc<AxisWeights>, Arc<AxisWeights>, f32);
+/// What each slice's blocking step takes and hands back, so that a series allocates its
+/// buffers once: a resampler per grid, the decoded slice's HU, and each grid's plane.
+struct SliceWork {
+    resamplers: Vec<PlaneResampler>,
+    hu: Vec<f32>,
+    planes: Vec<Vec<f32>>,
+}
 
 /// How the series lies: its axes, the positions of its samples, and how the tensor's
 /// axes lie on them.
@@ -239,18 +242,14 @@ impl SeriesFrame {
         );
         let slice_weights =
             axis_weights(&self.slice_positions, self.slice_spacing, &slice_positions, dz);
-        let row_weights = Arc::new(axis_weights(
-            &self.row_positions,
-            self.pixel_spacing[0],
-            &row_positions,
-            row_step,
-        ));
-        let column_weights = Arc::new(axis_weights(
+        let row_weights =
+            axis_weights(&self.row_positions, self.pixel_spacing[0], &row_positions, row_step);
+        let column_weights = axis_weights(
             &self.column_positions,
             self.pixel_spacing[1],
             &column_positions,
             column_step,
-        ));
+        );
         let accumulator = SliceAccumulator::new(
             &slice_weights,
             self.slice_positions.len(),
@@ -343,12 +342,22 @@ impl PreprocessHandler {
             grids.iter().flat_map(|grid| grid.accumulator.needed_slices()).collect();
         needed.sort_unstable();
         needed.dedup();
-        let weights: Arc<Vec<PlaneWeights>> = Arc::new(
-            grids
+        let mut work = SliceWork {
+            resamplers: grids
                 .iter()
-                .map(|grid| (grid.row_weights.clone(), grid.column_weights.clone(), grid.fill))
+                .map(|grid| {
+                    PlaneResampler::new(
+                        &grid.row_weights,
+                        &grid.column_weights,
+                        rows,
+                        columns,
+                        grid.fill,
+                    )
+                })
                 .collect(),
-        );
+            hu: Vec::new(),
+            planes: vec![Vec::new(); grids.len()],
+        };
 
         // Objects are fetched once: the frames of an Enhanced CT object share its key.
         let mut previous_key: Option<String> = None;
@@ -369,23 +378,29 @@ impl PreprocessHandler {
             }
         }))
         .buffered(self.fetch_ahead.max(1));
-        let mut current: Option<Arc<DefaultDicomObject>> = None;
+        let mut current: Option<Arc<decode::Opened>> = None;
         let decode_fill = first.intensity.fill_hu as f32;
         while let Some((index, slice, bytes)) = fetched.next().await {
             let bytes = bytes.transpose()?;
-            let weights = weights.clone();
             let transposed = frame.placement.transposed;
             let reuse = current.clone();
-            let (object, planes) =
+            let (object, done) =
                 tokio::task::spawn_blocking(move || -> Result<_, PreprocessError> {
                     let object = match bytes {
-                        Some(bytes) => {
-                            Arc::new(decode::open(&slice.key, &bytes, &DecodeLimits::default())?)
-                        }
+                        Some(bytes) => Arc::new(decode::open_in_place(
+                            &slice.key,
+                            bytes,
+                            &DecodeLimits::default(),
+                        )?),
                         None => reuse.expect("the object of an earlier frame"),
                     };
-                    let decoded =
-                        decode::decode_frame(&slice.key, &object, slice.frame, decode_fill)?;
+                    let decoded = decode::decode_opened(
+                        &slice.key,
+                        &object,
+                        slice.frame,
+                        decode_fill,
+                        std::mem::take(&mut work.hu),
+                    )?;
                     if decoded.rows != rows || decoded.columns != columns {
                         return Err(PreprocessError::SliceSize {
                             key: slice.key.clone(),
@@ -403,33 +418,23 @@ impl PreprocessHandler {
                     {
                         return Err(PreprocessError::PositionChanged { key: slice.key.clone() });
                     }
-                    let planes = weights
-                        .iter()
-                        .map(|(row_weights, column_weights, fill)| {
-                            let plane = resample_plane(
-                                &decoded.hu,
-                                columns,
-                                row_weights,
-                                column_weights,
-                                *fill,
-                            );
-                            if transposed {
-                                let (rows, columns) =
-                                    (row_weights.per_target.len(), column_weights.per_target.len());
-                                orientation::transpose(&plane, rows, columns)
-                            } else {
-                                plane
-                            }
-                        })
-                        .collect::<Vec<_>>();
-                    Ok((object, planes))
+                    for (resampler, plane) in work.resamplers.iter_mut().zip(&mut work.planes) {
+                        resampler.resample_into(&decoded.hu, columns, plane);
+                        if transposed {
+                            let (rows, columns) = resampler.target_shape();
+                            *plane = orientation::transpose(plane, rows, columns);
+                        }
+                    }
+                    work.hu = decoded.hu;
+                    Ok((object, work))
                 })
                 .await
                 .map_err(|error| PreprocessError::TaskFailed(error.to_string()))??;
+            work = done;
             current = Some(object);
-            for (grid, plane) in grids.iter_mut().zip(planes) {
+            for (grid, plane) in grids.iter_mut().zip(&work.planes) {
                 if grid.accumulator.feeds(index) {
-                    grid.accumulator.add(index, &plane);
+                    grid.accumulator.add(index, plane);
                 }
             }
         }
@@ -456,8 +461,7 @@ impl PreprocessHandler {
         let fine_grid = match fine {
             Some((geometry, hu)) => {
                 let fine_key = fine_grid_key(&folder, &attempt);
-                let hu: Vec<i16> =
-                    hu.iter().map(|v| v.round().clamp(-32768.0, 32767.0) as i16).collect();
+                let hu = hu::to_int16(&hu);
                 if let Err(error) =
                     self.work.put(&fine_key, npy::encode_i16_gz(&geometry.shape, &hu)).await
                 {
