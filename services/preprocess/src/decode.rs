@@ -85,9 +85,9 @@ pub fn open(
     Ok(object)
 }
 
-/// An object ready to decode. When its pixel data is native little endian and ends the
-/// file (what CT scanners write), only the header is parsed and the pixels are read
-/// where they lie in the file; anything else is parsed whole, as [`open`] does.
+/// An object ready to decode. When its pixel data is native little endian (what CT
+/// scanners write), only the header is parsed and the pixels are read where they lie in
+/// the file; anything else is parsed whole, as [`open`] does.
 pub struct Opened {
     pub object: DefaultDicomObject,
     /// All frames' pixel bytes, when read in place.
@@ -102,8 +102,10 @@ impl Opened {
 }
 
 /// [`open`], reading native pixel data in place: it is neither copied into the object
-/// nor copied again by the decoder. Decodes to the same HU as [`open`] then
-/// [`decode_frame`] (the fuzz test checks this on every case).
+/// nor copied again by the decoder. With [`decode_opened`] it gives the same HU as
+/// [`open`] then [`decode_frame`], and refuses the same objects for the same image
+/// attributes; display attributes the pixel decoder also checks (window, VOI LUT) are not
+/// looked at. The fuzz test compares the two on every case.
 pub fn open_in_place(
     key: &str,
     bytes: Bytes,
