@@ -44,10 +44,10 @@ PYEOF
 taskset -c 0 "$PY" load-tests/python_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
 [ -d "$WORK/full300" ] || $BIN synth --size full --studies ${FULL300_STUDIES:-3} --slices 300 --seed 12 --out "$WORK/full300" > /dev/null
 cat "$WORK/full300/studies"/*/*/* > /dev/null
-# The volume path alone (no infer sharing the core): examples/volume_path.rs, built with
-# the same codecs as the binary.
-cargo build --quiet --release -p panscreen --features panscreen/gdcm --example volume_path
+# The volume path alone (no infer sharing the core): examples/volume_path.rs, which
+# `cargo xtask bench` builds with the same codecs as the binary.
 VOLUME=target/release/examples/volume_path
+[ -x "$VOLUME" ] || { echo "$VOLUME is missing: run cargo xtask bench, or build it with --example volume_path" >&2; exit 1; }
 for round in 1 2; do
   taskset -c 0 $VOLUME "$WORK/full300/studies" models/tiny-panda-cascade 2 | sed 's/^/panscreen volume path, both grids, 1 core: /'
   taskset -c 0 $VOLUME "$WORK/full300/studies" models/tiny-panda-cascade 2 --stage1-only | sed 's/^/panscreen volume path, stage 1 grid only, 1 core: /'

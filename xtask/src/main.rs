@@ -363,6 +363,11 @@ fn bench() -> anyhow::Result<()> {
     fetch_ort()?;
     setup_python()?;
     build_release(Codecs::All)?;
+    // dicom-bench.sh times the volume path alone with this example.
+    run(cargo(Codecs::All)?
+        .current_dir(root())
+        .args(["build", "--release", "-p", "panscreen", "--example", "volume_path"])
+        .args(Codecs::All.args()))?;
     run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))?;
     run(Command::new("bash").current_dir(root()).arg("load-tests/dicom-bench.sh"))
 }
