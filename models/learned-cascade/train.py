@@ -171,12 +171,11 @@ def cut(volume, start, size, fill):
     return out
 
 
-def sample(rng, studies, batch, size, volume_key, labels_key, positive, focus_p, fill, anchor=None, augment=False):
+def sample(rng, studies, batch, size, volume_key, labels_key, positive, focus_p, fill, anchor=None):
     """`batch` crops of `size`: with probability `focus_p` centred near a voxel of
     `positive` labels (when the study has one), else near a voxel of `anchor` labels
     (when given: where the model will be asked, and where the mimics are), else
-    anywhere in the volume. With `augment`, each crop is mirrored along each in-plane axis
-    with probability 1/2 and shifted by up to ±10 HU (the sites' calibration offsets)."""
+    anywhere in the volume."""
     cts, targets = [], []
     for _ in range(batch):
         study = studies[rng.integers(len(studies))]
@@ -192,22 +191,15 @@ def sample(rng, studies, batch, size, volume_key, labels_key, positive, focus_p,
         else:
             centre = [rng.integers(0, n) for n in volume.shape]
         start = [int(c) - k // 2 for c, k in zip(centre, size)]
-        ct = cut(volume.astype(np.float32), start, size, fill)
-        target = cut(wanted.astype(np.float32), start, size, 0.0)
-        if augment:
-            ct = np.where(ct > fill, ct + rng.uniform(-10.0, 10.0), ct)
-            for axis in (1, 2):
-                if rng.random() < 0.5:
-                    ct, target = np.flip(ct, axis), np.flip(target, axis)
-        cts.append(np.ascontiguousarray(ct))
-        targets.append(np.ascontiguousarray(target))
+        cts.append(cut(volume.astype(np.float32), start, size, fill))
+        targets.append(cut(wanted.astype(np.float32), start, size, 0.0))
     return np.stack(cts)[:, None], np.stack(targets)[:, None]
 
 
 # --------------------------------------------------------------------------- training
 
 
-def train(spec, studies, steps, batch, crop, volume_key, labels_key, positive, focus_p, fill, seed, lr_max, positive_weight, label, time_only=False, anchor=None, augment=False):
+def train(spec, studies, steps, batch, crop, volume_key, labels_key, positive, focus_p, fill, seed, lr_max, positive_weight, label, time_only=False, anchor=None):
     rng = np.random.default_rng(seed)
     params = init(spec, jax.random.PRNGKey(seed))
     state = (jax.tree_util.tree_map(jnp.zeros_like, params), jax.tree_util.tree_map(jnp.zeros_like, params))
@@ -216,7 +208,7 @@ def train(spec, studies, steps, batch, crop, volume_key, labels_key, positive, f
     losses = []
     for index in range(steps):
         lr = lr_max * 0.5 * (1 + np.cos(np.pi * index / steps)) if index > 20 else lr_max * (index + 1) / 21
-        ct, target = sample(rng, studies, batch, crop, volume_key, labels_key, positive, focus_p, fill, anchor, augment)
+        ct, target = sample(rng, studies, batch, crop, volume_key, labels_key, positive, focus_p, fill, anchor)
         params, state, loss = step(params, state, jnp.asarray(ct), jnp.asarray(target), index, lr)
         losses.append(float(loss))
         if index == 0:
@@ -253,7 +245,6 @@ def main():
     parser.add_argument("--time-steps", type=int, help="time this many steps of each stage; write nothing")
     parser.add_argument("--stages", default="locate,detect", help="train only these (the others' weights are left out)")
     parser.add_argument("--out", default=os.path.join(HERE, "weights.npz"))
-    parser.add_argument("--augment", action="store_true", help="mirror and HU-shift stage 2's crops")
     args = parser.parse_args()
     started = time.time()
     dataset = prepare(args.panscreen, args.work, args.studies, args.cohort_seed) if args.prepare else args.dataset
@@ -273,7 +264,7 @@ def main():
     if "detect" in stages:
         detect = train(DETECT, studies, detect_steps, DETECT["batch"], DETECT["crop"], "fine", "fine_labels", (2,),
                        DETECT["focus"], -1000.0, args.seed + 1, DETECT["lr"], DETECT["positive_weight"], "detect", timing,
-                       anchor=(1, 2), augment=args.augment)
+                       anchor=(1, 2))
         weights.update({f"detect/{k}": v for k, v in (detect or {}).items()})
     if timing:
         return 0
