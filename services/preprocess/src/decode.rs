@@ -112,7 +112,12 @@ pub fn open_in_place(
     limits: &DecodeLimits,
 ) -> Result<Opened, PreprocessError> {
     let walked = check_before_parsing(key, &bytes, limits)?;
-    if let Ok(header) = parse(key, &bytes, Some(tags::PIXEL_DATA)) {
+    // Encapsulated pixel data (undefined length) and a deflated data set (no offsets)
+    // cannot be read in place: those are parsed once, whole.
+    let may_be_native = walked.whole && walked.pixel_data.is_some_and(|at| at.length.is_some());
+    if let Some(header) =
+        may_be_native.then(|| parse(key, &bytes, Some(tags::PIXEL_DATA)).ok()).flatten()
+    {
         if let Some(range) = native_pixel_range(&walked, &header).filter(|r| r.end <= bytes.len()) {
             check_decoded_size(key, &header, limits)?;
             return Ok(Opened { object: header, native_pixels: Some(bytes.slice(range)) });

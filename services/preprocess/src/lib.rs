@@ -42,9 +42,7 @@ use tracing::info;
 
 use crate::decode::DecodeLimits;
 pub use crate::error::PreprocessError;
-use crate::resample::{
-    axis_weights, centred_positions, AxisWeights, PlaneResampler, SliceAccumulator,
-};
+use crate::resample::{axis_weights, centred_positions, PlaneResampler, SliceAccumulator};
 
 /// Folder of a study's grids in the work store, one per pass (a requeued study's
 /// generation gets its own): `tensors/<study>` or `tensors/<study>.g<generation>`.
@@ -134,12 +132,10 @@ fn grid_origin(first_position: [f64; 3], directions: [[f64; 3]; 3], offsets: [f6
 struct Grid {
     spacing: [f64; 3],
     shape: [usize; 3],
-    fill: f32,
     slice_positions: Vec<f64>,
     row_positions: Vec<f64>,
     column_positions: Vec<f64>,
-    row_weights: AxisWeights,
-    column_weights: AxisWeights,
+    resampler: PlaneResampler,
     accumulator: SliceAccumulator,
 }
 
@@ -242,13 +238,17 @@ impl SeriesFrame {
         );
         let slice_weights =
             axis_weights(&self.slice_positions, self.slice_spacing, &slice_positions, dz);
-        let row_weights =
-            axis_weights(&self.row_positions, self.pixel_spacing[0], &row_positions, row_step);
-        let column_weights = axis_weights(
-            &self.column_positions,
-            self.pixel_spacing[1],
-            &column_positions,
-            column_step,
+        let resampler = PlaneResampler::new(
+            &axis_weights(&self.row_positions, self.pixel_spacing[0], &row_positions, row_step),
+            &axis_weights(
+                &self.column_positions,
+                self.pixel_spacing[1],
+                &column_positions,
+                column_step,
+            ),
+            self.row_positions.len(),
+            self.column_positions.len(),
+            fill,
         );
         let accumulator = SliceAccumulator::new(
             &slice_weights,
@@ -259,12 +259,10 @@ impl SeriesFrame {
         Grid {
             spacing,
             shape,
-            fill,
             slice_positions,
             row_positions,
             column_positions,
-            row_weights,
-            column_weights,
+            resampler,
             accumulator,
         }
     }
@@ -343,18 +341,7 @@ impl PreprocessHandler {
         needed.sort_unstable();
         needed.dedup();
         let mut work = SliceWork {
-            resamplers: grids
-                .iter()
-                .map(|grid| {
-                    PlaneResampler::new(
-                        &grid.row_weights,
-                        &grid.column_weights,
-                        rows,
-                        columns,
-                        grid.fill,
-                    )
-                })
-                .collect(),
+            resamplers: grids.iter().map(|grid| grid.resampler.clone()).collect(),
             hu: Vec::new(),
             planes: vec![Vec::new(); grids.len()],
         };

@@ -297,20 +297,6 @@ fn columns_pass_any(partial: &[f32], windows: &Windows, out_row: &mut [f32]) {
     }
 }
 
-/// Resamples one source plane (`rows × columns`, row-major) onto the target plane.
-pub fn resample_plane(
-    plane: &[f32],
-    columns: usize,
-    row_weights: &AxisWeights,
-    column_weights: &AxisWeights,
-    fill: f32,
-) -> Vec<f32> {
-    let mut out = Vec::new();
-    PlaneResampler::new(row_weights, column_weights, plane.len() / columns, columns, fill)
-        .resample_into(plane, columns, &mut out);
-    out
-}
-
 /// Accumulates resampled planes into the target volume along the slice axis.
 pub struct SliceAccumulator {
     planes: usize,
@@ -382,6 +368,20 @@ impl SliceAccumulator {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Resamples one source plane (`rows × columns`, row-major) onto the target plane.
+    fn resample_plane(
+        plane: &[f32],
+        columns: usize,
+        row_weights: &AxisWeights,
+        column_weights: &AxisWeights,
+        fill: f32,
+    ) -> Vec<f32> {
+        let mut out = Vec::new();
+        PlaneResampler::new(row_weights, column_weights, plane.len() / columns, columns, fill)
+            .resample_into(plane, columns, &mut out);
+        out
+    }
 
     fn uniform(count: usize, spacing: f64) -> Vec<f64> {
         (0..count).map(|i| i as f64 * spacing).collect()
