@@ -126,15 +126,8 @@ pub fn parse(key: &str, size: u64, bytes: &[u8]) -> Result<InstanceHeader, Heade
 /// image storage class (a dose report, a presentation state, a PDF…).
 fn non_image_sop_class(object: &DefaultDicomObject) -> Option<String> {
     use dicom_core::dictionary::UidDictionary;
-    let uid = object
-        .element_opt(tags::SOP_CLASS_UID)
-        .ok()
-        .flatten()?
-        .to_str()
-        .ok()?
-        .trim_end_matches('\0')
-        .trim()
-        .to_string();
+    let uid =
+        object.get(tags::SOP_CLASS_UID)?.to_str().ok()?.trim_end_matches('\0').trim().to_string();
     let entry = dicom_dictionary_std::StandardSopClassDictionary.by_uid(&uid)?;
     (!entry.name.contains("Image Storage")).then(|| entry.name.to_string())
 }
@@ -195,19 +188,17 @@ fn header_from_object(
 ) -> Result<InstanceHeader, HeaderProblem> {
     let text = |tag: Tag| -> String {
         object
-            .element_opt(tag)
-            .ok()
-            .flatten()
+            .get(tag)
             .and_then(|element| {
                 element.to_str().ok().map(|value| value.trim().trim_end_matches('\0').to_string())
             })
             .unwrap_or_default()
     };
     let floats = |tag: Tag| -> Option<Vec<f64>> {
-        object.element_opt(tag).ok().flatten().and_then(|element| element.to_multi_float64().ok())
+        object.get(tag).and_then(|element| element.to_multi_float64().ok())
     };
     let integer = |tag: Tag| -> Option<i64> {
-        object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok())
+        object.get(tag).and_then(|element| element.to_int::<i64>().ok())
     };
     let required = |tag: Tag, name: &str| -> Result<String, HeaderProblem> {
         let value = text(tag);
@@ -236,9 +227,7 @@ fn header_from_object(
         panscreen_dicom::frame_floats(object, 0, panscreen_dicom::groups::PIXEL_MEASURES, tag)
     };
     let contrast_sequence = object
-        .element_opt(panscreen_dicom::groups::CONTRAST_BOLUS_AGENT_SEQUENCE)
-        .ok()
-        .flatten()
+        .get(panscreen_dicom::groups::CONTRAST_BOLUS_AGENT_SEQUENCE)
         .and_then(|element| element.items().map(|items| !items.is_empty()))
         .unwrap_or(false);
     let image_type = text(tags::IMAGE_TYPE)

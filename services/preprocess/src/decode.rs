@@ -47,7 +47,7 @@ pub struct DecodedSlice {
 }
 
 fn integer(object: &DefaultDicomObject, tag: Tag) -> Option<i64> {
-    object.element_opt(tag).ok().flatten().and_then(|element| element.to_int::<i64>().ok())
+    object.get(tag).and_then(|element| element.to_int::<i64>().ok())
 }
 
 fn unreadable(key: &str, detail: impl std::fmt::Display) -> PreprocessError {
@@ -321,7 +321,7 @@ fn decode(
         };
         required(tags::SAMPLES_PER_PIXEL, "SamplesPerPixel")?;
         required(tags::HIGH_BIT, "HighBit")?;
-        if object.element_opt(tags::PHOTOMETRIC_INTERPRETATION).ok().flatten().is_none() {
+        if object.get(tags::PHOTOMETRIC_INTERPRETATION).is_none() {
             return Err(unreadable(key, "PhotometricInterpretation is missing"));
         }
         let pixel_representation = required(tags::PIXEL_REPRESENTATION, "PixelRepresentation")?;
