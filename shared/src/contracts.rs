@@ -353,7 +353,7 @@ pub struct StudyPreprocessed {
 /// A grid preprocess stored in the work store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredGrid {
-    /// Key of the gzip-compressed `.npy` (`<i2`, HU) in the work store.
+    /// Key of the grid (HU as int16, `npy::encode_fine_grid`'s format) in the work store.
     pub key: String,
     pub geometry: TensorGeometry,
 }

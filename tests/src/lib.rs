@@ -140,6 +140,7 @@ pub fn small_cohort(out: PathBuf, studies: usize, seed: u64) -> SynthOptions {
         threads: 2,
         realistic: false,
         slices: None,
+        slice_spacing_mm: None,
         poses: panscreen_synth::Poses::Standard,
         anatomy: panscreen_synth::Anatomy::Basic,
         scan_centre_z_mm: None,

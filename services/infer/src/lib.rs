@@ -205,7 +205,7 @@ impl InferHandler {
     /// A cascade's fine grid: the whole scan on stage 2's grid, HU.
     async fn load_fine(&self, fine: &StoredGrid) -> Result<Vec<i16>, InferError> {
         let bytes = self.work.get(&fine.key).await?;
-        let (shape, hu) = npy::decode_i16_gz(&bytes)
+        let (shape, hu) = npy::decode_fine_grid(&bytes)
             .map_err(|error| InferError::TensorUnreadable(format!("{}: {error}", fine.key)))?;
         if shape != fine.geometry.shape {
             return Err(InferError::TensorShape {
@@ -533,10 +533,10 @@ mod tests {
         };
         let results = handler
             .handle_batch(vec![
-                message("empty.npy", Some("never-written.fine.npy.gz")),
+                message("empty.npy", Some("never-written.fine.npy.zst")),
                 message("empty.npy", None),
-                message("garbage.npy", Some("never-written.fine.npy.gz")),
-                message("deleted.npy", Some("deleted.fine.npy.gz")),
+                message("garbage.npy", Some("never-written.fine.npy.zst")),
+                message("deleted.npy", Some("deleted.fine.npy.zst")),
             ])
             .await;
         let Ok(Outcome::Publish { payload, .. }) = &results[0] else {

@@ -171,6 +171,10 @@ pub struct SynthArgs {
     /// Slices per series, overriding the size's own count.
     #[arg(long, env = "PANSCREEN_SYNTH_SLICES")]
     pub slices: Option<usize>,
+    /// Distance between slices in mm, overriding the size's own draw (with --slices, a
+    /// scan of a chosen length).
+    #[arg(long, env = "PANSCREEN_SYNTH_SLICE_SPACING_MM", value_parser = positive_mm)]
+    pub slice_spacing_mm: Option<f64>,
     /// Which phantom: basic (one build, easy lesions, white noise) or screening (every
     /// build, mimics, hard lesions, correlated noise, long scans; docs/synthetic-data.md).
     #[arg(long, value_enum, default_value = "basic", env = "PANSCREEN_SYNTH_ANATOMY")]
@@ -313,6 +317,15 @@ fn gdcm_decoder() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A distance in mm above zero (clap's parser for one).
+fn positive_mm(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(mm) if mm.is_finite() && mm > 0.0 => Ok(mm),
+        Ok(mm) => Err(format!("{mm} mm: a distance above 0 expected")),
+        Err(error) => Err(format!("{text:?} is not a number of mm: {error}")),
+    }
+}
+
 /// `panscreen synth`.
 fn synth(args: SynthArgs) -> anyhow::Result<()> {
     panscreen_shared::telemetry::init_stderr("warn", false);
@@ -328,6 +341,7 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         realistic: args.realistic_studies,
         slices: args.slices,
+        slice_spacing_mm: args.slice_spacing_mm,
         poses: args.poses.unwrap_or(match args.anatomy {
             Anatomy::Basic => Poses::Standard,
             Anatomy::Screening => Poses::Varied,

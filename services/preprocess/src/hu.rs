@@ -90,7 +90,7 @@ pub fn frame_to_hu_into(
     let intercept = format.rescale_intercept as f32;
     // A padding value no stored value can equal stands for "no padding".
     let padding = format.padding_value.unwrap_or(i32::MIN);
-    hu.clear();
+    // Every sample is written below: no need to clear what an earlier slice left.
     hu.resize(pixels, 0.0);
     let raw = &raw[..expected];
     let convert =
@@ -109,22 +109,45 @@ pub fn frame_to_hu_into(
 /// HU rounded to whole units (half away from zero) and saturated to int16: how a
 /// cascade's fine grid is stored.
 pub fn to_int16(hu: &[f32]) -> Vec<i16> {
+    let mut out = vec![0; hu.len()];
+    to_int16_into(hu, &mut out);
+    out
+}
+
+/// [`to_int16`] into `out`, which is as long as `hu`.
+pub fn to_int16_into(hu: &[f32], out: &mut [i16]) {
+    assert_eq!(hu.len(), out.len(), "one int16 per HU value");
     #[inline(always)]
-    fn round(hu: &[f32]) -> Vec<i16> {
-        hu.iter().map(|value| value.round().clamp(-32768.0, 32767.0) as i16).collect()
+    fn round(hu: &[f32], out: &mut [i16]) {
+        for (out, value) in out.iter_mut().zip(hu) {
+            // NaN (never made from stored values) is 0, as `as` would make it; everything
+            // else is clamped into range, so the unchecked conversion vectorizes.
+            let rounded = value.round();
+            let clamped = if rounded.is_nan() { 0.0 } else { rounded.clamp(-32768.0, 32767.0) };
+            // SAFETY: `clamped` is finite and within i16, so within i32.
+            *out = unsafe { clamped.to_int_unchecked::<i32>() } as i16;
+        }
     }
     /// The same code compiled for 8-lane vectors, where rounding is an instruction.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn round_avx2(hu: &[f32]) -> Vec<i16> {
-        round(hu)
+    fn round_avx2(hu: &[f32], out: &mut [i16]) {
+        round(hu, out)
     }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked on the line above.
-        return unsafe { round_avx2(hu) };
+        return unsafe { round_avx2(hu, out) };
     }
-    round(hu)
+    round(hu, out)
+}
+
+/// The fine grid as preprocess stores it: HU rounded to int16 ([`to_int16`]) in the
+/// format of [`panscreen_shared::npy::encode_fine_grid`], rounded a piece at a time.
+pub fn encode_fine_grid(shape: &[usize], hu: &[f32]) -> bytes::Bytes {
+    panscreen_shared::npy::encode_fine_grid_with(shape, |start, chunk| {
+        to_int16_into(&hu[start..][..chunk.len()], chunk)
+    })
 }
 
 /// Stored samples to HU. A stored value is the low `bits_stored` bits, shifted up to the
@@ -246,10 +269,25 @@ mod tests {
     fn int16_rounds_half_away_from_zero_and_saturates() {
         let hu = [-1000.4, -0.5, 0.49999997, 0.5, 2.5, 40.6, 1e9, -1e9];
         assert_eq!(to_int16(&hu), [-1000, -1, 0, 1, 3, 41, 32767, -32768]);
+        let odd = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -32768.6, 32767.4];
+        assert_eq!(to_int16(&odd), [0, 32767, -32768, -32768, 32767]);
         // Long enough for the vector loop, against the scalar rule.
         let many: Vec<f32> = (0..1000).map(|i| i as f32 * 0.37 - 180.5).collect();
         let expected: Vec<i16> = many.iter().map(|v| v.round() as i16).collect();
         assert_eq!(to_int16(&many), expected);
+    }
+
+    #[test]
+    fn the_stored_fine_grid_is_the_rounded_grid_piece_by_piece() {
+        // Several of the encoder's 32 Ki pieces and a part of one, values past int16 too.
+        let shape = [1, 1, 7, 101, 97];
+        let hu: Vec<f32> =
+            (0..7 * 101 * 97).map(|i| ((i * 7919) % 80_001) as f32 - 40_000.5).collect();
+        let encoded = encode_fine_grid(&shape, &hu);
+        let (decoded_shape, decoded) = panscreen_shared::npy::decode_fine_grid(&encoded).unwrap();
+        assert_eq!(decoded_shape, shape);
+        assert_eq!(decoded, to_int16(&hu));
+        assert!(decoded.contains(&i16::MIN) && decoded.contains(&i16::MAX));
     }
 
     proptest! {

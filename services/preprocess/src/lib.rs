@@ -75,7 +75,7 @@ pub fn tensor_key(folder: &str, attempt: &str) -> String {
 
 /// Key of a cascade's fine grid (the whole scan in HU on stage 2's grid).
 pub fn fine_grid_key(folder: &str, attempt: &str) -> String {
-    format!("{folder}/{attempt}.fine.npy.gz")
+    format!("{folder}/{attempt}.fine.npy.zst")
 }
 
 /// Deletes the tensors of `done` studies left in the work store (kept with `--keep-work`,
@@ -444,14 +444,24 @@ impl PreprocessHandler {
         let folder = tensor_folder(&study.context.study_key, study.context.generation);
         let attempt = attempt_name();
         let key = tensor_key(&folder, &attempt);
+        // Rounding and compressing the fine grid takes tens of milliseconds: off the async
+        // workers, and before anything is stored, so that a failure leaves nothing behind.
+        let fine = match fine {
+            Some((geometry, hu)) => {
+                let shape = geometry.shape.clone();
+                let encoded =
+                    tokio::task::spawn_blocking(move || hu::encode_fine_grid(&shape, &hu))
+                        .await
+                        .map_err(|error| PreprocessError::TaskFailed(error.to_string()))?;
+                Some((geometry, encoded))
+            }
+            None => None,
+        };
         self.work.put(&key, npy::encode_f32(&geometry.shape, &volume)).await?;
         let fine_grid = match fine {
-            Some((geometry, hu)) => {
+            Some((geometry, encoded)) => {
                 let fine_key = fine_grid_key(&folder, &attempt);
-                let hu = hu::to_int16(&hu);
-                if let Err(error) =
-                    self.work.put(&fine_key, npy::encode_i16_gz(&geometry.shape, &hu)).await
-                {
+                if let Err(error) = self.work.put(&fine_key, encoded).await {
                     // The next attempt writes both afresh; this one's tensor would be
                     // referenced by nothing.
                     let _ = self.work.delete_if_present(&key).await;

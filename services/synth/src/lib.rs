@@ -123,6 +123,10 @@ pub struct SynthOptions {
     /// Slices per series instead of the size's own count (a 1,000-slice series for the
     /// memory benchmark, say).
     pub slices: Option<usize>,
+    /// Distance between slices (mm) instead of the size's own draw: with `slices`, a
+    /// scan of a chosen length (300 slices 1.25 mm apart for the volume-path benchmark,
+    /// a scan every slice of which a cascade's stage 1 sees).
+    pub slice_spacing_mm: Option<f64>,
     pub poses: Poses,
     pub anatomy: Anatomy,
     /// Where the middle of every scan lies along the patient's head–foot axis (LPS z,
@@ -145,6 +149,7 @@ impl SynthOptions {
             "anatomy": self.anatomy.name(),
             "poses": match self.poses { Poses::Standard => "standard", Poses::Varied => "varied" },
             "slices": self.slices,
+            "slice_spacing_mm": self.slice_spacing_mm,
             "scan_centre_z_mm": self.scan_centre_z_mm,
         })
     }
@@ -179,6 +184,8 @@ impl SynthOptions {
             threads: 1,
             realistic: false,
             slices: field("slices")?.as_u64().map(|n| n as usize),
+            // Absent from records written before the option existed.
+            slice_spacing_mm: record.get("slice_spacing_mm").and_then(|v| v.as_f64()),
             poses: match text_of("poses")?.as_str() {
                 "standard" => Poses::Standard,
                 "varied" => Poses::Varied,
@@ -401,6 +408,7 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
         }
     };
     let slices = options.slices.unwrap_or(slices);
+    let slice_spacing = options.slice_spacing_mm.unwrap_or(slice_spacing);
     let signed_pixels = rng.chance(0.5);
     let header = SeriesHeader {
         patient_name: patient_name.clone(),
@@ -869,6 +877,45 @@ mod tests {
     }
 
     #[test]
+    fn a_chosen_slice_distance_is_drawn_and_recorded() {
+        let scratch = std::env::temp_dir().join(format!("synth-spacing-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch).unwrap();
+        let options = SynthOptions {
+            out: scratch.clone(),
+            studies: 3,
+            seed: 12,
+            prevalence: 0.0,
+            size: Size::Full,
+            sites: SiteRegistry::builtin(),
+            threads: 1,
+            realistic: false,
+            slices: Some(300),
+            slice_spacing_mm: Some(1.25),
+            poses: Poses::Standard,
+            anatomy: Anatomy::Basic,
+            scan_centre_z_mm: None,
+        };
+        for index in 0..options.studies {
+            let image = plan_study(&options, index, false).truth.image;
+            assert_eq!(image.slice_spacing_mm, 1.25);
+            assert_eq!(image.scan_z_mm[1] - image.scan_z_mm[0], 299.0 * 1.25);
+        }
+        // Without it, the size's own draw: 1–2.5 mm.
+        let drawn = SynthOptions { slice_spacing_mm: None, ..options.clone() };
+        let spacings: Vec<f64> = (0..12)
+            .map(|index| plan_study(&drawn, index, false).truth.image.slice_spacing_mm)
+            .collect();
+        assert!(spacings.iter().any(|spacing| *spacing != 1.25), "{spacings:?}");
+        std::fs::write(scratch.join(COHORT_RECORD), options.record().to_string()).unwrap();
+        assert_eq!(SynthOptions::from_record(&scratch).unwrap().slice_spacing_mm, Some(1.25));
+        let mut earlier = options.record();
+        earlier.as_object_mut().unwrap().remove("slice_spacing_mm");
+        std::fs::write(scratch.join(COHORT_RECORD), earlier.to_string()).unwrap();
+        assert_eq!(SynthOptions::from_record(&scratch).unwrap().slice_spacing_mm, None);
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+
+    #[test]
     fn a_voxel_carries_the_reference_noise_scaled_by_its_volume() {
         // The reference voxel itself, and one 4 times its volume (half the noise).
         assert!((voxel_noise_factor(0.75, 5.0) - 1.0).abs() < 1e-12);
@@ -884,6 +931,7 @@ mod tests {
                 threads: 1,
                 realistic: false,
                 slices: None,
+                slice_spacing_mm: None,
                 poses: Poses::Varied,
                 anatomy: Anatomy::Screening,
                 scan_centre_z_mm: None,
