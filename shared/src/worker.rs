@@ -465,11 +465,7 @@ async fn settle<H: Handler>(
                 }
                 Some(Published::New) => {
                     warn!(reason = %record.reason, "quarantined");
-                    counters.quarantined.fetch_add(1, Ordering::Relaxed);
-                    let payload = delivery.payload.clone();
-                    if log_settle_error(delivery.term().await) {
-                        handler.finished(&payload).await;
-                    }
+                    settle_quarantined(handler, counters, delivery).await;
                 }
                 None => {
                     counters.retried.fetch_add(1, Ordering::Relaxed);
@@ -511,16 +507,21 @@ async fn settle<H: Handler>(
         .await
         .is_some()
     {
-        counters.quarantined.fetch_add(1, Ordering::Relaxed);
-        // Terminated first: a quarantined message is not delivered again, so nothing
-        // comes back to find its data gone.
-        let payload = delivery.payload.clone();
-        if log_settle_error(delivery.term().await) {
-            handler.finished(&payload).await;
-        }
+        settle_quarantined(handler, counters, delivery).await;
         return;
     }
     log_settle_error(delivery.nak(Duration::from_millis(500)).await);
+}
+
+/// Settles a message whose quarantine record went out. Terminated first, then its data
+/// released: a quarantined message is not delivered again, so nothing comes back to find
+/// its data gone.
+async fn settle_quarantined<H: Handler>(handler: &H, counters: &StageCounters, delivery: Delivery) {
+    counters.quarantined.fetch_add(1, Ordering::Relaxed);
+    let payload = delivery.payload.clone();
+    if log_settle_error(delivery.term().await) {
+        handler.finished(&payload).await;
+    }
 }
 
 /// Logs a failed settlement; returns whether it went through.
