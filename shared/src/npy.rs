@@ -157,17 +157,11 @@ pub fn decode_u8(bytes: &[u8]) -> Result<(Vec<usize>, Vec<u8>), NpyError> {
 /// planes = numpy.load(io.BytesIO(zstandard.decompress(data)))
 /// hu = (planes[0].astype("<u2") | (planes[1].astype("<u2") << 8)).view("<i2")
 /// ```
-pub fn encode_fine_grid(shape: &[usize], data: &[i16]) -> Bytes {
-    debug_assert_eq!(shape.iter().product::<usize>(), data.len(), "shape matches data");
-    encode_fine_grid_with(shape, |start, piece| {
-        piece.copy_from_slice(&data[start..][..piece.len()])
-    })
-}
-
-/// [`encode_fine_grid`] from values made a piece at a time: `fill(start, piece)` writes
-/// elements `start..start + piece.len()` (C order) into `piece`. A grid held as something
-/// else (HU as f32, say) is converted once, straight into the byte planes.
-pub fn encode_fine_grid_with(shape: &[usize], mut fill: impl FnMut(usize, &mut [i16])) -> Bytes {
+///
+/// The values are made a piece at a time: `fill(start, piece)` writes elements
+/// `start..start + piece.len()` (C order) into `piece`, so a grid held as something else
+/// (HU as f32, say) is converted once, straight into the byte planes.
+pub fn encode_fine_grid(shape: &[usize], mut fill: impl FnMut(usize, &mut [i16])) -> Bytes {
     const PIECE: usize = 32 * 1024;
     let total: usize = shape.iter().product();
     let planes_shape: Vec<usize> = std::iter::once(2).chain(shape.iter().copied()).collect();
@@ -228,10 +222,15 @@ mod tests {
         assert_eq!(decode_f32(&encoded).unwrap(), (vec![1, 2, 3, 4], data));
     }
 
+    /// [`encode_fine_grid`] of values already held.
+    fn encode_values(shape: &[usize], data: &[i16]) -> Bytes {
+        encode_fine_grid(shape, |start, piece| piece.copy_from_slice(&data[start..][..piece.len()]))
+    }
+
     #[test]
     fn the_fine_grid_round_trips_through_byte_planes() {
         let data: Vec<i16> = (0..60).map(|i| i * 1037 - 30_000).collect();
-        let encoded = encode_fine_grid(&[3, 4, 5], &data);
+        let encoded = encode_values(&[3, 4, 5], &data);
         assert_eq!(&encoded[..4], [0x28, 0xb5, 0x2f, 0xfd], "zstd magic");
         assert_eq!(decode_fine_grid(&encoded).unwrap(), (vec![3, 4, 5], data.clone()));
         // The planes, as numpy sees them after zstd: low bytes, then high bytes.
@@ -242,7 +241,7 @@ mod tests {
         assert_eq!(bytes[60], data[0].to_le_bytes()[1]);
         // Pieces: more than one 32 Ki piece and a part of one.
         let long: Vec<i16> = (0..70_007).map(|i| (i * 7919 % 65_536 - 32_768) as i16).collect();
-        let decoded = decode_fine_grid(&encode_fine_grid(&[7, 10_001], &long)).unwrap();
+        let decoded = decode_fine_grid(&encode_values(&[7, 10_001], &long)).unwrap();
         assert_eq!(decoded, (vec![7, 10_001], long));
     }
 
@@ -268,7 +267,7 @@ mod tests {
         assert_eq!(decode_fine_grid(&encode_f32(&[1], &[1.0])), Err(NpyError::NotNpy));
         assert_eq!(decode_fine_grid(b""), Err(NpyError::NotNpy));
         // A zstd frame cut short, and planes of the wrong shape.
-        let encoded = encode_fine_grid(&[2, 2], &[1, 2, 3, 4]);
+        let encoded = encode_values(&[2, 2], &[1, 2, 3, 4]);
         assert_eq!(decode_fine_grid(&encoded[..encoded.len() - 3]), Err(NpyError::NotNpy));
         let three_planes = zstd::bulk::compress(&encode_u8(&[3, 2], &[0; 6]), 1).unwrap();
         assert!(matches!(decode_fine_grid(&three_planes), Err(NpyError::Unsupported(_))));

@@ -145,7 +145,7 @@ pub fn to_int16_into(hu: &[f32], out: &mut [i16]) {
 /// The fine grid as preprocess stores it: HU rounded to int16 ([`to_int16`]) in the
 /// format of [`panscreen_shared::npy::encode_fine_grid`], rounded a piece at a time.
 pub fn encode_fine_grid(shape: &[usize], hu: &[f32]) -> bytes::Bytes {
-    panscreen_shared::npy::encode_fine_grid_with(shape, |start, chunk| {
+    panscreen_shared::npy::encode_fine_grid(shape, |start, chunk| {
         to_int16_into(&hu[start..][..chunk.len()], chunk)
     })
 }
