@@ -163,19 +163,38 @@ impl Drop for SeaweedFs {
 }
 
 impl SeaweedFs {
-    /// Creates a bucket (SeaweedFS without an S3 config takes anonymous requests).
+    /// Creates a bucket (SeaweedFS without an S3 config takes anonymous requests). The S3
+    /// port listens before its filer is ready: a reset connection or a non-200 answer is
+    /// tried again for up to 30 s.
     pub fn create_bucket(&self, name: &str) {
         use std::io::{Read, Write};
-        let mut stream =
-            TcpStream::connect(("127.0.0.1", self.s3_port)).expect("connect to SeaweedFS S3");
         let request = format!(
             "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             self.s3_port
         );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200"), "creating bucket {name}: {response}");
+        let attempt = || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect(("127.0.0.1", self.s3_port))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut tried = false;
+        loop {
+            let last = attempt();
+            // A retry finds the bucket an attempt whose answer was lost had made.
+            let made = |response: &String| {
+                response.starts_with("HTTP/1.1 200")
+                    || (tried && response.contains("<Code>BucketAlreadyOwnedByYou</Code>"))
+            };
+            if last.as_ref().is_ok_and(made) {
+                return;
+            }
+            tried = true;
+            assert!(Instant::now() < deadline, "creating bucket {name}: {last:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Writes an object under a key given as raw bytes, percent-encoded on the wire as
