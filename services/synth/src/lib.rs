@@ -245,9 +245,11 @@ pub struct ImageTruth {
     pub slice_spacing_mm: f64,
     /// Head–foot extent of the scan (LPS z of the first and last slice, mm).
     pub scan_z_mm: [f64; 2],
-    /// Standard deviation (pixels) of the Gaussian the white noise was smoothed with
-    /// before being scaled to `noise_sigma_hu` (0: white noise).
-    pub noise_correlation_px: f64,
+    /// Width (Gaussian σ, mm) of the reconstruction kernel's roll-off that shapes the
+    /// noise's spectrum, [`noise::ct_noise`] (0: white noise). 0.45–1.05 mm puts the
+    /// noise's power peak at 0.25–0.11 cycles/mm, from a standard abdominal kernel to a
+    /// smooth one.
+    pub noise_kernel_mm: f64,
     /// In-plane blur of the noise-free image (Gaussian σ, mm; 0: none).
     pub blur_mm: f64,
     /// The scan's noise as radiology states it: σ (HU) in a uniform region of a
@@ -450,7 +452,7 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
                 pixel_spacing_mm: pixel_spacing,
                 slice_spacing_mm: slice_spacing,
                 scan_z_mm: [first_z, first_z + (slices - 1) as f64 * slice_spacing],
-                noise_correlation_px: 0.0,
+                noise_kernel_mm: 0.0,
                 blur_mm: 0.0,
                 site_offset_hu: 0.0,
                 noise_reference_sigma_hu: noise_sigma
@@ -480,7 +482,7 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
                 pixel_spacing_mm: pixel_spacing,
                 slice_spacing_mm: slice_spacing,
                 scan_z_mm: [first_z, first_z + length],
-                noise_correlation_px: rng.uniform(0.6, 1.4),
+                noise_kernel_mm: rng.uniform(0.45, 1.05),
                 blur_mm: rng.uniform(0.5, 1.0),
                 site_offset_hu: site_offset_hu(&site.id),
                 noise_reference_sigma_hu: reference_sigma,
@@ -601,9 +603,10 @@ impl StudyPlan {
         let image = &self.truth.image;
         let mut rng = Rng::derive(seed, &[self.truth.index as u64, salt + slice as u64]);
         let sigma = self.truth.noise_sigma_hu;
-        if image.noise_correlation_px > 0.0 {
+        if image.noise_kernel_mm > 0.0 {
             let rows = self.truth.rows;
-            let noise = noise::correlated(&mut rng, rows, rows, image.noise_correlation_px, sigma);
+            let kernel_px = image.noise_kernel_mm / image.pixel_spacing_mm;
+            let noise = noise::ct_noise(&mut rng, rows, rows, kernel_px, sigma);
             for (value, noise) in hu.iter_mut().zip(noise) {
                 *value += noise + image.site_offset_hu as f32;
             }
@@ -806,7 +809,7 @@ fn write_labels(path: &Path, truths: &[StudyTruth]) -> anyhow::Result<()> {
             Arc::new(truths.iter().map(|t| Some(t.noise_sigma_hu)).collect::<Float64Array>()),
         ),
         ("noise_reference_sigma_hu", image_field(|i| i.noise_reference_sigma_hu)),
-        ("noise_correlation_px", image_field(|i| i.noise_correlation_px)),
+        ("noise_kernel_mm", image_field(|i| i.noise_kernel_mm)),
         ("blur_mm", image_field(|i| i.blur_mm)),
         ("site_offset_hu", image_field(|i| i.site_offset_hu)),
         ("pixel_spacing_mm", image_field(|i| i.pixel_spacing_mm)),
