@@ -62,7 +62,7 @@ pub fn blur(image: &[f32], rows: usize, columns: usize, sigma: f64) -> Vec<f32> 
 /// scale) times the square of the kernel's roll-off, a Gaussian of `kernel_px` pixels.
 ///
 /// Smoothed white noise scaled back to σ would peak at zero frequency instead, and put
-/// 3–10 times this noise's power into the 10 mm regions a detector weighs.
+/// 2.5–10 times this noise's power into the 10 mm regions a detector weighs.
 pub fn ct_noise(
     rng: &mut Rng,
     rows: usize,

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Compares the exported ONNX files with the JAX networks of train.py on one study.
+
+NOT FOR CLINICAL USE. Needs JAX and onnxruntime (the training environment, not
+panscreen's venv); no build or test step runs it. Reads what `panscreen model dataset`
+writes (train.py --prepare leaves it in WORK/dataset) and the committed weights.npz.
+
+detect: the middle 32 x 64 x 64 of the first lesion study's fine crop, its tempered lesion
+map (logits averaged over architecture.py's mask_pool, padding not counted, divided by
+the temperature, through a sigmoid) from onnxruntime against JAX.
+locate: that study's whole coarse grid, the pancreas probability, the same way.
+
+Usage: compare_export.py DATASET_DIR
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+import onnxruntime
+from jax import lax
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from architecture import DETECT, LOCATE  # noqa: E402
+from train import unet  # noqa: E402
+
+
+def fit(volume, shape, fill):
+    """The middle of `volume` in a `shape` array (cut or padded with `fill`), as N, C = 1."""
+    out = np.full(shape, fill, np.float32)
+    inside, outside = [], []
+    for n, m in zip(volume.shape, shape):
+        start_in, start_out, size = max(0, (n - m) // 2), max(0, (m - n) // 2), min(n, m)
+        inside.append(slice(start_in, start_in + size))
+        outside.append(slice(start_out, start_out + size))
+    out[tuple(outside)] = volume[tuple(inside)]
+    return out[None, None]
+
+
+def main() -> int:
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    dataset = sys.argv[1]
+    stored = np.load(os.path.join(HERE, "weights.npz"))
+
+    def params(stage):
+        return {k.split("/", 1)[1]: jnp.asarray(stored[k]) for k in stored.files if k.startswith(stage + "/")}
+
+    rows = [json.loads(line) for line in open(os.path.join(dataset, "dataset.jsonl"))]
+    row = next(r for r in rows if r["lesion_present"])
+    study = "study-%05d" % row["study_index"]
+
+    fine = fit(np.load(os.path.join(dataset, "fine", study + ".npy")).astype(np.float32), (32, 64, 64), -1000.0)
+    session = onnxruntime.InferenceSession(os.path.join(HERE, "detect.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(["lesion_mask"], {"ct": fine})[0]
+    logits = unet(params("detect"), DETECT, jnp.asarray(fine))
+    window = (1, 1, *DETECT["mask_pool"])
+    pads = [(0, 0), (0, 0)] + [(k // 2, k // 2) for k in DETECT["mask_pool"]]
+    total = lax.reduce_window(logits, 0.0, lax.add, window, (1, 1, 1, 1, 1), pads)
+    count = lax.reduce_window(jnp.ones_like(logits), 0.0, lax.add, window, (1, 1, 1, 1, 1), pads)
+    reference = np.asarray(jax.nn.sigmoid(total / count / DETECT["mask_temperature"]))
+    print(f"detect ({study}): largest difference {np.abs(exported - reference).max():.2e}, "
+          f"map's highest {exported.max():.4f}")
+
+    coarse = fit(np.load(os.path.join(dataset, "coarse", study + ".npy")).astype(np.float32), (112, 96, 96), -1000.0)
+    session = onnxruntime.InferenceSession(os.path.join(HERE, "locate.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(["pancreas"], {"ct": coarse})[0][:, 1:2]
+    reference = np.asarray(jax.nn.sigmoid(unet(params("locate"), LOCATE, jnp.asarray(coarse))))
+    print(f"locate ({study}): largest difference {np.abs(exported - reference).max():.2e}, "
+          f"voxels above 0.5: {int((exported > 0.5).sum())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
