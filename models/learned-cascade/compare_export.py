@@ -27,19 +27,13 @@ from jax import lax
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from architecture import DETECT, LOCATE  # noqa: E402
-from train import unet  # noqa: E402
+from train import cut, unet  # noqa: E402
 
 
-def fit(volume, shape, fill):
-    """The middle of `volume` in a `shape` array (cut or padded with `fill`), as N, C = 1."""
-    out = np.full(shape, fill, np.float32)
-    inside, outside = [], []
-    for n, m in zip(volume.shape, shape):
-        start_in, start_out, size = max(0, (n - m) // 2), max(0, (m - n) // 2), min(n, m)
-        inside.append(slice(start_in, start_in + size))
-        outside.append(slice(start_out, start_out + size))
-    out[tuple(outside)] = volume[tuple(inside)]
-    return out[None, None]
+def middle(volume, shape):
+    """The middle of `volume` in a `shape` array (train.py's cut, -1000 HU outside), as N, C = 1."""
+    start = [(n - m) // 2 for n, m in zip(volume.shape, shape)]
+    return cut(volume, start, shape, -1000.0)[None, None]
 
 
 def main() -> int:
@@ -56,7 +50,7 @@ def main() -> int:
     row = next(r for r in rows if r["lesion_present"])
     study = "study-%05d" % row["study_index"]
 
-    fine = fit(np.load(os.path.join(dataset, "fine", study + ".npy")).astype(np.float32), (32, 64, 64), -1000.0)
+    fine = middle(np.load(os.path.join(dataset, "fine", study + ".npy")), (32, 64, 64))
     session = onnxruntime.InferenceSession(os.path.join(HERE, "detect.onnx"), providers=["CPUExecutionProvider"])
     exported = session.run(["lesion_mask"], {"ct": fine})[0]
     logits = unet(params("detect"), DETECT, jnp.asarray(fine))
@@ -68,7 +62,7 @@ def main() -> int:
     print(f"detect ({study}): largest difference {np.abs(exported - reference).max():.2e}, "
           f"map's highest {exported.max():.4f}")
 
-    coarse = fit(np.load(os.path.join(dataset, "coarse", study + ".npy")).astype(np.float32), (112, 96, 96), -1000.0)
+    coarse = middle(np.load(os.path.join(dataset, "coarse", study + ".npy")), (112, 96, 96))
     session = onnxruntime.InferenceSession(os.path.join(HERE, "locate.onnx"), providers=["CPUExecutionProvider"])
     exported = session.run(["pancreas"], {"ct": coarse})[0][:, 1:2]
     reference = np.asarray(jax.nn.sigmoid(unet(params("locate"), LOCATE, jnp.asarray(coarse))))
