@@ -246,7 +246,7 @@ pub struct ImageTruth {
     /// Head–foot extent of the scan (LPS z of the first and last slice, mm).
     pub scan_z_mm: [f64; 2],
     /// Width (Gaussian σ, mm) of the reconstruction kernel's roll-off that shapes the
-    /// noise's spectrum, [`noise::ct_noise`] (0: white noise). 0.45–1.05 mm puts the
+    /// noise's spectrum, [`noise::CtNoise`] (0: white noise). 0.45–1.05 mm puts the
     /// noise's power peak at 0.25–0.11 cycles/mm, from a standard abdominal kernel to a
     /// smooth one.
     pub noise_kernel_mm: f64,
@@ -357,6 +357,8 @@ pub struct StudyPlan {
     pub directions: ([f64; 3], [f64; 3]),
     /// The study's generator after the plan's draws (the other series' UIDs).
     rest: Rng,
+    /// The noise's spectrum, worked out on the first slice that needs it.
+    noise: std::sync::OnceLock<noise::CtNoise>,
 }
 
 /// The study's plan: the same `options`, `index` and `with_lesion` give the same plan
@@ -560,6 +562,7 @@ pub fn plan_study(options: &SynthOptions, index: usize, with_lesion: bool) -> St
         positions,
         directions: (row_direction, column_direction),
         rest: rng,
+        noise: std::sync::OnceLock::new(),
     }
 }
 
@@ -606,7 +609,10 @@ impl StudyPlan {
         if image.noise_kernel_mm > 0.0 {
             let rows = self.truth.rows;
             let kernel_px = image.noise_kernel_mm / image.pixel_spacing_mm;
-            let noise = noise::ct_noise(&mut rng, rows, rows, kernel_px, sigma);
+            let noise = self
+                .noise
+                .get_or_init(|| noise::CtNoise::new(rows, rows, kernel_px))
+                .draw(&mut rng, sigma);
             for (value, noise) in hu.iter_mut().zip(noise) {
                 *value += noise + image.site_offset_hu as f32;
             }

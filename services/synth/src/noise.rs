@@ -3,7 +3,7 @@
 //! CT noise is not white: filtered back-projection's ramp filter takes the power out of
 //! the lowest frequencies and the reconstruction kernel rolls off the highest, so noise
 //! comes in grains a few pixels wide, which a detector tuned on white noise mistakes for
-//! structure, while regions a lesion wide average it away. [`ct_noise`] draws noise with
+//! structure, while regions a lesion wide average it away. [`CtNoise`] draws noise with
 //! that spectrum and the wanted standard deviation; [`blur`] is the scanner's limited
 //! resolution on the noise-free image.
 
@@ -57,58 +57,77 @@ pub fn blur(image: &[f32], rows: usize, columns: usize, sigma: f64) -> Vec<f32> 
     convolve(&wide, rows, columns, &kernel(sigma)).into_iter().map(|v| v as f32).collect()
 }
 
-/// Noise of standard deviation `sigma_hu` with the spectrum filtered back-projection
-/// gives CT: the ramp filter's |f| (no power at zero frequency, little at a lesion's
-/// scale) times the square of the kernel's roll-off, a Gaussian of `kernel_px` pixels.
+/// Noise with the spectrum filtered back-projection gives CT: the ramp filter's |f| (no
+/// power at zero frequency, little at a lesion's scale) times the square of the
+/// kernel's roll-off, a Gaussian of `kernel_px` pixels. The spectrum is worked out once
+/// per image size and kernel; [`CtNoise::draw`] makes each slice's noise from it.
 ///
 /// Smoothed white noise scaled back to σ would peak at zero frequency instead, and put
 /// 2.5–10 times this noise's power into the 10 mm regions a detector weighs.
-pub fn ct_noise(
-    rng: &mut Rng,
+pub struct CtNoise {
     rows: usize,
     columns: usize,
-    kernel_px: f64,
-    sigma_hu: f64,
-) -> Vec<f32> {
-    // Drawn on a square, periodic canvas of a power of two, then cropped.
-    let n = rows.max(columns).next_power_of_two();
-    let frequency = |i: usize| (if i < n / 2 { i as f64 } else { i as f64 - n as f64 }) / n as f64;
-    let roll_off = -2.0 * std::f64::consts::PI.powi(2) * kernel_px * kernel_px;
-    let mut spectrum = vec![(0.0, 0.0); n * n];
-    let mut power = 0.0;
-    for (i, value) in spectrum.iter_mut().enumerate() {
-        let f2 = frequency(i / n).powi(2) + frequency(i % n).powi(2);
-        let amplitude = f2.sqrt().sqrt() * (roll_off * f2).exp();
-        power += amplitude * amplitude;
-        *value = (amplitude * rng.normal(), amplitude * rng.normal());
+    /// Side of the square, periodic canvas the noise is drawn on (a power of two).
+    n: usize,
+    /// |A(f)| of each frequency bin, row-major on the canvas.
+    amplitudes: Vec<f64>,
+    /// Σ|A(f)|²: the variance of the real part of Σ A(f) z(f) e^{iθ} for standard complex z.
+    power: f64,
+    /// e^(−2πik/n) for k < n/2.
+    twiddles: Vec<(f64, f64)>,
+}
+
+impl CtNoise {
+    pub fn new(rows: usize, columns: usize, kernel_px: f64) -> CtNoise {
+        let n = rows.max(columns).next_power_of_two();
+        let frequency =
+            |i: usize| (if i < n / 2 { i as f64 } else { i as f64 - n as f64 }) / n as f64;
+        let roll_off = -2.0 * std::f64::consts::PI.powi(2) * kernel_px * kernel_px;
+        let amplitudes: Vec<f64> = (0..n * n)
+            .map(|i| {
+                let f2 = frequency(i / n).powi(2) + frequency(i % n).powi(2);
+                f2.sqrt().sqrt() * (roll_off * f2).exp()
+            })
+            .collect();
+        let power = amplitudes.iter().map(|amplitude| amplitude * amplitude).sum();
+        let twiddles = (0..n / 2)
+            .map(|k| {
+                let (sin, cos) = (-2.0 * std::f64::consts::PI * k as f64 / n as f64).sin_cos();
+                (cos, sin)
+            })
+            .collect();
+        CtNoise { rows, columns, n, amplitudes, power, twiddles }
     }
-    fft_2d(&mut spectrum, n);
-    // The real part of Σ a_k z_k e^{iθ} has variance Σ a_k² for standard complex z_k.
-    let scale = if power > 0.0 { sigma_hu / power.sqrt() } else { 0.0 };
-    (0..rows)
-        .flat_map(|row| (0..columns).map(move |column| row * n + column))
-        .map(|i| (spectrum[i].0 * scale) as f32)
-        .collect()
+
+    /// One slice of noise of standard deviation `sigma_hu`, `rows × columns`, row-major.
+    pub fn draw(&self, rng: &mut Rng, sigma_hu: f64) -> Vec<f32> {
+        let n = self.n;
+        let mut spectrum: Vec<(f64, f64)> = self
+            .amplitudes
+            .iter()
+            .map(|amplitude| (amplitude * rng.normal(), amplitude * rng.normal()))
+            .collect();
+        fft_2d(&mut spectrum, n, &self.twiddles);
+        let scale = if self.power > 0.0 { sigma_hu / self.power.sqrt() } else { 0.0 };
+        (0..self.rows)
+            .flat_map(|row| (0..self.columns).map(move |column| row * n + column))
+            .map(|i| (spectrum[i].0 * scale) as f32)
+            .collect()
+    }
 }
 
 /// In-place 2D transform of an `n × n` row-major array, `n` a power of two (the sign of
 /// the exponent does not matter to noise).
-fn fft_2d(data: &mut [(f64, f64)], n: usize) {
-    let twiddles: Vec<(f64, f64)> = (0..n / 2)
-        .map(|k| {
-            let (sin, cos) = (-2.0 * std::f64::consts::PI * k as f64 / n as f64).sin_cos();
-            (cos, sin)
-        })
-        .collect();
+fn fft_2d(data: &mut [(f64, f64)], n: usize, twiddles: &[(f64, f64)]) {
     for row in data.chunks_exact_mut(n) {
-        fft(row, &twiddles);
+        fft(row, twiddles);
     }
     let mut column = vec![(0.0, 0.0); n];
     for c in 0..n {
         for (r, value) in column.iter_mut().enumerate() {
             *value = data[r * n + c];
         }
-        fft(&mut column, &twiddles);
+        fft(&mut column, twiddles);
         for (r, value) in column.iter().enumerate() {
             data[r * n + c] = *value;
         }
@@ -167,7 +186,7 @@ mod tests {
     #[test]
     fn ct_noise_has_the_asked_spread_and_the_kernels_grain() {
         let (rows, columns) = (128, 100);
-        let noise = ct_noise(&mut Rng::new(3), rows, columns, 1.2, 20.0);
+        let noise = CtNoise::new(rows, columns, 1.2).draw(&mut Rng::new(3), 20.0);
         assert_eq!(noise.len(), rows * columns);
         let n = noise.len() as f64;
         let sd = (noise.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n).sqrt();
@@ -180,7 +199,7 @@ mod tests {
     #[test]
     fn ct_noise_has_no_power_at_zero_frequency() {
         // On an uncropped canvas the mean is the zero-frequency term: none.
-        let noise = ct_noise(&mut Rng::new(5), 128, 128, 0.5, 20.0);
+        let noise = CtNoise::new(128, 128, 0.5).draw(&mut Rng::new(5), 20.0);
         let mean = noise.iter().map(|v| *v as f64).sum::<f64>() / noise.len() as f64;
         assert!(mean.abs() < 1e-3, "mean {mean}");
         // The ramp's mark: pixels two apart disagree (−0.10 expected), which smoothed
@@ -195,7 +214,7 @@ mod tests {
             (0..16).map(|i| ((i as f64).sin(), (i * i % 7) as f64)).collect();
         let mut fast = vec![(0.0, 0.0); 16 * 16];
         fast[..16].copy_from_slice(&input);
-        fft_2d(&mut fast, 16);
+        fft_2d(&mut fast, 16, &CtNoise::new(16, 16, 1.0).twiddles);
         for k in 0..16 {
             let (mut re, mut im) = (0.0, 0.0);
             for (j, (a, b)) in input.iter().enumerate() {
