@@ -22,12 +22,11 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import onnxruntime
-from jax import lax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from architecture import DETECT, LOCATE  # noqa: E402
-from train import cut, unet  # noqa: E402
+from train import cut, tempered_logits, unet  # noqa: E402
 
 
 def middle(volume, shape):
@@ -53,12 +52,8 @@ def main() -> int:
     fine = middle(np.load(os.path.join(dataset, "fine", study + ".npy")), (32, 64, 64))
     session = onnxruntime.InferenceSession(os.path.join(HERE, "detect.onnx"), providers=["CPUExecutionProvider"])
     exported = session.run(["lesion_mask"], {"ct": fine})[0]
-    logits = unet(params("detect"), DETECT, jnp.asarray(fine))
-    window = (1, 1, *DETECT["mask_pool"])
-    pads = [(0, 0), (0, 0)] + [(k // 2, k // 2) for k in DETECT["mask_pool"]]
-    total = lax.reduce_window(logits, 0.0, lax.add, window, (1, 1, 1, 1, 1), pads)
-    count = lax.reduce_window(jnp.ones_like(logits), 0.0, lax.add, window, (1, 1, 1, 1, 1), pads)
-    reference = np.asarray(jax.nn.sigmoid(total / count / DETECT["mask_temperature"]))
+    tempered = tempered_logits(params("detect"), DETECT, jnp.asarray(fine), jnp.ones(fine.shape))
+    reference = np.asarray(jax.nn.sigmoid(tempered))
     print(f"detect ({study}): largest difference {np.abs(exported - reference).max():.2e}, "
           f"map's highest {exported.max():.4f}")
 

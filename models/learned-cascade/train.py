@@ -96,6 +96,19 @@ def unet(params, spec, ct):
     return logits
 
 
+def tempered_logits(params, spec, ct, ones):
+    """Stage 2's exported score before its sigmoid (build_model.py): the logits averaged
+    over `mask_pool` voxels (padding not counted; `ones` is an array of ones shaped like
+    `ct`, passed in so that XLA does not fold the count as a constant), divided by
+    `mask_temperature`."""
+    logits = unet(params, spec, ct)
+    window = (1, 1, *spec["mask_pool"])
+    pads = [(0, 0), (0, 0)] + [(k // 2, k // 2) for k in spec["mask_pool"]]
+    total = lax.reduce_window(logits, 0.0, lax.add, window, (1, 1, 1, 1, 1), pads)
+    count = lax.reduce_window(ones, 0.0, lax.add, window, (1, 1, 1, 1, 1), pads)
+    return total / count / spec["mask_temperature"]
+
+
 def init(spec, key):
     """He-normal weights, zero biases; the shapes architecture.py lists."""
     params = {}
