@@ -90,13 +90,7 @@ impl CtNoise {
             })
             .collect();
         let power = amplitudes.iter().map(|amplitude| amplitude * amplitude).sum();
-        let twiddles = (0..n / 2)
-            .map(|k| {
-                let (sin, cos) = (-2.0 * std::f64::consts::PI * k as f64 / n as f64).sin_cos();
-                (cos, sin)
-            })
-            .collect();
-        CtNoise { rows, columns, n, amplitudes, power, twiddles }
+        CtNoise { rows, columns, n, amplitudes, power, twiddles: twiddles(n) }
     }
 
     /// One slice of noise of standard deviation `sigma_hu`, `rows × columns`, row-major.
@@ -114,6 +108,16 @@ impl CtNoise {
             .map(|i| (spectrum[i].0 * scale) as f32)
             .collect()
     }
+}
+
+/// e^(−2πik/n) for k < n/2: what [`fft`] multiplies by.
+fn twiddles(n: usize) -> Vec<(f64, f64)> {
+    (0..n / 2)
+        .map(|k| {
+            let (sin, cos) = (-2.0 * std::f64::consts::PI * k as f64 / n as f64).sin_cos();
+            (cos, sin)
+        })
+        .collect()
 }
 
 /// In-place 2D transform of an `n × n` row-major array, `n` a power of two (the sign of
@@ -214,7 +218,7 @@ mod tests {
             (0..16).map(|i| ((i as f64).sin(), (i * i % 7) as f64)).collect();
         let mut fast = vec![(0.0, 0.0); 16 * 16];
         fast[..16].copy_from_slice(&input);
-        fft_2d(&mut fast, 16, &CtNoise::new(16, 16, 1.0).twiddles);
+        fft_2d(&mut fast, 16, &twiddles(16));
         for k in 0..16 {
             let (mut re, mut im) = (0.0, 0.0);
             for (j, (a, b)) in input.iter().enumerate() {
