@@ -193,13 +193,57 @@ fn build_release(codecs: Codecs) -> anyhow::Result<PathBuf> {
     run(cargo(codecs)?
         .current_dir(root())
         .args(["build", "--release", "-p", "panscreen"])
-        .args(codecs.args()))?;
-    // CARGO_TARGET_DIR, when set, moves the binary.
+        .args(codecs.args()))
+    .map_err(with_disk_note)?;
+    Ok(target_dir().join("release/panscreen"))
+}
+
+/// Adds why, when a step failed on a nearly full disk.
+fn with_disk_note(error: anyhow::Error) -> anyhow::Error {
+    match low_disk_note() {
+        Some(note) => error.context(note),
+        None => error,
+    }
+}
+
+/// Where cargo builds: `target/`, or CARGO_TARGET_DIR when set.
+fn target_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target"));
-    let target = if target.is_absolute() { target } else { root().join(target) };
-    Ok(target.join("release/panscreen"))
+    if target.is_absolute() {
+        target
+    } else {
+        root().join(target)
+    }
+}
+
+/// A cold build and test run writes about 7 GiB (`target/`, the tests' cohorts).
+const DISK_NEEDED_GIB: f64 = 10.0;
+
+/// Free space on the disk `cargo` builds on, in GiB, by `df` (POSIX output).
+fn free_disk_gib() -> Option<f64> {
+    let mut probe = target_dir();
+    while !probe.exists() {
+        probe = probe.parent()?.to_path_buf();
+    }
+    let output = Command::new("df").arg("-Pk").arg(&probe).output().ok()?;
+    let text = String::from_utf8(output.stdout).ok()?;
+    let available_kib: f64 = text.lines().nth(1)?.split_whitespace().nth(3)?.parse().ok()?;
+    Some(available_kib / (1024.0 * 1024.0))
+}
+
+/// What to say when the disk is nearly full: a linker that runs out of space mid-write
+/// dies with a bus error (signal 7) that does not say why.
+fn low_disk_note() -> Option<String> {
+    let free = free_disk_gib()?;
+    (free < DISK_NEEDED_GIB).then(|| {
+        format!(
+            "only {free:.1} GiB free on the disk under {} (a build and test run needs about \
+             {DISK_NEEDED_GIB:.0}); a linker killed by a bus error (signal 7) is a full disk",
+            target_dir().display()
+        )
+    })
 }
 
 /// Every shipped model file must be what its script writes, byte for byte.
@@ -282,6 +326,9 @@ fn demo() -> anyhow::Result<()> {
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    if let Some(note) = low_disk_note() {
+        eprintln!("xtask: warning: {note}");
+    }
     fetch_ort()?;
     let interpreter = setup_python()?;
     dicom_tools()?;
@@ -312,7 +359,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     // One closing line for every test binary together.
     println!("tests: {passed} passed, {failed} failed");
     if !status.success() {
-        bail!("cargo test failed with {status}");
+        return Err(with_disk_note(anyhow::anyhow!("cargo test failed with {status}")));
     }
     Ok(())
 }
@@ -403,5 +450,18 @@ fn main() -> anyhow::Result<()> {
             );
             std::process::exit(2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `df` is read for the disk the build is on; a parse that silently failed would
+    /// hide the note when the disk is full.
+    #[test]
+    fn free_disk_space_is_read_from_df() {
+        let free = free_disk_gib().expect("df -Pk on the target directory");
+        assert!(free > 0.0 && free < 1e6, "{free} GiB");
     }
 }
