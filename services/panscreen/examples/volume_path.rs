@@ -30,6 +30,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As `panscreen` does: a study's buffers are reused by the next.
+    panscreen_preprocess::keep_freed_memory();
     let (flags, mut args): (Vec<String>, Vec<String>) =
         std::env::args().skip(1).partition(|arg| arg.starts_with("--"));
     let usage = "usage: volume_path STUDIES_DIR MODEL_DIR [ROUNDS] [--stage1-only]";

@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    panscreen_preprocess::keep_freed_memory();
     let cli = panscreen::cli::Cli::parse();
     match panscreen::cli::execute(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -96,13 +96,10 @@ pub fn frame_to_hu_into(
     let convert =
         Rescale { shift: 32 - u32::from(format.bits_stored), slope, intercept, padding, fill_hu };
     let (words, signed) = (bytes_per_sample == 2, format.pixel_representation == 1);
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked on the line above.
-        unsafe { convert.all_avx2(raw, words, signed, hu) };
-        return Ok(());
-    }
-    convert.all(raw, words, signed, hu);
+    crate::simd::with_avx2(
+        #[inline(always)]
+        || convert.all(raw, words, signed, hu),
+    );
     Ok(())
 }
 
@@ -128,18 +125,11 @@ pub fn to_int16_into(hu: &[f32], out: &mut [i16]) {
             *out = unsafe { clamped.to_int_unchecked::<i32>() } as i16;
         }
     }
-    /// The same code compiled for 8-lane vectors, where rounding is an instruction.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn round_avx2(hu: &[f32], out: &mut [i16]) {
-        round(hu, out)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, checked on the line above.
-        return unsafe { round_avx2(hu, out) };
-    }
-    round(hu, out)
+    // With AVX2, rounding is an instruction.
+    crate::simd::with_avx2(
+        #[inline(always)]
+        || round(hu, out),
+    )
 }
 
 /// The fine grid as preprocess stores it: HU rounded to int16 ([`to_int16`]) in the
@@ -184,13 +174,6 @@ impl Rescale {
             (false, true) => self.bytes::<true>(raw, hu),
             (false, false) => self.bytes::<false>(raw, hu),
         }
-    }
-
-    /// The same code compiled for 8-lane vectors (no FMA, so the same rounding).
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn all_avx2(&self, raw: &[u8], words: bool, signed: bool, hu: &mut [f32]) {
-        self.all(raw, words, signed, hu);
     }
 
     #[inline(always)]
