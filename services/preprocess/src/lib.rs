@@ -54,10 +54,12 @@ use crate::resample::{axis_weights, centred_positions, PlaneResampler, SliceAccu
 /// the largest block freed) with `mmap` of its own and gives the heap's top back above
 /// twice that. A study's grids (the fine grid alone is 20 MiB as f32), each slice's file
 /// (512 KiB) and the compressor's buffers were mapped afresh for every study: in
-/// `examples/volume_path` on 512×512×300 studies, 12,000 page faults a study, about 10%
-/// of its time. With blocks under 32 MiB taken from the heap and the heap trimmed only
-/// above 64 MiB free, 2,700. What stays mapped is at most the largest study's working set
-/// (peak RSS 90 → 106 MiB there). Elsewhere than glibc on Linux this does nothing.
+/// `examples/volume_path` on 512×512×300 studies, about 11,000 page faults a study and a
+/// tenth of its time. With blocks under 32 MiB taken from the heap and the heap trimmed
+/// only above 64 MiB free, about 2,700. What stays mapped is about the largest study's
+/// working set: the example's peak RSS did not move (97–114 MiB against 100–118), a whole
+/// `panscreen run` of three such studies went from 270–276 to 300–315 MiB. Elsewhere than
+/// glibc on Linux this does nothing.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets parameters of glibc's malloc, under its own lock.
