@@ -240,7 +240,8 @@ fn low_disk_note() -> Option<String> {
     (free < DISK_NEEDED_GIB).then(|| {
         format!(
             "only {free:.1} GiB free on the disk under {} (a build and test run needs about \
-             {DISK_NEEDED_GIB:.0}); a linker killed by a bus error (signal 7) is a full disk",
+             {DISK_NEEDED_GIB:.0} GiB): \"No space left on device\", or a linker killed by a \
+             bus error (signal 7), means the disk is full",
             target_dir().display()
         )
     })
