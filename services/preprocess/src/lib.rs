@@ -59,13 +59,21 @@ use crate::resample::{axis_weights, centred_positions, PlaneResampler, SliceAccu
 /// only above 64 MiB free, about 2,700. What stays mapped is about the largest study's
 /// working set: the example's peak RSS did not move (97–114 MiB against 100–118), a whole
 /// `panscreen run` of three such studies went from 270–276 to 300–315 MiB. Elsewhere than
-/// glibc on Linux this does nothing.
+/// glibc on Linux this does nothing, nor when `GLIBC_TUNABLES` sets any of malloc's
+/// parameters (an operator's own choice stands).
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets parameters of glibc's malloc, under its own lock.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    {
+        let tuned = std::env::var_os("GLIBC_TUNABLES")
+            .is_some_and(|tunables| tunables.to_string_lossy().contains("glibc.malloc."));
+        if tuned {
+            return;
+        }
+        // SAFETY: mallopt only sets parameters of glibc's malloc, under its own lock.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        }
     }
 }
 
