@@ -258,18 +258,12 @@ impl PlaneResampler {
 /// `out = Σ weight × row`, in the order given, a block of columns at a time held in
 /// registers: each source row is read once and `out` written once. Blocks of 32 columns
 /// (four 8-lane vectors) keep four independent additions in flight; one block of 8 waits
-/// for each addition before the next.
+/// for each addition before the next. The columns left over go one at a time.
 #[inline(always)]
 fn weighted_rows(sources: &[(f32, &[f32])], out: &mut [f32]) {
-    let mut done = weighted_blocks::<32>(sources, out, 0);
-    done = weighted_blocks::<8>(sources, out, done);
-    for column in done..out.len() {
-        let mut sum = 0.0f32;
-        for (weight, row) in sources {
-            sum += row[column] * weight;
-        }
-        out[column] = sum;
-    }
+    let done = weighted_blocks::<32>(sources, out, 0);
+    let done = weighted_blocks::<8>(sources, out, done);
+    weighted_blocks::<1>(sources, out, done);
 }
 
 /// [`weighted_rows`] over the whole blocks of `BLOCK` columns from `from`; returns where
@@ -327,10 +321,11 @@ fn columns_pass_portable<const W: usize>(partial: &[f32], windows: &Windows, out
 }
 
 /// [`columns_pass_portable`]'s sums, the same to the bit, in SSE's 4-lane vectors (every
-/// x86-64 CPU has them), four target voxels at a time: each voxel's lane `j` sums its products `j, j + 4, …` in that order,
-/// then the four voxels' lanes are interleaved so that one vector of each step holds
-/// `lane 0 + lane 2`, the other `lane 1 + lane 3`, and one add makes all four sums. The
-/// compiler's own vectorization of the loop above paired lanes and ran at twice the cost.
+/// x86-64 CPU has them), four target voxels at a time: each voxel's lane `j` sums its
+/// products `j, j + 4, …` in that order, then the four voxels' lanes are interleaved so
+/// that one vector of each step holds `lane 0 + lane 2`, the other `lane 1 + lane 3`, and
+/// one add makes all four sums. The compiler's own vectorization of the plain loop paired
+/// lanes and ran at twice the cost.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn columns_pass_sse<const W: usize>(partial: &[f32], windows: &Windows, out_row: &mut [f32]) {
