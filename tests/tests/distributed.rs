@@ -328,11 +328,13 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     }
     std::thread::sleep(Duration::from_millis(300));
     let before_kill = processed(&preprocess_a) + processed(&preprocess_b);
+    // What the services said, in case the run never got under way.
+    let started = cluster.log_tail(&[&ingest, &preprocess_a, &preprocess_b]);
     preprocess_a.signal("-KILL");
     infer_a.signal("-KILL");
     assert!(
         (1..16).contains(&before_kill),
-        "the kills must land mid-run ({before_kill} of 16 preprocessed)"
+        "the kills must land mid-run ({before_kill} of 16 preprocessed)\n{started}"
     );
     drop((preprocess_a, infer_a));
     let preprocess_c = cluster.serve("preprocess-c", "preprocess");

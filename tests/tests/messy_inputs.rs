@@ -360,8 +360,24 @@ fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on()
 #[test]
 fn a_header_longer_than_the_first_read_is_read_whole() {
     use panscreen_ingest::header::{needs_more_bytes, parse};
-    let header = odd_case_header(21, "ABDOMEN");
-    let hu = vec![0.0f32; 16 * 16];
+    let bytes = long_header_slice(16);
+    let size = bytes.len() as u64;
+
+    let prefix = parse("long.dcm", size, &bytes[..64 * 1024]).unwrap_err();
+    assert!(needs_more_bytes(&prefix), "{prefix:?}");
+    let whole = parse("long.dcm", size, &bytes).unwrap();
+    assert_eq!(whole.sop_instance_uid, "1.2.3.21.1");
+
+    let cut = &bytes[..64 * 1024];
+    let problem = parse("cut.dcm", cut.len() as u64, cut).unwrap_err();
+    assert!(!needs_more_bytes(&problem));
+    assert_eq!(problem.reason(), "DICOM file is truncated", "{problem:?}");
+}
+
+/// A `size` × `size` slice with a vendor's 100 KB private element before Pixel Data.
+fn long_header_slice(size: u16) -> Vec<u8> {
+    let header = SeriesHeader { rows: size, columns: size, ..odd_case_header(21, "ABDOMEN") };
+    let hu = vec![0.0f32; usize::from(size) * usize::from(size)];
     let slice = Slice {
         sop_instance_uid: "1.2.3.21.1",
         instance_number: 1,
@@ -375,15 +391,34 @@ fn a_header_longer_than_the_first_read_is_read_whole() {
     bytes.extend_from_slice(&(100_000u32).to_le_bytes());
     bytes.extend(std::iter::repeat_n(0x5a, 100_000));
     bytes.extend_from_slice(&plain[pixel_data..]);
+    bytes
+}
+
+/// Ingest reads such a header from S3 by range reads that grow, not by fetching the
+/// object: 64 KiB, then up to 256 KiB of a 612 KB object whose pixels start near 101 KB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_header_on_s3_costs_range_reads_not_the_whole_object() {
+    let seaweed = SeaweedFs::start();
+    seaweed.create_bucket("long");
+    let store = Store::open_s3_with("s3://long", &seaweed.s3_options()).unwrap();
+    let bytes = long_header_slice(512);
     let size = bytes.len() as u64;
+    assert!(size > 600_000, "{size}");
+    store.put("平扫/Müller #1/long.dcm", Bytes::from(bytes)).await.unwrap();
 
-    let prefix = parse("long.dcm", size, &bytes[..64 * 1024]).unwrap_err();
-    assert!(needs_more_bytes(&prefix), "{prefix:?}");
-    let whole = parse("long.dcm", size, &bytes).unwrap();
-    assert_eq!(whole.sop_instance_uid, "1.2.3.21.1");
+    let read = panscreen_ingest::read_header(&store, "平扫/Müller #1/long.dcm", size, 64 * 1024)
+        .await
+        .unwrap();
+    let header = read.parsed.unwrap();
+    assert_eq!((header.sop_instance_uid.as_str(), header.rows), ("1.2.3.21.1", 512));
+    assert_eq!(read.bytes_read, 256 * 1024, "of {size} bytes");
 
-    let cut = &bytes[..64 * 1024];
-    let problem = parse("cut.dcm", cut.len() as u64, cut).unwrap_err();
-    assert!(!needs_more_bytes(&problem));
-    assert_eq!(problem.reason(), "DICOM file is truncated", "{problem:?}");
+    // A first read past the end of a small object is cut to its size.
+    let small = long_header_slice(16);
+    store.put("small.dcm", Bytes::from(small.clone())).await.unwrap();
+    let read = panscreen_ingest::read_header(&store, "small.dcm", small.len() as u64, 64 * 1024)
+        .await
+        .unwrap();
+    assert!(read.parsed.is_ok(), "{:?}", read.parsed);
+    assert_eq!(read.bytes_read, small.len() as u64);
 }

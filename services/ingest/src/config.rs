@@ -14,7 +14,8 @@ pub struct IngestConfig {
     pub campaign: String,
     /// Only objects under this key prefix are read ("" for all).
     pub prefix: String,
-    /// Bytes fetched first for a header; the whole object only if the header is longer.
+    /// Bytes fetched first for a header; more, four times as far each time, only while the
+    /// header is longer.
     pub header_bytes: u64,
     /// Objects read at once.
     pub concurrency: usize,

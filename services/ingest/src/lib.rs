@@ -199,6 +199,37 @@ pub(crate) async fn read_object_retrying(
     unreachable!("the last attempt returns")
 }
 
+/// A header and how many bytes of its object were fetched to parse it.
+#[derive(Debug)]
+pub struct HeaderRead {
+    pub parsed: Result<InstanceHeader, header::HeaderProblem>,
+    pub bytes_read: u64,
+}
+
+/// Parses the header of the object `key` of `size` bytes from its first `first_bytes`,
+/// fetching more only while the parser runs out: each further read fetches what follows,
+/// up to four times as far, so a long header (an Enhanced CT's functional groups, a
+/// vendor's large private element) costs a few range reads, never the whole pixel data.
+pub async fn read_header(
+    store: &Store,
+    key: &str,
+    size: u64,
+    first_bytes: u64,
+) -> Result<HeaderRead, StoreError> {
+    let mut end = size.min(first_bytes.max(1));
+    let mut bytes = store.get_range(key, 0, end).await?.to_vec();
+    loop {
+        match header::parse(key, size, &bytes) {
+            Err(problem) if needs_more_bytes(&problem) && end < size => {
+                let next = size.min(end.saturating_mul(4));
+                bytes.extend_from_slice(&store.get_range(key, end, next).await?);
+                end = next;
+            }
+            parsed => return Ok(HeaderRead { parsed, bytes_read: bytes.len() as u64 }),
+        }
+    }
+}
+
 pub(crate) async fn read_object(
     store: &Store,
     config: &IngestConfig,
@@ -239,15 +270,7 @@ pub(crate) async fn read_object(
             &detail,
         )));
     }
-    let prefix_end = size.min(config.header_bytes);
-    let prefix = store.get_range(&key, 0, prefix_end).await?;
-    let parsed = match header::parse(&key, size, &prefix) {
-        Err(problem) if needs_more_bytes(&problem) => {
-            let whole = store.get(&key).await?;
-            header::parse(&key, size, &whole)
-        }
-        other => other,
-    };
+    let parsed = read_header(store, &key, size, config.header_bytes).await?.parsed;
     Ok(match parsed {
         Ok(instance) if instance.decoded_bytes() > config.max_decoded_bytes => {
             let detail = format!(
