@@ -43,7 +43,7 @@ DETECT = {
     "scale": 0.01,
     "crop": (24, 48, 48),
     "batch": 8,
-    "lr": 1e-3,
+    "lr": 3e-3,
     "positive_weight": 1.0,
     # A third of the crops centred on a lesion, the rest on the gland (mimics beside it).
     "focus": 0.35,
@@ -53,6 +53,11 @@ DETECT = {
     # order instead of tying at 1.0.
     "mask_pool": (3, 5, 5),
     "mask_temperature": 4.0,
+    # The crop is shifted so that the gland's median HU (its voxels within range_hu) is
+    # median_hu: glands differ by tens of HU between patients and sites, a lesion is a
+    # few HU below its own gland. Training takes the gland from the phantom's truth, infer
+    # from stage 1 (manifest.toml's input.intensity.reference).
+    "reference": {"range_hu": (-30.0, 120.0), "median_hu": 40.0},
 }
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from architecture import DETECT  # noqa: E402
-from train import tempered_logits  # noqa: E402
+from train import relative, tempered_logits  # noqa: E402
 
 
 def auc(positives, negatives):
@@ -57,6 +57,7 @@ def main() -> int:
         name = row["study_dir"]
         ct = np.load(os.path.join(args.dataset, "fine", name + ".npy")).astype(np.float32)
         labels = np.load(os.path.join(args.dataset, "fine", name + ".labels.npy"))
+        raw, ct = ct, relative(ct, labels > 0, DETECT["reference"])
         # Padded with air to a multiple of 8 (both pools), at least a patch: few shapes to compile.
         shape = [max(-(-n // 8) * 8, p) for n, p in zip(ct.shape, (32, 64, 64))]
         padded = np.full(shape, -1000.0, np.float32)
@@ -74,7 +75,7 @@ def main() -> int:
             gland=float(score[gland].max()) if gland.any() else float("-inf"),
             outside=float(score[~gland].max()),
             peak_label=int(labels[peak]),
-            peak_hu=float(ct[peak]),
+            peak_hu=float(raw[peak]),
             peak_mm_from_gland=float(from_gland[peak]),
         )
         rows.append(row)

@@ -15,7 +15,8 @@ runs both. Then, on CPU with JAX, fixed seeds throughout:
     pancreas (one full-resolution layer, then 6 x 4 x 4 mm and 12 x 8 x 8 mm levels),
     trained on 24 x 48 x 48 crops, a third of them centred on a lesion and the rest on
     the gland (where the mimics are), for lesion vs the rest, with cross-entropy and
-    soft Dice.
+    soft Dice; each study's fine grid first shifted so that its gland's median is 40 HU
+    (architecture.py's reference; infer takes the gland stage 1 finds).
 
 The networks are described once, in architecture.py, and written as JAX here and as ONNX
 operators in build_model.py; the two were compared on dataset tensors (README.md).
@@ -172,7 +173,18 @@ def load(dataset):
         study["coarse_labels"] = np.load(os.path.join(dataset, "coarse", name + ".labels.npy"))
         study["fine"] = np.load(os.path.join(dataset, "fine", name + ".npy"))
         study["fine_labels"] = np.load(os.path.join(dataset, "fine", name + ".labels.npy"))
+        study["fine"] = relative(study["fine"], study["fine_labels"] > 0, DETECT["reference"])
     return studies
+
+
+def relative(fine, gland, reference):
+    """The fine grid shifted so that the median of the `gland` voxels within the
+    reference's range is its `median_hu` (numpy's median, as infer takes it)."""
+    low, high = reference["range_hu"]
+    values = fine[gland]
+    values = values[(values >= low) & (values <= high)]
+    median = float(np.median(values)) if values.size else reference["median_hu"]
+    return fine.astype(np.float32) + np.float32(reference["median_hu"] - median)
 
 
 def cut(volume, start, size, fill):

@@ -344,8 +344,9 @@ pub struct StudyPreprocessed {
     pub geometry: TensorGeometry,
     /// Name of the model manifest the tensor was made for.
     pub model_name: String,
-    /// For a cascade: the whole scan on stage 2's finer grid, HU as int16, which infer
-    /// cuts the pancreas's box from (`tensor_key` is then stage 1's input).
+    /// For a cascade: the whole scan on stage 2's finer grid, HU as int16 clamped to stage
+    /// 2's window, which infer cuts the pancreas's box from (`tensor_key` is then stage 1's
+    /// input).
     #[serde(default)]
     pub fine_grid: Option<StoredGrid>,
 }

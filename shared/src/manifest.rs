@@ -169,6 +169,29 @@ pub struct IntensitySpec {
     pub normalize: Normalization,
     /// Value for voxels outside the scanned volume, in HU.
     pub fill_hu: f64,
+    /// Stage 2 of a cascade only: each crop's HU are first shifted so that the pancreas
+    /// stage 1 found has this median. Glands differ by tens of HU between patients and
+    /// scanners; a lesion is a few HU below its own gland.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceSpec>,
+}
+
+/// The gland's own intensity as the model's reference.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceSpec {
+    /// The median is taken over stage 1's pancreas voxels within this range (the fat and
+    /// air its coarse voxels take in at the gland's rim are left out) ...
+    pub range_hu: [f64; 2],
+    /// ... and the crop shifted by `median_hu - median`.
+    pub median_hu: f64,
+}
+
+impl ReferenceSpec {
+    /// The shifts a median within `range_hu` can make, lowest first.
+    pub fn shifts(&self) -> [f64; 2] {
+        [self.median_hu - self.range_hu[1], self.median_hu - self.range_hu[0]]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -381,8 +404,16 @@ impl ModelManifest {
             }
             _ => {}
         }
+        if self.locate.is_none() && self.input.intensity.reference.is_some() {
+            return Err(
+                "input.intensity.reference needs a [locate] stage to find the pancreas".into()
+            );
+        }
         if let Some(locate) = &self.locate {
             locate.input.validate("locate.input")?;
+            if locate.input.intensity.reference.is_some() {
+                return Err("locate.input.intensity.reference: only stage 2 has a reference".into());
+            }
             check_sha256("locate.sha256", &locate.sha256)?;
             if locate.input.crop != CropPolicy::Center || locate.input.sliding_window.is_some() {
                 return Err("locate.input.crop must be \"center\", without a sliding window".into());
@@ -571,6 +602,20 @@ impl InputSpec {
                 "{field}.intensity.window_hu must be increasing, not [{low}, {high}]"
             ));
         }
+        if let Some(reference) = &self.intensity.reference {
+            let [low, high] = reference.range_hu;
+            if low.partial_cmp(&high) != Some(std::cmp::Ordering::Less)
+                || low < -32768.0
+                || high > 32767.0
+            {
+                return Err(format!(
+                    "{field}.intensity.reference.range_hu must be increasing HU, not [{low}, {high}]"
+                ));
+            }
+            if !reference.median_hu.is_finite() {
+                return Err(format!("{field}.intensity.reference.median_hu must be a number"));
+            }
+        }
         if let Some(window) = &self.sliding_window {
             if !(0.0..1.0).contains(&window.overlap) {
                 return Err(format!(
@@ -656,6 +701,23 @@ mask = "m"
         .unwrap();
         let error = ModelManifest::load(directory.path()).unwrap_err().to_string();
         assert!(error.contains("threshold must be within [0, 1], not 5"), "{error}");
+    }
+
+    #[test]
+    fn a_reference_needs_a_cascade_and_an_increasing_range() {
+        let directory = tempfile::tempdir().unwrap();
+        let load = |reference: &str| {
+            let text =
+                EXAMPLE.replace("fill_hu = -1000.0", &format!("fill_hu = -1000.0\n{reference}"));
+            std::fs::write(directory.path().join("manifest.toml"), text).unwrap();
+            ModelManifest::load(directory.path()).unwrap_err().to_string()
+        };
+        let error = load("reference = { range_hu = [-30.0, 120.0], median_hu = 40.0 }");
+        assert!(error.contains("needs a [locate] stage to find the pancreas"), "{error}");
+        let error = load("reference = { range_hu = [120.0, -30.0], median_hu = 40.0 }");
+        assert!(error.contains("input.intensity.reference.range_hu must be increasing"), "{error}");
+        let reference = ReferenceSpec { range_hu: [-30.0, 120.0], median_hu: 40.0 };
+        assert_eq!(reference.shifts(), [-80.0, 70.0]);
     }
 
     /// A manifest with calibration and named operating points instead of one threshold.

@@ -254,6 +254,8 @@ pub(crate) struct Located {
     pub crop_size: [usize; 3],
     /// With `lesion_within_mm`: the stage-1 voxels near enough to the pancreas.
     pub near_pancreas: Option<Vec<bool>>,
+    /// The stage-1 voxels of the pancreas.
+    pub pancreas: Vec<bool>,
 }
 
 /// Names of the tensor's sides, for the reason a pancreas runs off the scan.
@@ -349,7 +351,79 @@ pub(crate) fn locate(
         let reach = coarse.spacing_mm.map(|spacing| (mm / spacing).ceil() as usize);
         grown(&region.members, shape, reach)
     });
-    Ok(Located { study, pancreas_volume_mm3, pancreas_x_mm, crop_start, crop_size, near_pancreas })
+    let mut pancreas = vec![false; map.len()];
+    for member in &region.members {
+        pancreas[*member] = true;
+    }
+    Ok(Located {
+        study,
+        pancreas_volume_mm3,
+        pancreas_x_mm,
+        crop_start,
+        crop_size,
+        near_pancreas,
+        pancreas,
+    })
+}
+
+/// The median HU of the pancreas stage 1 found, on the fine grid: the voxels of the crop
+/// whose nearest stage-1 voxel (on `coarse` of `shape`) is in `pancreas`, and whose value
+/// lies within `range_hu`. The middle value, or the mean of the two middle ones, as
+/// numpy's `median`. None when no voxel counts.
+pub(crate) fn pancreas_median(
+    hu: &[i16],
+    fine: &TensorGeometry,
+    crop: ([i64; 3], [usize; 3]),
+    pancreas: &[bool],
+    coarse: &TensorGeometry,
+    shape: [usize; 3],
+    range_hu: [f64; 2],
+) -> Option<f64> {
+    let fine_shape = [fine.shape[2], fine.shape[3], fine.shape[4]];
+    let (start, size) = crop;
+    let low = range_hu[0].ceil().max(f64::from(i16::MIN)) as i32;
+    let high = range_hu[1].floor().min(f64::from(i16::MAX)) as i32;
+    let mut counts = vec![0u64; (high - low + 1).max(0) as usize];
+    let within = |axis: usize| {
+        let first = start[axis].clamp(0, fine_shape[axis] as i64) as usize;
+        let last = (start[axis] + size[axis] as i64).clamp(0, fine_shape[axis] as i64) as usize;
+        first..last
+    };
+    for z in within(0) {
+        for y in within(1) {
+            for x in within(2) {
+                let value = i32::from(hu[(z * fine_shape[1] + y) * fine_shape[2] + x]);
+                if value < low || value > high {
+                    continue;
+                }
+                let point = fine.to_patient([z as f64, y as f64, x as f64]);
+                let nearest = to_index(coarse, point).map(|i| i.round());
+                let inside =
+                    (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64);
+                if inside
+                    && pancreas[(nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2]
+                        + nearest[2] as usize]
+                {
+                    counts[(value - low) as usize] += 1;
+                }
+            }
+        }
+    }
+    let total: u64 = counts.iter().sum();
+    // The value of rank `k` (from 0) among those counted.
+    let ranked = |k: u64| {
+        let mut seen = 0;
+        counts.iter().position(|count| {
+            seen += count;
+            seen > k
+        })
+    };
+    let value = |k: u64| ranked(k).map(|at| f64::from(low + at as i32));
+    match total {
+        0 => None,
+        n if n % 2 == 1 => value(n / 2),
+        n => Some((value(n / 2 - 1)? + value(n / 2)?) / 2.0),
+    }
 }
 
 /// Clears the voxels of a crop's lesion `map` (on `crop`) that lie outside `near` (on
@@ -388,6 +462,7 @@ pub(crate) fn detect_crops(
     crops: &[([i64; 3], [usize; 3])],
     fines: &[Vec<i16>],
     fine_shapes: &[[usize; 3]],
+    shifts: &[f32],
     batch: usize,
 ) -> Result<Vec<(f32, Vec<f32>)>, ModelError> {
     let manifest = model.manifest.clone();
@@ -400,13 +475,16 @@ pub(crate) fn detect_crops(
     let weights = gaussian(patch, sigma_scale);
     let mirrorings = mirrorings(&axes);
     let fill = intensity.fill_hu.round() as i16;
+    // Each crop shifted by its reference (the fill, outside the scan, too, as training
+    // shifts the grid before cutting from it) and normalized.
     let normalized: Vec<Vec<f32>> = crops
         .iter()
         .zip(fines.iter().zip(fine_shapes))
-        .map(|((start, size), (hu, shape))| {
+        .zip(shifts)
+        .map(|(((start, size), (hu, shape)), shift)| {
             cut(hu, *shape, *start, *size, fill)
                 .into_iter()
-                .map(|v| intensity.normalize(f32::from(v)))
+                .map(|v| intensity.normalize(f32::from(v) + shift))
                 .collect()
         })
         .collect();

@@ -213,6 +213,7 @@ pub fn import_nnunet(export: &NnUnetExport) -> anyhow::Result<PathBuf> {
                 window_hu: window,
                 normalize: Normalization::Zscore { mean, std },
                 fill_hu: -1000.0,
+                reference: None,
             },
         },
         outputs: OutputSpec {

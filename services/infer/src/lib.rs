@@ -123,6 +123,38 @@ impl Judgement {
     }
 }
 
+/// The shift stage 2's intensity reference asks of one study's crop (none without a
+/// reference), or why the study cannot be judged.
+fn reference_shift(
+    manifest: &ModelManifest,
+    found: &cascade::Located,
+    hu: &[i16],
+    message: &StudyPreprocessed,
+    fine: &StoredGrid,
+) -> Result<f32, String> {
+    let Some(reference) = manifest.input.intensity.reference else { return Ok(0.0) };
+    let coarse = &message.geometry;
+    let shape = [coarse.shape[2], coarse.shape[3], coarse.shape[4]];
+    let crop = (found.crop_start, found.crop_size);
+    let [low, high] = reference.range_hu;
+    let median = cascade::pancreas_median(
+        hu,
+        &fine.geometry,
+        crop,
+        &found.pancreas,
+        coarse,
+        shape,
+        reference.range_hu,
+    )
+    .ok_or_else(|| {
+        format!(
+            "no voxel of the pancreas stage 1 found lies within {low}…{high} HU, the range \
+             its reference intensity is taken from"
+        )
+    })?;
+    Ok((reference.median_hu - median) as f32)
+}
+
 fn run_blocking<T: Send + 'static>(
     model: &Arc<Mutex<Model>>,
     work: impl FnOnce(&mut Model) -> T + Send + 'static,
@@ -262,6 +294,7 @@ impl InferHandler {
             messages.iter().map(|_| Ok(Judgement::default())).collect();
         let mut located = Vec::new();
         let mut fines = Vec::new();
+        let mut shifts = Vec::new();
         for (study, (message, map)) in messages.iter().zip(&maps).enumerate() {
             let Some(fine) = &message.fine_grid else {
                 judgements[study] = Err(InferError::NoFineGrid(message.model_name.clone()));
@@ -270,10 +303,14 @@ impl InferHandler {
             match cascade::locate(manifest, study, &message.geometry, &fine.geometry, map) {
                 Err(reason) => judgements[study] = Ok(Judgement::not_assessable(reason)),
                 Ok(found) => match self.load_fine(fine).await {
-                    Ok(hu) => {
-                        fines.push(hu);
-                        located.push((found, &fine.geometry));
-                    }
+                    Ok(hu) => match reference_shift(manifest, &found, &hu, message, fine) {
+                        Ok(shift) => {
+                            fines.push(hu);
+                            shifts.push(shift);
+                            located.push((found, &fine.geometry));
+                        }
+                        Err(reason) => judgements[study] = Ok(Judgement::not_assessable(reason)),
+                    },
                     Err(error) => judgements[study] = Err(error),
                 },
             }
@@ -288,7 +325,7 @@ impl InferHandler {
         let crops: Vec<([i64; 3], [usize; 3])> =
             located.iter().map(|(found, _)| (found.crop_start, found.crop_size)).collect();
         let blended = run_blocking(&self.model, move |model| {
-            cascade::detect_crops(model, &crops, &fines, &fine_shapes, batch)
+            cascade::detect_crops(model, &crops, &fines, &fine_shapes, &shifts, batch)
         })
         .await?;
         let blended = blended.map_err(|error| InferError::InferenceFailed(error.to_string()))?;

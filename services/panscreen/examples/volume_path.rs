@@ -5,17 +5,19 @@
 //! the core. `panscreen run` times the same work per study, but on one core infer's share
 //! of the core lands in it.
 //!
-//! Usage: `volume_path STUDIES_DIR MODEL_DIR [ROUNDS] [--stage1-only]`. Headers are read
-//! first (not timed); prints milliseconds per study for each round, and the peak RSS of
-//! the process. `--stage1-only` makes a cascade's stage-1 grid alone (the grid
-//! `load-tests/simpleitk_reference.py` resamples onto), as a one-stage model on it would.
+//! Usage: `volume_path STUDIES_DIR MODEL_DIR [ROUNDS] [--stage1-only] [--fine-whole-int16]`.
+//! Headers are read first (not timed); prints milliseconds per study for each round, and
+//! the peak RSS of the process. `--stage1-only` makes a cascade's stage-1 grid alone (the
+//! grid `load-tests/simpleitk_reference.py` resamples onto), as a one-stage model on it
+//! would. `--fine-whole-int16` stores the fine grid's whole int16 range instead of stage
+//! 2's window, as before 2026-12-05.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
 use panscreen_ingest::config::IngestConfig;
-use panscreen_preprocess::PreprocessHandler;
+use panscreen_preprocess::{hu, PreprocessHandler};
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
 use panscreen_shared::pseudonym::Pseudonymizer;
@@ -34,18 +36,23 @@ fn main() -> anyhow::Result<()> {
     panscreen_preprocess::keep_freed_memory();
     let (flags, mut args): (Vec<String>, Vec<String>) =
         std::env::args().skip(1).partition(|arg| arg.starts_with("--"));
-    let usage = "usage: volume_path STUDIES_DIR MODEL_DIR [ROUNDS] [--stage1-only]";
+    let usage =
+        "usage: volume_path STUDIES_DIR MODEL_DIR [ROUNDS] [--stage1-only] [--fine-whole-int16]";
     anyhow::ensure!((2..=3).contains(&args.len()), usage);
     let rounds: usize = if args.len() == 3 { args.remove(2).parse().context(usage)? } else { 2 };
     let (studies, model) = (&args[0], &args[1]);
     let mut manifest = ModelManifest::load(std::path::Path::new(model))?;
-    match flags.as_slice() {
-        [] => {}
-        [flag] if flag == "--stage1-only" => {
-            let locate = manifest.locate.take().context("--stage1-only needs a cascade")?;
-            manifest.input = locate.input;
+    let mut fine_range = hu::fine_grid_range(&manifest.input.intensity);
+    for flag in &flags {
+        match flag.as_str() {
+            "--stage1-only" => {
+                let locate = manifest.locate.take().context("--stage1-only needs a cascade")?;
+                manifest.input = locate.input;
+            }
+            // As the fine grid was stored before 2026-12-05, to compare.
+            "--fine-whole-int16" => fine_range = [-32768.0, 32767.0],
+            _ => anyhow::bail!(usage),
         }
-        _ => anyhow::bail!(usage),
     }
     let manifest = Arc::new(manifest);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -73,8 +80,7 @@ fn main() -> anyhow::Result<()> {
             let store_started = Instant::now();
             stored_bytes += npy::encode_f32(&grids.tensor.0.shape, &grids.tensor.1).len();
             if let Some((geometry, hu)) = &grids.fine {
-                stored_bytes +=
-                    panscreen_preprocess::hu::encode_fine_grid(&geometry.shape, hu).len();
+                stored_bytes += hu::encode_fine_grid(&geometry.shape, hu, fine_range).len();
             }
             storing += store_started.elapsed();
         }

@@ -21,6 +21,7 @@ use arrow::array::{Array, BooleanArray, Int32Array, StringArray};
 use clap::Args;
 use panscreen_infer::cascade::to_index;
 use panscreen_ingest::config::IngestConfig;
+use panscreen_preprocess::hu::{fine_grid_range, to_int16_within};
 use panscreen_preprocess::PreprocessHandler;
 use panscreen_shared::contracts::TensorGeometry;
 use panscreen_shared::manifest::ModelManifest;
@@ -205,11 +206,16 @@ pub fn build(args: DatasetArgs) -> anyhow::Result<()> {
         });
         let size: [usize; 3] = std::array::from_fn(|axis| end[axis].saturating_sub(start[axis]));
         let fine_labels = truth_on(&plan, fine, start, size);
+        // As preprocess stores it for infer: int16, clamped to stage 2's window.
+        let range = fine_grid_range(&manifest.input.intensity);
         let mut crop = Vec::with_capacity(size.iter().product());
         for z in start[0]..end[0] {
             for y in start[1]..end[1] {
-                let row = (z * fine_shape[1] + y) * fine_shape[2];
-                crop.extend(panscreen_preprocess::hu::to_int16(&hu[row + start[2]..row + end[2]]));
+                let from = (z * fine_shape[1] + y) * fine_shape[2];
+                let row = &hu[from + start[2]..from + end[2]];
+                let at = crop.len();
+                crop.resize(at + row.len(), 0);
+                to_int16_within(row, &mut crop[at..], range);
             }
         }
         let name = &labelled.directory;

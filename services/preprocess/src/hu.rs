@@ -4,6 +4,8 @@
 //! BitsAllocated bits, masked to BitsStored, and sign-extended when PixelRepresentation
 //! is 1. Pixel padding values (outside the reconstruction circle) become `fill_hu`.
 
+use panscreen_shared::manifest::IntensitySpec;
+
 /// How the stored values of one frame are laid out and rescaled.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PixelFormat {
@@ -101,8 +103,7 @@ pub fn frame_to_hu_into(
     Ok(())
 }
 
-/// HU rounded to whole units (half away from zero) and saturated to int16: how a
-/// cascade's fine grid is stored.
+/// HU rounded to whole units (half away from zero) and saturated to int16.
 pub fn to_int16(hu: &[f32]) -> Vec<i16> {
     let mut out = vec![0; hu.len()];
     to_int16_into(hu, &mut out);
@@ -111,14 +112,28 @@ pub fn to_int16(hu: &[f32]) -> Vec<i16> {
 
 /// [`to_int16`] into `out`, which is as long as `hu`.
 pub fn to_int16_into(hu: &[f32], out: &mut [i16]) {
+    to_int16_within(hu, out, [-32768.0, 32767.0]);
+}
+
+/// HU rounded to whole units and clamped to `range` (whole HU within int16), into `out`.
+pub fn to_int16_within(hu: &[f32], out: &mut [i16], range: [f32; 2]) {
     assert_eq!(hu.len(), out.len(), "one int16 per HU value");
+    let [low, high] = range;
+    assert!(
+        low.fract() == 0.0
+            && high.fract() == 0.0
+            && -32768.0 <= low
+            && low <= high
+            && high <= 32767.0,
+        "whole HU within int16, not {range:?}"
+    );
     #[inline(always)]
-    fn round(hu: &[f32], out: &mut [i16]) {
+    fn round(hu: &[f32], out: &mut [i16], low: f32, high: f32) {
         for (out, value) in out.iter_mut().zip(hu) {
             // NaN (never made from stored values) is 0, as `as` would make it; everything
             // else is clamped into range, so the unchecked conversion vectorizes.
             let rounded = value.round();
-            let clamped = if rounded.is_nan() { 0.0 } else { rounded.clamp(-32768.0, 32767.0) };
+            let clamped = if rounded.is_nan() { 0.0 } else { rounded.clamp(low, high) };
             // SAFETY: `clamped` is finite and within i16, so within i32.
             *out = unsafe { clamped.to_int_unchecked::<i32>() } as i16;
         }
@@ -126,15 +141,28 @@ pub fn to_int16_into(hu: &[f32], out: &mut [i16]) {
     // With AVX2, rounding is an instruction.
     crate::simd::with_avx2(
         #[inline(always)]
-        || round(hu, out),
+        || round(hu, out, low, high),
     )
 }
 
-/// The fine grid as preprocess stores it: HU rounded to int16 ([`to_int16`]) in the
-/// format of [`panscreen_shared::npy::encode_fine_grid`], rounded a piece at a time.
-pub fn encode_fine_grid(shape: &[usize], hu: &[f32]) -> bytes::Bytes {
+/// The HU a cascade's fine grid keeps: what stage 2's `intensity` can tell apart, in
+/// whole HU. Stage 2 clips its input to its window first (after its reference shift, if
+/// it has one, which widens the range by the largest shift), so a value beyond is stored
+/// as the range's edge: the model is given the same numbers, and the air around the body
+/// and the lungs become runs that compress faster and smaller.
+pub fn fine_grid_range(intensity: &IntensitySpec) -> [f32; 2] {
+    let [low, high] = intensity.window_hu;
+    let [least, most] = intensity.reference.map_or([0.0, 0.0], |r| r.shifts());
+    let whole = |v: f64| v.clamp(-32768.0, 32767.0) as f32;
+    [whole((low - most.max(0.0)).floor()), whole((high - least.min(0.0)).ceil())]
+}
+
+/// The fine grid as preprocess stores it: HU rounded to int16 and clamped to `range`
+/// ([`fine_grid_range`]) in the format of [`panscreen_shared::npy::encode_fine_grid`],
+/// rounded a piece at a time.
+pub fn encode_fine_grid(shape: &[usize], hu: &[f32], range: [f32; 2]) -> bytes::Bytes {
     panscreen_shared::npy::encode_fine_grid(shape, |start, chunk| {
-        to_int16_into(&hu[start..][..chunk.len()], chunk)
+        to_int16_within(&hu[start..][..chunk.len()], chunk, range)
     })
 }
 
@@ -228,6 +256,7 @@ impl Rescale {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use panscreen_shared::manifest::{Normalization, ReferenceSpec};
     use proptest::prelude::*;
 
     fn format(bits_stored: u16, signed: bool, slope: f64, intercept: f64) -> PixelFormat {
@@ -300,11 +329,47 @@ mod tests {
         let shape = [1, 1, 7, 101, 97];
         let hu: Vec<f32> =
             (0..7 * 101 * 97).map(|i| ((i * 7919) % 80_001) as f32 - 40_000.5).collect();
-        let encoded = encode_fine_grid(&shape, &hu);
+        let encoded = encode_fine_grid(&shape, &hu, [-32768.0, 32767.0]);
         let (decoded_shape, decoded) = panscreen_shared::npy::decode_fine_grid(&encoded).unwrap();
         assert_eq!(decoded_shape, shape);
         assert_eq!(decoded, to_int16(&hu));
         assert!(decoded.contains(&i16::MIN) && decoded.contains(&i16::MAX));
+    }
+
+    #[test]
+    fn the_fine_grid_keeps_stage_two_s_window_and_the_model_sees_the_same_input() {
+        let spec = |window_hu: [f64; 2], reference: Option<ReferenceSpec>| IntensitySpec {
+            window_hu,
+            normalize: Normalization::None,
+            fill_hu: -1000.0,
+            reference,
+        };
+        let range = fine_grid_range(&spec([-200.0, 300.0], None));
+        assert_eq!(range, [-200.0, 300.0]);
+        // A window that is not whole HU (nnU-Net's percentiles) widens to whole HU.
+        assert_eq!(fine_grid_range(&spec([-958.3, 271.2], None)), [-959.0, 272.0]);
+        assert_eq!(fine_grid_range(&spec([-1e6, 1e6], None)), [-32768.0, 32767.0]);
+        let gland = ReferenceSpec { range_hu: [-30.0, 120.0], median_hu: 40.0 };
+        assert_eq!(fine_grid_range(&spec([-200.0, 300.0], Some(gland))), [-270.0, 380.0]);
+        let hu: Vec<f32> = (0..5000).map(|i| i as f32 * 0.61 - 1500.3).collect();
+        let mut stored = vec![0; hu.len()];
+        to_int16_within(&hu, &mut stored, range);
+        assert_eq!((stored.iter().min(), stored.iter().max()), (Some(&-200), Some(&300)));
+        // Shifted (by any shift the reference can make) and clipped to the window, as
+        // stage 2 does first: the same numbers either way.
+        for (window_hu, reference) in
+            [([-958.3, 271.2], None), ([-200.0, 300.0], None), ([-200.0, 300.0], Some(gland))]
+        {
+            let intensity = spec(window_hu, reference);
+            to_int16_within(&hu, &mut stored, fine_grid_range(&intensity));
+            let [least, most] = reference.map_or([0.0, 0.0], |r| r.shifts());
+            for shift in [least, 0.0, 13.5, most] {
+                let seen = |v: i16| (f64::from(v) + shift).clamp(window_hu[0], window_hu[1]);
+                for (whole, kept) in to_int16(&hu).iter().zip(&stored) {
+                    assert_eq!(seen(*whole), seen(*kept), "shift {shift}");
+                }
+            }
+        }
     }
 
     proptest! {

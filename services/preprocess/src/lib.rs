@@ -482,8 +482,9 @@ impl PreprocessHandler {
         let fine = match fine {
             Some((geometry, hu)) => {
                 let shape = geometry.shape.clone();
+                let range = hu::fine_grid_range(&self.manifest.input.intensity);
                 let encoded =
-                    tokio::task::spawn_blocking(move || hu::encode_fine_grid(&shape, &hu))
+                    tokio::task::spawn_blocking(move || hu::encode_fine_grid(&shape, &hu, range))
                         .await
                         .map_err(|error| PreprocessError::TaskFailed(error.to_string()))?;
                 Some((geometry, encoded))
