@@ -636,6 +636,52 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_is_the_median_of_stage_one_s_pancreas_within_its_range() {
+        let (manifest, coarse, fine) = shipped();
+        let found =
+            locate(&manifest, 0, &coarse, &fine, &block([55, 40, 30], [62, 50, 60])).unwrap();
+        let shape = [112, 96, 96];
+        let fine_shape = [54, 190, 190];
+        // The gland at 30 HU, fat at -100 around it; the crop's other voxels at 60 HU.
+        let mut hu = vec![60i16; fine_shape.iter().product()];
+        let mut in_gland = 0;
+        for z in 0..fine_shape[0] {
+            for y in 0..fine_shape[1] {
+                for x in 0..fine_shape[2] {
+                    let point = fine.to_patient([z as f64, y as f64, x as f64]);
+                    let nearest = to_index(&coarse, point).map(|i| i.round() as usize);
+                    let at = (z * fine_shape[1] + y) * fine_shape[2] + x;
+                    if found.pancreas[(nearest[0] * shape[1] + nearest[1]) * shape[2] + nearest[2]]
+                    {
+                        hu[at] = if in_gland % 10 == 0 { -100 } else { 30 };
+                        in_gland += 1;
+                    }
+                }
+            }
+        }
+        let crop = (found.crop_start, found.crop_size);
+        let median = |hu: &[i16], range| {
+            pancreas_median(hu, &fine, crop, &found.pancreas, &coarse, shape, range)
+        };
+        // The fat is outside the range; nothing outside the pancreas counts.
+        assert_eq!(median(&hu, [-30.0, 120.0]), Some(30.0));
+        // Counted, the fat does not move a median of nine parts in ten.
+        assert_eq!(median(&hu, [-1000.0, 120.0]), Some(30.0));
+        // An even count takes the mean of the middle two, as numpy does: the gland's
+        // values split half at 20 and half at 41.
+        let mut gland: Vec<usize> = (0..hu.len()).filter(|at| hu[*at] == 30).collect();
+        if gland.len() % 2 == 1 {
+            hu[gland.pop().unwrap()] = -100;
+        }
+        for (rank, at) in gland.iter().enumerate() {
+            hu[*at] = if rank % 2 == 0 { 20 } else { 41 };
+        }
+        assert_eq!(median(&hu, [-30.0, 120.0]), Some(30.5));
+        // No pancreas voxel within the range: no reference.
+        assert_eq!(median(&hu, [100.0, 120.0]), None);
+    }
+
+    #[test]
     fn a_pancreas_too_small_or_at_the_scan_s_end_is_not_assessable() {
         let (manifest, coarse, fine) = shipped();
         let reason = |map: Vec<f32>| locate(&manifest, 0, &coarse, &fine, &map).err();
