@@ -355,8 +355,8 @@ fn a_jpeg_ls_slice_that_crashes_gdcm_quarantines_its_study_and_the_run_goes_on()
 }
 
 /// A header longer than the prefix ingest reads first (a vendor's 100 KB private
-/// element before Pixel Data): the prefix asks for the whole object, which parses; the
-/// same object cut inside that element is truncated, not "more bytes needed".
+/// element before Pixel Data): the prefix asks for more bytes, and the whole object
+/// parses; the same object cut inside that element is truncated, not "more bytes needed".
 #[test]
 fn a_header_longer_than_the_first_read_is_read_whole() {
     use panscreen_ingest::header::{needs_more_bytes, parse};
