@@ -397,13 +397,7 @@ pub(crate) fn pancreas_median(
                     continue;
                 }
                 let point = fine.to_patient([z as f64, y as f64, x as f64]);
-                let nearest = to_index(coarse, point).map(|i| i.round());
-                let inside =
-                    (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64);
-                if inside
-                    && pancreas[(nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2]
-                        + nearest[2] as usize]
-                {
+                if nearest_voxel(coarse, shape, point).is_some_and(|at| pancreas[at]) {
                     counts[(value - low) as usize] += 1;
                 }
             }
@@ -426,6 +420,15 @@ pub(crate) fn pancreas_median(
     }
 }
 
+/// The flat index of the voxel of `grid` (of `shape`) nearest to a patient point, if the
+/// point lies within the grid.
+fn nearest_voxel(grid: &TensorGeometry, shape: [usize; 3], point: [f64; 3]) -> Option<usize> {
+    let nearest = to_index(grid, point).map(|i| i.round());
+    (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64).then(|| {
+        (nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2] + nearest[2] as usize
+    })
+}
+
 /// Clears the voxels of a crop's lesion `map` (on `crop`) that lie outside `near` (on
 /// the stage-1 grid `coarse` of `shape`); returns the highest voxel left.
 pub(crate) fn keep_near(
@@ -440,11 +443,7 @@ pub(crate) fn keep_near(
     for (at, value) in map.iter_mut().enumerate() {
         let index = [at / (height * width), at / width % height, at % width];
         let point = crop.to_patient(index.map(|i| i as f64));
-        let nearest = to_index(coarse, point).map(|i| i.round());
-        let inside = (0..3).all(|axis| nearest[axis] >= 0.0 && nearest[axis] < shape[axis] as f64)
-            && near[(nearest[0] as usize * shape[1] + nearest[1] as usize) * shape[2]
-                + nearest[2] as usize];
-        if inside {
+        if nearest_voxel(coarse, shape, point).is_some_and(|at| near[at]) {
             highest = highest.max(*value);
         } else {
             *value = 0.0;
@@ -649,9 +648,8 @@ mod tests {
             for y in 0..fine_shape[1] {
                 for x in 0..fine_shape[2] {
                     let point = fine.to_patient([z as f64, y as f64, x as f64]);
-                    let nearest = to_index(&coarse, point).map(|i| i.round() as usize);
                     let at = (z * fine_shape[1] + y) * fine_shape[2] + x;
-                    if found.pancreas[(nearest[0] * shape[1] + nearest[1]) * shape[2] + nearest[2]]
+                    if nearest_voxel(&coarse, shape, point).is_some_and(|near| found.pancreas[near])
                     {
                         hu[at] = if in_gland % 10 == 0 { -100 } else { 30 };
                         in_gland += 1;

@@ -1,9 +1,9 @@
 //! Reading one object's DICOM header, never its pixel data.
 //!
 //! Only the first `header_bytes` of an object are fetched, and more only when the header
-//! is longer ([`crate::read_header`]). The parser stops at Pixel Data. A separate check reads the
-//! Pixel Data element's declared length from the raw bytes and compares it with the
-//! object size, so a truncated file is caught here, before any decoding.
+//! is longer ([`crate::read_header`]). The parser stops at Pixel Data. A separate check
+//! reads the Pixel Data element's declared length from the raw bytes and compares it with
+//! the object size, so a truncated file is caught here, before any decoding.
 
 use std::io::Cursor;
 
