@@ -6,7 +6,7 @@
 //! may appear in any log, table, ledger or status output.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -185,6 +185,35 @@ impl Cluster {
         rows
     }
 
+    /// Runs the cohort through the embedded pipeline with `model` (the default when
+    /// `None`) and asserts that every study's probability there is the one the services
+    /// wrote, within 1e-6.
+    fn assert_embedded_gives_the_same_probabilities(&self, model: Option<&Path>) {
+        let out = self.scratch.path().join("embedded");
+        let cohort = self.scratch.path().join("cohort/studies");
+        let key_file = self.scratch.path().join("key");
+        panscreen_tests::run_embedded_with(&cohort, &out, &key_file, KEY, model);
+        let embedded = probabilities(
+            panscreen_tests::parquet_files(&out.join("results"))
+                .unwrap()
+                .iter()
+                .flat_map(|file| panscreen_tests::read_batches(file).unwrap()),
+        );
+        let distributed = probabilities(self.table("results").into_iter().map(|(_, batch)| batch));
+        assert_eq!(embedded.keys().collect::<Vec<_>>(), distributed.keys().collect::<Vec<_>>());
+        for (key, probability) in &embedded {
+            let same = match (probability, distributed[key]) {
+                (Some(a), Some(b)) => (a - b).abs() < 1e-6,
+                (a, b) => *a == b,
+            };
+            assert!(
+                same,
+                "study {key}: {probability:?} embedded, {:?} distributed",
+                distributed[key]
+            );
+        }
+    }
+
     /// Waits until every expected study is in the results (or `limit` passes), then a
     /// little longer for stray redeliveries, and returns what is there.
     fn wait_for_results(&self, limit: Duration, services: &[&Service]) -> BTreeMap<String, usize> {
@@ -273,6 +302,19 @@ fn strings(batch: &RecordBatch, column: &str) -> Vec<String> {
     array.iter().map(|v| v.unwrap_or_default().to_string()).collect()
 }
 
+/// study key → `lesion_probability` (none for a study that was not assessable).
+fn probabilities(batches: impl IntoIterator<Item = RecordBatch>) -> BTreeMap<String, Option<f64>> {
+    let mut found = BTreeMap::new();
+    for batch in batches {
+        let values = batch.column_by_name("lesion_probability").unwrap();
+        let values = values.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap();
+        for (key, value) in strings(&batch, "study_key").into_iter().zip(values.iter()) {
+            found.insert(key, value);
+        }
+    }
+    found
+}
+
 /// The response, or "" while nothing listens on `port`.
 fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
@@ -348,38 +390,7 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
     assert_exactly_once(&rows, &expected);
     // The same studies through the embedded pipeline get the same probabilities: the
     // services, their kills and redeliveries change nothing the model sees.
-    let embedded_out = cluster.scratch.path().join("embedded");
-    let cohort = cluster.scratch.path().join("cohort/studies");
-    panscreen_tests::run_embedded(&cohort, &embedded_out, &cluster.scratch.path().join("key"), KEY);
-    let probabilities = |batches: Vec<RecordBatch>| -> BTreeMap<String, f64> {
-        let mut found = BTreeMap::new();
-        for batch in batches {
-            let values = batch.column_by_name("lesion_probability").unwrap();
-            let values = values.as_any().downcast_ref::<arrow::array::Float64Array>().unwrap();
-            for (key, value) in strings(&batch, "study_key").into_iter().zip(values.iter()) {
-                found.insert(key, value.unwrap());
-            }
-        }
-        found
-    };
-    let embedded = probabilities(
-        panscreen_tests::parquet_files(&embedded_out.join("results"))
-            .unwrap()
-            .iter()
-            .flat_map(|file| panscreen_tests::read_batches(file).unwrap())
-            .collect(),
-    );
-    let distributed =
-        probabilities(cluster.table("results").into_iter().map(|(_, batch)| batch).collect());
-    assert_eq!(embedded.keys().collect::<Vec<_>>(), distributed.keys().collect::<Vec<_>>());
-    for (key, probability) in &embedded {
-        let apart = (probability - distributed[key]).abs();
-        assert!(
-            apart < 1e-6,
-            "study {key}: {probability} embedded, {} distributed",
-            distributed[key]
-        );
-    }
+    cluster.assert_embedded_gives_the_same_probabilities(None);
     // Each study's tensor is deleted once it is scored: the work store empties.
     let work = format!("campaigns/{CAMPAIGN}/work");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -520,6 +531,10 @@ fn two_replicas_of_every_worker_lose_nothing_when_workers_are_killed() {
 #[test]
 fn a_nats_restart_and_a_store_outage_mid_run_lose_nothing() {
     let mut cluster = Cluster::start(40, 11);
+    // The learned model here (the default in the test above): its stage 2 takes each
+    // crop's reference from the pancreas stage 1 found, in the services as embedded.
+    let model = workspace_root().join("models/learned-cascade");
+    cluster.environment.push(("PANSCREEN_MODEL".to_string(), model.display().to_string()));
     let services = vec![
         cluster.serve("ingest", "ingest"),
         cluster.serve("preprocess", "preprocess"),
@@ -555,5 +570,9 @@ fn a_nats_restart_and_a_store_outage_mid_run_lose_nothing() {
         .sum();
     eprintln!("retry log lines across services: {retried}");
     stop_all(services);
+    let models: Vec<String> =
+        cluster.table("results").iter().flat_map(|(_, b)| strings(b, "model_name")).collect();
+    assert!(models.iter().all(|name| name == "learned-cascade"), "{models:?}");
+    cluster.assert_embedded_gives_the_same_probabilities(Some(&model));
     cluster.assert_nothing_leaked();
 }
