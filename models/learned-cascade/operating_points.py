@@ -8,9 +8,9 @@ for lesions >= 10 mm and >= 10 HU (issue 9's gate stratum). Studies judged not
 assessable are counted apart, never as negatives.
 
 Usage (needs duckdb, in panscreen's venv):
-  panscreen synth --out val --studies 200 --seed 202 --prevalence 0.2 --anatomy screening
+  panscreen synth --out val --size small --studies 1000 --seed 202 --prevalence 0.2 --anatomy screening
   panscreen run --input val/studies --out val-out --model models/learned-cascade --key-file K
-  operating_points.py --labels val/labels.parquet --results val-out --key-file K [--target 0.97 0.99]
+  operating_points.py --labels val/labels.parquet --results val-out --key-file K [--target 0.95 0.99]
 """
 
 import argparse
