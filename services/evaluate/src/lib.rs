@@ -274,17 +274,28 @@ pub fn read_cohort(
     Ok(cases)
 }
 
-/// Reads the cohort and computes every figure.
+/// Reads each cohort (its labels and the output of its run) and computes every figure
+/// over all of them pooled, as one cohort: several campaigns, or several synthetic
+/// cohorts, whose studies must all differ.
 pub fn evaluate(
-    labels: &Path,
-    results: &Path,
+    cohorts: &[(&Path, &Path)],
     pseudonymizer: &Pseudonymizer,
     screening_prevalence: f64,
 ) -> Result<Report, EvaluateError> {
     if !(screening_prevalence > 0.0 && screening_prevalence < 1.0) {
         return Err(EvaluateError::Prevalence(screening_prevalence));
     }
-    let cases = read_cohort(labels, results, pseudonymizer)?;
+    let mut cases = Vec::new();
+    for (labels, results) in cohorts {
+        cases.extend(read_cohort(labels, results, pseudonymizer)?);
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for case in &cases {
+        *seen.entry(case.study_key.as_str()).or_default() += 1;
+    }
+    if let Some((study_key, times)) = seen.into_iter().find(|(_, times)| *times > 1) {
+        return Err(EvaluateError::DuplicateLabel { study_key: study_key.to_string(), times });
+    }
     Report::new(&cases, screening_prevalence)
 }
 
@@ -464,5 +475,59 @@ mod tests {
         );
         let error = read_cohort(&label_file, &out, &key).unwrap_err().to_string();
         assert!(error.contains("has no column lesion_present"), "{error}");
+    }
+
+    /// One cohort's labels and a run that scored every study of it.
+    fn scored_cohort(directory: &Path, key: &Pseudonymizer, scores: &[(&str, f64)]) {
+        let uids: Vec<&str> = scores.iter().map(|(uid, _)| *uid).collect();
+        labels(&directory.join("labels.parquet"), &uids);
+        write(
+            &directory.join("out/results/part-0.parquet"),
+            vec![
+                (
+                    "study_key",
+                    Arc::new(StringArray::from(
+                        uids.iter().map(|uid| key.study(uid)).collect::<Vec<_>>(),
+                    )) as ArrayRef,
+                ),
+                (
+                    "lesion_probability",
+                    Arc::new(Float64Array::from(
+                        scores.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+                    )),
+                ),
+                (
+                    "flagged",
+                    Arc::new(BooleanArray::from(
+                        scores.iter().map(|(_, p)| *p > 0.5).collect::<Vec<_>>(),
+                    )),
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn cohorts_are_pooled_and_a_study_in_two_of_them_is_an_error() {
+        let directory = tempfile::tempdir().unwrap();
+        let key = Pseudonymizer::new(b"0123456789abcdef0123456789abcdef".to_vec()).unwrap();
+        let (a, b) = (directory.path().join("a"), directory.path().join("b"));
+        // Each cohort alone separates perfectly; pooled, b's lesion scores below a's
+        // lesion-free study: 3 of the 4 pairs ordered, AUC 0.75.
+        scored_cohort(&a, &key, &[("p1", 0.9), ("n1", 0.6)]);
+        scored_cohort(&b, &key, &[("p2", 0.5), ("n2", 0.1)]);
+        let paths = |d: &Path| (d.join("labels.parquet"), d.join("out"));
+        let ((la, ra), (lb, rb)) = (paths(&a), paths(&b));
+        let one = evaluate(&[(&la, &ra)], &key, 0.001).unwrap();
+        let auc = |report: &Report| {
+            report.figure("model", "scored studies", "all", "auc").and_then(|f| f.value)
+        };
+        assert_eq!(auc(&one), Some(1.0));
+        let pooled = evaluate(&[(&la, &ra), (&lb, &rb)], &key, 0.001).unwrap();
+        let labelled = pooled.figure("cohort", "with lesion", "labelled", "studies").unwrap();
+        assert_eq!((labelled.numerator, labelled.denominator), (Some(2), Some(4)));
+        assert_eq!(auc(&pooled), Some(0.75));
+        // The same cohort given twice: every study is labelled twice.
+        let error = evaluate(&[(&la, &ra), (&la, &ra)], &key, 0.001).unwrap_err().to_string();
+        assert!(error.contains("2 times"), "{error}");
     }
 }

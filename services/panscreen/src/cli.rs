@@ -1,6 +1,6 @@
 //! Subcommands and flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -242,12 +242,13 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
-    /// labels.parquet written by `panscreen synth`.
-    #[arg(long)]
-    pub labels: PathBuf,
+    /// labels.parquet written by `panscreen synth`. Give `--labels` and `--results` once
+    /// per cohort, in the same order, to evaluate several cohorts pooled.
+    #[arg(long, required = true)]
+    pub labels: Vec<PathBuf>,
     /// Output directory of `panscreen run`.
-    #[arg(long)]
-    pub results: PathBuf,
+    #[arg(long, required = true)]
+    pub results: Vec<PathBuf>,
     /// The pseudonym key file the run used.
     #[arg(long, env = "PANSCREEN_PSEUDONYM_KEY_FILE")]
     pub key_file: PathBuf,
@@ -255,7 +256,8 @@ pub struct EvaluateArgs {
     /// values a screening programme would see (the cohort's own is reported too).
     #[arg(long, default_value_t = 0.001, env = "PANSCREEN_SCREENING_PREVALENCE")]
     pub screening_prevalence: f64,
-    /// Where the figures are written as Parquet [default: RESULTS/evaluation/evaluation.parquet].
+    /// Where the figures are written as Parquet [default, for one cohort:
+    /// RESULTS/evaluation/evaluation.parquet; needed when pooling].
     #[arg(long, env = "PANSCREEN_EVALUATION_OUT")]
     pub out: Option<PathBuf>,
 }
@@ -564,14 +566,30 @@ fn requeue(args: RequeueArgs) -> anyhow::Result<()> {
 
 /// `panscreen evaluate`.
 fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    if args.labels.len() != args.results.len() {
+        anyhow::bail!(
+            "{} --labels but {} --results: give one of each per cohort, in the same order",
+            args.labels.len(),
+            args.results.len()
+        );
+    }
+    let out = match (&args.out, args.results.as_slice()) {
+        (Some(out), _) => out.clone(),
+        (None, [results]) => results.join("evaluation/evaluation.parquet"),
+        (None, all) => anyhow::bail!(
+            "pooling {} cohorts: give --out, so that the pooled figures are not written \
+             beside one cohort's results",
+            all.len()
+        ),
+    };
     let pseudonymizer = Pseudonymizer::from_file(&args.key_file)?;
-    let report = panscreen_evaluate::evaluate(
-        &args.labels,
-        &args.results,
-        &pseudonymizer,
-        args.screening_prevalence,
-    )?;
-    let out = args.out.unwrap_or_else(|| args.results.join("evaluation/evaluation.parquet"));
+    let cohorts: Vec<(&Path, &Path)> = args
+        .labels
+        .iter()
+        .zip(&args.results)
+        .map(|(labels, results)| (labels.as_path(), results.as_path()))
+        .collect();
+    let report = panscreen_evaluate::evaluate(&cohorts, &pseudonymizer, args.screening_prevalence)?;
     report.write(&out)?;
     print!("{}", report.render());
     println!("\nevaluation table: {}", out.display());
