@@ -164,6 +164,15 @@ fn float_at(array: &Option<std::sync::Arc<dyn Array>>, row: usize) -> Option<f64
     array.is_valid(row).then(|| floats(array).value(row)).filter(|v| v.is_finite())
 }
 
+/// A key that occurs more than once, and how often.
+fn repeated<'a>(keys: impl Iterator<Item = &'a str>) -> Option<(String, usize)> {
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for key in keys {
+        *counts.entry(key).or_default() += 1;
+    }
+    counts.into_iter().find(|(_, times)| *times > 1).map(|(key, times)| (key.to_string(), times))
+}
+
 /// The cohort: every labelled study of `labels` (a `labels.parquet` of `panscreen
 /// synth`, or any file with `study_instance_uid` and `lesion_present`) with its outcome
 /// in `results` (an output directory of `panscreen run`, or a compacted campaign).
@@ -173,7 +182,6 @@ pub fn read_cohort(
     pseudonymizer: &Pseudonymizer,
 ) -> Result<Vec<Case>, EvaluateError> {
     let mut cases: Vec<Case> = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
     for batch in read_batches(labels)? {
         let uid = required_column(labels, &batch, "study_instance_uid", &DataType::Utf8)?;
         let present = required_column(labels, &batch, "lesion_present", &DataType::Boolean)?;
@@ -192,7 +200,6 @@ pub fn read_cohort(
                 continue;
             }
             let study_key = pseudonymizer.study(strings(&uid).value(row));
-            *seen.entry(study_key.clone()).or_default() += 1;
             let lesion = present.is_valid(row) && booleans(&present).value(row);
             cases.push(Case {
                 study_key,
@@ -211,14 +218,14 @@ pub fn read_cohort(
     if cases.is_empty() {
         return Err(EvaluateError::NoLabels { path: labels.to_path_buf() });
     }
-    if let Some((study_key, times)) = seen.into_iter().find(|(_, times)| *times > 1) {
+    if let Some((study_key, times)) = repeated(cases.iter().map(|case| case.study_key.as_str())) {
         return Err(EvaluateError::DuplicateLabel { study_key, times });
     }
     let index: HashMap<String, usize> =
         cases.iter().enumerate().map(|(i, case)| (case.study_key.clone(), i)).collect();
 
     let mut results_read = 0usize;
-    let mut scored: HashMap<String, usize> = HashMap::new();
+    let mut scored: Vec<String> = Vec::new();
     for path in parquet_files(&results.join("results"))? {
         for batch in read_batches(&path)? {
             let key = required_column(&path, &batch, "study_key", &DataType::Utf8)?;
@@ -230,7 +237,7 @@ pub fn read_cohort(
             for row in 0..batch.num_rows() {
                 results_read += 1;
                 let study_key = strings(&key).value(row).to_string();
-                *scored.entry(study_key.clone()).or_default() += 1;
+                scored.push(study_key.clone());
                 let Some(&at) = index.get(&study_key) else { continue };
                 let judged =
                     assessable.as_ref().is_none_or(|a| !a.is_valid(row) || booleans(a).value(row));
@@ -247,7 +254,7 @@ pub fn read_cohort(
             }
         }
     }
-    if let Some((study_key, times)) = scored.into_iter().find(|(_, times)| *times > 1) {
+    if let Some((study_key, times)) = repeated(scored.iter().map(String::as_str)) {
         return Err(EvaluateError::DuplicateResult { study_key, times });
     }
     for path in parquet_files(&results.join("quarantine"))? {
@@ -289,12 +296,8 @@ pub fn evaluate(
     for (labels, results) in cohorts {
         cases.extend(read_cohort(labels, results, pseudonymizer)?);
     }
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for case in &cases {
-        *seen.entry(case.study_key.as_str()).or_default() += 1;
-    }
-    if let Some((study_key, times)) = seen.into_iter().find(|(_, times)| *times > 1) {
-        return Err(EvaluateError::DuplicateLabel { study_key: study_key.to_string(), times });
+    if let Some((study_key, times)) = repeated(cases.iter().map(|case| case.study_key.as_str())) {
+        return Err(EvaluateError::DuplicateLabel { study_key, times });
     }
     Report::new(&cases, screening_prevalence)
 }
