@@ -20,7 +20,7 @@ echo "machine: $(nproc) cores; bench dir $WORK"
 sync
 
 # 1. Header scanning.
-[ -d "$WORK/realistic" ] || $BIN synth --size full --studies ${HEADER_STUDIES:-4} --seed 5 --realistic-studies --out "$WORK/realistic" > /dev/null
+[ -d "$WORK/realistic" ] || $BIN synth --anatomy basic --size full --studies ${HEADER_STUDIES:-4} --seed 5 --realistic-studies --out "$WORK/realistic" > /dev/null
 echo "realistic cohort: $(find "$WORK/realistic/studies" -type f | wc -l) files, $(du -sh "$WORK/realistic/studies" | cut -f1)"
 cat "$WORK/realistic/studies"/*/*/* > /dev/null  # warm the page cache for both sides
 for round in 1 2; do
@@ -33,7 +33,7 @@ done
 # (b) the default cascade's two grids from every slice (stage 1's 4 mm whole-scan grid and
 # the fine 3x2x2 mm int16 grid, compressed) against SimpleITK reading the series
 # and resampling it onto stage 1's grid alone, on 512x512x300 studies.
-[ -d "$WORK/full" ] || $BIN synth --size full --studies ${FULL_STUDIES:-6} --seed 11 --out "$WORK/full" > /dev/null
+[ -d "$WORK/full" ] || $BIN synth --anatomy basic --size full --studies ${FULL_STUDIES:-6} --seed 11 --out "$WORK/full" > /dev/null
 cat "$WORK/full/studies"/*/*/* > /dev/null
 taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --model models/tiny-panda --input "$WORK/full/studies" --out "$WORK/full-out" --key-file "$WORK/key" --overwrite > /dev/null
 "$PY" - "$WORK/full-out" <<'PYEOF'
@@ -44,7 +44,7 @@ PYEOF
 taskset -c 0 "$PY" load-tests/python_reference.py "$WORK/full/studies" | sed 's/^/1 core: /'
 # 300 slices 1.25 mm apart: 374 mm scans, inside stage 1's 448 mm field, so both sides
 # read every slice (longer scans would let panscreen skip the slices no grid reaches).
-[ -d "$WORK/full300" ] || $BIN synth --size full --studies ${FULL300_STUDIES:-3} --slices 300 --slice-spacing-mm 1.25 --seed 12 --out "$WORK/full300" > /dev/null
+[ -d "$WORK/full300" ] || $BIN synth --anatomy basic --size full --studies ${FULL300_STUDIES:-3} --slices 300 --slice-spacing-mm 1.25 --seed 12 --out "$WORK/full300" > /dev/null
 cat "$WORK/full300/studies"/*/*/* > /dev/null
 # The volume path alone (no infer sharing the core): examples/volume_path.rs, which
 # `cargo xtask bench` builds with the same codecs as the binary.
@@ -56,7 +56,7 @@ for round in 1 2; do
   taskset -c 0 "$PY" load-tests/simpleitk_reference.py "$WORK/full300/studies" | sed 's/^/1 core, stage 1 grid: /'
 done
 for round in 1 2; do
-  /usr/bin/time -f "panscreen run (cascade, both grids), 1 core: wall %e s, peak RSS %M KiB" taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --input "$WORK/full300/studies" --out "$WORK/full300-out" --key-file "$WORK/key" --overwrite > /dev/null
+  /usr/bin/time -f "panscreen run (cascade, both grids), 1 core: wall %e s, peak RSS %M KiB" taskset -c 0 $BIN run --no-progress --preprocess-workers 1 --model models/tiny-panda-cascade --input "$WORK/full300/studies" --out "$WORK/full300-out" --key-file "$WORK/key" --overwrite > /dev/null
   "$PY" - "$WORK/full300-out" <<'PYEOF'
 import sys, duckdb
 n, pre = duckdb.execute(f"select count(*), avg(preprocess_ms) from read_parquet('{sys.argv[1]}/results/**/*.parquet', hive_partitioning=true)").fetchone()
@@ -66,8 +66,8 @@ PYEOF
 done
 
 # 3. Memory on a 1,000-slice 512×512 series (int16 size 500 MiB).
-[ -d "$WORK/long" ] || $BIN synth --size full --studies 1 --slices 1000 --seed 3 --out "$WORK/long" > /dev/null
+[ -d "$WORK/long" ] || $BIN synth --anatomy basic --size full --studies 1 --slices 1000 --seed 3 --out "$WORK/long" > /dev/null
 echo "1,000-slice series: $(find "$WORK/long/studies" -type f | wc -l) files, $(du -sh "$WORK/long/studies" | cut -f1)"
-/usr/bin/time -f "panscreen run, 1,000 slices: wall %e s, peak RSS %M KiB" $BIN run --no-progress --preprocess-workers 1 \
+/usr/bin/time -f "panscreen run, 1,000 slices: wall %e s, peak RSS %M KiB" $BIN run --no-progress --preprocess-workers 1 --model models/tiny-panda-cascade \
   --input "$WORK/long/studies" --out "$WORK/long-out" --key-file "$WORK/key" --overwrite > /dev/null
 /usr/bin/time -f "python reference, 1,000 slices: wall %e s, peak RSS %M KiB" "$PY" load-tests/python_reference.py "$WORK/long/studies"

@@ -16,7 +16,7 @@ submits the prefix, and reports:
 
 Run through `cargo xtask load-test` (builds, installs, then runs this), or directly
 with the venv's python: STUDIES=1000 python load-tests/distributed_load.py.
-COHORT=dir reuses a cohort `panscreen synth --studies STUDIES --seed 7 --prevalence 0.1`
+COHORT=dir reuses a cohort `panscreen synth --studies STUDIES --seed 7 --prevalence 0.1 --anatomy basic`
 wrote there (and writes it there when missing).
 
 CHAOS=1 (`cargo xtask chaos`) adds faults while the campaign runs: a `kill -9` of a
@@ -210,7 +210,7 @@ def main():
         if not (cohort / "studies").is_dir():
             started = time.time()
             subprocess.run([PANSCREEN, "synth", "--out", cohort, "--studies", str(STUDIES),
-                            "--seed", "7", "--prevalence", "0.1"], check=True, stdout=subprocess.DEVNULL)
+                            "--seed", "7", "--prevalence", "0.1", "--anatomy", "basic"], check=True, stdout=subprocess.DEVNULL)
             print(f"synthesized {STUDIES} studies in {time.time() - started:.1f} s", flush=True)
         # SeaweedFS without an S3 configuration takes anonymous requests. Plain PUTs:
         # the AWS SDK's anonymous chunked uploads arrive with their chunk framing stored

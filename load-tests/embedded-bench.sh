@@ -21,7 +21,7 @@ measure() { # label, command...
 
 for size in small full; do
   n=$SMALL; [ "$size" = full ] && n=$FULL
-  measure "synth-$size" $BIN synth --size $size --studies "$n" --seed 11 --prevalence 0.3 --out "$WORK/$size"
+  measure "synth-$size" $BIN synth --anatomy basic --size $size --studies "$n" --seed 11 --prevalence 0.3 --out "$WORK/$size"
   du -sh "$WORK/$size/studies" | awk -v s=$size '{print "cohort-" s ": " $1 " of DICOM"}'
   measure "run-$size" $BIN run --no-progress --input "$WORK/$size/studies" --out "$WORK/$size-out" --key-file "$WORK/key"
   grep "finished in" "$WORK/run-$size.out"

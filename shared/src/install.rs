@@ -27,8 +27,8 @@ fn data_home() -> Option<PathBuf> {
 }
 
 /// Every place, in search order, where a file shipped as `in_tree` in the source tree
-/// (e.g. `models/tiny-panda-cascade`) or as `installed` under a data directory (e.g.
-/// `models/tiny-panda-cascade`) may be.
+/// (e.g. `models/learned-cascade`) or as `installed` under a data directory (e.g.
+/// `models/learned-cascade`) may be.
 pub fn candidates(in_tree: &Path, installed: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = Vec::new();
     if let Ok(directory) = std::env::current_dir() {

@@ -359,7 +359,7 @@ impl ModelManifest {
     /// Reads and checks the manifest at `path` (the file, or the model directory holding
     /// `manifest.toml`). A
     /// relative path that is not under the working directory is looked for where the
-    /// binary's own files are ([`crate::install`]), so the default `models/tiny-panda-cascade`
+    /// binary's own files are ([`crate::install`]), so the default `models/learned-cascade`
     /// is found from any directory.
     pub fn load(path: &Path) -> Result<ModelManifest, ManifestError> {
         let names_a_file = path.extension().is_some_and(|extension| extension == "toml");

@@ -465,29 +465,29 @@ fn the_default_model_is_found_from_any_directory_and_under_an_install_prefix() {
         std::fs::read_to_string(scratch.path().join(out).join("logs/panscreen.jsonl")).unwrap()
     };
     let log = run(&panscreen_tests::binary(), "from-elsewhere");
-    assert!(log.contains(r#""model":"tiny-panda-cascade""#), "{log}");
+    assert!(log.contains(r#""model":"learned-cascade""#), "{log}");
 
-    // An install prefix: bin/panscreen and share/panscreen/models/tiny-panda-cascade, a
+    // An install prefix: bin/panscreen and share/panscreen/models/learned-cascade, a
     // copy renamed so that the log says which one was loaded.
     let prefix = scratch.path().join("prefix");
-    let model = prefix.join("share/panscreen/models/tiny-panda-cascade");
+    let model = prefix.join("share/panscreen/models/learned-cascade");
     std::fs::create_dir_all(prefix.join("bin")).unwrap();
     std::fs::create_dir_all(&model).unwrap();
     let installed = prefix.join("bin/panscreen");
     if std::fs::hard_link(panscreen_tests::binary(), &installed).is_err() {
         std::fs::copy(panscreen_tests::binary(), &installed).unwrap();
     }
-    let source = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
+    let source = panscreen_tests::workspace_root().join("models/learned-cascade");
     let manifest = std::fs::read_to_string(source.join("manifest.toml")).unwrap();
-    let renamed = manifest
-        .replace(r#"name = "tiny-panda-cascade""#, r#"name = "tiny-panda-cascade-installed""#);
+    let renamed =
+        manifest.replace(r#"name = "learned-cascade""#, r#"name = "learned-cascade-installed""#);
     assert_ne!(manifest, renamed);
     std::fs::write(model.join("manifest.toml"), renamed).unwrap();
     for file in ["locate.onnx", "detect.onnx"] {
         std::fs::copy(source.join(file), model.join(file)).unwrap();
     }
     let log = run(&installed, "from-prefix");
-    assert!(log.contains(r#""model":"tiny-panda-cascade-installed""#), "{log}");
+    assert!(log.contains(r#""model":"learned-cascade-installed""#), "{log}");
 }
 
 /// `panscreen evaluate` on a run: the report printed, the figures written as Parquet

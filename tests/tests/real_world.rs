@@ -335,8 +335,8 @@ async fn prone_feet_first_and_side_lying_scans_give_the_supine_tensor() {
 }
 
 /// Patients as they lie in real scanners (shifted up to 40 mm, turned up to 10°, some
-/// prone, some feet first): every study is screened, by the one-stage model and by the
-/// cascade, and where either finds a lesion, the centroid it reports is where the lesion
+/// prone, some feet first): every study is screened, by the one-stage model and by both
+/// cascades, and where any finds a lesion, the centroid it reports is where the lesion
 /// is in the patient, through every orientation (the geometry from DICOM to tensor and
 /// back holds, for the cascade through its coarse grid, its box and its patches too).
 #[test]
@@ -352,8 +352,13 @@ fn varied_poses_are_screened_and_lesions_are_found_where_they_are() {
     let positions: std::collections::BTreeSet<&str> =
         truths.iter().map(|t| t.pose.patient_position).collect();
     assert_eq!(positions.len(), 3, "HFS, HFP and FFS in the cohort: {positions:?}");
-    let cascade = panscreen_tests::workspace_root().join("models/tiny-panda-cascade");
-    for (name, model) in [("one-stage", None), ("cascade", Some(cascade.as_path()))] {
+    let models = panscreen_tests::workspace_root().join("models");
+    let (one_stage, hand_set) = (models.join("tiny-panda"), models.join("tiny-panda-cascade"));
+    for (name, model) in [
+        ("one-stage", Some(one_stage.as_path())),
+        ("hand-set cascade", Some(hand_set.as_path())),
+        ("learned cascade, the default", None),
+    ] {
         let out = scratch.path().join(format!("out-{name}"));
         panscreen_tests::run_embedded_with(
             &cohort.out.join("studies"),

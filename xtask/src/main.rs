@@ -417,7 +417,8 @@ fn bench() -> anyhow::Result<()> {
         .args(["build", "--release", "-p", "panscreen", "--example", "volume_path"])
         .args(Codecs::All.args()))?;
     run(Command::new("bash").current_dir(root()).arg("load-tests/embedded-bench.sh"))?;
-    run(Command::new("bash").current_dir(root()).arg("load-tests/dicom-bench.sh"))
+    run(Command::new("bash").current_dir(root()).arg("load-tests/dicom-bench.sh"))?;
+    run(Command::new("bash").current_dir(root()).arg("load-tests/cascade-speed.sh"))
 }
 
 /// The distributed load scenario: four services as processes over real servers; with

@@ -175,9 +175,10 @@ pub struct SynthArgs {
     /// scan of a chosen length).
     #[arg(long, env = "PANSCREEN_SYNTH_SLICE_SPACING_MM", value_parser = positive_mm)]
     pub slice_spacing_mm: Option<f64>,
-    /// Which phantom: basic (one build, easy lesions, white noise) or screening (every
-    /// build, mimics, hard lesions, correlated noise, long scans; docs/synthetic-data.md).
-    #[arg(long, value_enum, default_value = "basic", env = "PANSCREEN_SYNTH_ANATOMY")]
+    /// Which phantom: screening (every build, mimics, hard lesions, correlated noise,
+    /// long scans; docs/synthetic-data.md) or basic (one build, easy lesions, white
+    /// noise; the default before 2026-12).
+    #[arg(long, value_enum, default_value = "screening", env = "PANSCREEN_SYNTH_ANATOMY")]
     pub anatomy: Anatomy,
     /// How patients lie: standard (supine, head first, centred) or varied (shifted up
     /// to ±40 mm, turned up to ±10°, some prone, some feet first; in labels.parquet).

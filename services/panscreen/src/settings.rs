@@ -94,7 +94,7 @@ impl ClusterArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Model directory holding manifest.toml.
-    #[arg(long, default_value = "models/tiny-panda-cascade", env = "PANSCREEN_MODEL")]
+    #[arg(long, default_value = "models/learned-cascade", env = "PANSCREEN_MODEL")]
     pub model: PathBuf,
     /// Where the model runs: cpu, cuda[:N], tensorrt[:N].
     #[arg(long, default_value = "cpu", env = "PANSCREEN_DEVICE")]

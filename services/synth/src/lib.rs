@@ -47,14 +47,15 @@ pub enum Size {
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Anatomy {
     /// One build, a smooth tube of a gland, a round sharp lesion of 10–30 mm and
-    /// 10–30 HU, white noise, scans centred on the pancreas: easy, and kept so that
-    /// earlier cohorts keep their bytes.
-    #[default]
+    /// 10–30 HU, white noise, scans centred on the pancreas: easy; the default until
+    /// 2026-12, kept so that earlier cohorts keep their bytes and the data-path tests
+    /// stay quick.
     Basic,
-    /// Bodies of every build, mimics in every study, a lobulated textured gland, lesions
+    /// The default. Bodies of every build, mimics in every study, a lobulated textured gland, lesions
     /// of 5–40 mm and 5–30 HU with blurred irregular edges, correlated noise rising with
     /// body size, blur, a calibration offset per site, scans of 150–450 mm with the
     /// pancreas anywhere in the upper abdomen.
+    #[default]
     Screening,
 }
 
