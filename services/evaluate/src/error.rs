@@ -22,10 +22,11 @@ pub enum EvaluateError {
     )]
     DuplicateResult { study_key: String, times: usize },
     #[error(
-        "none of the {labelled} labelled studies has a result or a quarantine row among \
-         {results} results: are the key file and the results those of this cohort's run?"
+        "none of the {labelled} labelled studies in {labels} has a result or a quarantine \
+         row among the {results} results in {output}: are the key file and the results \
+         those of this cohort's run?"
     )]
-    NoMatch { labelled: usize, results: usize },
+    NoMatch { labels: PathBuf, output: PathBuf, labelled: usize, results: usize },
     #[error(
         "the screened studies have no {missing} (of {screened} screened): sensitivity, \
          specificity and AUC need both classes"

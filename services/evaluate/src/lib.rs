@@ -276,7 +276,12 @@ pub fn read_cohort(
         }
     }
     if cases.iter().all(|case| case.outcome == Outcome::Missing) {
-        return Err(EvaluateError::NoMatch { labelled: cases.len(), results: results_read });
+        return Err(EvaluateError::NoMatch {
+            labels: labels.to_path_buf(),
+            output: results.to_path_buf(),
+            labelled: cases.len(),
+            results: results_read,
+        });
     }
     Ok(cases)
 }
@@ -532,5 +537,14 @@ mod tests {
         // The same cohort given twice: every study is labelled twice.
         let error = evaluate(&[(&la, &ra), (&la, &ra)], &key, 0.001).unwrap_err().to_string();
         assert!(error.contains("2 times"), "{error}");
+        // One cohort run with another key: the error names that cohort's files.
+        let c = directory.path().join("c");
+        let other = Pseudonymizer::new(b"another key, another run's pseudonyms".to_vec()).unwrap();
+        scored_cohort(&c, &other, &[("p3", 0.7), ("n3", 0.2)]);
+        let (lc, rc) = paths(&c);
+        let error = evaluate(&[(&la, &ra), (&lc, &rc)], &key, 0.001).unwrap_err().to_string();
+        let named = format!("in {} has", lc.display());
+        assert!(error.contains(&named) && error.contains(&rc.display().to_string()), "{error}");
+        assert!(!error.contains(&la.display().to_string()), "{error}");
     }
 }
