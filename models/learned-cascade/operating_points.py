@@ -7,15 +7,23 @@ each point's threshold, sensitivity and specificity with their counts, overall a
 for lesions >= 10 mm and >= 10 HU (issue 9's gate stratum). Studies judged not
 assessable are counted apart, never as negatives.
 
+With --calibrate, it also fits the manifest's Platt calibration on the same cohort: a
+logistic regression of "this study has a lesion" on logit(raw score), by maximum
+likelihood (Newton's method; panscreen's `Calibration::apply` is its inverse link). The
+calibrated probability is then the share of studies with a lesion among those scoring
+alike, in a cohort with this one's prevalence. It prints the [calibration] table and each
+threshold mapped through it: the mapping only rises, so every study is flagged as before.
+
 Usage (needs duckdb, in panscreen's venv):
   panscreen synth --out val --size small --studies 1000 --seed 202 --prevalence 0.2 --anatomy screening
   panscreen run --input val/studies --out val-out --model models/learned-cascade --key-file K
-  operating_points.py --labels val/labels.parquet --results val-out --key-file K [--target 0.95 0.99]
+  operating_points.py --labels val/labels.parquet --results val-out --key-file K [--target 0.95 0.99] [--calibrate]
 """
 
 import argparse
 import hashlib
 import hmac
+import math
 import sys
 
 import duckdb
@@ -26,12 +34,47 @@ def study_key(key: bytes, uid: str) -> str:
     return hmac.new(key, b"study\0" + uid.encode(), hashlib.sha256).digest()[:16].hex()
 
 
+def logit(score: float) -> float:
+    """As panscreen's `Calibration::apply` takes it (shared/src/manifest.rs)."""
+    score = min(max(score, 1e-7), 1.0 - 1e-7)
+    return math.log(score / (1.0 - score))
+
+
+def platt(scored) -> tuple:
+    """(a, b) maximising the likelihood of sigmoid(a * logit(score) + b) for the lesion
+    labels; Newton's method from a = 1, b = 0."""
+    xs = [logit(score) for score, *_ in scored]
+    ys = [1.0 if lesion else 0.0 for _, lesion, _ in scored]
+    a, b = 1.0, 0.0
+    for _ in range(100):
+        ga = gb = haa = hab = hbb = 0.0
+        for x, y in zip(xs, ys):
+            p = 1.0 / (1.0 + math.exp(-(a * x + b)))
+            w = p * (1.0 - p)
+            ga += (y - p) * x
+            gb += y - p
+            haa += w * x * x
+            hab += w * x
+            hbb += w
+        det = haa * hbb - hab * hab
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        a, b = a + da, b + db
+        if abs(da) < 1e-12 and abs(db) < 1e-12:
+            return a, b
+    raise SystemExit("the calibration did not converge")
+
+
+def calibrated(a: float, b: float, score: float) -> float:
+    return 1.0 / (1.0 + math.exp(-(a * logit(score) + b)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", required=True)
     parser.add_argument("--results", required=True)
     parser.add_argument("--key-file", required=True)
     parser.add_argument("--target", type=float, nargs="+", default=[0.97, 0.99])
+    parser.add_argument("--calibrate", action="store_true", help="fit and print a Platt calibration too")
     args = parser.parse_args()
     key = open(args.key_file, "rb").read().decode("utf-8", "replace").strip().encode()
     labels = duckdb.sql(
@@ -53,6 +96,12 @@ def main() -> int:
         scored.append((score, bool(lesion), gate))
     negatives = sorted(score for score, lesion, _ in scored if not lesion)
     print(f"{len(scored)} scored, {unassessed} not scored; {len(negatives)} lesion-free")
+    if args.calibrate:
+        a, b = platt(scored)
+        mean = sum(calibrated(a, b, score) for score, *_ in scored) / len(scored)
+        share = sum(lesion for _, lesion, _ in scored) / len(scored)
+        print(f'[calibration]\nkind = "platt"\na = {a:.6f}\nb = {b:.6f}')
+        print(f"mean calibrated probability {mean:.4f}; share of scored studies with a lesion {share:.4f}")
     for target in args.target:
         # The lowest cut that leaves at most (1 - target) of the lesion-free above it.
         allowed = int((1 - target) * len(negatives))
@@ -66,6 +115,9 @@ def main() -> int:
         positives = [row for row in scored if row[1]]
         gate = [row for row in scored if row[2]]
         specificity = sum(score <= threshold for score in negatives)
+        if args.calibrate:
+            print(f"target specificity {target}: raw threshold {threshold:.6f} is calibrated "
+                  f"{calibrated(a, b, threshold):.9f}")
         print(
             f"target specificity {target}: threshold {threshold:.6f}; specificity "
             f"{specificity}/{len(negatives)} = {specificity / len(negatives):.3f}; sensitivity "

@@ -390,6 +390,14 @@ mod tests {
         let unassessed =
             figure("cohort", "without lesion", "not assessable: no pancreas found", "studies");
         assert_eq!(unassessed.value, Some(1.0));
+        // Calibration over the nine scored studies, worked by hand: mean predicted
+        // 3.5 / 9; Brier (0.1² + 0.2² + 0.7² + 0.1² + 0.2² + 0.05² + 0.4² + 0.6² + 0.15²) / 9.
+        let mean = figure("calibration", "all scored studies", "all", "mean predicted");
+        assert!((mean.value.unwrap() - 3.5 / 9.0).abs() < 1e-12, "{mean:?}");
+        let share = figure("calibration", "all scored studies", "all", "observed lesion share");
+        assert_eq!((share.numerator, share.denominator), (Some(3), Some(9)));
+        let brier = figure("calibration", "all scored studies", "all", "brier score");
+        assert!((brier.value.unwrap() - 1.135 / 9.0).abs() < 1e-12, "{brier:?}");
         // At 99% specificity on six negatives every negative stays unflagged.
         let strict = figure("model", "99% specificity", "scored studies", "specificity");
         assert_eq!((strict.numerator, strict.denominator), (Some(6), Some(6)));

@@ -290,9 +290,29 @@ impl Report {
         }
     }
 
-    /// Ten groups of equal size by predicted probability: mean predicted against the
-    /// observed share of lesions.
+    /// Over all scored studies, the mean predicted probability against the observed
+    /// share of lesions (calibration in the large) and the Brier score; then ten groups
+    /// of equal size by predicted probability, each with the same two.
     fn calibration(&mut self, scored: &[Scored]) {
+        let all = At("calibration", "all scored studies", "all");
+        let n = scored.len() as f64;
+        let mean = scored.iter().map(|s| s.probability).sum::<f64>() / n;
+        self.push(all, "mean predicted", Some(mean), None, count(scored.len(), scored.len()), "");
+        let lesions = scored.iter().filter(|s| s.case.lesion).count();
+        self.proportion(all, "observed lesion share", lesions, scored.len(), "");
+        let brier = scored
+            .iter()
+            .map(|s| (s.probability - if s.case.lesion { 1.0 } else { 0.0 }).powi(2))
+            .sum::<f64>()
+            / n;
+        self.push(
+            all,
+            "brier score",
+            Some(brier),
+            None,
+            count(scored.len(), scored.len()),
+            "mean squared difference between the probability and the truth (0 is perfect)",
+        );
         let mut sorted: Vec<&Scored> = scored.iter().collect();
         sorted.sort_by(|a, b| a.probability.total_cmp(&b.probability));
         let groups = sorted.len().min(10);
