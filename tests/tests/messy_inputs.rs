@@ -206,17 +206,17 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     let mut quarantine =
         queue.subscribe(&subjects::quarantine("messy"), "panscreen-aggregate").await.unwrap();
 
-    let open_watcher = || {
+    let open_watcher = |state: &str| {
         Watcher::open(
             root.clone(),
-            root.sub("campaigns/messy/ingest"),
+            root.sub(state),
             IngestConfig::new("messy"),
             Completion { quiet: std::time::Duration::ZERO, marker: "_COMPLETE".to_string() },
             Pseudonymizer::new(KEY.as_bytes().to_vec()).unwrap(),
             SiteRegistry::builtin(),
         )
     };
-    let mut watcher = open_watcher().await.unwrap();
+    let mut watcher = open_watcher("campaigns/messy/ingest").await.unwrap();
     let prefixes = vec!["incoming".to_string()];
     let pass = watcher.pass(&queue, &prefixes).await.expect("a pass over odd inputs completes");
     assert_eq!(pass.listed, count);
@@ -234,6 +234,20 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
             "not a DICOM file",
             "object cannot be read by its name"
         ]
+    );
+
+    assert_eq!(root.list("campaigns/messy/messages").await.unwrap().len(), 1);
+
+    // An ingest that lost its state scans again within the duplicate window: the same
+    // messages under the same ids, which the queue drops. The repeat's copy of the large
+    // one is deleted; the copy the queued reference names stays.
+    let mut again = open_watcher("campaigns/messy/ingest-state-lost").await.unwrap();
+    let repeat = again.pass(&queue, &prefixes).await.expect("a second scan completes");
+    assert_eq!(repeat.decided.studies.len(), 3);
+    assert_eq!(
+        root.list("campaigns/messy/messages").await.unwrap().len(),
+        1,
+        "one copy, the queued message's"
     );
 
     // The large study arrives whole, though NATS would refuse its message as it is.
@@ -280,7 +294,14 @@ async fn an_ingest_pass_on_s3_and_jetstream_takes_every_odd_case_and_a_message_t
     // The next pass, and a restarted ingest, handle nothing again.
     assert_eq!(watcher.pass(&queue, &prefixes).await.unwrap().decided.objects_listed, 0);
     assert_eq!(
-        open_watcher().await.unwrap().pass(&queue, &prefixes).await.unwrap().decided.objects_listed,
+        open_watcher("campaigns/messy/ingest")
+            .await
+            .unwrap()
+            .pass(&queue, &prefixes)
+            .await
+            .unwrap()
+            .decided
+            .objects_listed,
         0
     );
     assert!(peak_rss() < 512 << 20, "peak RSS {} MiB", peak_rss() >> 20);

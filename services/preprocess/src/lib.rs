@@ -37,7 +37,7 @@ use panscreen_shared::contracts::{
 use panscreen_shared::error::StageError;
 use panscreen_shared::manifest::ModelManifest;
 use panscreen_shared::npy;
-use panscreen_shared::store::Store;
+use panscreen_shared::store::{unique_suffix, Store};
 use panscreen_shared::worker::{Handler, Outcome};
 use time::OffsetDateTime;
 use tracing::info;
@@ -84,21 +84,6 @@ pub fn tensor_folder(study_key: &str, generation: u32) -> String {
         0 => format!("tensors/{study_key}"),
         generation => format!("tensors/{study_key}.g{generation}"),
     }
-}
-
-/// Names this attempt's objects apart from any other attempt's at the same study: a
-/// redelivered attempt never overwrites what an earlier one published a reference to, and
-/// the one whose output the queue drops as a duplicate deletes exactly what it wrote.
-fn attempt_name() -> String {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // No entropy source (never seen): the clock and process still tell attempts apart.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| since.as_nanos() as u64);
-        bytes = (nanos ^ u64::from(std::process::id()).rotate_left(40)).to_le_bytes();
-    }
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Key of a study's stage-1 (or only) tensor, written by one attempt.
@@ -475,7 +460,10 @@ impl PreprocessHandler {
             .map_err(|error| PreprocessError::BadMessage(error.to_string()))?;
         let Grids { tensor: (geometry, volume), fine } = self.build_grids(&study).await?;
         let folder = tensor_folder(&study.context.study_key, study.context.generation);
-        let attempt = attempt_name();
+        // Named apart from any other attempt at this study: a redelivered attempt never
+        // overwrites what an earlier one published a reference to, and one whose output the
+        // queue drops as a duplicate deletes exactly what it wrote.
+        let attempt = unique_suffix();
         let key = tensor_key(&folder, &attempt);
         // Rounding and compressing the fine grid takes tens of milliseconds: off the async
         // workers, and before anything is stored, so that a failure leaves nothing behind.

@@ -5,9 +5,14 @@
 //! key, can be larger. [`LargePayloads`] wraps a queue: a payload over `limit` bytes is
 //! written to the store under its message id and digest and a small reference is
 //! published in its place; a subscriber gets the original bytes back, and the stored copy
-//! is deleted once the message is acked or terminated. A retried publish whose reference
-//! the queue drops as a duplicate deletes its own copy, leaving the first one's alone.
-//! Stages never see the difference.
+//! is deleted once the message is acked or terminated. Every publish stores its own copy,
+//! so a repeat whose reference the queue drops as a duplicate (a retry, or a scan made
+//! again within the duplicate window, byte for byte the same) deletes that copy and never
+//! the one the queued reference names. Stages never see the difference.
+//!
+//! A publish that fails after its copy is stored leaves the copy: the broker may have
+//! taken the reference and lost only its acknowledgement, and a reference without its
+//! copy would quarantine a study. The warning names the copy's key.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +24,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::{Delivery, Published, Queue, QueueError, Settle, Settlement, Subscription};
-use crate::store::{Store, StoreErrorKind};
+use crate::store::{unique_suffix, Store, StoreErrorKind};
 
 /// What is published in place of a large payload.
 #[derive(Debug, Serialize, Deserialize)]
@@ -47,10 +52,10 @@ impl LargePayloads {
     }
 }
 
-/// A retry of the same message can carry other bytes (its timings differ), so the key
-/// names both: a duplicate's copy never overwrites the copy the queue holds a reference to.
-fn reference_key(message_id: &str, sha256: &str) -> String {
-    format!("{}.{}.msg", hex::encode(Sha256::digest(message_id.as_bytes())), &sha256[..16])
+/// The key of one publish's copy: the message id's digest (no patient data) and a part of
+/// its own, so that no two publishes share a copy, whatever their bytes.
+fn reference_key(message_id: &str) -> String {
+    format!("{}.{}.msg", hex::encode(Sha256::digest(message_id.as_bytes())), unique_suffix())
 }
 
 #[async_trait]
@@ -65,7 +70,7 @@ impl Queue for LargePayloads {
             return self.inner.publish(subject, message_id, payload).await;
         }
         let sha256 = hex::encode(Sha256::digest(&payload));
-        let key = reference_key(message_id, &sha256);
+        let key = reference_key(message_id);
         let reference =
             PayloadRef { panscreen_payload_ref: key.clone(), bytes: payload.len(), sha256 };
         self.store.put(&key, payload).await.map_err(|error| QueueError::PublishFailed {
@@ -73,7 +78,13 @@ impl Queue for LargePayloads {
             detail: format!("storing a large message by reference: {error}"),
         })?;
         let body = Bytes::from(serde_json::to_vec(&reference).expect("a reference serializes"));
-        let published = self.inner.publish(subject, message_id, body).await?;
+        let published = match self.inner.publish(subject, message_id, body).await {
+            Ok(published) => published,
+            Err(error) => {
+                warn!(%key, "a large message's publish failed; its stored copy is kept");
+                return Err(error);
+            }
+        };
         if published == Published::Duplicate {
             if let Err(error) = self.store.delete_if_present(&key).await {
                 warn!(%error, "a duplicate large message's stored copy was not deleted");
@@ -242,6 +253,28 @@ mod tests {
         let mut subscription = queue.subscribe("s", "c").await.unwrap();
         let delivery = subscription.next().await.unwrap().unwrap();
         assert_eq!(delivery.payload, first, "the queued reference still finds its bytes");
+        delivery.ack().await.unwrap();
+        assert!(store.list("").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_repeat_with_the_same_bytes_leaves_the_first_copy_whole() {
+        // An ingest that scans again within the duplicate window publishes the same
+        // study message, byte for byte, under the same id.
+        let directory = tempfile::tempdir().unwrap();
+        let store = Store::open(directory.path().to_str().unwrap(), OpenMode::Existing).unwrap();
+        let queue = LargePayloads::new(Arc::new(MemoryQueue::new()), store.clone(), 10);
+        let message = Bytes::from(vec![b'c'; 100]);
+        assert_eq!(queue.publish("s", "same", message.clone()).await.unwrap(), Published::New);
+        assert_eq!(
+            queue.publish("s", "same", message.clone()).await.unwrap(),
+            Published::Duplicate
+        );
+        queue.close("s").await;
+        assert_eq!(store.list("").await.unwrap().len(), 1, "one copy, the queued one's");
+        let mut subscription = queue.subscribe("s", "c").await.unwrap();
+        let delivery = subscription.next().await.unwrap().unwrap();
+        assert_eq!(delivery.payload, message, "the queued reference still finds its bytes");
         delivery.ack().await.unwrap();
         assert!(store.list("").await.unwrap().is_empty());
     }

@@ -24,6 +24,21 @@ use time::OffsetDateTime;
 mod s3_listing;
 use s3_listing::RawLister;
 
+/// Sixteen random hex digits that name one writer's objects apart from any other's: an
+/// attempt that is retried, or a message published twice, never overwrites or deletes what
+/// another wrote under the same study or message.
+pub fn unique_suffix() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy source (never seen): the clock and process still tell writers apart.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
+        bytes = (nanos ^ u64::from(std::process::id()).rotate_left(40)).to_le_bytes();
+    }
+    hex::encode(bytes)
+}
+
 /// What went wrong with the store, classified once: callers branch on [`StoreError::kind`],
 /// never on message text.
 #[derive(Debug, thiserror::Error)]
