@@ -100,7 +100,7 @@ def main() -> int:
         a, b = platt(scored)
         mean = sum(calibrated(a, b, score) for score, *_ in scored) / len(scored)
         share = sum(lesion for _, lesion, _ in scored) / len(scored)
-        print(f'[calibration]\nkind = "platt"\na = {a:.6f}\nb = {b:.6f}')
+        print(f'[calibration]\nkind = "platt"\na = {a:.6f}\nb = {b:.6f}\nprevalence = {share:.6g}')
         print(f"mean calibrated probability {mean:.4f}; share of scored studies with a lesion {share:.4f}")
     for target in args.target:
         # The lowest cut that leaves at most (1 - target) of the lesion-free above it.

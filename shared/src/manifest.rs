@@ -267,21 +267,42 @@ impl SegmentationSpec {
 #[serde(rename_all = "lowercase", tag = "kind", deny_unknown_fields)]
 pub enum Calibration {
     /// Platt scaling: `1 / (1 + exp(-(a · logit(score) + b)))`.
-    Platt { a: f64, b: f64 },
+    Platt {
+        a: f64,
+        b: f64,
+        #[serde(default)]
+        prevalence: Option<f64>,
+    },
     /// Isotonic regression as a non-decreasing step-free curve: `probabilities[i]` at
     /// `scores[i]`, linear between, flat beyond the ends.
-    Isotonic { scores: Vec<f64>, probabilities: Vec<f64> },
+    Isotonic {
+        scores: Vec<f64>,
+        probabilities: Vec<f64>,
+        #[serde(default)]
+        prevalence: Option<f64>,
+    },
 }
 
 impl Calibration {
+    /// The share of studies with a lesion in the cohort the map was fitted on, when the
+    /// manifest states it. A calibrated probability holds at that prevalence; at a
+    /// prevalence π′ the same study's is `1 / (1 + exp(-(logit p + logit π′ − logit π)))`.
+    pub fn prevalence(&self) -> Option<f64> {
+        match self {
+            Calibration::Platt { prevalence, .. } | Calibration::Isotonic { prevalence, .. } => {
+                *prevalence
+            }
+        }
+    }
+
     pub fn apply(&self, score: f64) -> f64 {
         match self {
-            Calibration::Platt { a, b } => {
+            Calibration::Platt { a, b, .. } => {
                 let s = score.clamp(1e-7, 1.0 - 1e-7);
                 let logit = (s / (1.0 - s)).ln();
                 1.0 / (1.0 + (-(a * logit + b)).exp())
             }
-            Calibration::Isotonic { scores, probabilities } => {
+            Calibration::Isotonic { scores, probabilities, .. } => {
                 let at = scores.partition_point(|x| *x <= score);
                 if at == 0 {
                     return probabilities[0];
@@ -297,12 +318,20 @@ impl Calibration {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if let Some(prevalence) = self.prevalence() {
+            if !(prevalence > 0.0 && prevalence < 1.0) {
+                return Err(format!(
+                    "calibration prevalence is the share of studies with a lesion, between 0 \
+                     and 1, not {prevalence}"
+                ));
+            }
+        }
         match self {
-            Calibration::Platt { a, b } if a.is_finite() && b.is_finite() && *a > 0.0 => Ok(()),
-            Calibration::Platt { a, b } => {
+            Calibration::Platt { a, b, .. } if a.is_finite() && b.is_finite() && *a > 0.0 => Ok(()),
+            Calibration::Platt { a, b, .. } => {
                 Err(format!("calibration a must be positive and b finite, not a = {a}, b = {b}"))
             }
-            Calibration::Isotonic { scores, probabilities } => {
+            Calibration::Isotonic { scores, probabilities, .. } => {
                 if scores.is_empty() || scores.len() != probabilities.len() {
                     return Err(
                         "isotonic calibration needs as many probabilities as scores, at least one"
@@ -747,10 +776,14 @@ validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity 
         assert_eq!(manifest.calibrate(0.25), 0.05);
         assert!((manifest.calibrate(0.75) - 0.5).abs() < 1e-12);
         assert_eq!((manifest.calibrate(-1.0), manifest.calibrate(2.0)), (0.0, 0.9));
-        // Platt with a = 1, b = 0 is the identity.
-        let (_directory, manifest) =
-            write(&with_points("balanced", "[calibration]\nkind = \"platt\"\na = 1.0\nb = 0.0\n"));
+        assert_eq!(manifest.calibration.unwrap().prevalence(), None);
+        // Platt with a = 1, b = 0 is the identity; the prevalence it was fitted at is kept.
+        let (_directory, manifest) = write(&with_points(
+            "balanced",
+            "[calibration]\nkind = \"platt\"\na = 1.0\nb = 0.0\nprevalence = 0.2\n",
+        ));
         assert!((manifest.calibrate(0.3) - 0.3).abs() < 1e-9);
+        assert_eq!(manifest.calibration.unwrap().prevalence(), Some(0.2));
         // A one-threshold manifest is one point named "default", uncalibrated.
         let (_directory, manifest) = write(EXAMPLE);
         let point = manifest.default_point();
@@ -779,6 +812,13 @@ validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity 
             "[calibration]\nkind = \"isotonic\"\nscores = [0.5, 0.1]\nprobabilities = [0.1, 0.2]\n",
         );
         assert!(load(unsorted).contains("scores must increase"));
+        for prevalence in ["0.0", "1.0", "20.0", "nan"] {
+            let error = load(with_points(
+                "balanced",
+                &format!("[calibration]\nkind = \"platt\"\na = 1.0\nb = 0.0\nprevalence = {prevalence}\n"),
+            ));
+            assert!(error.contains("calibration prevalence is the share"), "{error}");
+        }
     }
 
     #[test]
