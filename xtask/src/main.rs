@@ -9,6 +9,8 @@
 //! - `dicom-tools`   dcmtk and GDCM (Debian packages), the third-party encoders the
 //!   transfer-syntax tests run
 //! - `demo`          build, synthesize a small cohort, run the embedded pipeline, evaluate
+//! - `gate`          the default model's held-out gate on a cohort of 1,000 drawn with a
+//!   seed read from HEAD's commit (not chosen), judged by `panscreen evaluate --gate`
 //! - `test`          all of the above that tests need, then every test
 //! - `bench`         the benchmarks recorded in docs/benchmarks.md (long)
 //! - `load-test`     1,000 studies through the four services over real servers (long)
@@ -326,6 +328,89 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `git rev-parse --short=7 HEAD` read as a hexadecimal number: a seed nobody chose (the
+/// held-out cohorts of docs/models.md were drawn so).
+fn seed_from_head() -> anyhow::Result<u64> {
+    let output = Command::new("git")
+        .current_dir(root())
+        .args(["rev-parse", "--short=7", "HEAD"])
+        .output()
+        .context("cannot run git to read HEAD's commit for the seed; give --seed")?;
+    let commit = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    if !output.status.success() || commit.is_empty() {
+        bail!("git rev-parse HEAD failed (not a git checkout?); give --seed");
+    }
+    u64::from_str_radix(&commit, 16)
+        .with_context(|| format!("HEAD's short commit {commit:?} is not hexadecimal"))
+}
+
+/// The held-out gate: `synth --size small --studies 1000 --prevalence 0.2` with a seed
+/// nobody chose, `run` with the default model (or `--model DIR`), `evaluate --gate`.
+/// Fails when the gate is not met.
+fn gate(args: &[String]) -> anyhow::Result<()> {
+    let mut seed = None;
+    let mut model = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let mut value = || rest.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--seed" => seed = Some(value()?.parse::<u64>().context("--seed is a number")?),
+            "--model" => model = Some(PathBuf::from(value()?)),
+            other => bail!("cargo xtask gate [--seed S] [--model DIR]: unknown {other:?}"),
+        }
+    }
+    let seed = match seed {
+        Some(seed) => seed,
+        None => {
+            let seed = seed_from_head()?;
+            eprintln!("xtask: seed {seed} is HEAD's short commit {seed:07x} read as hex");
+            seed
+        }
+    };
+    fetch_ort()?;
+    // The binary `cargo xtask test` builds, so that it is not built again without GDCM.
+    let binary = build_release(Codecs::All)?;
+    let out = target_dir().join(format!("gate/{seed}"));
+    if out.exists() {
+        std::fs::remove_dir_all(&out)?;
+    }
+    std::fs::create_dir_all(&out)?;
+    let key = out.join("pseudonym.key");
+    std::fs::write(
+        &key,
+        hex::encode(Sha256::digest(format!("{:?}", std::time::SystemTime::now()))),
+    )?;
+    let cohort = out.join("cohort");
+    let results = out.join("screening");
+    run(Command::new(&binary)
+        .current_dir(root())
+        .args(["synth", "--size", "small", "--studies", "1000", "--prevalence", "0.2", "--seed"])
+        .arg(seed.to_string())
+        .arg("--out")
+        .arg(&cohort))?;
+    let mut screen = Command::new(&binary);
+    screen
+        .current_dir(root())
+        .args(["run", "--no-progress", "--input"])
+        .arg(cohort.join("studies"))
+        .arg("--out")
+        .arg(&results)
+        .arg("--key-file")
+        .arg(&key);
+    if let Some(model) = &model {
+        screen.arg("--model").arg(model);
+    }
+    run(&mut screen)?;
+    run(Command::new(&binary)
+        .args(["evaluate", "--gate", "--labels"])
+        .arg(cohort.join("labels.parquet"))
+        .arg("--results")
+        .arg(&results)
+        .arg("--key-file")
+        .arg(&key))
+    .context("the held-out gate (the verdict is the line above)")
+}
+
 fn test(extra: &[String]) -> anyhow::Result<()> {
     if let Some(note) = low_disk_note() {
         eprintln!("xtask: warning: {note}");
@@ -442,13 +527,14 @@ fn main() -> anyhow::Result<()> {
         Some("build-tools") => build_tools().map(|_| ()),
         Some("dicom-tools") => dicom_tools(),
         Some("demo") => demo(),
+        Some("gate") => gate(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(),
         Some("load-test") => load_test(false),
         Some("chaos") => load_test(true),
         _ => {
             eprintln!(
-                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | build-tools | dicom-tools | demo | test [cargo test args] | bench | load-test | chaos>"
+                "usage: cargo xtask <fetch-ort | setup-python | setup-servers | build-tools | dicom-tools | demo | gate [--seed S] [--model DIR] | test [cargo test args] | bench | load-test | chaos>"
             );
             std::process::exit(2);
         }

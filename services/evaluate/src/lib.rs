@@ -409,6 +409,33 @@ mod tests {
     }
 
     #[test]
+    fn the_gate_verdict_names_each_part_missed_with_its_counts() {
+        let report = Report::new(&cohort(), 0.001).unwrap();
+        // Three scored lesions of 15 mm and 12 HU, six scored negatives: AUC 16/18,
+        // sensitivity 2/3 and specificity 5/6 at the run's flags.
+        let missed = report.gate_verdict().unwrap_err();
+        assert!(missed.starts_with("held-out gate not met"), "{missed}");
+        for part in
+            ["auc 0.889 < 0.95", "sensitivity 0.667 [2/3] < 0.9", "specificity 0.833 [5/6] < 0.95"]
+        {
+            assert!(missed.contains(part), "{part} in {missed}");
+        }
+        // Every lesion flagged and above every negative, no negative flagged: met.
+        let mut cases: Vec<Case> =
+            (0..3).map(|i| case(&format!("p{i}"), true, scored(0.7 + 0.1 * i as f64))).collect();
+        cases.extend((0..6).map(|i| case(&format!("n{i}"), false, scored(0.05 * i as f64))));
+        let met = Report::new(&cases, 0.001).unwrap().gate_verdict().unwrap();
+        assert!(met.contains("sensitivity 1.000 [3/3] ≥ 0.9"), "{met}");
+        // The same with one lesion too faint for the gate's stratum and one negative
+        // flagged: AUC and sensitivity still met, specificity 5/6 not.
+        cases[0].contrast_hu = Some(8.0);
+        cases[3].outcome = Outcome::Scored { probability: 0.0, flagged: true };
+        let one = Report::new(&cases, 0.001).unwrap().gate_verdict().unwrap_err();
+        assert!(one.ends_with("specificity 0.833 [5/6] < 0.95"), "{one}");
+        assert!(!one.contains("sensitivity"), "{one}");
+    }
+
+    #[test]
     fn a_cohort_of_one_class_is_an_error_that_says_which() {
         let cases: Vec<Case> = cohort().into_iter().filter(|c| !c.lesion).collect();
         let error = Report::new(&cases, 0.001).unwrap_err().to_string();

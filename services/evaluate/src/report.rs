@@ -45,6 +45,13 @@ const SECTIONS: [&str; 8] = [
     "reference",
 ];
 
+/// Issue 9's held-out gate: lesions of at least 10 mm and 10 HU against all negatives.
+const GATE_STRATUM: &str = "≥10 mm and ≥10 HU vs all negatives";
+
+/// What the gate asks of that stratum: AUC, then sensitivity and specificity at the
+/// shipped operating point.
+pub const GATE: [(&str, f64); 3] = [("auc", 0.95), ("sensitivity", 0.90), ("specificity", 0.95)];
+
 #[derive(Debug, Clone)]
 pub struct Report {
     pub figures: Vec<Figure>,
@@ -405,7 +412,7 @@ impl Report {
                     && s.case.contrast_hu.is_some_and(|c| c >= 10.0)
             })
             .collect();
-        let stratum = "≥10 mm and ≥10 HU vs all negatives";
+        let stratum = GATE_STRATUM;
         self.auc("gate", "held-out gate", stratum, &gated, negatives);
         let hits = gated.iter().filter(|s| s.flagged).count();
         self.proportion(
@@ -519,6 +526,39 @@ impl Report {
     }
 
     /// The figure of `section`, `grouping`, `stratum` and `metric`, if there is one.
+    /// Issue 9's held-out gate, judged on this report: for lesions of at least 10 mm and
+    /// 10 HU against every lesion-free study, AUC at least [`GATE`]'s, and at the
+    /// operating point the run flagged by, sensitivity and specificity at least its.
+    /// `Ok` says what was met; `Err` names every part missed, with its counts.
+    pub fn gate_verdict(&self) -> Result<String, String> {
+        let stratum = GATE_STRATUM;
+        let mut met = Vec::new();
+        let mut missed = Vec::new();
+        for (metric, least) in GATE {
+            let figure = self.figure("gate", "held-out gate", stratum, metric);
+            let counts = figure
+                .and_then(|f| Some(format!(" [{}/{}]", f.numerator?, f.denominator?)))
+                .filter(|_| metric != "auc")
+                .unwrap_or_default();
+            match figure.and_then(|f| f.value) {
+                Some(value) if value >= least => {
+                    met.push(format!("{metric} {value:.3}{counts} ≥ {least}"))
+                }
+                Some(value) => missed.push(format!("{metric} {value:.3}{counts} < {least}")),
+                None => missed.push(format!(
+                    "{metric} undefined ({})",
+                    figure.map_or("not computed", |f| f.note.as_str())
+                )),
+            }
+        }
+        let scope = format!("{stratum}, at the shipped operating point");
+        if missed.is_empty() {
+            Ok(format!("held-out gate met ({scope}): {}", met.join(", ")))
+        } else {
+            Err(format!("held-out gate not met ({scope}): {}", missed.join(", ")))
+        }
+    }
+
     pub fn figure(
         &self,
         section: &str,

@@ -261,6 +261,12 @@ pub struct EvaluateArgs {
     /// RESULTS/evaluation/evaluation.parquet; needed when pooling].
     #[arg(long, env = "PANSCREEN_EVALUATION_OUT")]
     pub out: Option<PathBuf>,
+    /// Judge the held-out gate of the reference model (lesions ≥ 10 mm and ≥ 10 HU
+    /// against every lesion-free study: AUC ≥ 0.95, and sensitivity ≥ 0.90 and
+    /// specificity ≥ 0.95 at the operating point the run flagged by): print the verdict
+    /// last, and exit with an error when any part is missed.
+    #[arg(long)]
+    pub gate: bool,
 }
 
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
@@ -594,5 +600,9 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     report.write(&out)?;
     print!("{}", report.render());
     println!("\nevaluation table: {}", out.display());
+    if args.gate {
+        let verdict = report.gate_verdict().map_err(anyhow::Error::msg)?;
+        println!("{verdict}");
+    }
     Ok(())
 }
