@@ -18,7 +18,8 @@ For each lesion (>= 10 mm, >= 10 HU below the gland):
     observer, and the CHO statistic evaluated on the actual lesion (t_lesion vs background t's).
   - search: a study's score is the largest of M independent lesion-sized places in its gland,
     the lesion's place carrying the lesion's d' (or its measured z); AUC and sensitivity at
-    95% specificity against lesion-free studies, for M from 1 to 40.
+    95% specificity against lesion-free studies, for M from 1 to 40; then the sensitivity
+    at that cut by diameter (10-15, 15-20, 20-40 mm; measured lesions only).
 The known-location, known-signal task is easier than the gate's (where is it, is it there);
 the search model is a rough stand-in for the gate's task. Neither is a bound for a
 nonlinear observer, but a model that stays well under them has room to improve, and a
@@ -146,3 +147,22 @@ dps = np.concatenate([r[:, 5], np.full(len(skipped), 8.0)])
 for M in (1, 5, 10, 20, 40):
     auc, sens = search_auc(dps, M)
     print(f"measured z, search among M={M:2d}: gate AUC {auc:.3f}, sensitivity at specificity 0.95 {sens:.3f}")
+
+# Per diameter band: sensitivity at the search's 95% specificity cut (the cut is set by
+# lesion-free studies alone, so it is the same for every band).
+def band_sens(dprimes, M, n=200000):
+    g = np.random.default_rng(2)
+    cut = np.quantile(g.standard_normal((n, M)).max(1), 0.95)
+    found = []
+    for dp in dprimes:
+        k = 4000
+        pos = np.maximum(g.standard_normal(k) + dp, g.standard_normal((k, M - 1)).max(1) if M > 1 else -np.inf)
+        found.append((pos > cut).mean())
+    return np.mean(found)
+for col, label in ((2, "additive d'"), (5, "measured z")):
+    for lo_, hi_ in ((10, 15), (15, 20), (20, 41)):
+        m = (r[:, 0] >= lo_) & (r[:, 0] < hi_)
+        if not m.any():
+            continue
+        sens = [band_sens(r[m, col], M) for M in (1, 5, 10, 20, 40)]
+        print(f"{label}, {lo_}-{hi_} mm (n={m.sum()}): sensitivity at spec 0.95 for M=1,5,10,20,40: " + ", ".join(f"{s:.3f}" for s in sens))
