@@ -328,6 +328,9 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Free space the gate needs: its 1,000 `small` studies are about 11 GB of DICOM.
+const GATE_DISK_GIB: f64 = 14.0;
+
 /// `git rev-parse --short=7 HEAD` read as a hexadecimal number: a seed nobody chose (the
 /// held-out cohorts of docs/models.md were drawn so).
 fn seed_from_head() -> anyhow::Result<u64> {
@@ -374,6 +377,13 @@ fn gate(args: &[String]) -> anyhow::Result<()> {
     if out.exists() {
         std::fs::remove_dir_all(&out)?;
     }
+    if let Some(free) = free_disk_gib().filter(|free| *free < GATE_DISK_GIB) {
+        bail!(
+            "only {free:.1} GiB free under {}: the gate's 1,000 studies take about \
+             {GATE_DISK_GIB:.0} GiB while they are screened",
+            target_dir().display()
+        );
+    }
     std::fs::create_dir_all(&out)?;
     let key = out.join("pseudonym.key");
     std::fs::write(
@@ -401,14 +411,23 @@ fn gate(args: &[String]) -> anyhow::Result<()> {
         screen.arg("--model").arg(model);
     }
     run(&mut screen)?;
-    run(Command::new(&binary)
+    let verdict = run(Command::new(&binary)
         .args(["evaluate", "--gate", "--labels"])
         .arg(cohort.join("labels.parquet"))
         .arg("--results")
         .arg(&results)
         .arg("--key-file")
         .arg(&key))
-    .context("the held-out gate (the verdict is the line above)")
+    .context("the held-out gate (the verdict is the line above)");
+    // The DICOM files are most of the space and the seed draws them again; the labels,
+    // the results and the evaluation stay.
+    std::fs::remove_dir_all(cohort.join("studies"))?;
+    eprintln!(
+        "xtask: kept {} (labels, results, evaluation); removed the cohort's DICOM files \
+         (`panscreen synth` with --seed {seed} draws them again)",
+        out.display()
+    );
+    verdict
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
