@@ -282,6 +282,15 @@ fn check_model_reproducible(interpreter: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A pseudonym key for a synthetic cohort (no patient is behind it): 128 hex digits.
+fn write_key(path: &Path) -> anyhow::Result<()> {
+    let bytes: Vec<u8> = (0..4)
+        .flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec())
+        .collect();
+    std::fs::write(path, hex::encode(bytes))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn demo() -> anyhow::Result<()> {
     fetch_ort()?;
     // The demonstration cohort is uncompressed: the default decoders do.
@@ -295,10 +304,7 @@ fn demo() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out)?;
     if !key.is_file() {
-        let bytes: Vec<u8> = (0..4)
-            .flat_map(|i| Sha256::digest(format!("{:?}{i}", std::time::SystemTime::now())).to_vec())
-            .collect();
-        std::fs::write(&key, hex::encode(bytes))?;
+        write_key(&key)?;
         eprintln!("xtask: wrote a demo pseudonym key to {}", key.display());
     }
     run(Command::new(&binary)
@@ -386,10 +392,7 @@ fn gate(args: &[String]) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&out)?;
     let key = out.join("pseudonym.key");
-    std::fs::write(
-        &key,
-        hex::encode(Sha256::digest(format!("{:?}", std::time::SystemTime::now()))),
-    )?;
+    write_key(&key)?;
     let cohort = out.join("cohort");
     let results = out.join("screening");
     run(Command::new(&binary)
