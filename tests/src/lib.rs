@@ -144,6 +144,7 @@ pub fn small_cohort(out: PathBuf, studies: usize, seed: u64) -> SynthOptions {
         poses: panscreen_synth::Poses::Standard,
         anatomy: panscreen_synth::Anatomy::Basic,
         scan_centre_z_mm: None,
+        only_lesions_mm: None,
     }
 }
 

@@ -189,6 +189,12 @@ pub struct SynthArgs {
     /// of 0): −200 scans the pelvis only, −90 cuts the pancreas. Default: within ±15 mm.
     #[arg(long, allow_hyphen_values = true, env = "PANSCREEN_SYNTH_SCAN_CENTRE_Z_MM")]
     pub scan_centre_z_mm: Option<f64>,
+    /// Write only the studies with a lesion of LOW ≤ diameter < HIGH mm, as LOW..HIGH.
+    /// All --studies are drawn; those left out are not written, so each study written
+    /// is the one the whole cohort holds under its index: a cohort enriched for one
+    /// stratum (learned-cascade's small-lesion training data, say).
+    #[arg(long, env = "PANSCREEN_SYNTH_ONLY_LESIONS_MM", value_parser = mm_range)]
+    pub only_lesions_mm: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Args)]
@@ -335,6 +341,15 @@ fn positive_mm(text: &str) -> Result<f64, String> {
     }
 }
 
+fn mm_range(text: &str) -> Result<(f64, f64), String> {
+    let expected = || format!("{text:?}: LOW..HIGH in mm expected, 0 <= LOW < HIGH (9..16, say)");
+    let (low, high) = text.split_once("..").ok_or_else(expected)?;
+    match (low.trim().parse::<f64>(), high.trim().parse::<f64>()) {
+        (Ok(low), Ok(high)) if panscreen_synth::is_diameter_range(low, high) => Ok((low, high)),
+        _ => Err(expected()),
+    }
+}
+
 /// `panscreen synth`.
 fn synth(args: SynthArgs) -> anyhow::Result<()> {
     panscreen_shared::telemetry::init_stderr("warn", false);
@@ -357,13 +372,20 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         }),
         anatomy: args.anatomy,
         scan_centre_z_mm: args.scan_centre_z_mm,
+        only_lesions_mm: args.only_lesions_mm,
     };
     let bar = pipeline::progress_bar(args.studies as u64, "synth", false);
     let truths = panscreen_synth::synthesize(&options, &|_| bar.inc(1))?;
     bar.finish_and_clear();
     let lesions = truths.iter().filter(|t| t.lesion.is_some()).count();
+    let drawn = match args.only_lesions_mm {
+        Some((low, high)) => {
+            format!(" of {} drawn: those with a lesion of {low}..{high} mm", args.studies)
+        }
+        None => String::new(),
+    };
     println!(
-        "wrote {} studies ({} with a lesion) to {}; ground truth in {}",
+        "wrote {} studies ({} with a lesion{drawn}) to {}; ground truth in {}",
         truths.len(),
         lesions,
         args.out.join("studies").display(),
@@ -605,4 +627,19 @@ fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
         println!("{verdict}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mm_range;
+
+    #[test]
+    fn a_diameter_range_reads_low_dot_dot_high_and_names_what_it_wants() {
+        assert_eq!(mm_range("9..16"), Ok((9.0, 16.0)));
+        assert_eq!(mm_range(" 0 .. 2.5"), Ok((0.0, 2.5)));
+        for bad in ["16..9", "9..9", "-1..5", "9-16", "nine..16", "9..inf", ""] {
+            let error = mm_range(bad).unwrap_err();
+            assert!(error.contains("LOW..HIGH in mm expected"), "{bad}: {error}");
+        }
+    }
 }

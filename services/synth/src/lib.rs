@@ -134,6 +134,15 @@ pub struct SynthOptions {
     /// mm; the pancreas lies within 25 mm of 0) instead of a draw within ±15 mm: a scan
     /// of the pelvis (−200, say) or one that cuts the pancreas (−90).
     pub scan_centre_z_mm: Option<f64>,
+    /// Write only the studies with a lesion of `low <= diameter < high` mm. The others
+    /// are drawn and not written, so each study written is byte for byte the one the
+    /// whole cohort holds under its index: a cohort enriched for one stratum.
+    pub only_lesions_mm: Option<(f64, f64)>,
+}
+
+/// Whether `low..high` (mm) is a range of lesion diameters `--only-lesions-mm` takes.
+pub fn is_diameter_range(low: f64, high: f64) -> bool {
+    low.is_finite() && high.is_finite() && 0.0 <= low && low < high
 }
 
 /// Beside `labels.parquet`: the options that drew the cohort, so that any study's plan
@@ -152,7 +161,19 @@ impl SynthOptions {
             "slices": self.slices,
             "slice_spacing_mm": self.slice_spacing_mm,
             "scan_centre_z_mm": self.scan_centre_z_mm,
+            "only_lesions_mm": self.only_lesions_mm.map(|(low, high)| [low, high]),
         })
+    }
+
+    /// Whether a study with this truth is written (`only_lesions_mm`).
+    fn writes(&self, truth: &StudyTruth) -> bool {
+        match (self.only_lesions_mm, &truth.lesion) {
+            (None, _) => true,
+            (Some((low, high)), Some(lesion)) => {
+                low <= lesion.diameter_mm && lesion.diameter_mm < high
+            }
+            (Some(_), None) => false,
+        }
     }
 
     /// The options recorded in `cohort/cohort.json` (the site registry is the built-in
@@ -198,6 +219,8 @@ impl SynthOptions {
                 other => anyhow::bail!("unknown anatomy {other:?} in {}", path.display()),
             },
             scan_centre_z_mm: field("scan_centre_z_mm")?.as_f64(),
+            // Which studies were written does not change any study's plan.
+            only_lesions_mm: None,
         })
     }
 }
@@ -271,6 +294,17 @@ pub fn synthesize(
         (0.0..=1.0).contains(&options.prevalence),
         "--prevalence must be within [0, 1]"
     );
+    if let Some((low, high)) = options.only_lesions_mm {
+        anyhow::ensure!(
+            is_diameter_range(low, high),
+            "--only-lesions-mm {low}..{high}: a range of diameters low..high with 0 <= low < high \
+             expected"
+        );
+        anyhow::ensure!(
+            options.prevalence > 0.0,
+            "--only-lesions-mm with --prevalence 0 would write no study"
+        );
+    }
     let studies_dir = options.out.join("studies");
     std::fs::create_dir_all(&studies_dir)
         .with_context(|| format!("cannot create {}", studies_dir.display()))?;
@@ -292,7 +326,11 @@ pub fn synthesize(
                 {
                     return;
                 }
-                match write_study(options, index, lesion_studies[index], &studies_dir) {
+                let plan = plan_study(options, index, lesion_studies[index]);
+                if !options.writes(&plan.truth) {
+                    continue;
+                }
+                match write_study(options, plan, &studies_dir) {
                     Ok(truth) => {
                         on_study(&truth);
                         truths
@@ -313,6 +351,13 @@ pub fn synthesize(
         return Err(error);
     }
     let mut truths = truths.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let (Some((low, high)), true) = (options.only_lesions_mm, truths.is_empty()) {
+        anyhow::bail!(
+            "none of the {} studies drawn has a lesion of {low}..{high} mm; draw more (--studies) \
+             or widen the range",
+            options.studies
+        );
+    }
     truths.sort_by_key(|truth| truth.index);
     write_labels(&options.out.join("labels.parquet"), &truths)?;
     let record = options.record();
@@ -633,11 +678,9 @@ impl StudyPlan {
 
 fn write_study(
     options: &SynthOptions,
-    index: usize,
-    with_lesion: bool,
+    plan: StudyPlan,
     studies_dir: &Path,
 ) -> anyhow::Result<StudyTruth> {
-    let plan = plan_study(options, index, with_lesion);
     let study_dir = studies_dir.join(&plan.truth.directory);
     write_series(&study_dir, &plan.header, &plan.positions, |i, position| {
         plan.noisy_slice(options.seed, 1, i, position)
@@ -904,6 +947,7 @@ mod tests {
             poses: Poses::Standard,
             anatomy: Anatomy::Basic,
             scan_centre_z_mm: None,
+            only_lesions_mm: None,
         };
         for index in 0..options.studies {
             let image = plan_study(&options, index, false).truth.image;
@@ -945,6 +989,7 @@ mod tests {
                 poses: Poses::Varied,
                 anatomy: Anatomy::Screening,
                 scan_centre_z_mm: None,
+                only_lesions_mm: None,
             };
             for index in 0..options.studies {
                 let truth = plan_study(&options, index, index % 2 == 0).truth;
@@ -962,5 +1007,96 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_cohort_for_one_stratum_writes_those_studies_of_the_whole_cohort_byte_for_byte() {
+        let scratch = std::env::temp_dir().join(format!("synth-stratum-{}", std::process::id()));
+        let whole = SynthOptions {
+            out: scratch.join("whole"),
+            studies: 10,
+            seed: 31,
+            prevalence: 0.6,
+            size: Size::Small,
+            sites: SiteRegistry::builtin(),
+            threads: 2,
+            realistic: false,
+            slices: Some(6),
+            slice_spacing_mm: None,
+            poses: Poses::Standard,
+            anatomy: Anatomy::Basic,
+            scan_centre_z_mm: None,
+            only_lesions_mm: None,
+        };
+        let all = synthesize(&whole, &|_| {}).unwrap();
+        // The basic phantom's lesions are 10–30 mm: the cut at 20 mm splits them.
+        let small: Vec<&StudyTruth> = all
+            .iter()
+            .filter(|t| t.lesion.as_ref().is_some_and(|l| l.diameter_mm < 20.0))
+            .collect();
+        assert!(!small.is_empty() && small.len() < 6, "{} of 6 lesions under 20 mm", small.len());
+        let stratum = SynthOptions {
+            out: scratch.join("stratum"),
+            only_lesions_mm: Some((10.0, 20.0)),
+            ..whole.clone()
+        };
+        let written = synthesize(&stratum, &|_| {}).unwrap();
+        assert_eq!(written, small.into_iter().cloned().collect::<Vec<_>>());
+        let files = |dir: &Path| {
+            let (mut files, mut folders) = (Vec::new(), vec![dir.join("studies")]);
+            while let Some(folder) = folders.pop() {
+                for entry in std::fs::read_dir(folder).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.is_dir() {
+                        folders.push(path);
+                    } else {
+                        files.push(path.strip_prefix(dir).unwrap().to_path_buf());
+                    }
+                }
+            }
+            files.sort();
+            files
+        };
+        let stratum_files = files(&stratum.out);
+        assert_eq!(stratum_files.len(), written.len() * 6);
+        for file in &stratum_files {
+            let bytes = std::fs::read(stratum.out.join(file)).unwrap();
+            assert!(
+                bytes == std::fs::read(whole.out.join(file)).unwrap(),
+                "{} differs",
+                file.display()
+            );
+        }
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(stratum.out.join(COHORT_RECORD)).unwrap())
+                .unwrap();
+        assert_eq!(record["only_lesions_mm"], serde_json::json!([10.0, 20.0]));
+
+        // Nothing to write, and ranges that cannot be, are errors that say so.
+        let none = SynthOptions {
+            out: scratch.join("none"),
+            only_lesions_mm: Some((35.0, 40.0)),
+            ..whole.clone()
+        };
+        let error = synthesize(&none, &|_| {}).unwrap_err().to_string();
+        assert!(
+            error.contains("none of the 10 studies drawn has a lesion of 35..40 mm"),
+            "{error}"
+        );
+        for (range, prevalence, says) in [
+            ((20.0, 10.0), 0.5, "0 <= low < high"),
+            ((f64::NAN, 10.0), 0.5, "0 <= low < high"),
+            ((5.0, 10.0), 0.0, "--prevalence 0 would write no study"),
+        ] {
+            let bad = SynthOptions {
+                out: scratch.join("bad"),
+                prevalence,
+                only_lesions_mm: Some(range),
+                ..whole.clone()
+            };
+            let error = synthesize(&bad, &|_| {}).unwrap_err().to_string();
+            assert!(error.contains(says), "{range:?}: {error}");
+        }
+        std::fs::remove_dir_all(&scratch).unwrap();
     }
 }
