@@ -6,7 +6,10 @@ NOT FOR CLINICAL USE. Trained on synthetic CT only (docs/synthetic-data.md).
 The data are what a run gives the model: `panscreen synth --anatomy screening` draws a
 cohort and `panscreen model dataset` passes it through the production ingest and
 preprocess, with the phantom's voxel truth on both grids (docs/models.md). `--prepare`
-runs both. Then, on CPU with JAX, fixed seeds throughout:
+runs both, twice: a screening cohort of 400 (half with a lesion), and 200 studies with a
+lesion of 9-16 mm, the first such of a cohort of lesions only (small lesions were where
+the model fell short of the observer; README.md). Then, on CPU with JAX, fixed seeds
+throughout:
 
   stage 1, locate: a small 3D U-Net on the 4 mm grid of the whole scan (pooled to 8 mm
     inside, three levels), trained on 64^3 crops for pancreas (gland and lesion) vs the
@@ -23,13 +26,14 @@ operators in build_model.py; the two were compared on dataset tensors (README.md
 
 Usage:
   train.py --prepare --panscreen target/release/panscreen --work /tmp/lc   # data, then train
-  train.py --dataset /tmp/lc/dataset [--out models/learned-cascade/weights.npz]
+  train.py --dataset /tmp/lc/dataset,/tmp/lc/small-lesion-dataset [--out models/learned-cascade/weights.npz]
   train.py --dataset D --time-steps 20                                      # time 20 steps, write nothing
 """
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +47,9 @@ from jax import lax
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from architecture import DETECT, LEAK, LOCATE, WINDOW_HU, shapes  # noqa: E402  (shared with build_model.py)
+
+# The diameters (mm) of the lesions added to the training data (low inclusive).
+SMALL_LESION_MM = (9.0, 16.0)
 
 # --------------------------------------------------------------------------- networks
 
@@ -164,7 +171,12 @@ def make_step(spec, positive_weight):
 # --------------------------------------------------------------------------- data
 
 
-def load(dataset):
+def load(datasets):
+    """The studies of each dataset in turn, each dataset's in study order."""
+    return [study for dataset in datasets for study in load_one(dataset)]
+
+
+def load_one(dataset):
     studies = [json.loads(line) for line in open(os.path.join(dataset, "dataset.jsonl"))]
     studies.sort(key=lambda s: s["study_dir"])
     for study in studies:
@@ -247,24 +259,66 @@ def train(spec, studies, steps, batch, crop, volume_key, labels_key, positive, f
     return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
 
 
-def prepare(panscreen, work, studies, seed):
-    cohort, dataset = os.path.join(work, "cohort"), os.path.join(work, "dataset")
+def synth(panscreen, cohort, studies, seed, prevalence, *extra):
     subprocess.run([panscreen, "synth", "--out", cohort, "--studies", str(studies), "--seed", str(seed),
-                    "--prevalence", "0.5", "--anatomy", "screening"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([panscreen, "model", "dataset", "--cohort", cohort, "--model",
-                    os.path.join(HERE, "..", "tiny-panda-cascade"), "--out", dataset], check=True, stdout=subprocess.DEVNULL)
-    return dataset
+                    "--prevalence", str(prevalence), "--anatomy", "screening", *extra],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def dataset_of(panscreen, cohort, dataset):
+    subprocess.run([panscreen, "model", "dataset", "--cohort", cohort, "--model", HERE, "--out", dataset],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def first_studies(cohort, subset, count):
+    """A cohort of the first `count` studies (by index) of `cohort`: their folders
+    linked, their rows of labels.parquet."""
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(os.path.join(cohort, "labels.parquet")).sort_by("study_index")
+    if labels.num_rows < count:
+        sys.exit(f"{cohort} holds {labels.num_rows} studies; {count} wanted (draw more)")
+    chosen = labels.slice(0, count)
+    os.makedirs(os.path.join(subset, "studies"))
+    for name in chosen["study_dir"].to_pylist():
+        os.symlink(os.path.join(cohort, "studies", name), os.path.join(subset, "studies", name))
+    pq.write_table(chosen, os.path.join(subset, "labels.parquet"))
+    shutil.copy(os.path.join(cohort, "cohort.json"), subset)
+
+
+def prepare(panscreen, work, args):
+    """The recipe's data, through the production ingest and preprocess: a screening
+    cohort, and studies with a small lesion (9-16 mm, where the model's gap was) drawn
+    from a cohort of lesions only. The DICOM is removed once the tensors are written."""
+    base, extra = os.path.join(work, "cohort"), os.path.join(work, "small-lesion-cohort")
+    datasets = [os.path.join(work, "dataset")]
+    synth(panscreen, base, args.studies, args.cohort_seed, 0.5)
+    dataset_of(panscreen, base, datasets[0])
+    shutil.rmtree(os.path.join(base, "studies"))
+    if args.small_lesion_studies:
+        datasets.append(os.path.join(work, "small-lesion-dataset"))
+        low, high = SMALL_LESION_MM
+        synth(panscreen, extra, args.small_lesion_draw, args.small_lesion_seed, 1.0, "--only-lesions-mm", f"{low}..{high}")
+        subset = os.path.join(work, "small-lesion-subset")
+        first_studies(extra, subset, args.small_lesion_studies)
+        dataset_of(panscreen, subset, datasets[1])
+        shutil.rmtree(os.path.join(extra, "studies"))
+        shutil.rmtree(os.path.join(subset, "studies"))
+    return datasets
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset")
+    parser.add_argument("--dataset", help="dataset directories, comma-separated (studies taken in this order)")
     parser.add_argument("--prepare", action="store_true", help="draw the cohort and write the dataset first")
     parser.add_argument("--panscreen", default="panscreen")
     parser.add_argument("--work", default="/tmp/learned-cascade")
     parser.add_argument("--studies", type=int, default=400)
     parser.add_argument("--cohort-seed", type=int, default=101)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--small-lesion-studies", type=int, default=200, help="studies with a small lesion added (0: none)")
+    parser.add_argument("--small-lesion-draw", type=int, default=1200, help="drawn for them: a cohort of lesions only, of which those of 9-16 mm are written")
+    parser.add_argument("--small-lesion-seed", type=int, default=111)
+    parser.add_argument("--seed", type=int, default=17)
     parser.add_argument("--locate-steps", type=int, default=700)
     parser.add_argument("--detect-steps", type=int, default=2000)
     parser.add_argument("--time-steps", type=int, help="time this many steps of each stage; write nothing")
@@ -272,10 +326,13 @@ def main():
     parser.add_argument("--out", default=os.path.join(HERE, "weights.npz"))
     args = parser.parse_args()
     started = time.time()
-    dataset = prepare(args.panscreen, args.work, args.studies, args.cohort_seed) if args.prepare else args.dataset
-    if dataset is None:
+    if args.prepare:
+        datasets = prepare(args.panscreen, args.work, args)
+    elif args.dataset:
+        datasets = args.dataset.split(",")
+    else:
         parser.error("give --dataset or --prepare")
-    studies = load(dataset)
+    studies = load(datasets)
     print(f"{len(studies)} studies loaded ({time.time() - started:.0f} s)", flush=True)
     timing = args.time_steps is not None
     locate_steps = args.time_steps or args.locate_steps
