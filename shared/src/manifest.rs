@@ -373,8 +373,13 @@ pub struct OperatingPoint {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Validation {
-    /// Seed of the held-out data it was chosen on.
-    pub seed: u64,
+    /// Seed of the validation cohort it was chosen on (`seed = 202`)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// ...or the seeds of several, pooled (`seeds = [202, 203]`): one of the two.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
+    /// Studies in the validation data, all cohorts together.
     pub studies: u64,
     #[serde(default)]
     pub target_sensitivity: Option<f64>,
@@ -382,6 +387,13 @@ pub struct Validation {
     pub target_specificity: Option<f64>,
     pub sensitivity: f64,
     pub specificity: f64,
+}
+
+impl Validation {
+    /// The seeds of the validation cohorts, one or several.
+    pub fn seeds(&self) -> Vec<u64> {
+        self.seed.into_iter().chain(self.seeds.iter().copied()).collect()
+    }
 }
 
 impl ModelManifest {
@@ -506,6 +518,18 @@ impl ModelManifest {
                     "operating point {:?}: threshold must be within [0, 1], not {}",
                     point.name, point.threshold
                 ));
+            }
+            if let Some(validation) = &point.validation {
+                if !matches!(
+                    (validation.seed, validation.seeds.is_empty()),
+                    (Some(_), true) | (None, false)
+                ) {
+                    return Err(format!(
+                        "operating point {:?}: validation needs seed (one cohort) or seeds \
+                         (several, pooled), one of the two",
+                        point.name
+                    ));
+                }
             }
         }
         if !self.operating_points.is_empty() {
@@ -772,7 +796,7 @@ validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity 
         ));
         let point = manifest.default_point();
         assert_eq!((point.name.as_str(), point.threshold), ("high-sensitivity", 0.1));
-        assert_eq!(point.validation.unwrap().seed, 7);
+        assert_eq!(point.validation.unwrap().seeds(), [7]);
         assert_eq!(manifest.calibrate(0.25), 0.05);
         assert!((manifest.calibrate(0.75) - 0.5).abs() < 1e-12);
         assert_eq!((manifest.calibrate(-1.0), manifest.calibrate(2.0)), (0.0, 0.9));
@@ -807,6 +831,19 @@ validation = { seed = 7, studies = 1000, target_sensitivity = 0.95, sensitivity 
             "default_operating_point = \"balanced\"\nthreshold = 0.5",
         );
         assert!(load(both).contains("not both"));
+        // Validation on several cohorts pooled names their seeds; never seed and seeds.
+        let pooled = with_points("balanced", "").replace("seed = 7,", "seeds = [7, 8],");
+        std::fs::write(directory.path().join("manifest.toml"), pooled).unwrap();
+        let manifest = ModelManifest::load(directory.path()).unwrap();
+        let point = manifest.operating_points.iter().find(|p| p.name == "high-sensitivity");
+        assert_eq!(point.unwrap().validation.as_ref().unwrap().seeds(), [7, 8]);
+        for seeds in ["seed = 7, seeds = [8],", "seeds = [],", ""] {
+            let error = load(with_points("balanced", "").replace("seed = 7,", seeds));
+            assert!(
+                error.contains("validation needs seed (one cohort) or seeds"),
+                "{seeds}: {error}"
+            );
+        }
         let unsorted = with_points(
             "balanced",
             "[calibration]\nkind = \"isotonic\"\nscores = [0.5, 0.1]\nprobabilities = [0.1, 0.2]\n",

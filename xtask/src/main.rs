@@ -476,9 +476,12 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
 /// Clippy runs on the release profile, so that it reuses the build scripts (GDCM's
 /// cmake build) of the release build before it.
 fn lint() -> anyhow::Result<()> {
-    let hint = "is the component installed? `rustup component add rustfmt clippy`";
+    // A failure here is nearly always the code (unformatted, or a lint above), once in a
+    // while a toolchain without the components.
+    let hint =
+        "see its output above; without the components, `rustup component add rustfmt clippy`";
     run(cargo(Codecs::Default)?.current_dir(root()).args(["fmt", "--all", "--check"]))
-        .with_context(|| format!("cargo fmt: {hint}"))?;
+        .with_context(|| format!("cargo fmt found unformatted code (`cargo fmt --all`): {hint}"))?;
     let clippy = ["clippy", "--release", "--all-targets"];
     let deny = ["--", "-D", "warnings"];
     run(cargo(Codecs::All)?
@@ -487,14 +490,14 @@ fn lint() -> anyhow::Result<()> {
         .arg("--workspace")
         .args(Codecs::All.args())
         .args(deny))
-    .with_context(|| format!("cargo clippy: {hint}"))?;
+    .with_context(|| format!("cargo clippy found a warning: {hint}"))?;
     // The default build (no GDCM) compiles other code in preprocess: lint it too.
     run(cargo(Codecs::Default)?
         .current_dir(root())
         .args(clippy)
         .args(["-p", "panscreen"])
         .args(deny))
-    .with_context(|| format!("cargo clippy: {hint}"))?;
+    .with_context(|| format!("cargo clippy found a warning: {hint}"))?;
     // The GPU execution providers build without CUDA: their code is linted although no
     // GPU runs it here.
     run(cargo(Codecs::Default)?
