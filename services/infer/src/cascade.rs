@@ -242,6 +242,32 @@ pub fn to_index(grid: &TensorGeometry, point: [f64; 3]) -> [f64; 3] {
     ]
 }
 
+/// The crop's extent in patient coordinates (mm): the lowest and highest of its eight
+/// corner voxels' centres along each axis (a box around an oblique grid's crop). What
+/// infer's `debug` log states, to compare with where a lesion is.
+pub fn crop_extent_mm(fine: &TensorGeometry, start: [i64; 3], size: [usize; 3]) -> [[f64; 3]; 2] {
+    let crop = sub_geometry(fine, start, size);
+    (0..8usize)
+        .map(|corner| {
+            crop.to_patient(std::array::from_fn(|axis| {
+                if corner >> axis & 1 == 1 {
+                    size[axis].saturating_sub(1) as f64
+                } else {
+                    0.0
+                }
+            }))
+        })
+        .fold(EMPTY_BOX, widened)
+}
+
+/// The box that holds nothing yet, for [`widened`].
+const EMPTY_BOX: [[f64; 3]; 2] = [[f64::MAX; 3], [f64::MIN; 3]];
+
+/// The box `[low, high]` grown to hold `point`.
+fn widened([low, high]: [[f64; 3]; 2], point: [f64; 3]) -> [[f64; 3]; 2] {
+    [std::array::from_fn(|i| low[i].min(point[i])), std::array::from_fn(|i| high[i].max(point[i]))]
+}
+
 /// A study stage 1 judged assessable: where its pancreas is, and the crop stage 2 sees.
 pub(crate) struct Located {
     /// Index of the study in the batch.
@@ -249,6 +275,9 @@ pub(crate) struct Located {
     pub pancreas_volume_mm3: f64,
     /// The pancreas's extent along the patient's x axis (right → left), mm.
     pub pancreas_x_mm: [f64; 2],
+    /// Its box in patient coordinates (lowest, highest x, y, z), mm: the outer faces of
+    /// stage 1's region.
+    pub pancreas_extent_mm: [[f64; 3]; 2],
     /// The crop in the fine grid: where it starts (may lie outside) and its size.
     pub crop_start: [i64; 3],
     pub crop_size: [usize; 3],
@@ -323,8 +352,8 @@ pub(crate) fn locate(
             coarse.to_patient(point)
         })
         .collect();
-    let pancreas_x_mm =
-        corners.iter().fold([f64::MAX, f64::MIN], |[low, high], p| [low.min(p[0]), high.max(p[0])]);
+    let pancreas_extent_mm = corners.iter().copied().fold(EMPTY_BOX, widened);
+    let pancreas_x_mm = [pancreas_extent_mm[0][0], pancreas_extent_mm[1][0]];
     let in_fine: Vec<[f64; 3]> = corners.iter().map(|point| to_index(fine, *point)).collect();
     let patch = manifest.input.volume_shape();
     let mut crop_start = [0i64; 3];
@@ -359,6 +388,7 @@ pub(crate) fn locate(
         study,
         pancreas_volume_mm3,
         pancreas_x_mm,
+        pancreas_extent_mm,
         crop_start,
         crop_size,
         near_pancreas,
@@ -629,6 +659,8 @@ mod tests {
         // half rounds up); width, 59 to 121, 90 − 38 → 52.
         assert_eq!(found.crop_start, [9, 59, 52]);
         assert_eq!(found.pancreas_x_mm, [118.0, 242.0]);
+        // The region's outer faces in patient x (width), y (height), z (depth).
+        assert_eq!(found.pancreas_extent_mm, [[118.0, 158.0, 218.0], [242.0, 202.0, 250.0]]);
         let near = found.near_pancreas.unwrap();
         // 8 mm: two stage-1 voxels beyond the region, not three.
         assert!(near[(55 * 96 + 40) * 96 + 28] && !near[(55 * 96 + 40) * 96 + 27]);
@@ -776,6 +808,36 @@ mod tests {
         blend(&mut sum, &mut weight, crop, [0, 0, 1], patch, &[0.0, 0.0], &[1.0, 1.0]);
         let blended: Vec<f32> = sum.iter().zip(&weight).map(|(s, w)| s / w).collect();
         assert_eq!(blended, vec![1.0, 0.75, 0.0]);
+    }
+
+    #[test]
+    fn a_crop_s_extent_is_its_outer_voxel_centres_in_patient_mm_whatever_the_axes_sign() {
+        let fine = TensorGeometry {
+            shape: vec![1, 1, 40, 50, 60],
+            spacing_mm: [2.0, 1.0, 1.5],
+            origin_mm: [-10.0, 20.0, 100.0],
+            row_direction: [1.0, 0.0, 0.0],
+            // The image's rows run towards the patient's front, its slices feet-first.
+            column_direction: [0.0, -1.0, 0.0],
+            slice_direction: [0.0, 0.0, -1.0],
+        };
+        let [low, high] = crop_extent_mm(&fine, [5, -2, 10], [10, 20, 30]);
+        // x: columns 10..=39 at 1.5 mm; y: rows -2..=17 going to -y; z: slices 5..=14 to -z.
+        assert_eq!(low, [-10.0 + 15.0, 20.0 - 17.0, 100.0 - 28.0]);
+        assert_eq!(high, [-10.0 + 39.0 * 1.5, 20.0 + 2.0, 100.0 - 10.0]);
+        // Rows turned in the axial plane (3-4-5): the box holds all four in-plane corners.
+        let oblique = TensorGeometry {
+            spacing_mm: [1.0; 3],
+            origin_mm: [0.0; 3],
+            row_direction: [0.6, 0.8, 0.0],
+            column_direction: [-0.8, 0.6, 0.0],
+            slice_direction: [0.0, 0.0, 1.0],
+            ..fine
+        };
+        let [low, high] = crop_extent_mm(&oblique, [0, 0, 0], [1, 11, 11]);
+        // Corners (x, y): (0, 0), (6, 8) along the rows, (-8, 6) down the columns, (-2, 14).
+        assert!(low.iter().zip([-8.0, 0.0, 0.0]).all(|(a, b)| (a - b).abs() < 1e-9), "{low:?}");
+        assert!(high.iter().zip([6.0, 14.0, 0.0]).all(|(a, b)| (a - b).abs() < 1e-9), "{high:?}");
     }
 
     #[test]

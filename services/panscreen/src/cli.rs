@@ -384,8 +384,9 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         }
         None => String::new(),
     };
+    let studies = if truths.len() == 1 { "study" } else { "studies" };
     println!(
-        "wrote {} studies ({} with a lesion{drawn}) to {}; ground truth in {}",
+        "wrote {} {studies} ({} with a lesion{drawn}) to {}; ground truth in {}",
         truths.len(),
         lesions,
         args.out.join("studies").display(),
