@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import hmac
 import math
+import os
 import sys
 
 import duckdb
@@ -88,15 +89,18 @@ def calibrated(a: float, b: float, score: float) -> float:
 def read_cohort(key: bytes, labels_path: str, results_path: str) -> tuple:
     """One cohort's (score, lesion, in the gate stratum) rows, and how many studies have no
     score (not assessable or quarantined). A study in the labels twice is an error."""
-    labels = duckdb.sql(
-        f"select study_instance_uid, lesion_present, lesion_diameter_mm, lesion_hu_below_pancreas "
-        f"from '{labels_path}'"
+    # Paths are bound, not written into the SQL: a folder may be named "Müller's #2".
+    labels = duckdb.execute(
+        "select study_instance_uid, lesion_present, lesion_diameter_mm, lesion_hu_below_pancreas "
+        "from read_parquet(?)",
+        [labels_path],
     ).fetchall()
     if len({uid for uid, *_ in labels}) != len(labels):
         raise SystemExit(f"{labels_path}: a study_instance_uid appears more than once")
     results = dict(
-        duckdb.sql(
-            f"select study_key, raw_score from read_parquet('{results_path}/results/**/*.parquet')"
+        duckdb.execute(
+            "select study_key, raw_score from read_parquet(?)",
+            [os.path.join(results_path, "results", "**", "*.parquet")],
         ).fetchall()
     )
     scored, unassessed = [], 0
@@ -126,7 +130,10 @@ def main() -> int:
     key = open(args.key_file, "rb").read().decode("utf-8", "replace").strip().encode()
     scored, unassessed = [], 0
     for labels_path, results_path in zip(args.labels, args.results):
-        cohort_scored, cohort_unassessed = read_cohort(key, labels_path, results_path)
+        try:
+            cohort_scored, cohort_unassessed = read_cohort(key, labels_path, results_path)
+        except duckdb.Error as error:  # a missing or unreadable file: say which, no traceback
+            raise SystemExit(f"operating_points.py: {error}")
         lesions = sum(lesion for _, lesion, _ in cohort_scored)
         print(f"{labels_path}: {len(cohort_scored)} scored ({lesions} with a lesion), {cohort_unassessed} not scored")
         scored += cohort_scored

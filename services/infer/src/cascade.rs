@@ -273,10 +273,8 @@ pub(crate) struct Located {
     /// Index of the study in the batch.
     pub study: usize,
     pub pancreas_volume_mm3: f64,
-    /// The pancreas's extent along the patient's x axis (right → left), mm.
-    pub pancreas_x_mm: [f64; 2],
-    /// Its box in patient coordinates (lowest, highest x, y, z), mm: the outer faces of
-    /// stage 1's region.
+    /// The pancreas's box in patient coordinates (lowest, highest x, y, z), mm: the
+    /// outer faces of stage 1's region.
     pub pancreas_extent_mm: [[f64; 3]; 2],
     /// The crop in the fine grid: where it starts (may lie outside) and its size.
     pub crop_start: [i64; 3],
@@ -285,6 +283,35 @@ pub(crate) struct Located {
     pub near_pancreas: Option<Vec<bool>>,
     /// The stage-1 voxels of the pancreas.
     pub pancreas: Vec<bool>,
+}
+
+impl Located {
+    /// The pancreas's extent along the patient's x axis (right → left), mm.
+    pub fn pancreas_x_mm(&self) -> [f64; 2] {
+        [self.pancreas_extent_mm[0][0], self.pancreas_extent_mm[1][0]]
+    }
+
+    /// States, at `debug` level, stage 1's pancreas box and the crop stage 2 sees, in
+    /// patient mm to a tenth: where to look when a known lesion was not flagged.
+    pub fn log(&self, study_key: &str, fine: &TensorGeometry) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let tenths = |box_mm: [[f64; 3]; 2]| {
+            box_mm.map(|corner| corner.map(|mm| (mm * 10.0).round() / 10.0))
+        };
+        let [crop_low, crop_high] = tenths(crop_extent_mm(fine, self.crop_start, self.crop_size));
+        let [pancreas_low, pancreas_high] = tenths(self.pancreas_extent_mm);
+        tracing::debug!(
+            study = %study_key,
+            pancreas_mm3 = self.pancreas_volume_mm3.round(),
+            pancreas_low_mm = ?pancreas_low,
+            pancreas_high_mm = ?pancreas_high,
+            crop_low_mm = ?crop_low,
+            crop_high_mm = ?crop_high,
+            "pancreas located: stage 1's box, and the crop stage 2 sees (patient x, y, z)"
+        );
+    }
 }
 
 /// Names of the tensor's sides, for the reason a pancreas runs off the scan.
@@ -353,7 +380,6 @@ pub(crate) fn locate(
         })
         .collect();
     let pancreas_extent_mm = corners.iter().copied().fold(EMPTY_BOX, widened);
-    let pancreas_x_mm = [pancreas_extent_mm[0][0], pancreas_extent_mm[1][0]];
     let in_fine: Vec<[f64; 3]> = corners.iter().map(|point| to_index(fine, *point)).collect();
     let patch = manifest.input.volume_shape();
     let mut crop_start = [0i64; 3];
@@ -387,7 +413,6 @@ pub(crate) fn locate(
     Ok(Located {
         study,
         pancreas_volume_mm3,
-        pancreas_x_mm,
         pancreas_extent_mm,
         crop_start,
         crop_size,
@@ -658,7 +683,7 @@ mod tests {
         // 19.3 to 30.0), 24.7 − 15.5 → 9; height, fine 79 to 101, 90 − 31.5 → 59 (a
         // half rounds up); width, 59 to 121, 90 − 38 → 52.
         assert_eq!(found.crop_start, [9, 59, 52]);
-        assert_eq!(found.pancreas_x_mm, [118.0, 242.0]);
+        assert_eq!(found.pancreas_x_mm(), [118.0, 242.0]);
         // The region's outer faces in patient x (width), y (height), z (depth).
         assert_eq!(found.pancreas_extent_mm, [[118.0, 158.0, 218.0], [242.0, 202.0, 250.0]]);
         let near = found.near_pancreas.unwrap();

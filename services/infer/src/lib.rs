@@ -39,7 +39,7 @@ use panscreen_shared::npy;
 use panscreen_shared::store::{Store, StoreErrorKind};
 use panscreen_shared::worker::{Handler, Outcome};
 use time::OffsetDateTime;
-use tracing::{debug, info};
+use tracing::info;
 
 pub use error::InferError;
 pub use model::{Device, Model, ModelError};
@@ -300,41 +300,23 @@ impl InferHandler {
                 judgements[study] = Err(InferError::NoFineGrid(message.model_name.clone()));
                 continue;
             };
-            match cascade::locate(manifest, study, &message.geometry, &fine.geometry, map) {
+            let found = cascade::locate(manifest, study, &message.geometry, &fine.geometry, map);
+            if let Ok(found) = &found {
+                found.log(&message.context.study_key, &fine.geometry);
+            }
+            match found {
                 Err(reason) => judgements[study] = Ok(Judgement::not_assessable(reason)),
-                Ok(found) => {
-                    let tenths = |box_mm: [[f64; 3]; 2]| {
-                        box_mm.map(|corner| corner.map(|mm| (mm * 10.0).round() / 10.0))
-                    };
-                    let [low, high] = tenths(cascade::crop_extent_mm(
-                        &fine.geometry,
-                        found.crop_start,
-                        found.crop_size,
-                    ));
-                    let [pancreas_low, pancreas_high] = tenths(found.pancreas_extent_mm);
-                    debug!(
-                        study = %message.context.study_key,
-                        pancreas_mm3 = found.pancreas_volume_mm3.round(),
-                        pancreas_low_mm = ?pancreas_low,
-                        pancreas_high_mm = ?pancreas_high,
-                        crop_low_mm = ?low,
-                        crop_high_mm = ?high,
-                        "pancreas located: stage 1's box, and the crop stage 2 sees (patient x, y, z)"
-                    );
-                    match self.load_fine(fine).await {
-                        Ok(hu) => match reference_shift(manifest, &found, &hu, message, fine) {
-                            Ok(shift) => {
-                                fines.push(hu);
-                                shifts.push(shift);
-                                located.push((found, &fine.geometry));
-                            }
-                            Err(reason) => {
-                                judgements[study] = Ok(Judgement::not_assessable(reason))
-                            }
-                        },
-                        Err(error) => judgements[study] = Err(error),
-                    }
-                }
+                Ok(found) => match self.load_fine(fine).await {
+                    Ok(hu) => match reference_shift(manifest, &found, &hu, message, fine) {
+                        Ok(shift) => {
+                            fines.push(hu);
+                            shifts.push(shift);
+                            located.push((found, &fine.geometry));
+                        }
+                        Err(reason) => judgements[study] = Ok(Judgement::not_assessable(reason)),
+                    },
+                    Err(error) => judgements[study] = Err(error),
+                },
             }
         }
         let geometries: Vec<TensorGeometry> = located
@@ -361,7 +343,7 @@ impl InferHandler {
             }
             let lesion = lesion_metrics(&map, geometry, manifest.outputs.mask_threshold as f32);
             let lesion_location = lesion.map(|lesion| {
-                let [right, left] = found.pancreas_x_mm;
+                let [right, left] = found.pancreas_x_mm();
                 let along = (lesion.centroid_mm[0] - right) / (left - right).max(1e-6);
                 if along < 1.0 / 3.0 {
                     "head"
